@@ -30,7 +30,14 @@ from torch.func import functional_call
 
 from .utils import ParamsLike, check_same_structure, tree_leaves, tree_norm
 
-__all__ = ["BaseSolver", "BaseImplicitSolver", "MetricsRecorder", "InfiniteLoader"]
+__all__ = [
+    "BaseSolver",
+    "BaseImplicitSolver",
+    "MetricsRecorder",
+    "InfiniteLoader",
+    "is_outer_step",
+    "accumulate_outer_grad",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +92,32 @@ class MetricsRecorder:
         vals = self.values(name)
         vals = vals[-last:] if last else vals
         return sum(vals) / len(vals) if vals else math.nan
+
+
+def is_outer_step(iteration: int, unroll_steps: int, outer_patience_iters: int) -> bool:
+    """The schedule of the spec: an outer update follows inner iteration ``iteration``
+    (0-based) when ``iteration > 0``, ``iteration >= outer_patience_iters`` and
+    ``iteration % unroll_steps == 0``. Shared by every driver of the bilevel loop."""
+    return iteration > 0 and iteration >= outer_patience_iters and iteration % unroll_steps == 0
+
+
+def accumulate_outer_grad(params: ParamsLike, grads: ParamsLike) -> bool:
+    """Add ``grads`` to the ``.grad`` of ``params`` (same structure), or, when any entry is
+    NaN/inf, clear every ``.grad`` instead so the next optimizer step changes nothing.
+    Returns whether the gradients were applied."""
+    check_same_structure(params, grads, "outer parameters", "outer_grad")
+    leaves = tree_leaves(params)
+    if not all(bool(torch.isfinite(g).all()) for g in tree_leaves(grads)):
+        for p in leaves:
+            p.grad = None
+        return False
+    for p, g in zip(leaves, tree_leaves(grads)):
+        g = g.detach().to(p.dtype)
+        if p.grad is None:
+            p.grad = g.clone()
+        else:
+            p.grad.add_(g)
+    return True
 
 
 def _progress(iterable: Iterable[int], total: int, enabled: bool):
@@ -242,27 +275,18 @@ class BaseSolver:
         """
         params = dict(self.outer.named_parameters()) if isinstance(grads, Mapping) \
             else tuple(self.outer.parameters())
-        check_same_structure(params, grads, "outer parameters", "outer_grad")
-        if not all(bool(torch.isfinite(g).all()) for g in tree_leaves(grads)):
-            self.skipped_outer_steps += 1
-            logger.warning("non-finite hypergradient at iteration %d: outer step skipped (%d so far).",
-                           self.iteration, self.skipped_outer_steps)
-            self.outer.zero_grad(set_to_none=True)
-            self.record(skipped_outer_steps=self.skipped_outer_steps)
+        if accumulate_outer_grad(params, grads):
+            self.record(hypergrad_norm=tree_norm(tuple(g.detach().double() for g in tree_leaves(grads))))
             return
-        self.record(hypergrad_norm=tree_norm(grads))
-        for p, g in zip(tree_leaves(params), tree_leaves(grads)):
-            g = g.detach().to(p.dtype)
-            if p.grad is None:
-                p.grad = g.clone()
-            else:
-                p.grad.add_(g)
+        self.skipped_outer_steps += 1
+        logger.warning("non-finite hypergradient at iteration %d: outer step skipped (%d so far).",
+                       self.iteration, self.skipped_outer_steps)
+        self.record(skipped_outer_steps=self.skipped_outer_steps)
 
     # ---------------------------------------------------------------- schedule
     def is_outer_step(self, iteration: int) -> bool:
         """Whether :meth:`run` performs an outer update after inner iteration ``iteration``."""
-        return (iteration > 0 and iteration >= self.outer_patience_iters
-                and iteration % self.unroll_steps == 0)
+        return is_outer_step(iteration, self.unroll_steps, self.outer_patience_iters)
 
     def record(self, **metrics: float | Tensor) -> None:
         """Record scalar metrics at the current iteration."""
