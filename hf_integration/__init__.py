@@ -1,0 +1,43 @@
+"""Hugging Face integration of hypergrad: bilevel fine-tuning with learned outer parameters.
+
+* :mod:`hf_integration.outer_modules`: :class:`OuterModule`, :class:`DataWeights`, :class:`LoraRegularization`;
+* :mod:`hf_integration.hub`: safetensors persistence, model cards, Hub upload, optimizer-state files;
+* :mod:`hf_integration.data`: stable example ids and dataset fingerprint metadata.
+"""
+
+from .data import add_example_ids, dataset_fingerprint_metadata, num_example_ids
+from .hub import (
+    MODEL_CARD_NAME,
+    OUTER_CONFIG_NAME,
+    OUTER_OPTIMIZER_NAME,
+    OUTER_PARAMS_NAME,
+    atomic_write,
+    atomic_write_text,
+    load_optimizer_state,
+    outer_params_card_section,
+    save_optimizer_state,
+)
+from .outer_modules import DataWeights, LoraRegularization, OuterModule, find_lora_modules, parse_layer_index
+
+__all__ = [
+    # outer modules
+    "OuterModule",
+    "DataWeights",
+    "LoraRegularization",
+    "find_lora_modules",
+    "parse_layer_index",
+    # data
+    "add_example_ids",
+    "num_example_ids",
+    "dataset_fingerprint_metadata",
+    # persistence
+    "atomic_write",
+    "atomic_write_text",
+    "outer_params_card_section",
+    "save_optimizer_state",
+    "load_optimizer_state",
+    "OUTER_PARAMS_NAME",
+    "OUTER_CONFIG_NAME",
+    "OUTER_OPTIMIZER_NAME",
+    "MODEL_CARD_NAME",
+]

@@ -1,0 +1,660 @@
+"""Outer-parameter modules: what the bilevel trainer learns on the outer (held-out) objective.
+
+An :class:`OuterModule` turns the per-example losses of a training batch into the scalar *inner* objective
+that the model's trainable (inner) parameters minimize. Its own parameters (the *outer* parameters) are
+tuned by implicit hypergradients so that the inner solution does well on held-out data.
+
+Two modules are provided:
+
+* :class:`DataWeights` -- one learned weight per training example (down-weights noisy or harmful
+  examples); inner loss = ``sum_i w_i l_i / sum_i w_i`` over the batch.
+* :class:`LoraRegularization` -- one learned L2 strength per LoRA module (or per transformer layer);
+  inner loss = ``mean_i l_i + sum_m 1/2 exp(s_m) (|A_m|^2 + |B_m|^2)``.
+
+The trainer evaluates the module functionally::
+
+    inner_obj = torch.func.functional_call(outer_module, outer_params, (per_example_loss, batch, inner_params))
+
+so ``forward`` is a pure function of the module's parameters and its inputs (no in-place updates, no
+state), which makes it usable under ``torch.func.grad``, ``jvp`` and ``vmap`` over tangents of
+``inner_params``.
+
+Persistence (``save_pretrained`` / ``from_pretrained`` / ``push_to_hub``) lives in
+:mod:`hf_integration.hub`; see there for the file layout and the validation done on load.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from . import hub
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["OuterModule", "DataWeights", "LoraRegularization", "find_lora_modules", "parse_layer_index"]
+
+
+def _is_plain_tensor(t: Tensor) -> bool:
+    """True unless ``t`` is wrapped by a torch.func transform (then data-dependent checks are impossible)."""
+    if torch.compiler.is_compiling():
+        return False
+    is_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return not (is_wrapped is not None and is_wrapped(t))
+
+
+class OuterModule(nn.Module):
+    """Base class of outer-parameter modules (learned data weights, learned regularization, ...).
+
+    Subclasses set the class attribute ``kind`` (the string recorded on save, used by
+    :meth:`OuterModule.from_pretrained` to dispatch to the right class) and implement :meth:`forward`,
+    :meth:`summary_stats`, :meth:`config_dict` and :meth:`_from_config`.
+
+    Attributes:
+        metadata: String metadata recorded with the parameters (training method, base model, dataset
+            fingerprint, ...). Filled by :meth:`from_pretrained`; merged under the ``metadata`` passed to
+            :meth:`save_pretrained` (the explicit argument wins on conflicting keys).
+    """
+
+    kind: ClassVar[str] = ""
+    _registry: ClassVar[dict[str, type[OuterModule]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        kind = cls.__dict__.get("kind")
+        if kind:
+            existing = OuterModule._registry.get(kind)
+            if existing is not None and existing.__qualname__ != cls.__qualname__:
+                raise TypeError(f"outer module kind {kind!r} is already registered by {existing.__name__}")
+            OuterModule._registry[kind] = cls
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.metadata: dict[str, str] = {}
+
+    # ---------------------------------------------------------------- interface
+    def forward(
+        self, per_example_loss: Tensor, batch: Mapping[str, Tensor], inner_params: Mapping[str, Tensor]
+    ) -> Tensor:
+        """Scalar inner objective.
+
+        Args:
+            per_example_loss: Shape ``(B,)``, one loss per example of the batch (for causal LMs, the mean over
+                the example's non-ignored tokens, i.e. labels ``!= -100``).
+            batch: The batch dict (holds e.g. the example-id column).
+            inner_params: The model's inner (trainable) parameters by name, named as in
+                ``model.named_parameters()``.
+        """
+        raise NotImplementedError
+
+    def summary_stats(self) -> dict[str, float]:
+        """Statistics for logging (e.g. mean/std/min/max of the weights or strengths)."""
+        raise NotImplementedError
+
+    def config_dict(self) -> dict[str, Any]:
+        """JSON-serializable config that :meth:`from_pretrained` needs to rebuild the module (includes ``kind``)."""
+        raise NotImplementedError
+
+    @classmethod
+    def _from_config(cls, config: Mapping[str, Any]) -> OuterModule:
+        """Build a freshly initialized module from :meth:`config_dict` output (subclasses implement)."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- persistence
+    def save_pretrained(
+        self,
+        save_directory: str,
+        metadata: dict[str, str] | None = None,
+        optimizer_state: dict | None = None,
+        *,
+        model_card: bool = True,
+    ) -> None:
+        """Save to ``save_directory``: ``outer_params.safetensors``, ``outer_config.json`` and ``README.md``.
+
+        Args:
+            save_directory: Folder (created if missing). Files are written atomically.
+            metadata: String metadata to record (``int``/``float``/``bool`` are converted with ``str``,
+                ``None`` values dropped), e.g. ``method``, ``rank``, ``rho``, ``steps``, ``base_model``,
+                ``dataset_name``, ``split``, ``fingerprint``, ``num_rows``, ``id_column`` (see
+                :func:`hf_integration.data.dataset_fingerprint_metadata`). Merged over :attr:`metadata`.
+            optimizer_state: An outer optimizer's ``state_dict()``; if given, also written (without pickle) to
+                ``outer_optimizer.safetensors`` for resuming. Read it back with
+                :func:`hf_integration.hub.load_optimizer_state`.
+            model_card: Write ``README.md``; pass ``False`` when saving into a folder whose ``README.md`` belongs
+                to something else (e.g. a ``Trainer`` output dir holding the model's card; append
+                :func:`hf_integration.hub.outer_params_card_section` to that card instead).
+        """
+        self._save(save_directory, metadata=metadata, optimizer_state=optimizer_state, card_repo_id=None,
+                   model_card=model_card)
+
+    def _save(
+        self,
+        save_directory: str,
+        *,
+        metadata: Mapping[str, Any] | None,
+        optimizer_state: Mapping[str, Any] | None,
+        card_repo_id: str | None,
+        model_card: bool = True,
+    ) -> None:
+        merged = {**self.metadata, **hub.normalize_metadata(metadata)}
+        hub.save_outer_files(
+            save_directory,
+            kind=self.kind,
+            config=self.config_dict(),
+            tensors=self.state_dict(),
+            metadata=merged,
+            summary_stats=self.summary_stats(),
+            class_name=type(self).__name__,
+            card_repo_id=card_repo_id,
+            optimizer_state=optimizer_state,
+            model_card=model_card,
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_repo_id: str,
+        *,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        expected: dict | None = None,
+        **hub_kwargs: Any,
+    ) -> OuterModule:
+        """Load outer parameters from a local folder (takes precedence) or a Hub repo id.
+
+        Only ``outer_params.safetensors`` is read, with safetensors (never pickle). Called on the base class,
+        ``OuterModule.from_pretrained`` returns an instance of whichever subclass was saved; called on a
+        subclass, it refuses a file of another kind.
+
+        Args:
+            path_or_repo_id: Folder written by :meth:`save_pretrained`, or a Hub repo id.
+            revision: Hub revision (branch, tag or commit sha).
+            token: Hub token.
+            expected: Fields that must match what was saved, e.g.
+                ``{"num_rows": 1000, "fingerprint": ds._fingerprint, "id_column": "example_id",
+                "base_model": "org/model"}`` (compared against the metadata, as strings) or config fields such
+                as ``{"module_names": [...], "num_examples": 1000}``. ``None`` values are skipped; a field
+                that was never saved is refused (it cannot be verified).
+            **hub_kwargs: Passed to :func:`huggingface_hub.hf_hub_download` (``cache_dir``,
+                ``local_files_only``, ``subfolder``, ``force_download``, ...).
+
+        Raises:
+            FileNotFoundError: No ``outer_params.safetensors`` at the location.
+            ValueError: Wrong kind, a tensor shape that does not match the config, or an ``expected`` field
+                that does not match (the message names the field, the saved and the expected value).
+        """
+        loaded = hub.load_outer_files(path_or_repo_id, revision=revision, token=token, **hub_kwargs)
+        source = str(path_or_repo_id)
+        target = OuterModule._registry.get(loaded.kind)
+        if cls is not OuterModule and loaded.kind != cls.kind:
+            hint = f"; load it with {target.__name__}.from_pretrained" if target is not None else ""
+            raise ValueError(
+                f"{source!r} holds outer parameters of kind {loaded.kind!r}, but {cls.__name__}.from_pretrained "
+                f"expects kind {cls.kind!r}{hint} (or OuterModule.from_pretrained to dispatch by kind)"
+            )
+        if target is None:
+            raise ValueError(
+                f"{source!r} holds outer parameters of unknown kind {loaded.kind!r} "
+                f"(known kinds: {sorted(OuterModule._registry)})"
+            )
+        hub.check_expected(expected, metadata=loaded.metadata, config=loaded.config, source=source)
+        try:
+            module = target._from_config(loaded.config)
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{source!r}: invalid {loaded.kind} config {loaded.config!r}: {err}") from err
+
+        own = module.state_dict()
+        if set(own) != set(loaded.tensors):
+            raise ValueError(
+                f"{source!r}: saved tensors {sorted(loaded.tensors)} do not match the parameters of "
+                f"{target.__name__} {sorted(own)}"
+            )
+        for name, param in own.items():
+            saved = loaded.tensors[name]
+            if tuple(saved.shape) != tuple(param.shape):
+                raise ValueError(
+                    f"{source!r}: tensor {name!r} has shape {tuple(saved.shape)} in the file, but the saved config "
+                    f"({_short_config(loaded.config)}) implies shape {tuple(param.shape)}; the file is inconsistent"
+                )
+            if not saved.is_floating_point():
+                raise ValueError(f"{source!r}: tensor {name!r} has non-floating dtype {saved.dtype}")
+        with torch.no_grad():
+            module.load_state_dict({k: v.to(own[k].dtype) for k, v in loaded.tensors.items()})
+        module.metadata = dict(loaded.metadata)
+        return module
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        metadata: dict[str, str] | None = None,
+        commit_message: str = "Upload outer parameters",
+        private: bool | None = None,
+        token: str | bool | None = None,
+        create_pr: bool = False,
+    ) -> str:
+        """Upload ``outer_params.safetensors``, ``outer_config.json`` and ``README.md`` to a Hub model repo.
+
+        Creates the repo if needed (``exist_ok=True``), saves to a temporary folder (the card's loading
+        snippet names ``repo_id``) and uploads it in one commit. Returns the commit URL (the pull-request
+        URL with ``create_pr=True``). The optimizer state is never uploaded.
+        """
+        return hub.push_folder_to_hub(
+            lambda folder, resolved_id: self._save(
+                folder, metadata=metadata, optimizer_state=None, card_repo_id=resolved_id
+            ),
+            repo_id,
+            commit_message=commit_message,
+            private=private,
+            token=token,
+            create_pr=create_pr,
+        )
+
+
+def _short_config(config: Mapping[str, Any]) -> str:
+    parts = []
+    for key, value in config.items():
+        if isinstance(value, list) and len(value) > 3:
+            value = f"[{len(value)} items]"
+        parts.append(f"{key}={value}")
+    return ", ".join(parts)
+
+
+def _require(config: Mapping[str, Any], *keys: str) -> None:
+    missing = [k for k in keys if k not in config]
+    if missing:
+        raise KeyError(f"config lacks {missing}")
+
+
+# ==================================================================================================
+# Data weights
+# ==================================================================================================
+
+
+class DataWeights(OuterModule):
+    """One learned weight per training example.
+
+    Each example ``i`` has a logit ``s_i`` (the parameter ``logits``, shape ``(num_examples,)``) and weight
+    ``w_i = sigmoid(s_i)`` in ``(0, 1)``. The inner loss of a batch is the *normalized* weighted mean::
+
+        L = sum_i w_i l_i / sum_i w_i
+
+    Normalizing keeps the overall loss scale fixed (otherwise the outer optimizer could shrink all weights
+    together, which acts as a learning-rate change, not data selection), so only the *relative* weights
+    matter. With the default ``init=0.0`` every weight is 0.5 and the loss is the plain batch mean.
+
+    Examples are identified by a stable integer id column of the training dataset (``id_column``, values
+    ``0 .. num_examples - 1``), which must be added *before* shuffling or filtering with
+    :func:`hf_integration.data.add_example_ids`; the trainer's collator keeps it in the batch as a
+    ``LongTensor``. For causal LMs the trainer first averages per-token losses within each example
+    (ignoring labels ``-100``), so ``per_example_loss`` has one entry per example.
+
+    Args:
+        num_examples: Number of weights; must exceed the largest example id.
+        id_column: Name of the example-id entry of the batch.
+        init: Initial logit of every example (``0.0`` -> weight 0.5).
+    """
+
+    kind: ClassVar[str] = "data_weights"
+
+    def __init__(self, num_examples: int, id_column: str = "example_id", init: float = 0.0) -> None:
+        super().__init__()
+        if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples <= 0:
+            raise ValueError(f"num_examples must be a positive int, got {num_examples!r}")
+        if not isinstance(id_column, str) or not id_column:
+            raise ValueError(f"id_column must be a non-empty str, got {id_column!r}")
+        self.num_examples = num_examples
+        self.id_column = id_column
+        self.init = float(init)
+        self.check_ids = True  # set False to skip the (host-syncing) range check in forward
+        self.logits = nn.Parameter(torch.full((num_examples,), self.init))
+
+    def extra_repr(self) -> str:
+        return f"num_examples={self.num_examples}, id_column={self.id_column!r}"
+
+    def weights(self) -> Tensor:
+        """All weights ``sigmoid(logits)``, shape ``(num_examples,)``, indexed by example id (differentiable)."""
+        return torch.sigmoid(self.logits)
+
+    def batch_ids(self, batch: Mapping[str, Tensor], batch_size: int | None = None) -> Tensor:
+        """The example ids of ``batch`` as a 1-D LongTensor, validated (presence, dtype, length, range)."""
+        if self.id_column not in batch:
+            raise KeyError(
+                f"DataWeights needs the example-id column {self.id_column!r} in the batch, but the batch has "
+                f"{sorted(batch)}. Add ids to the training dataset with hf_integration.add_example_ids(...) "
+                "before shuffling/filtering, and keep the column through the data collator "
+                "(e.g. remove_unused_columns must not drop it)."
+            )
+        ids = batch[self.id_column]
+        if not isinstance(ids, Tensor):
+            ids = torch.as_tensor(ids)
+        if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+            raise TypeError(f"batch[{self.id_column!r}] must hold integer example ids, got dtype {ids.dtype}")
+        if ids.dim() > 1:
+            if ids.numel() != ids.shape[0]:
+                raise ValueError(
+                    f"batch[{self.id_column!r}] must have one id per example, got shape {tuple(ids.shape)}"
+                )
+            ids = ids.reshape(-1)
+        if ids.dim() == 0:
+            ids = ids.reshape(1)
+        if batch_size is not None and ids.shape[0] != batch_size:
+            raise ValueError(
+                f"batch[{self.id_column!r}] has {ids.shape[0]} ids but per_example_loss has {batch_size} entries"
+            )
+        if self.check_ids and _is_plain_tensor(ids) and ids.numel() > 0:
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo < 0 or hi >= self.num_examples:
+                bad = lo if lo < 0 else hi
+                raise IndexError(
+                    f"example id {bad} in batch[{self.id_column!r}] is out of range for DataWeights with "
+                    f"num_examples={self.num_examples} (valid ids: 0..{self.num_examples - 1}); was the module "
+                    "built for another dataset, or were ids added after filtering/concatenation?"
+                )
+        return ids.to(device=self.logits.device, dtype=torch.long)
+
+    def forward(
+        self, per_example_loss: Tensor, batch: Mapping[str, Tensor], inner_params: Mapping[str, Tensor]
+    ) -> Tensor:
+        """Normalized weighted mean ``sum_i w_i l_i / sum_i w_i`` of the batch's per-example losses.
+
+        ``inner_params`` is unused (the weights depend on the example, not on the model).
+        """
+        del inner_params
+        if per_example_loss.dim() != 1:
+            raise ValueError(
+                f"per_example_loss must have shape (batch_size,), got {tuple(per_example_loss.shape)}; "
+                "average per-token losses within each example first"
+            )
+        if per_example_loss.shape[0] == 0:
+            raise ValueError("empty batch: per_example_loss has no entries")
+        ids = self.batch_ids(batch, per_example_loss.shape[0])
+        w = torch.sigmoid(self.logits.index_select(0, ids))
+        loss = per_example_loss.to(w.device)
+        if loss.dtype != w.dtype:
+            common = torch.promote_types(loss.dtype, w.dtype)
+            loss, w = loss.to(common), w.to(common)
+        return (w * loss).sum() / w.sum()
+
+    @torch.no_grad()
+    def summary_stats(self) -> dict[str, float]:
+        """``weight_mean``, ``weight_std``, ``weight_min``, ``weight_max``, ``weight_frac_below_half``, ``logit_mean``."""
+        w = torch.sigmoid(self.logits.detach().float())
+        return {
+            "weight_mean": float(w.mean()),
+            "weight_std": float(w.std(unbiased=False)),
+            "weight_min": float(w.min()),
+            "weight_max": float(w.max()),
+            "weight_frac_below_half": float((w < 0.5).float().mean()),
+            "logit_mean": float(self.logits.detach().float().mean()),
+        }
+
+    def config_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "num_examples": self.num_examples, "id_column": self.id_column, "init": self.init}
+
+    @classmethod
+    def _from_config(cls, config: Mapping[str, Any]) -> DataWeights:
+        _require(config, "num_examples")
+        return cls(
+            num_examples=config["num_examples"],
+            id_column=config.get("id_column", "example_id"),
+            init=config.get("init", 0.0),
+        )
+
+
+# ==================================================================================================
+# LoRA regularization
+# ==================================================================================================
+
+_LORA_A_RE = re.compile(r"^(?P<module>.+)\.lora_A\.(?P<adapter>[^.]+)\.weight$")
+# Transformer-block containers across common architectures: Llama/Mistral/Qwen ``layers.N``, GPT-2/Falcon
+# ``h.N``, BERT/RoBERTa ``layer.N``, T5 ``block.N``, ViT-style ``blocks.N``.
+_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
+
+
+def parse_layer_index(module_name: str) -> int:
+    """Transformer layer index of a module name, e.g. ``...model.layers.3.self_attn.q_proj`` -> ``3``.
+
+    Raises:
+        ValueError: The name has no ``layers.N`` / ``layer.N`` / ``h.N`` / ``block(s).N`` component.
+    """
+    match = _LAYER_RE.search(module_name)
+    if match is None:
+        raise ValueError(
+            f"cannot parse a transformer layer index from module name {module_name!r} (looked for "
+            "'layers.N', 'layer.N', 'h.N', 'blocks.N', 'block.N'); use granularity='module' instead"
+        )
+    return int(match.group(1))
+
+
+def find_lora_modules(
+    named_parameters: Sequence[tuple[str, Tensor]] | Mapping[str, Tensor],
+    adapter_name: str | None = None,
+    only_trainable: bool = True,
+) -> tuple[list[str], str]:
+    """Find LoRA modules from parameter names ``<module>.lora_A.<adapter>.weight`` / ``<module>.lora_B.<adapter>.weight``.
+
+    Args:
+        named_parameters: ``model.named_parameters()`` (or a name -> tensor mapping).
+        adapter_name: Adapter to use; ``None`` picks the only adapter present (error if several).
+        only_trainable: Skip parameters with ``requires_grad=False`` (e.g. inactive adapters).
+
+    Returns:
+        ``(module_names, adapter_name)``, module names in parameter order.
+    """
+    items = list(named_parameters.items() if isinstance(named_parameters, Mapping) else named_parameters)
+    names = {n for n, p in items if not only_trainable or p.requires_grad}
+    found: dict[str, list[str]] = {}
+    for name, _ in items:
+        if name not in names:
+            continue
+        match = _LORA_A_RE.match(name)
+        if match and f"{match['module']}.lora_B.{match['adapter']}.weight" in names:
+            found.setdefault(match["adapter"], []).append(match["module"])
+    if adapter_name is None:
+        if len(found) > 1:
+            raise ValueError(f"the model has several LoRA adapters {sorted(found)}; pass adapter_name")
+        adapter_name = next(iter(found), None)
+    modules = found.get(adapter_name or "", [])
+    if not modules:
+        what = "trainable " if only_trainable else ""
+        extra = f" (adapters found: {sorted(found)})" if found else ""
+        raise ValueError(
+            f"the model has no {what}LoRA parameters for adapter {adapter_name!r}{extra}: no parameter named "
+            "'<module>.lora_A.<adapter>.weight' with a matching lora_B. Wrap the model with "
+            "peft.get_peft_model(model, LoraConfig(...)) first."
+        )
+    return modules, adapter_name  # type: ignore[return-value]
+
+
+class LoraRegularization(OuterModule):
+    """Learned L2 regularization strengths for LoRA factors.
+
+    Each group ``g`` (a LoRA module, or all LoRA modules of a transformer layer) has a learned log-strength
+    ``s_g`` (the parameter ``log_strength``); the inner loss is::
+
+        L = mean_i l_i + sum_m 1/2 exp(s_{g(m)}) (|A_m|_F^2 + |B_m|_F^2)
+
+    where ``A_m``, ``B_m`` are the inner parameters ``<module>.lora_A.<adapter>.weight`` and
+    ``<module>.lora_B.<adapter>.weight``. Parameterizing by the log keeps strengths positive and lets the
+    outer optimizer move them across orders of magnitude.
+
+    Args:
+        module_names: LoRA module names, exactly as prefixes of ``model.named_parameters()`` names, e.g.
+            ``"base_model.model.model.layers.0.self_attn.q_proj"`` for a PEFT model. Prefer
+            :meth:`from_peft_model`.
+        granularity: ``"module"`` (one strength per LoRA module), ``"layer"`` (one per transformer layer,
+            parsed with :func:`parse_layer_index`) or ``"global"`` (a single strength).
+        init_log_strength: Initial ``s`` of every group (default ``log(1e-3)``).
+        adapter_name: PEFT adapter name in the parameter names.
+    """
+
+    kind: ClassVar[str] = "lora_regularization"
+    GRANULARITIES: ClassVar[tuple[str, ...]] = ("module", "layer", "global")
+
+    def __init__(
+        self,
+        module_names: Sequence[str],
+        granularity: str = "module",
+        init_log_strength: float = math.log(1e-3),
+        adapter_name: str = "default",
+    ) -> None:
+        super().__init__()
+        if isinstance(module_names, str):
+            raise TypeError("module_names must be a list of module names, not a single str")
+        module_names = list(module_names)
+        if not module_names:
+            raise ValueError("module_names is empty: there are no LoRA modules to regularize")
+        if len(set(module_names)) != len(module_names):
+            raise ValueError("module_names has duplicates")
+        if granularity not in self.GRANULARITIES:
+            raise ValueError(f"granularity must be one of {self.GRANULARITIES}, got {granularity!r}")
+        self.module_names = module_names
+        self.granularity = granularity
+        self.adapter_name = adapter_name
+        self.init_log_strength = float(init_log_strength)
+
+        if granularity == "module":
+            group_names = list(module_names)
+            group_index = list(range(len(module_names)))
+        elif granularity == "layer":
+            layers = [parse_layer_index(m) for m in module_names]
+            ordered = sorted(set(layers))
+            group_names = [f"layer.{i}" for i in ordered]
+            position = {layer: k for k, layer in enumerate(ordered)}
+            group_index = [position[layer] for layer in layers]
+        else:
+            group_names = ["global"]
+            group_index = [0] * len(module_names)
+        self.group_names: list[str] = group_names
+        self.group_index: list[int] = group_index  # module k -> strength group_index[k]
+        self._a_keys = [f"{m}.lora_A.{adapter_name}.weight" for m in module_names]
+        self._b_keys = [f"{m}.lora_B.{adapter_name}.weight" for m in module_names]
+        self.log_strength = nn.Parameter(torch.full((len(group_names),), self.init_log_strength))
+
+    def extra_repr(self) -> str:
+        return f"granularity={self.granularity!r}, modules={len(self.module_names)}, groups={len(self.group_names)}"
+
+    @classmethod
+    def from_peft_model(
+        cls,
+        model: nn.Module,
+        granularity: str = "module",
+        init_log_strength: float = math.log(1e-3),
+        adapter_name: str | None = None,
+    ) -> LoraRegularization:
+        """Build from a PEFT LoRA model, finding its LoRA modules from ``model.named_parameters()``.
+
+        Module names are the prefixes in *this* model's parameter names (for a ``PeftModel`` they start with
+        ``base_model.model.``), so pass the same (unwrapped) model whose ``named_parameters()`` the trainer
+        uses for ``inner_params``. ``adapter_name=None`` uses the model's active adapter (or the only one).
+
+        Raises:
+            ValueError: The model has no trainable LoRA parameters.
+        """
+        if adapter_name is None:
+            active = getattr(model, "active_adapter", None)
+            if isinstance(active, (list, tuple)):
+                active = active[0] if len(active) == 1 else None
+            adapter_name = active if isinstance(active, str) else None
+        modules, adapter = find_lora_modules(list(model.named_parameters()), adapter_name=adapter_name)
+        covered = {f"{m}.lora_{ab}.{adapter}.weight" for m in modules for ab in "AB"}
+        uncovered = [n for n, p in model.named_parameters() if p.requires_grad and "lora_" in n and n not in covered]
+        if uncovered:
+            logger.warning(
+                "LoraRegularization does not regularize %d trainable LoRA parameter(s) such as %s "
+                "(only <module>.lora_A/lora_B.<adapter>.weight pairs are)",
+                len(uncovered), uncovered[:3],
+            )
+        return cls(modules, granularity=granularity, init_log_strength=init_log_strength, adapter_name=adapter)
+
+    def strengths(self) -> Tensor:
+        """Regularization strengths ``exp(log_strength)``, one per group (see :attr:`group_names`); differentiable."""
+        return torch.exp(self.log_strength)
+
+    def squared_norms(self, inner_params: Mapping[str, Tensor]) -> Tensor:
+        """``|A_m|^2 + |B_m|^2`` per module (float32 or wider), shape ``(len(module_names),)``."""
+        terms = []
+        for a_key, b_key in zip(self._a_keys, self._b_keys):
+            try:
+                a, b = inner_params[a_key], inner_params[b_key]
+            except KeyError as err:
+                sample = [k for k in inner_params if "lora_" in k][:3]
+                raise KeyError(
+                    f"LoraRegularization: inner parameter {err.args[0]!r} not found among inner_params "
+                    f"(sample LoRA names there: {sample}). Build the module with "
+                    "LoraRegularization.from_peft_model on the same unwrapped model whose named_parameters() "
+                    "name the inner params (a DDP wrapper adds a 'module.' prefix)."
+                ) from None
+            terms.append(_sq_norm(a) + _sq_norm(b))
+        return torch.stack(terms)
+
+    def penalty(self, inner_params: Mapping[str, Tensor]) -> Tensor:
+        """``sum_m 1/2 exp(s_{g(m)}) (|A_m|^2 + |B_m|^2)``."""
+        strengths = torch.exp(self.log_strength)
+        index = torch.tensor(self.group_index, device=strengths.device)
+        sq = self.squared_norms(inner_params).to(strengths.device)
+        if sq.dtype != strengths.dtype:
+            common = torch.promote_types(sq.dtype, strengths.dtype)
+            sq, strengths = sq.to(common), strengths.to(common)
+        return 0.5 * (strengths.index_select(0, index) * sq).sum()
+
+    def forward(
+        self, per_example_loss: Tensor, batch: Mapping[str, Tensor], inner_params: Mapping[str, Tensor]
+    ) -> Tensor:
+        """``mean(per_example_loss) + penalty(inner_params)``; ``batch`` is unused."""
+        del batch
+        penalty = self.penalty(inner_params)
+        return per_example_loss.mean().to(penalty.device) + penalty
+
+    @torch.no_grad()
+    def summary_stats(self) -> dict[str, float]:
+        """``strength_mean``/``_min``/``_max``, ``log_strength_mean``/``_std``; per group too when there are at most 8."""
+        s = self.log_strength.detach().float()
+        stats = {
+            "strength_mean": float(s.exp().mean()),
+            "strength_min": float(s.exp().min()),
+            "strength_max": float(s.exp().max()),
+            "log_strength_mean": float(s.mean()),
+            "log_strength_std": float(s.std(unbiased=False)),
+        }
+        if len(self.group_names) <= 8:
+            for name, value in zip(self.group_names, s.exp().tolist()):
+                stats[f"strength[{name}]"] = float(value)
+        return stats
+
+    def config_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "module_names": list(self.module_names),
+            "granularity": self.granularity,
+            "adapter_name": self.adapter_name,
+            "init_log_strength": self.init_log_strength,
+            "group_names": list(self.group_names),
+        }
+
+    @classmethod
+    def _from_config(cls, config: Mapping[str, Any]) -> LoraRegularization:
+        _require(config, "module_names", "granularity")
+        module = cls(
+            module_names=config["module_names"],
+            granularity=config["granularity"],
+            init_log_strength=config.get("init_log_strength", math.log(1e-3)),
+            adapter_name=config.get("adapter_name", "default"),
+        )
+        saved_groups = config.get("group_names")
+        if saved_groups is not None and list(saved_groups) != module.group_names:
+            raise ValueError(f"saved group_names {saved_groups} differ from those derived {module.group_names}")
+        return module
+
+
+def _sq_norm(t: Tensor) -> Tensor:
+    if t.dtype in (torch.float16, torch.bfloat16):
+        t = t.float()
+    return t.pow(2).sum()

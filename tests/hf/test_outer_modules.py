@@ -1,0 +1,255 @@
+"""DataWeights and LoraRegularization: values, gradients, torch.func compatibility, errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.func import functional_call, grad, jvp, vmap
+
+from hf_integration import DataWeights, LoraRegularization, OuterModule, find_lora_modules, parse_layer_index
+
+PREFIX = "base_model.model.model.layers"
+EXPECTED_MODULES = [
+    f"{PREFIX}.0.self_attn.q_proj",
+    f"{PREFIX}.0.self_attn.v_proj",
+    f"{PREFIX}.1.self_attn.q_proj",
+    f"{PREFIX}.1.self_attn.v_proj",
+]
+
+
+def _inner(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+# ------------------------------------------------------------------------------------------ DataWeights
+
+
+@pytest.fixture
+def data_weights() -> DataWeights:
+    torch.manual_seed(0)
+    dw = DataWeights(10)
+    with torch.no_grad():
+        dw.logits.normal_()
+    return dw
+
+
+def test_data_weights_forward_is_normalized_weighted_mean(data_weights):
+    ids = torch.tensor([3, 7, 0, 3, 9])  # duplicates allowed
+    losses = torch.rand(5)
+    out = data_weights(losses, {"example_id": ids}, {})
+    w = torch.sigmoid(data_weights.logits.detach())[ids]
+    manual = (w * losses).sum() / w.sum()
+    torch.testing.assert_close(out, manual)
+    assert out.dim() == 0
+
+
+def test_data_weights_init_zero_gives_plain_mean():
+    dw = DataWeights(4)
+    losses = torch.tensor([1.0, 2.0, 3.0, 6.0])
+    torch.testing.assert_close(dw(losses, {"example_id": torch.arange(4)}, {}), losses.mean())
+    torch.testing.assert_close(dw.weights(), torch.full((4,), 0.5))
+
+
+def test_data_weights_grad_via_functional_call_matches_manual(data_weights):
+    ids = torch.tensor([1, 4, 4, 8])
+    losses = torch.tensor([0.5, 2.0, 1.0, 3.0])
+    batch = {"example_id": ids}
+    params = {"logits": data_weights.logits.detach().clone()}
+
+    g = grad(lambda p: functional_call(data_weights, p, (losses, batch, {})))(params)["logits"]
+
+    # Manual: L = sum_j w_j l_j / W, dL/dw_j = (l_j - L) / W, dw/ds = w (1 - w), summed over duplicate ids.
+    w = torch.sigmoid(params["logits"][ids])
+    total = (w * losses).sum() / w.sum()
+    per_row = (losses - total) / w.sum() * w * (1 - w)
+    manual = torch.zeros(10).index_add_(0, ids, per_row)
+    torch.testing.assert_close(g, manual)
+    # Examples not in the batch get no gradient.
+    assert torch.all(g[[0, 2, 3, 5, 6, 7, 9]] == 0)
+
+
+def test_data_weights_under_jvp_and_vmap(data_weights):
+    """Tangents over losses (as when the per-example losses depend on inner params) batched with vmap."""
+    ids = torch.tensor([0, 5, 2])
+    losses = torch.rand(3)
+    params = dict(data_weights.named_parameters())
+    fn = lambda l: functional_call(data_weights, params, (l, {"example_id": ids}, {}))  # noqa: E731
+    tangents = torch.eye(3)
+    _, out = vmap(lambda t: jvp(fn, (losses,), (t,)))(tangents)
+    w = torch.sigmoid(data_weights.logits.detach()[ids])
+    torch.testing.assert_close(out, w / w.sum())
+
+
+def test_data_weights_accepts_column_vector_ids(data_weights):
+    losses = torch.rand(3)
+    a = data_weights(losses, {"example_id": torch.tensor([[1], [2], [3]])}, {})
+    b = data_weights(losses, {"example_id": torch.tensor([1, 2, 3])}, {})
+    torch.testing.assert_close(a, b)
+
+
+def test_data_weights_custom_id_column():
+    dw = DataWeights(3, id_column="idx")
+    dw(torch.ones(2), {"idx": torch.tensor([0, 2])}, {})
+    with pytest.raises(KeyError, match="'idx'"):
+        dw(torch.ones(2), {"example_id": torch.tensor([0, 2])}, {})
+
+
+def test_data_weights_errors(data_weights):
+    losses = torch.rand(2)
+    with pytest.raises(KeyError, match="add_example_ids"):
+        data_weights(losses, {"input_ids": torch.zeros(2, 3, dtype=torch.long)}, {})
+    with pytest.raises(IndexError, match="out of range.*num_examples=10"):
+        data_weights(losses, {"example_id": torch.tensor([1, 10])}, {})
+    with pytest.raises(IndexError, match="-1"):
+        data_weights(losses, {"example_id": torch.tensor([-1, 2])}, {})
+    with pytest.raises(TypeError, match="integer"):
+        data_weights(losses, {"example_id": torch.tensor([1.0, 2.0])}, {})
+    with pytest.raises(ValueError, match="3 ids but per_example_loss has 2"):
+        data_weights(losses, {"example_id": torch.tensor([1, 2, 3])}, {})
+    with pytest.raises(ValueError, match="batch_size"):
+        data_weights(torch.rand(2, 4), {"example_id": torch.tensor([1, 2])}, {})
+    with pytest.raises(ValueError):
+        DataWeights(0)
+
+
+def test_data_weights_summary_stats_and_config(data_weights):
+    stats = data_weights.summary_stats()
+    w = torch.sigmoid(data_weights.logits.detach())
+    assert stats["weight_mean"] == pytest.approx(float(w.mean()))
+    assert stats["weight_min"] == pytest.approx(float(w.min()))
+    assert stats["weight_max"] == pytest.approx(float(w.max()))
+    assert all(isinstance(v, float) for v in stats.values())
+    assert data_weights.config_dict() == {"kind": "data_weights", "num_examples": 10, "id_column": "example_id",
+                                          "init": 0.0}
+    assert isinstance(data_weights, OuterModule) and DataWeights.kind == "data_weights"
+    assert [n for n, _ in data_weights.named_parameters()] == ["logits"]
+
+
+# ------------------------------------------------------------------------------------ LoraRegularization
+
+
+def test_find_lora_modules_on_peft_model(tiny_lora_llama):
+    modules, adapter = find_lora_modules(tiny_lora_llama.named_parameters())
+    assert modules == EXPECTED_MODULES
+    assert adapter == "default"
+
+
+def test_lora_regularization_module_granularity(tiny_lora_llama):
+    reg = LoraRegularization.from_peft_model(tiny_lora_llama, granularity="module")
+    assert reg.module_names == EXPECTED_MODULES
+    assert reg.group_names == EXPECTED_MODULES
+    assert reg.log_strength.shape == (4,)
+    assert reg.adapter_name == "default"
+
+
+def test_lora_regularization_layer_granularity(tiny_lora_llama):
+    reg = LoraRegularization.from_peft_model(tiny_lora_llama, granularity="layer")
+    assert reg.module_names == EXPECTED_MODULES
+    assert reg.group_names == ["layer.0", "layer.1"]
+    assert reg.group_index == [0, 0, 1, 1]
+    assert reg.log_strength.shape == (2,)
+    glob = LoraRegularization.from_peft_model(tiny_lora_llama, granularity="global")
+    assert glob.log_strength.shape == (1,)
+
+
+def test_parse_layer_index():
+    assert parse_layer_index(f"{PREFIX}.3.self_attn.q_proj") == 3
+    assert parse_layer_index("base_model.model.transformer.h.11.attn.c_attn") == 11
+    assert parse_layer_index("bert.encoder.layer.7.attention.self.query") == 7
+    assert parse_layer_index("model.layers.12") == 12
+    with pytest.raises(ValueError, match="granularity='module'"):
+        parse_layer_index("base_model.model.lm_head")
+
+
+@pytest.mark.parametrize("granularity", ["module", "layer"])
+def test_lora_penalty_equals_manual_sum(tiny_lora_llama, granularity):
+    reg = LoraRegularization.from_peft_model(tiny_lora_llama, granularity=granularity)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        reg.log_strength.normal_()
+    inner = _inner(tiny_lora_llama)
+    losses = torch.rand(3)
+
+    manual = losses.mean()
+    for k, m in enumerate(EXPECTED_MODULES):
+        group = k if granularity == "module" else int(m.split(".layers.")[1].split(".")[0])
+        a = inner[f"{m}.lora_A.default.weight"]
+        b = inner[f"{m}.lora_B.default.weight"]
+        manual = manual + 0.5 * math.exp(float(reg.log_strength.detach()[group])) * (a.pow(2).sum() + b.pow(2).sum())
+    out = functional_call(reg, dict(reg.named_parameters()), (losses, {}, inner))
+    torch.testing.assert_close(out, manual)
+    torch.testing.assert_close(reg.strengths(), reg.log_strength.exp())
+    assert float(reg.penalty(inner).detach()) > 0
+
+
+def test_lora_hvp_under_vmap_jvp_grad(tiny_lora_llama):
+    """The inner Hessian of the penalty is exp(s_g) * I: check an HVP built with vmap(jvp(grad(...)))."""
+    reg = LoraRegularization.from_peft_model(tiny_lora_llama, granularity="layer")
+    with torch.no_grad():
+        reg.log_strength.copy_(torch.tensor([-1.0, 0.5]))
+    outer = dict(reg.named_parameters())
+    inner = _inner(tiny_lora_llama)
+    losses = torch.zeros(2)
+
+    def inner_obj(p):
+        return functional_call(reg, outer, (losses, {}, p))
+
+    def hvp(v):
+        return jvp(grad(inner_obj), (inner,), (v,))[1]
+
+    torch.manual_seed(0)
+    tangents = {k: torch.randn(3, *t.shape) for k, t in inner.items()}
+    out = vmap(hvp)(tangents)
+    for k, v in tangents.items():
+        layer = int(k.split(".layers.")[1].split(".")[0])
+        torch.testing.assert_close(out[k], math.exp(float(reg.log_strength.detach()[layer])) * v)
+
+
+def test_lora_outer_gradient_through_real_model(tiny_lora_llama):
+    """End to end: per-example LM losses from the PEFT model, gradient of the inner objective w.r.t. log_strength."""
+    reg = LoraRegularization.from_peft_model(tiny_lora_llama)
+    inner = _inner(tiny_lora_llama)
+    input_ids = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(0))
+    logits = tiny_lora_llama(input_ids=input_ids).logits
+    per_token = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, 128), input_ids[:, 1:].reshape(-1), reduction="none"
+    ).view(2, -1)
+    losses = per_token.mean(1).detach()
+    g = grad(lambda p: functional_call(reg, p, (losses, {}, inner)))(dict(reg.named_parameters()))["log_strength"]
+    expected = 0.5 * reg.strengths().detach() * reg.squared_norms(inner)
+    torch.testing.assert_close(g, expected)
+
+
+def test_lora_regularization_errors(tiny_lora_llama):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    plain = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128))
+    with pytest.raises(ValueError, match="no trainable LoRA parameters"):
+        LoraRegularization.from_peft_model(plain)
+    with pytest.raises(ValueError, match="adapters found"):
+        LoraRegularization.from_peft_model(tiny_lora_llama, adapter_name="other")
+    with pytest.raises(ValueError, match="granularity"):
+        LoraRegularization(EXPECTED_MODULES, granularity="row")
+    with pytest.raises(ValueError, match="empty"):
+        LoraRegularization([])
+    with pytest.raises(ValueError, match="granularity='module'"):
+        LoraRegularization(["base_model.model.lm_head"], granularity="layer")
+
+    reg = LoraRegularization.from_peft_model(tiny_lora_llama)
+    inner = {f"module.{k}": v for k, v in _inner(tiny_lora_llama).items()}  # e.g. a DDP-wrapped naming
+    with pytest.raises(KeyError, match="not found among inner_params"):
+        reg(torch.rand(2), {}, inner)
+
+
+def test_lora_summary_stats_and_config(tiny_lora_llama):
+    reg = LoraRegularization.from_peft_model(tiny_lora_llama, granularity="layer", init_log_strength=math.log(0.1))
+    stats = reg.summary_stats()
+    assert stats["strength_mean"] == pytest.approx(0.1)
+    assert stats["strength[layer.0]"] == pytest.approx(0.1)
+    cfg = reg.config_dict()
+    assert cfg["kind"] == "lora_regularization"
+    assert cfg["module_names"] == EXPECTED_MODULES
+    assert cfg["granularity"] == "layer" and cfg["group_names"] == ["layer.0", "layer.1"]

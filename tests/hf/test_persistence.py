@@ -1,0 +1,440 @@
+"""save_pretrained / from_pretrained / push_to_hub, validation on load, optimizer state, atomic writes."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+from unittest import mock
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from hf_integration import (
+    OUTER_CONFIG_NAME,
+    OUTER_OPTIMIZER_NAME,
+    OUTER_PARAMS_NAME,
+    DataWeights,
+    LoraRegularization,
+    OuterModule,
+    atomic_write,
+    load_optimizer_state,
+    save_optimizer_state,
+)
+from hf_integration import hub
+
+META = {
+    "method": "nystrom",
+    "rank": 8,
+    "rho": 0.01,
+    "steps": "100",
+    "base_model": "org/tiny-llama",
+    "dataset_name": "org/noisy-data",
+    "split": "train",
+    "fingerprint": "abc123",
+    "num_rows": 10,
+    "id_column": "example_id",
+}
+META_STR = {k: str(v) for k, v in META.items()}
+
+
+@pytest.fixture
+def trained_weights() -> DataWeights:
+    torch.manual_seed(0)
+    dw = DataWeights(10, init=0.5)
+    with torch.no_grad():
+        dw.logits.normal_()
+    return dw
+
+
+@pytest.fixture
+def trained_reg(tiny_lora_llama) -> LoraRegularization:
+    reg = LoraRegularization.from_peft_model(tiny_lora_llama, granularity="layer", init_log_strength=-2.0)
+    with torch.no_grad():
+        reg.log_strength.copy_(torch.tensor([-1.5, 0.25]))
+    return reg
+
+
+# ---------------------------------------------------------------------------------------- round trips
+
+
+def test_data_weights_round_trip(tmp_path, trained_weights):
+    trained_weights.save_pretrained(str(tmp_path), metadata=META)
+    assert sorted(os.listdir(tmp_path)) == ["README.md", OUTER_CONFIG_NAME, OUTER_PARAMS_NAME]
+
+    loaded = DataWeights.from_pretrained(str(tmp_path))
+    assert type(loaded) is DataWeights
+    assert torch.equal(loaded.logits, trained_weights.logits)
+    assert loaded.config_dict() == trained_weights.config_dict()
+    assert loaded.metadata == META_STR
+
+    # The base class dispatches by kind.
+    generic = OuterModule.from_pretrained(tmp_path)
+    assert type(generic) is DataWeights and torch.equal(generic.logits, trained_weights.logits)
+
+    # Human-readable config mirrors the header.
+    readable = json.loads((tmp_path / OUTER_CONFIG_NAME).read_text())
+    assert readable["kind"] == "data_weights"
+    assert readable["config"]["num_examples"] == 10
+    assert readable["metadata"] == META_STR
+    with safe_open(str(tmp_path / OUTER_PARAMS_NAME), framework="pt") as f:
+        header = f.metadata()
+    assert header["kind"] == "data_weights" and header["method"] == "nystrom"
+    assert json.loads(header["outer_config"]) == trained_weights.config_dict()
+
+
+def test_lora_regularization_round_trip(tmp_path, trained_reg, tiny_lora_llama):
+    trained_reg.save_pretrained(str(tmp_path), metadata={"base_model": "org/tiny-llama", "method": "cg"})
+    loaded = OuterModule.from_pretrained(str(tmp_path))
+    assert type(loaded) is LoraRegularization
+    assert torch.equal(loaded.log_strength, trained_reg.log_strength)
+    assert loaded.module_names == trained_reg.module_names
+    assert loaded.group_names == ["layer.0", "layer.1"] and loaded.group_index == trained_reg.group_index
+    assert loaded.metadata == {"base_model": "org/tiny-llama", "method": "cg"}
+    # The loaded module computes the same inner objective.
+    inner = {n: p.detach() for n, p in tiny_lora_llama.named_parameters() if p.requires_grad}
+    losses = torch.rand(3)
+    assert torch.equal(loaded(losses, {}, inner), trained_reg(losses, {}, inner))
+
+
+def test_metadata_is_merged_and_resaved(tmp_path, trained_weights):
+    trained_weights.save_pretrained(str(tmp_path / "a"), metadata=META)
+    loaded = DataWeights.from_pretrained(str(tmp_path / "a"))
+    loaded.save_pretrained(str(tmp_path / "b"), metadata={"steps": 200})
+    again = DataWeights.from_pretrained(str(tmp_path / "b"))
+    assert again.metadata == {**META_STR, "steps": "200"}
+
+
+def test_save_rejects_bad_metadata(tmp_path, trained_weights):
+    with pytest.raises(ValueError, match="reserved"):
+        trained_weights.save_pretrained(str(tmp_path), metadata={"kind": "x"})
+    with pytest.raises(TypeError, match="str"):
+        trained_weights.save_pretrained(str(tmp_path), metadata={"modules": ["a", "b"]})
+
+
+def test_model_card(tmp_path, trained_weights, trained_reg):
+    trained_weights.save_pretrained(str(tmp_path / "dw"), metadata=META)
+    card = (tmp_path / "dw" / "README.md").read_text()
+    assert card.startswith("---\n")
+    assert 'base_model: "org/tiny-llama"' in card
+    assert "nystrom" in card and "org/noisy-data" in card and "abc123" in card
+    assert "weight_mean" in card
+    assert f'DataWeights.from_pretrained("{tmp_path / "dw"}")' in card
+
+    trained_reg.save_pretrained(str(tmp_path / "reg"), metadata={"method": "cg"})
+    card = (tmp_path / "reg" / "README.md").read_text()
+    assert "LoRA regularization" in card and "LoraRegularization.from_pretrained" in card
+    assert "strength[layer.1]" in card
+
+
+# ---------------------------------------------------------------------------------------- refusals
+
+
+def test_refuses_wrong_kind(tmp_path, trained_reg):
+    trained_reg.save_pretrained(str(tmp_path))
+    with pytest.raises(ValueError, match="kind 'lora_regularization'.*expects kind 'data_weights'"):
+        DataWeights.from_pretrained(str(tmp_path))
+
+
+def test_refuses_shape_mismatch(tmp_path, trained_weights):
+    trained_weights.save_pretrained(str(tmp_path))
+    file = str(tmp_path / OUTER_PARAMS_NAME)
+    with safe_open(file, framework="pt") as f:
+        header = f.metadata()
+    save_file({"logits": torch.zeros(7)}, file, metadata=header)  # config still says num_examples=10
+    with pytest.raises(ValueError, match=r"'logits' has shape \(7,\).*implies shape \(10,\)"):
+        DataWeights.from_pretrained(str(tmp_path))
+
+
+def test_refuses_unknown_tensors(tmp_path, trained_weights):
+    trained_weights.save_pretrained(str(tmp_path))
+    file = str(tmp_path / OUTER_PARAMS_NAME)
+    with safe_open(file, framework="pt") as f:
+        header = f.metadata()
+    save_file({"weights": torch.zeros(10)}, file, metadata=header)
+    with pytest.raises(ValueError, match="do not match the parameters"):
+        DataWeights.from_pretrained(str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "expected, field, saved, wanted",
+    [
+        ({"num_rows": 1000}, "num_rows", "'10'", "1000"),
+        ({"fingerprint": "zzz999"}, "fingerprint", "'abc123'", "'zzz999'"),
+        ({"base_model": "org/other"}, "base_model", "'org/tiny-llama'", "'org/other'"),
+        ({"num_examples": 11}, "num_examples", "10", "11"),  # a config field
+    ],
+)
+def test_refuses_metadata_mismatch(tmp_path, trained_weights, expected, field, saved, wanted):
+    trained_weights.save_pretrained(str(tmp_path), metadata=META)
+    with pytest.raises(ValueError) as info:
+        DataWeights.from_pretrained(str(tmp_path), expected=expected)
+    msg = str(info.value)
+    assert f"{field} was saved as {saved} but {wanted} is expected" in msg
+
+
+def test_expected_matches_and_skips(tmp_path, trained_weights, trained_reg):
+    trained_weights.save_pretrained(str(tmp_path / "dw"), metadata=META)
+    DataWeights.from_pretrained(
+        str(tmp_path / "dw"),
+        expected={"num_rows": 10, "fingerprint": "abc123", "id_column": "example_id", "num_examples": 10,
+                  "base_model": "org/tiny-llama", "rho": 0.01, "split": None},
+    )
+    with pytest.raises(ValueError, match="no 'revision_hash' was saved"):
+        DataWeights.from_pretrained(str(tmp_path / "dw"), expected={"revision_hash": "x"})
+    DataWeights.from_pretrained(str(tmp_path / "dw"), expected={"revision_hash": None})
+
+    trained_reg.save_pretrained(str(tmp_path / "reg"))
+    LoraRegularization.from_pretrained(str(tmp_path / "reg"), expected={"module_names": trained_reg.module_names,
+                                                                        "granularity": "layer"})
+    with pytest.raises(ValueError, match="module_names was saved as"):
+        LoraRegularization.from_pretrained(str(tmp_path / "reg"), expected={"module_names": ["x"]})
+
+
+def test_refuses_missing_file(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="outer_params.safetensors not found"):
+        DataWeights.from_pretrained(str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        DataWeights.from_pretrained(str(tmp_path / "nope" / "deeper"))
+    with mock.patch.object(hub, "hf_hub_download", side_effect=OSError("offline")) as download:
+        with pytest.raises(FileNotFoundError, match="offline"):
+            DataWeights.from_pretrained("someone/missing-repo")
+    download.assert_called_once()
+
+
+def test_refuses_foreign_safetensors(tmp_path):
+    save_file({"logits": torch.zeros(3)}, str(tmp_path / OUTER_PARAMS_NAME))  # no kind/config header
+    with pytest.raises(ValueError, match="not an outer-parameters file"):
+        OuterModule.from_pretrained(str(tmp_path))
+
+
+def test_never_unpickles(tmp_path, trained_weights):
+    # A pickle (torch.save) named like the parameters file is rejected, not loaded.
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    torch.save({"logits": torch.zeros(10)}, str(evil / OUTER_PARAMS_NAME))
+    trained_weights.save_pretrained(str(tmp_path / "good"))
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.ones(2))])
+    save_optimizer_state(opt.state_dict(), str(tmp_path / "opt.safetensors"))
+
+    boom = mock.Mock(side_effect=AssertionError("unpickling attempted"))
+    with mock.patch.object(torch, "load", boom), mock.patch.object(torch.serialization, "load", boom), \
+            mock.patch.object(pickle, "load", boom), mock.patch.object(pickle, "loads", boom), \
+            mock.patch.object(pickle, "Unpickler", boom):
+        with pytest.raises(ValueError, match="not a readable safetensors file"):
+            DataWeights.from_pretrained(str(evil))
+        DataWeights.from_pretrained(str(tmp_path / "good"))
+        load_optimizer_state(str(tmp_path / "opt.safetensors"))
+    boom.assert_not_called()
+
+
+# ---------------------------------------------------------------------------------------- optimizer state
+
+
+def _assert_state_equal(a, b):
+    assert type(a) is type(b), (a, b)
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert list(a) == list(b)
+        for k in a:
+            _assert_state_equal(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            _assert_state_equal(x, y)
+    elif isinstance(a, float) and math.isnan(a):
+        assert math.isnan(b)
+    else:
+        assert a == b
+
+
+def _make_params(seed: int = 0) -> list[torch.nn.Parameter]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(4, 3, generator=g)), torch.nn.Parameter(torch.randn(5, generator=g))]
+
+
+def _step(opt, params, seed):
+    g = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g)
+    opt.step()
+
+
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda ps: torch.optim.Adam(ps, lr=1e-2, betas=(0.8, 0.95), amsgrad=True),
+        lambda ps: torch.optim.AdamW([{"params": ps[:1]}, {"params": ps[1:], "lr": 3e-3, "weight_decay": 0.0}]),
+        lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True),
+    ],
+    ids=["adam", "adamw-groups", "sgd"],
+)
+def test_optimizer_state_round_trip(tmp_path, make_opt):
+    params = _make_params()
+    opt = make_opt(params)
+    for s in range(3):
+        _step(opt, params, s)
+    path = str(tmp_path / OUTER_OPTIMIZER_NAME)
+    save_optimizer_state(opt.state_dict(), path)
+    loaded_state = load_optimizer_state(path)
+    _assert_state_equal(loaded_state, opt.state_dict())
+
+    params2 = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt2 = make_opt(params2)
+    opt2.load_state_dict(loaded_state)
+    for s in range(3, 6):
+        _step(opt, params, s)
+        _step(opt2, params2, s)
+    for p, q in zip(params, params2):
+        assert torch.equal(p, q)
+    _assert_state_equal(opt2.state_dict(), opt.state_dict())
+
+
+def test_optimizer_state_via_save_pretrained_and_special_values(tmp_path, trained_weights):
+    opt = torch.optim.Adam(trained_weights.parameters(), lr=0.1)
+    trained_weights.logits.grad = torch.ones(10)
+    opt.step()
+    trained_weights.save_pretrained(str(tmp_path), optimizer_state=opt.state_dict())
+    assert (tmp_path / OUTER_OPTIMIZER_NAME).is_file()
+    _assert_state_equal(load_optimizer_state(str(tmp_path / OUTER_OPTIMIZER_NAME)), opt.state_dict())
+
+    odd = {"state": {}, "param_groups": [{"params": [], "x": float("inf"), "y": float("nan"), "z": None,
+                                          "t": (1, (2.5, "a")), "empty": torch.zeros(0, dtype=torch.int64)}]}
+    save_optimizer_state(odd, str(tmp_path / "odd.safetensors"))
+    _assert_state_equal(load_optimizer_state(str(tmp_path / "odd.safetensors")), odd)
+    with pytest.raises(TypeError, match="without pickle"):
+        save_optimizer_state({"state": {"f": object()}}, str(tmp_path / "bad.safetensors"))
+    assert not (tmp_path / "bad.safetensors").exists()
+    with pytest.raises(ValueError, match="not written by save_optimizer_state"):
+        load_optimizer_state(str(tmp_path / OUTER_PARAMS_NAME))
+
+
+# ---------------------------------------------------------------------------------------- atomic writes
+
+
+def test_atomic_write_keeps_old_file_when_writer_raises(tmp_path):
+    target = tmp_path / "file.bin"
+    target.write_bytes(b"old complete content")
+
+    def failing_writer(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(b"half")
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        atomic_write(target, failing_writer)
+    assert target.read_bytes() == b"old complete content"
+    assert os.listdir(tmp_path) == ["file.bin"]  # no temp file left behind
+
+    atomic_write(target, lambda tmp: open(tmp, "wb").write(b"new"))
+    assert target.read_bytes() == b"new"
+    assert os.listdir(tmp_path) == ["file.bin"]
+
+
+def test_interrupted_save_pretrained_leaves_previous_save_loadable(tmp_path, trained_weights):
+    trained_weights.save_pretrained(str(tmp_path), metadata={"steps": "1"})
+    before = (tmp_path / OUTER_PARAMS_NAME).read_bytes()
+
+    def crash(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\x00" * 17)
+        raise KeyboardInterrupt
+
+    changed = DataWeights(10)
+    with mock.patch.object(hub, "save_file", crash), pytest.raises(KeyboardInterrupt):
+        changed.save_pretrained(str(tmp_path), metadata={"steps": "2"})
+    assert (tmp_path / OUTER_PARAMS_NAME).read_bytes() == before
+    loaded = DataWeights.from_pretrained(str(tmp_path))
+    assert torch.equal(loaded.logits, trained_weights.logits) and loaded.metadata == {"steps": "1"}
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+
+
+# ---------------------------------------------------------------------------------------- Hub
+
+
+def test_push_to_hub_with_patched_api(trained_weights):
+    uploaded: dict = {}
+
+    def fake_upload_folder(**kwargs):
+        folder = kwargs["folder_path"]
+        uploaded["files"] = sorted(os.listdir(folder))
+        uploaded["card"] = open(os.path.join(folder, "README.md"), encoding="utf-8").read()
+        uploaded["reloaded"] = DataWeights.from_pretrained(folder)
+        return mock.Mock(commit_url="https://huggingface.co/me/weights/commit/abc", pr_url=None)
+
+    with mock.patch.object(hub, "HfApi") as api_cls:
+        api = api_cls.return_value
+        api.create_repo.return_value = mock.Mock(repo_id="me/weights")
+        api.upload_folder.side_effect = fake_upload_folder
+        url = trained_weights.push_to_hub("me/weights", metadata=META, private=True, token="hf_x")
+
+    assert url == "https://huggingface.co/me/weights/commit/abc"
+    api.create_repo.assert_called_once()
+    args, kwargs = api.create_repo.call_args
+    assert (args[0] if args else kwargs["repo_id"]) == "me/weights"
+    assert kwargs["exist_ok"] is True and kwargs["private"] is True
+    api.upload_folder.assert_called_once()
+    assert api.upload_folder.call_args.kwargs["repo_id"] == "me/weights"
+    assert uploaded["files"] == ["README.md", OUTER_CONFIG_NAME, OUTER_PARAMS_NAME]
+    assert "nystrom" in uploaded["card"] and "org/tiny-llama" in uploaded["card"]
+    assert 'DataWeights.from_pretrained("me/weights")' in uploaded["card"]
+    assert torch.equal(uploaded["reloaded"].logits, trained_weights.logits)
+
+
+def test_push_to_hub_create_pr_returns_pr_url(trained_reg):
+    with mock.patch.object(hub, "HfApi") as api_cls:
+        api = api_cls.return_value
+        api.create_repo.return_value = mock.Mock(repo_id="me/reg")
+        api.upload_folder.return_value = mock.Mock(commit_url="https://c", pr_url="https://pr")
+        assert trained_reg.push_to_hub("me/reg", create_pr=True) == "https://pr"
+    assert api.upload_folder.call_args.kwargs["create_pr"] is True
+
+
+def test_from_pretrained_repo_id_with_patched_download(tmp_path, trained_weights, monkeypatch):
+    src = tmp_path / "hub_copy"
+    trained_weights.save_pretrained(str(src), metadata=META)
+    monkeypatch.chdir(tmp_path)  # no local folder named like the repo id
+
+    def fake_download(repo_id, filename, **kwargs):
+        assert repo_id == "me/weights"
+        return str(src / filename)
+
+    with mock.patch.object(hub, "hf_hub_download", side_effect=fake_download) as download:
+        loaded = DataWeights.from_pretrained("me/weights", revision="v1", token="hf_x",
+                                             expected={"fingerprint": "abc123"}, cache_dir=str(tmp_path / "c"))
+    assert torch.equal(loaded.logits, trained_weights.logits)
+    assert loaded.metadata == META_STR
+    args, kwargs = download.call_args
+    assert args == ("me/weights", OUTER_PARAMS_NAME)
+    assert kwargs["revision"] == "v1" and kwargs["token"] == "hf_x" and kwargs["cache_dir"] == str(tmp_path / "c")
+
+
+def test_local_folder_takes_precedence_over_hub(tmp_path, trained_weights, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    trained_weights.save_pretrained("me/weights")  # a relative local folder shaped like a repo id
+    with mock.patch.object(hub, "hf_hub_download") as download:
+        loaded = DataWeights.from_pretrained("me/weights")
+    download.assert_not_called()
+    assert torch.equal(loaded.logits, trained_weights.logits)
+
+
+# ---------------------------------------------------------------------------------------- trainer support
+
+
+def test_save_without_model_card_keeps_existing_readme(tmp_path, trained_weights):
+    from hf_integration import atomic_write_text, outer_params_card_section
+
+    atomic_write_text(tmp_path / "README.md", "# The model's own card\n")
+    trained_weights.save_pretrained(str(tmp_path), metadata=META, model_card=False)
+    assert (tmp_path / "README.md").read_text() == "# The model's own card\n"
+    assert DataWeights.from_pretrained(str(tmp_path)).metadata == META_STR
+
+    section = outer_params_card_section(trained_weights, META)
+    assert section.startswith("## Learned data weights") and "---" not in section.splitlines()[0]
+    assert "### How they were learned" in section and "nystrom" in section and "org/tiny-llama" in section
+    assert "weight_mean" in section
