@@ -1,5 +1,7 @@
 """Hugging Face integration of hypergrad: bilevel fine-tuning with learned outer parameters.
 
+* :mod:`hf_integration.trainer`: :class:`BilevelTrainer`, a ``transformers.Trainer`` that learns outer parameters;
+* :mod:`hf_integration.arguments`: :class:`BilevelTrainingArguments`;
 * :mod:`hf_integration.outer_modules`: :class:`OuterModule`, :class:`DataWeights`, :class:`LoraRegularization`;
 * :mod:`hf_integration.hub`: safetensors persistence, model cards, Hub upload, optimizer-state files;
 * :mod:`hf_integration.data`: stable example ids and dataset fingerprint metadata.
@@ -18,8 +20,13 @@ from .hub import (
     save_optimizer_state,
 )
 from .outer_modules import DataWeights, LoraRegularization, OuterModule, find_lora_modules, parse_layer_index
+from .arguments import BilevelTrainingArguments
+from .trainer import BilevelTrainer
 
 __all__ = [
+    # trainer
+    "BilevelTrainer",
+    "BilevelTrainingArguments",
     # outer modules
     "OuterModule",
     "DataWeights",

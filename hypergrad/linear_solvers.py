@@ -149,7 +149,8 @@ def _sample_indices(p: int, k: int, generator: torch.Generator | None, device) -
     Floyd's algorithm: for ``j = p-k, ..., p-1`` draw ``t`` uniform in ``[0, j]`` and take
     ``t`` unless already taken, in which case take ``j``. Every ``k``-subset is equally likely.
     """
-    draws = torch.rand(k, generator=generator, dtype=torch.float64)
+    draws = torch.rand(k, generator=generator, dtype=torch.float64,
+                       device=generator.device if generator is not None else "cpu")
     chosen: list[int] = []
     taken: set[int] = set()
     for step, u in enumerate(draws.tolist()):

@@ -29,10 +29,11 @@ OptimizerState = dict[str, Any]
 
 
 def _check_inputs(params: ParamsLike, grads: ParamsLike, name: str) -> None:
-    check_same_structure(params, grads, "params", "grads")
+    # Checked before the structure, which reads every gradient's shape.
     for g in tree_leaves(grads):
         if g is None:
             raise ValueError(f"{name}: a gradient is None; every parameter needs a gradient.")
+    check_same_structure(params, grads, "params", "grads")
 
 
 def _check_hparam(value: float | Tensor, name: str, low: float = 0.0, high: float | None = None) -> None:
@@ -112,12 +113,12 @@ def _adam(
         exp_avg_sq = [torch.zeros_like(p) for p in leaves]
         max_sq = [torch.zeros_like(p) for p in leaves] if amsgrad else None
     else:
+        if amsgrad and state.get("max_exp_avg_sq") is None:
+            raise ValueError(f"{name}: `state` was created with amsgrad=False.")
         step = state["step"]
         exp_avg = tree_leaves(state["exp_avg"])
         exp_avg_sq = tree_leaves(state["exp_avg_sq"])
         max_sq = tree_leaves(state["max_exp_avg_sq"]) if amsgrad else None
-        if amsgrad and state.get("max_exp_avg_sq") is None:
-            raise ValueError(f"{name}: `state` was created with amsgrad=False.")
     step += 1
     bias_correction1 = 1 - beta1**step
     bias_correction2_sqrt = math.sqrt(1 - beta2**step)

@@ -305,9 +305,9 @@ class BaseSolver:
             if self.is_outer_step(i):
                 start = time.perf_counter()
                 self._record_returned(self.outer_update(), "outer_loss")
-                self.post_outer_update()
                 self.outer_step += 1
                 self.record(outer_update_time=time.perf_counter() - start)
+                self.post_outer_update()
             if self.log_freq and (i + 1) % self.log_freq == 0:
                 latest = self.recorder.latest()
                 if hasattr(bar, "set_postfix"):

@@ -38,6 +38,7 @@ __all__ = [
     "tree_all_finite",
     "hvp",
     "batched_hvp",
+    "gradient",
     "mixed_vjp",
     "finite_difference_step",
     "scalar_objective",
@@ -191,7 +192,7 @@ def tree_unflatten_vector(vec: Tensor, like: ParamsLike) -> ParamsLike:
     batch = vec.shape[:-1]
     for x in tree_leaves(like):
         n = x.numel()
-        leaves.append(vec[..., offset : offset + n].reshape(*batch, *x.shape))
+        leaves.append(vec[..., offset : offset + n].reshape((*batch, *x.shape)))
         offset += n
     if offset != vec.shape[-1]:
         raise ValueError(f"vector has {vec.shape[-1]} entries but the tree has {offset}.")
@@ -236,6 +237,41 @@ def finite_difference_step(primal: ParamsLike, tangent: ParamsLike) -> Tensor:
     return (u ** (1.0 / 3.0)) * (1.0 + x_norm) / v_norm
 
 
+def _autograd_grad(f: Callable[..., Tensor], argnums: int | tuple[int, ...] = 0) -> Callable[..., ParamsLike]:
+    """``torch.func.grad`` computed with plain ``torch.autograd`` instead of a function
+    transform, so it also works with ops that ``torch.func`` cannot trace (custom
+    ``autograd.Function``s without ``setup_context``, gradient checkpointing, sharded
+    parameters)."""
+    index = (argnums,) if isinstance(argnums, int) else tuple(argnums)
+
+    def wrapper(*args: ParamsLike) -> ParamsLike:
+        args = list(args)
+        for i in index:
+            args[i] = tree_map(lambda x: x.detach().requires_grad_(True), args[i])
+        leaves = [leaf for i in index for leaf in tree_leaves(args[i])]
+        with torch.enable_grad():
+            grads = torch.autograd.grad(f(*args), leaves, allow_unused=True)
+        grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves)]
+        out, offset = [], 0
+        for i in index:
+            n = len(tree_leaves(args[i]))
+            out.append(tree_unflatten(args[i], grads[offset : offset + n]))
+            offset += n
+        return out[0] if isinstance(argnums, int) else tuple(out)
+
+    return wrapper
+
+
+def gradient(
+    f: Callable[..., Tensor], argnums: int | tuple[int, ...] = 0, mode: HVPMode = "fwd_rev"
+) -> Callable[..., ParamsLike]:
+    """The first-order gradient that goes with an HVP ``mode``: ``torch.func.grad`` for the
+    exact modes (composable with ``jvp``/``vjp``/``vmap``), plain autograd for
+    ``"finite_diff"``, which must run where function transforms cannot."""
+    _check_mode(mode)
+    return _autograd_grad(f, argnums) if mode == "finite_diff" else grad(f, argnums=argnums)
+
+
 def _check_mode(mode: str) -> None:
     if mode not in HVP_MODES:
         raise ValueError(f"`hvp_mode` must be one of {HVP_MODES}, got {mode!r}.")
@@ -254,13 +290,13 @@ def hvp(
       * ``"rev_rev"``: ``vjp`` of ``grad`` (reverse-over-reverse), exact, works where a
         kernel has a double backward but no forward-mode rule;
       * ``"finite_diff"``: ``(grad f(x + r v) - grad f(x - r v)) / 2r`` with ``r`` from
-        :func:`finite_difference_step`; needs only first-order gradients, so it works with
-        fused attention kernels, gradient checkpointing and sharded parameters. Its relative
+        :func:`finite_difference_step`; needs only first-order gradients, computed with
+        plain autograd (no function transform), so it works with fused attention kernels,
+        gradient checkpointing, custom autograd functions and sharded parameters. Its relative
         error is about ``u^(2/3)`` (``~1e-5`` in float32, ``~1e-11`` in float64) times a
         constant depending on the third derivative.
     """
-    _check_mode(mode)
-    g = grad(f)
+    g = gradient(f, 0, mode)
     if mode == "fwd_rev":
         return jvp(g, (primal,), (tangent,))[1]
     if mode == "rev_rev":
@@ -285,9 +321,10 @@ def batched_hvp(
     With ``vectorize=True`` the products are computed in one ``vmap``-ed pass, which is
     much faster than a Python loop for small and medium models; ``vectorize=False`` loops,
     for kernels without batching rules (some fused or sharded ops) and to bound peak memory.
+    ``"finite_diff"`` always loops: its plain-autograd gradients cannot run under ``vmap``.
     """
     _check_mode(mode)
-    if vectorize:
+    if vectorize and mode != "finite_diff":
         return vmap(lambda t: hvp(f, primal, t, mode), in_dims=(0,))(tangents)
     leaves = tree_leaves(tangents)
     k = leaves[0].shape[0]
@@ -311,8 +348,7 @@ def mixed_vjp(
     the direction ``v`` (``fwd_rev``), a ``vjp`` of ``grad_in f`` (``rev_rev``) or a central
     difference of ``grad_out f`` along ``v`` (``finite_diff``).
     """
-    _check_mode(mode)
-    grad_out = grad(f, argnums=1)
+    grad_out = gradient(f, 1, mode)
     if mode == "fwd_rev":
         return jvp(lambda i: grad_out(i, out_params), (in_params,), (v,))[1]
     if mode == "rev_rev":

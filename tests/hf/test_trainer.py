@@ -1,0 +1,324 @@
+"""`BilevelTrainer` end to end on tiny Llama classifiers built from configs (offline, CPU).
+
+Ground truth: the core `hypergrad.approx_hypergrad` functions called directly, central finite
+differences of the validation loss after re-solving the inner problem, known corrupted labels.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+from torch import nn
+from torch.func import functional_call
+from torch.nn import functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from hf_integration import BilevelTrainer, DataWeights, LoraRegularization, dataset_fingerprint_metadata
+from hypergrad import approx_hypergrad
+from hypergrad.utils import tree_flatten_vector, tree_unflatten_vector
+
+from .trainer_utils import bilevel_args, datasets_with_ids, tiny_bert_classifier, tiny_classifier, token_task
+
+
+def _weights_auc(weights: DataWeights, dataset) -> float:
+    corrupted = np.array(dataset["corrupted"])
+    return roc_auc_score(corrupted, -weights.weights().detach().numpy())
+
+
+def test_data_weights_down_weight_corrupted_examples(tmp_path):
+    train, val = datasets_with_ids(128, 64, noise=0.3, seed=0)
+    weights = DataWeights(len(train))
+    args = bilevel_args(tmp_path, max_steps=120, unroll_steps=5, outer_patience_steps=20,
+                        hypergrad_train_batch_size=128, outer_batch_size=64, nystrom_rank=5, nystrom_rho=0.1)
+    trainer = BilevelTrainer(model=tiny_classifier(), args=args, train_dataset=train, eval_dataset=val,
+                             outer_module=weights)
+    trainer.train()
+    assert _weights_auc(weights, train) > 0.8
+    logged = [entry for entry in trainer.state.log_history if "outer/loss" in entry]
+    assert len(logged) == trainer.outer_step == sum(1 for i in range(120) if i >= 20 and i % 5 == 0 and i > 0)
+    for key in ("outer/inner_loss", "outer/hypergrad_norm", "outer/ihvp_time", "outer/weight_mean"):
+        assert key in logged[-1]
+    assert trainer.hvp_mode == "fwd_rev"  # sdpa runs exact HVPs under the math backend
+
+
+def test_trainer_hypergradient_equals_core_function(tmp_path):
+    train, val = datasets_with_ids(32, 16)
+    model = tiny_classifier()
+    weights = DataWeights(len(train))
+    with torch.no_grad():
+        weights.logits.normal_()
+    args = bilevel_args(tmp_path, nystrom_rank=6, nystrom_rho=0.05, hvp_mode="rev_rev")
+    trainer = BilevelTrainer(model=model, args=args, train_dataset=train, eval_dataset=val, outer_module=weights)
+    train_batch, eval_batch, _ = trainer._batches(step=3)
+    ours = trainer.compute_hypergradient(train_batch, eval_batch, torch.Generator().manual_seed(7))
+
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    theta = {n: p.detach() for n, p in model.named_parameters() if n in names}
+    phi = {"logits": weights.logits.detach()}
+
+    def logits(params, batch):
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        return functional_call(model, params, (), inputs, strict=False).logits
+
+    def inner(i, o):
+        w = torch.sigmoid(o["logits"][train_batch["example_id"]])
+        losses = F.cross_entropy(logits(i, train_batch), train_batch["labels"], reduction="none")
+        return (w * losses).sum() / w.sum()
+
+    def outer(i, o):
+        return F.cross_entropy(logits(i, eval_batch), eval_batch["labels"])
+
+    model.eval()
+    with sdpa_kernel(SDPBackend.MATH):
+        core = approx_hypergrad.nystrom(inner, outer, theta, phi, rank=6, rho=0.05,
+                                        generator=torch.Generator().manual_seed(7), hvp_mode="rev_rev")
+    assert list(ours) == ["outer_module.logits"]
+    torch.testing.assert_close(ours["outer_module.logits"], core["logits"], rtol=1e-5, atol=1e-7)
+    assert ours["outer_module.logits"].abs().sum() > 0
+
+
+def _newton_solve(objective, theta, max_iters=30):
+    """Minimise ``objective`` from ``theta`` by LBFGS, then Newton's method with the exact
+    Hessian to machine precision; also returns the Hessian's smallest eigenvalue there."""
+    theta = {k: v.detach().clone().requires_grad_(True) for k, v in theta.items()}
+    opt = torch.optim.LBFGS(list(theta.values()), lr=1, max_iter=500, history_size=50,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = objective(theta)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    like = {k: v.detach() for k, v in theta.items()}
+    vec = tree_flatten_vector(like)
+
+    def f(v):
+        return objective(tree_unflatten_vector(v, like))
+
+    for _ in range(max_iters):
+        step = torch.linalg.solve(torch.func.hessian(f)(vec), torch.func.grad(f)(vec))
+        vec = vec - step
+        if step.norm() < 1e-13 * (1 + vec.norm()):
+            break
+    min_eig = torch.linalg.eigvalsh(torch.func.hessian(f)(vec)).min()
+    return tree_unflatten_vector(vec, like), min_eig
+
+
+def test_lora_regularization_hypergradient_matches_finite_difference(tmp_path):
+    torch.manual_seed(0)
+    # rank 1: with rank r >= 2 the penalised LoRA loss is invariant under B -> B O, A -> O^T A for
+    # orthogonal O, so its Hessian is singular and the inner solution is not unique.
+    model = tiny_bert_classifier(rank=1)
+    model.eval()
+    train, val = datasets_with_ids(32, 16, noise=0.2, seed=3)
+    reg = LoraRegularization.from_peft_model(model).double()
+    with torch.no_grad():
+        reg.log_strength.copy_(torch.tensor([math.log(1e-4), math.log(3e-4)], dtype=torch.float64))
+    args = bilevel_args(tmp_path, ihvp_method="exact", hvp_mode="fwd_rev", hypergrad_train_batch_size=32,
+                        outer_batch_size=16)
+    trainer = BilevelTrainer(model=model, args=args, train_dataset=train, eval_dataset=val, outer_module=reg)
+    train_batch, eval_batch, _ = trainer._batches(step=0)
+    assert len(train_batch["labels"]) == 32 and len(eval_batch["labels"]) == 16
+
+    def phi(log_strength):
+        return {"outer_module.log_strength": log_strength}
+
+    def solve(log_strength, start):
+        return _newton_solve(lambda t: trainer.inner_forward(t, phi(log_strength), train_batch), start)
+
+    # PEFT starts LoRA at B = 0, a stationary point; start from a random point instead.
+    start = {n: p.detach() + 0.3 * torch.randn_like(p) for n, p in model.named_parameters() if p.requires_grad}
+    theta_star, min_eig = solve(reg.log_strength.detach(), start)
+    assert min_eig > 0  # a strict local minimum: the implicit function theorem applies
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name in theta_star:
+                param.copy_(theta_star[name])
+    hypergrad = trainer.compute_hypergradient(train_batch, eval_batch)["outer_module.log_strength"]
+
+    eps = 1e-4
+    fd = torch.zeros_like(hypergrad)
+    for j in range(len(fd)):
+        values = []
+        for sign in (1, -1):
+            s = reg.log_strength.detach().clone()
+            s[j] += sign * eps
+            theta, _ = solve(s, theta_star)
+            values.append(trainer.outer_forward(theta, phi(s), eval_batch))
+        fd[j] = (values[0] - values[1]) / (2 * eps)
+    assert fd.abs().min() > 1e-6  # both strengths matter: a non-trivial check
+    torch.testing.assert_close(hypergrad, fd, rtol=1e-5, atol=1e-10)
+
+
+@pytest.mark.parametrize("outer_pattern, inner_marker", [("lora_", "score"), ("score", "lora_")])
+def test_adapter_or_head_as_outer_parameters(tmp_path, outer_pattern, inner_marker):
+    train, val = datasets_with_ids(32, 16)
+    model = tiny_classifier()
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    args = bilevel_args(tmp_path, max_steps=6, unroll_steps=2, outer_learning_rate=1e-2)
+    trainer = BilevelTrainer(model=model, args=args, train_dataset=train, eval_dataset=val,
+                             outer_param_patterns=[outer_pattern])
+    assert trainer.inner_param_names and all(inner_marker in n for n in trainer.inner_param_names)
+    assert all(outer_pattern in n for n in trainer.outer_model_param_names)
+    train_batch, eval_batch, gen = trainer._batches(step=1)
+    grads = trainer.compute_hypergradient(train_batch, eval_batch, gen)
+    assert set(grads) == {"model." + n for n in trainer.outer_model_param_names}
+    assert sum(float(g.abs().sum()) for g in grads.values()) > 0
+
+    trainer.train()
+    after = dict(model.named_parameters())
+    for name in trainer.outer_model_param_names:  # moved by the outer optimizer only
+        assert not after[name].requires_grad
+        assert not torch.equal(after[name], before[name])
+    for name in trainer.inner_param_names:  # moved by the inner optimizer
+        assert not torch.equal(after[name], before[name])
+    outer_ids = {id(p) for g in trainer.outer_optimizer.param_groups for p in g["params"]}
+    assert outer_ids == {id(after[n]) for n in trainer.outer_model_param_names}
+    inner_ids = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert inner_ids.isdisjoint(outer_ids)
+
+
+def test_save_model_writes_outer_params_with_metadata(tmp_path):
+    train, val = datasets_with_ids(32, 16)
+    weights = DataWeights(len(train))
+    args = bilevel_args(tmp_path / "run", max_steps=4, unroll_steps=1)
+    trainer = BilevelTrainer(model=tiny_classifier(), args=args, train_dataset=train, eval_dataset=val,
+                             outer_module=weights, dataset_name="synthetic/tokens", dataset_split="train")
+    trainer.train()
+    out = tmp_path / "saved"
+    trainer.save_model(str(out))
+    assert (out / "outer_params.safetensors").exists() and (out / "adapter_model.safetensors").exists()
+    expected = dataset_fingerprint_metadata(train, "synthetic/tokens", "train", "example_id")
+    loaded = DataWeights.from_pretrained(str(out), expected=expected)
+    assert torch.equal(loaded.logits, weights.logits.detach())
+    for key, value in {"method": "nystrom", "rank": "4", "rho": "0.1", "steps": "4", "outer_steps": "3",
+                       "num_rows": "32", "id_column": "example_id", "split": "train"}.items():
+        assert loaded.metadata[key] == value, key
+    with pytest.raises(ValueError, match="num_rows"):
+        DataWeights.from_pretrained(str(out), expected={"num_rows": 31})
+
+
+def _resumable_run(output_dir, resume_from=None):
+    train, val = datasets_with_ids(48, 16)
+    weights = DataWeights(len(train))
+    args = bilevel_args(output_dir, max_steps=12, unroll_steps=2, save_strategy="steps", save_steps=6,
+                        per_device_train_batch_size=8)
+    trainer = BilevelTrainer(model=tiny_classifier(), args=args, train_dataset=train, eval_dataset=val,
+                             outer_module=weights)
+    trainer.train(resume_from_checkpoint=resume_from)
+    return trainer, weights
+
+
+def test_resume_from_checkpoint_continues_exactly(tmp_path):
+    full, full_weights = _resumable_run(tmp_path / "full")
+    checkpoint = tmp_path / "full" / "checkpoint-6"
+    assert (checkpoint / "outer_params.safetensors").exists()
+    assert (checkpoint / "outer_optimizer.safetensors").exists()
+    resumed, resumed_weights = _resumable_run(tmp_path / "resumed", resume_from=str(checkpoint))
+    assert resumed.outer_step == full.outer_step
+    torch.testing.assert_close(resumed_weights.logits, full_weights.logits, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(resumed.outer_optimizer.state_dict()["state"][0]["exp_avg"],
+                               full.outer_optimizer.state_dict()["state"][0]["exp_avg"], rtol=1e-5, atol=1e-6)
+
+
+def test_push_to_hub_uploads_outer_params_and_card(tmp_path):
+    train, val = datasets_with_ids(32, 16)
+    args = bilevel_args(tmp_path / "run", max_steps=2, unroll_steps=1)
+    trainer = BilevelTrainer(model=tiny_classifier(), args=args, train_dataset=train, eval_dataset=val,
+                             outer_module=DataWeights(len(train)))
+    trainer.train()
+    uploaded = {}
+
+    def upload_folder(**kwargs):
+        folder = kwargs["folder_path"]
+        uploaded["repo_id"] = kwargs["repo_id"]
+        uploaded["files"] = set(os.listdir(folder))
+        with open(os.path.join(folder, "README.md"), encoding="utf-8") as handle:
+            uploaded["card"] = handle.read()
+        return "commit-url"
+
+    api = mock.MagicMock()
+    api.create_repo.return_value = mock.MagicMock(repo_id="user/weights")
+    api.upload_folder.side_effect = upload_folder
+    with mock.patch("transformers.trainer.hf_api", return_value=api):
+        assert trainer.push_to_hub() == "commit-url"
+    assert uploaded["repo_id"] == "user/weights"
+    assert {"outer_params.safetensors", "outer_config.json", "adapter_model.safetensors", "README.md"} <= uploaded["files"]
+    assert "nystrom" in uploaded["card"] and "data weights" in uploaded["card"].lower()
+
+
+# ---------------------------------------------------------------------- bad input
+
+def test_bad_inputs_raise_before_training(tmp_path):
+    train, val = datasets_with_ids(32, 16)
+    args = bilevel_args(tmp_path)
+    with pytest.raises(ValueError, match="example_id"):
+        BilevelTrainer(model=tiny_classifier(), args=args, train_dataset=token_task(32, 0.3, 0), eval_dataset=val,
+                       outer_module=DataWeights(32))
+    with pytest.raises(ValueError, match="do not match"):
+        BilevelTrainer(model=tiny_classifier(), args=args, train_dataset=train, eval_dataset=val,
+                       outer_module=DataWeights(10))
+    with pytest.raises(ValueError, match="eval_dataset"):
+        BilevelTrainer(model=tiny_classifier(), args=args, train_dataset=train, outer_module=DataWeights(32))
+    with pytest.raises(ValueError, match="no parameters"):
+        BilevelTrainer(model=tiny_classifier(), args=args, train_dataset=train, eval_dataset=val,
+                       outer_module=nn.Module())
+    with pytest.raises(ValueError, match="No outer parameters"):
+        BilevelTrainer(model=tiny_classifier(), args=args, train_dataset=train, eval_dataset=val)
+    with pytest.raises(ValueError, match="match no trainable"):
+        BilevelTrainer(model=tiny_classifier(), args=args, train_dataset=train, eval_dataset=val,
+                       outer_param_patterns=["not_a_parameter"])
+    with pytest.raises(ValueError, match="nystrom_rank"):
+        BilevelTrainer(model=tiny_classifier(), args=bilevel_args(tmp_path, nystrom_rank=10**7),
+                       train_dataset=train, eval_dataset=val, outer_module=DataWeights(32))
+    with pytest.raises(ValueError, match="unroll_steps"):
+        bilevel_args(tmp_path, unroll_steps=0)
+    with pytest.raises(ValueError, match="hvp_mode"):
+        bilevel_args(tmp_path, hvp_mode="exactish")
+
+
+class _NoForwardAD(torch.autograd.Function):
+    """An op with a backward but no forward-mode rule and no torch.func support."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 1.0
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def test_hvp_mode_the_model_cannot_run_is_refused_before_training(tmp_path):
+    train, val = datasets_with_ids(32, 16)
+    model = tiny_classifier()
+    embed = model.get_base_model().model.embed_tokens
+    embed.register_forward_hook(lambda module, inputs, output: _NoForwardAD.apply(output))
+    weights = DataWeights(len(train))
+    trainer = BilevelTrainer(model=model, args=bilevel_args(tmp_path, hvp_mode="fwd_rev"), train_dataset=train,
+                             eval_dataset=val, outer_module=weights)
+    with pytest.raises(ValueError, match="hvp_mode='fwd_rev' cannot run"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    assert torch.equal(weights.logits, torch.zeros(len(train)))
+
+
+def test_auto_hvp_mode_falls_back_to_finite_differences(tmp_path):
+    train, val = datasets_with_ids(32, 16)
+    model = tiny_classifier()
+    embed = model.get_base_model().model.embed_tokens
+    embed.register_forward_hook(lambda module, inputs, output: _NoForwardAD.apply(output))
+    weights = DataWeights(len(train))
+    trainer = BilevelTrainer(model=model, args=bilevel_args(tmp_path, max_steps=3, unroll_steps=1),
+                             train_dataset=train, eval_dataset=val, outer_module=weights)
+    trainer.train()
+    assert trainer.hvp_mode == "finite_diff"
+    assert trainer.outer_step == 2 and not torch.equal(weights.logits, torch.zeros(len(train)))
