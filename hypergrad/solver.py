@@ -80,6 +80,8 @@ class MetricsRecorder:
 
     def record(self, step: int, **metrics: float | Tensor) -> None:
         for name, value in metrics.items():
+            if isinstance(value, Tensor):
+                value = value.detach()  # a loss that requires grad would warn on float()
             self.history[name].append((step, float(value)))
 
     def latest(self) -> dict[str, float]:
@@ -245,8 +247,14 @@ class BaseSolver:
 
     def sync_inner(self) -> None:
         """Copy ``self.inner_params`` into the inner module, e.g. before evaluating or saving it."""
+        params = self.inner_params
+        if isinstance(params, Mapping):  # by name: iterating a dict would give its keys
+            named = dict(self.inner.named_parameters())
+            pairs = [(named[name], new) for name, new in params.items()]
+        else:
+            pairs = list(zip(self.inner.parameters(), params))
         with torch.no_grad():
-            for p, new in zip(self.inner.parameters(), self.inner_params):
+            for p, new in pairs:
                 p.copy_(new)
 
     def reset_inner_model(self, reinitialize: bool = False) -> None:
