@@ -32,6 +32,7 @@ from .linear_solvers import (
     solve_neumann,
     solve_nystrom,
 )
+from .distributed import DataParallel
 from .utils import (
     HVPMode,
     HVP_MODES,
@@ -49,6 +50,8 @@ from .utils import (
 __all__ = [
     "Objective",
     "implicit_hypergrad",
+    "hypergrad_from_products",
+    "make_solver",
     "conjugate_gradient",
     "neumann",
     "nystrom",
@@ -57,7 +60,13 @@ __all__ = [
 ]
 
 Objective = Callable[[ParamsLike, ParamsLike], Tensor]
-Solve = Callable[[Callable[[ParamsLike], ParamsLike], Callable[[ParamsLike], ParamsLike], ParamsLike], ParamsLike]
+Reduce = Callable[[Tensor], Tensor]
+Solve = Callable[..., ParamsLike]
+"""``solve(matvec, batched_matvec, b, reduce) -> x``, an approximation of ``H^{-1} b``."""
+
+
+def _identity(x):
+    return x
 
 DEFAULT_NYSTROM_SKETCH = "gaussian"
 """Default sketch of :func:`nystrom`. On the four problems of ``benchmarks/ihvp_accuracy.py``
@@ -73,6 +82,27 @@ def _check_problem(in_params: ParamsLike, out_params: ParamsLike, hvp_mode: str)
         raise ValueError(f"`hvp_mode` must be one of {HVP_MODES}, got {hvp_mode!r}.")
 
 
+def hypergrad_from_products(
+    grad_in: ParamsLike,
+    grad_out: ParamsLike,
+    matvec: Callable[[ParamsLike], ParamsLike],
+    batched_matvec: Callable[[ParamsLike], ParamsLike],
+    mixed: Callable[[ParamsLike], ParamsLike],
+    solve: Solve,
+    reduce: Reduce = _identity,
+) -> ParamsLike:
+    """The implicit-differentiation rule on given products:
+    ``grad_out - mixed(solve(H, grad_in))``, with ``grad_in = grad_theta g``,
+    ``grad_out = grad_phi g``, ``matvec(v) = H v`` and ``mixed(v) = (d^2 f / dphi dtheta) v``.
+
+    Callers that cannot use :func:`torch.func` (e.g. parameters sharded by FSDP, where the
+    products are finite differences taken in place) build the products themselves and reuse
+    the rule and the solvers from here; ``reduce`` sums partial inner products over shards.
+    """
+    ihvp = solve(matvec, batched_matvec, grad_in, reduce)
+    return tree_sub(grad_out, mixed(ihvp))
+
+
 def implicit_hypergrad(
     inner_obj: Objective,
     outer_obj: Objective,
@@ -80,13 +110,22 @@ def implicit_hypergrad(
     out_params: ParamsLike,
     solve: Solve,
     hvp_mode: HVPMode = "fwd_rev",
+    dist: DataParallel | None = None,
 ) -> ParamsLike:
-    """The implicit-differentiation rule with a pluggable IHVP solver.
+    """The implicit-differentiation rule with a pluggable IHVP solver, products by
+    :mod:`torch.func` (or plain autograd for ``hvp_mode="finite_diff"``).
 
-    ``solve(matvec, batched_matvec, b)`` must return an approximation of ``H^{-1} b`` given
-    ``matvec(v) = H v`` and ``batched_matvec(V) = H V`` (``V`` with a leading batch dim).
+    ``solve(matvec, batched_matvec, b, reduce)`` must return an approximation of
+    ``H^{-1} b`` given ``matvec(v) = H v`` and ``batched_matvec(V) = H V`` (``V`` with a
+    leading batch dimension); see :func:`make_solver`.
+
+    ``dist``: under data parallelism (each process holds a replica of the parameters and a
+    different batch) every gradient and product is averaged over the processes with
+    ``dist.average``, so all processes solve the same full-batch system and return the same
+    hypergradient.
     """
     _check_problem(in_params, out_params, hvp_mode)
+    average = dist.average if dist is not None else _identity
 
     def inner(i: ParamsLike, o: ParamsLike) -> Tensor:
         return scalar_objective(inner_obj(i, o), "inner_obj")
@@ -99,14 +138,42 @@ def implicit_hypergrad(
     def inner_at_phi(i: ParamsLike) -> Tensor:
         return inner(i, out_params)
 
-    def matvec(v: ParamsLike) -> ParamsLike:
-        return hvp(inner_at_phi, in_params, v, hvp_mode)
+    return hypergrad_from_products(
+        average(grad_in),
+        average(grad_out),
+        lambda v: average(hvp(inner_at_phi, in_params, v, hvp_mode)),
+        lambda v: average(batched_hvp(inner_at_phi, in_params, v, hvp_mode)),
+        lambda v: average(mixed_vjp(inner, in_params, out_params, v, hvp_mode)),
+        solve,
+    )
 
-    def batched_matvec(v: ParamsLike) -> ParamsLike:
-        return batched_hvp(inner_at_phi, in_params, v, hvp_mode)
 
-    ihvp = solve(matvec, batched_matvec, grad_in)
-    return tree_sub(grad_out, mixed_vjp(inner, in_params, out_params, ihvp, hvp_mode))
+def make_solver(method: str, **options) -> Solve:
+    """The IHVP solver of ``method`` (``"cg"``, ``"neumann"``, ``"nystrom"``, ``"exact"``) with
+    its options bound, as ``solve(matvec, batched_matvec, b, reduce) -> x``; options are
+    validated here, before any product is computed."""
+    if method == "cg":
+        num_iters, lr, tol = options["num_iters"], options.get("lr", 1.0), options.get("tol", 0.0)
+        check_positive_int(num_iters, "num_iters")
+        check_positive_float(lr, "lr")
+        check_positive_float(tol, "tol", allow_zero=True)
+        return lambda mv, _, b, reduce=_identity: solve_cg(mv, b, num_iters, lr, tol, reduce)
+    if method == "neumann":
+        num_iters, lr = options["num_iters"], options["lr"]
+        check_positive_int(num_iters, "num_iters")
+        check_positive_float(lr, "lr")
+        return lambda mv, _, b, reduce=_identity: solve_neumann(mv, b, num_iters, lr)
+    if method == "nystrom":
+        rank, rho = options["rank"], options["rho"]
+        sketch, generator = options.get("sketch", DEFAULT_NYSTROM_SKETCH), options.get("generator")
+        check_positive_int(rank, "rank")
+        check_positive_float(rho, "rho")
+        if sketch not in NYSTROM_SKETCHES:
+            raise ValueError(f"`sketch` must be one of {NYSTROM_SKETCHES}, got {sketch!r}.")
+        return lambda _, bmv, b, reduce=_identity: solve_nystrom(bmv, b, rank, rho, sketch, generator, reduce)
+    if method == "exact":
+        return lambda _, bmv, b, reduce=_identity: solve_dense(bmv, b)
+    raise ValueError(f"unknown IHVP method {method!r}; use 'cg', 'neumann', 'nystrom' or 'exact'.")
 
 
 def conjugate_gradient(
@@ -118,6 +185,7 @@ def conjugate_gradient(
     lr: float = 1.0,
     tol: float = 0.0,
     hvp_mode: HVPMode = "fwd_rev",
+    dist: DataParallel | None = None,
 ) -> ParamsLike:
     """Hypergradient with the IHVP from ``num_iters`` steps of conjugate gradient.
 
@@ -125,13 +193,8 @@ def conjugate_gradient(
     parameters); ``lr`` rescales the Hessian (the solution does not depend on it) and
     ``tol`` stops early once the relative residual is below it.
     """
-    check_positive_int(num_iters, "num_iters")
-    check_positive_float(lr, "lr")
-    check_positive_float(tol, "tol", allow_zero=True)
-    return implicit_hypergrad(
-        inner_obj, outer_obj, in_params, out_params,
-        lambda mv, _, b: solve_cg(mv, b, num_iters, lr, tol), hvp_mode,
-    )
+    solve = make_solver("cg", num_iters=num_iters, lr=lr, tol=tol)
+    return implicit_hypergrad(inner_obj, outer_obj, in_params, out_params, solve, hvp_mode, dist)
 
 
 def neumann(
@@ -142,16 +205,13 @@ def neumann(
     num_iters: int,
     lr: float,
     hvp_mode: HVPMode = "fwd_rev",
+    dist: DataParallel | None = None,
 ) -> ParamsLike:
     """Hypergradient with the IHVP from the truncated Neumann series
     ``lr * sum_{j<=num_iters} (I - lr H)^j b`` (Lorraine et al., 2020); needs
     ``lr < 2 / lambda_max(H)``."""
-    check_positive_int(num_iters, "num_iters")
-    check_positive_float(lr, "lr")
-    return implicit_hypergrad(
-        inner_obj, outer_obj, in_params, out_params,
-        lambda mv, _, b: solve_neumann(mv, b, num_iters, lr), hvp_mode,
-    )
+    solve = make_solver("neumann", num_iters=num_iters, lr=lr)
+    return implicit_hypergrad(inner_obj, outer_obj, in_params, out_params, solve, hvp_mode, dist)
 
 
 def nystrom(
@@ -164,6 +224,7 @@ def nystrom(
     sketch: str = DEFAULT_NYSTROM_SKETCH,
     generator: torch.Generator | None = None,
     hvp_mode: HVPMode = "fwd_rev",
+    dist: DataParallel | None = None,
 ) -> ParamsLike:
     """Hypergradient with the Nyström IHVP ``(H_nys + rho I)^{-1} b`` (Hataya & Yamada, 2023).
 
@@ -172,10 +233,7 @@ def nystrom(
     paper, ``"gaussian"`` uses an orthonormal Gaussian sketch. ``rho > 0`` regularises the
     inverse. Memory is ``O(rank x p)``.
     """
-    check_positive_int(rank, "rank")
-    check_positive_float(rho, "rho")
-    if sketch not in NYSTROM_SKETCHES:
-        raise ValueError(f"`sketch` must be one of {NYSTROM_SKETCHES}, got {sketch!r}.")
+    solve = make_solver("nystrom", rank=rank, rho=rho, sketch=sketch, generator=generator)
     check_params(in_params, "in_params")
     p = tree_numel(in_params)
     if rank > p:
@@ -183,10 +241,7 @@ def nystrom(
             f"`rank` ({rank}) must not exceed the number of inner parameters ({p}); "
             f"use rank <= {p}."
         )
-    return implicit_hypergrad(
-        inner_obj, outer_obj, in_params, out_params,
-        lambda _, bmv, b: solve_nystrom(bmv, b, rank, rho, sketch, generator), hvp_mode,
-    )
+    return implicit_hypergrad(inner_obj, outer_obj, in_params, out_params, solve, hvp_mode, dist)
 
 
 def exact(
@@ -195,10 +250,8 @@ def exact(
     in_params: ParamsLike,
     out_params: ParamsLike,
     hvp_mode: HVPMode = "fwd_rev",
+    dist: DataParallel | None = None,
 ) -> ParamsLike:
     """Hypergradient with a dense Hessian and an exact solve: ground truth for small
     problems (``p`` products, ``O(p^2)`` memory)."""
-    return implicit_hypergrad(
-        inner_obj, outer_obj, in_params, out_params,
-        lambda _, bmv, b: solve_dense(bmv, b), hvp_mode,
-    )
+    return implicit_hypergrad(inner_obj, outer_obj, in_params, out_params, make_solver("exact"), hvp_mode, dist)

@@ -124,7 +124,7 @@ def _gram(a: ParamsLike, b: ParamsLike, reduce: Reduce) -> Tensor:
     """``G[i, j] = <a_i, b_j>`` for batched trees (leading dimension = batch)."""
     total = None
     for x, y in zip(tree_leaves(a), tree_leaves(b)):
-        part = x.reshape(x.shape[0], -1) @ y.reshape(y.shape[0], -1).T
+        part = x.flatten(1) @ y.flatten(1).T
         total = part if total is None else total + part
     return reduce(total)
 
@@ -133,7 +133,7 @@ def _batched_dot(a: ParamsLike, v: ParamsLike, reduce: Reduce) -> Tensor:
     """``z[i] = <a_i, v>`` for a batched tree ``a`` and a plain tree ``v``."""
     total = None
     for x, y in zip(tree_leaves(a), tree_leaves(v)):
-        part = x.reshape(x.shape[0], -1) @ y.reshape(-1)
+        part = x.flatten(1) @ y.reshape(-1)
         total = part if total is None else total + part
     return reduce(total)
 
@@ -242,9 +242,13 @@ def solve_nystrom(
     """
     check_positive_int(rank, "rank")
     check_positive_float(rho, "rho")
-    p = tree_numel(b)
+    local = tree_numel(b)
+    device = tree_leaves(b)[0].device
+    p = int(reduce(torch.tensor(float(local), dtype=torch.float64, device=device)).item())  # over shards
     if rank > p:
         raise ValueError(f"`rank` ({rank}) must not exceed the number of inner parameters ({p}).")
+    if sketch == "column" and rank > local:
+        raise ValueError(f"`rank` ({rank}) exceeds this shard's {local} parameters; use sketch='gaussian'.")
     omega = nystrom_sketch(b, rank, sketch, generator, reduce)
     y = batched_matvec(omega)
     w = _gram(omega, y, reduce)
