@@ -16,7 +16,6 @@ a LoRA adapter), which are then frozen for the inner optimizer.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import math
 import os
@@ -32,7 +31,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import Trainer, TrainerCallback
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from hypergrad import approx_hypergrad
+from hypergrad.approx_hypergrad import implicit_hypergrad, make_solver
+from hypergrad.distributed import DataParallel, broadcast_tree, sharded_hypergrad
 from hypergrad.solver import accumulate_outer_grad, is_outer_step
 from hypergrad.utils import hvp, tree_norm
 
@@ -112,6 +112,9 @@ class BilevelTrainer(Trainer):
             )
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, **kwargs)
         self.loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean
+        if self.is_fsdp_enabled and self.outer_model_param_names:
+            raise ValueError("`outer_param_patterns` (model tensors as outer parameters) is not supported with FSDP: "
+                             "the shards are inner parameters of the sharded model. Use DDP, or an outer module.")
         if outer_module is not None:
             outer_module.to(self.args.device)
         self.inner_param_names = [n for n, p in self._unwrapped.named_parameters() if p.requires_grad]
@@ -290,56 +293,92 @@ class BilevelTrainer(Trainer):
         batch = collator([prepared[i] for i in indices])
         return self._prepare_inputs(batch)
 
-    def _outer_generator(self, step: int) -> torch.Generator:
-        seed = (self.args.seed * 1_000_003 + step * 7919 + self.args.process_index) % (2**63 - 1)
-        return torch.Generator().manual_seed(seed)
+    def _generators(self, step: int) -> tuple[torch.Generator, torch.Generator]:
+        """Random generators of outer step ``step``: one for the batches (different on every
+        process, so each sees other examples) and one for the Nyström sketch (the same on
+        every process, so all solve with the same sketch). Both depend only on the seed and
+        the step, so a resumed run draws exactly what an uninterrupted one would."""
+        base = self.args.seed * 1_000_003 + step * 7919
+        data = torch.Generator().manual_seed((base + 104_729 * (1 + self.args.process_index)) % (2**63 - 1))
+        sketch = torch.Generator().manual_seed(base % (2**63 - 1))
+        return data, sketch
 
-    def _approx_hypergrad(self, generator: torch.Generator) -> Callable:
-        args, mode = self.args, self.hvp_mode
+    def _solver(self, generator: torch.Generator) -> Callable:
+        args = self.args
         if args.ihvp_method == "nystrom":
-            return functools.partial(approx_hypergrad.nystrom, rank=args.nystrom_rank, rho=args.nystrom_rho,
-                                     sketch=args.nystrom_sketch, generator=generator, hvp_mode=mode)
+            return make_solver("nystrom", rank=args.nystrom_rank, rho=args.nystrom_rho, sketch=args.nystrom_sketch,
+                               generator=generator)
         if args.ihvp_method == "cg":
-            return functools.partial(approx_hypergrad.conjugate_gradient, num_iters=args.ihvp_iters, hvp_mode=mode)
+            return make_solver("cg", num_iters=args.ihvp_iters)
         if args.ihvp_method == "neumann":
-            return functools.partial(approx_hypergrad.neumann, num_iters=args.ihvp_iters, lr=args.neumann_lr,
-                                     hvp_mode=mode)
-        return functools.partial(approx_hypergrad.exact, hvp_mode=mode)
+            return make_solver("neumann", num_iters=args.ihvp_iters, lr=args.neumann_lr)
+        return make_solver("exact")
+
+    @property
+    def _low_precision(self) -> bool:
+        """Whether forward passes run in bf16/fp16 (mixed-precision training or half weights)."""
+        args = self.args
+        return bool(args.bf16 or args.fp16) or any(
+            p.dtype in (torch.bfloat16, torch.float16) for p in self._inner_param_tree().values())
 
     @contextlib.contextmanager
     def _second_order_context(self):
-        """Evaluation mode (deterministic, no dropout, no gradient checkpointing) and the
-        SDPA math backend, which, unlike the fused kernels, has forward-mode AD and a double
-        backward."""
+        """Evaluation mode (deterministic, no dropout, no gradient checkpointing), the SDPA
+        math backend (which, unlike the fused kernels, has forward-mode AD and a double
+        backward) and, for mixed-precision models, bf16/fp16 autocast of the forward passes
+        while every IHVP vector stays float32."""
         model = self._unwrapped
         was_training = model.training
         model.eval()
+        args = self.args
+        autocast = contextlib.nullcontext()
+        if self._low_precision:
+            dtype = torch.float16 if args.fp16 else torch.bfloat16
+            autocast = torch.autocast(device_type=args.device.type, dtype=dtype)
         try:
-            with sdpa_kernel(SDPBackend.MATH):
+            with sdpa_kernel(SDPBackend.MATH), autocast:
                 yield
         finally:
             model.train(was_training)
 
+    def _theta(self) -> dict[str, Tensor]:
+        """The inner parameters as the IHVP sees them: detached, at least float32."""
+        return {k: v.detach().to(torch.promote_types(v.dtype, torch.float32))
+                for k, v in self._inner_param_tree().items()}
+
     def _batches(self, step: int) -> tuple[dict, dict, torch.Generator]:
-        generator = self._outer_generator(step)
+        data_generator, sketch_generator = self._generators(step)
         args = self.args
         train_bs = args.hypergrad_train_batch_size or args.per_device_train_batch_size
         outer_bs = args.outer_batch_size or args.per_device_eval_batch_size
-        train_batch = self._sample_batch(self.train_dataset, train_bs, generator, "training")
-        eval_batch = self._sample_batch(self.eval_dataset, outer_bs, generator, "evaluation")
-        return train_batch, eval_batch, generator
+        train_batch = self._sample_batch(self.train_dataset, train_bs, data_generator, "training")
+        eval_batch = self._sample_batch(self.eval_dataset, outer_bs, data_generator, "evaluation")
+        return train_batch, eval_batch, sketch_generator
 
     def compute_hypergradient(self, train_batch: Mapping[str, Any], eval_batch: Mapping[str, Any],
                               generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """The hypergradient at the current inner weights, keyed like the outer parameters
-        (``"outer_module.<name>"`` / ``"model.<name>"``)."""
+        (``"outer_module.<name>"`` / ``"model.<name>"``).
+
+        Single process and DDP: :func:`hypergrad.approx_hypergrad.implicit_hypergrad` on the
+        unwrapped model, with every product averaged over processes under DDP. FSDP:
+        :func:`hypergrad.distributed.sharded_hypergrad`, finite-difference products taken in
+        place on the shards. Every process returns the same hypergradient."""
         self.resolve_hvp_mode()
-        theta = {k: v.detach() for k, v in self._inner_param_tree().items()}
+        solve = self._solver(generator if generator is not None else torch.Generator().manual_seed(self.args.seed))
         phi = {k: v.detach() for k, v in self._outer_param_tree().items()}
-        method = self._approx_hypergrad(generator if generator is not None else torch.Generator().manual_seed(0))
         with self._second_order_context():
-            return method(lambda i, o: self.inner_forward(i, o, train_batch),
-                          lambda i, o: self.outer_forward(i, o, eval_batch), theta, phi)
+            if self.is_fsdp_enabled:
+                model = self.model_wrapped
+                return sharded_hypergrad(
+                    model,
+                    lambda o: self._objective(model, None, o, train_batch, weighted=True)[0],
+                    lambda o: self._objective(model, None, o, eval_batch, weighted=False)[0],
+                    phi, solve)
+            dist = DataParallel() if self.args.world_size > 1 else None
+            return implicit_hypergrad(lambda i, o: self.inner_forward(i, o, train_batch),
+                                      lambda i, o: self.outer_forward(i, o, eval_batch),
+                                      self._theta(), phi, solve, self.hvp_mode, dist)
 
     def outer_update(self) -> dict[str, float]:
         """One outer step: hypergradient on fresh batches, outer optimizer step, metrics logged."""
@@ -349,13 +388,14 @@ class BilevelTrainer(Trainer):
         grads = self.compute_hypergradient(train_batch, eval_batch, generator)
         ihvp_time = time.perf_counter() - start
         with torch.no_grad(), self._second_order_context():
-            theta = {k: v.detach() for k, v in self._inner_param_tree().items()}
+            model = self.model_wrapped if self.is_fsdp_enabled else self._unwrapped
             phi = {k: v.detach() for k, v in self._outer_param_tree().items()}
-            inner_loss = float(self.inner_forward(theta, phi, train_batch))
-            outer_loss = float(self.outer_forward(theta, phi, eval_batch))
+            inner_loss = float(self._objective(model, None, phi, train_batch, weighted=True)[0])
+            outer_loss = float(self._objective(model, None, phi, eval_batch, weighted=False)[0])
         applied = accumulate_outer_grad(self._outer_param_tree(), grads)
         if applied:
             self.outer_optimizer.step()
+            broadcast_tree(list(self._outer_param_tree().values()))  # replicas stay bitwise identical
         else:
             self.skipped_outer_steps += 1
             logger.warning("Non-finite hypergradient at step %d: outer step skipped (%d so far).",
@@ -385,12 +425,21 @@ class BilevelTrainer(Trainer):
         if self._hvp_mode_checked:
             return self.hvp_mode
         requested = self.args.hvp_mode
+        if self.is_fsdp_enabled:
+            if requested not in ("auto", "finite_diff"):
+                raise ValueError(f"hvp_mode={requested!r} cannot run on FSDP-sharded parameters (they break jvp "
+                                 f"and double backward); use hvp_mode='auto' or 'finite_diff'.")
+            self.hvp_mode, self._hvp_mode_checked = "finite_diff", True
+            logger.info("Hessian-vector products: hvp_mode=finite_diff (FSDP, requested %s).", requested)
+            return self.hvp_mode
         candidates = ["fwd_rev", "rev_rev", "finite_diff"] if requested == "auto" else [requested]
         generator = torch.Generator().manual_seed(self.args.seed)
         batch = self._sample_batch(self.train_dataset, min(2, len(self.train_dataset)), generator, "training")
-        theta = {k: v.detach() for k, v in self._inner_param_tree().items()}
+        theta = self._theta()
         phi = {k: v.detach() for k, v in self._outer_param_tree().items()}
         tangent = {k: torch.randn(v.shape, generator=generator).to(v) for k, v in theta.items()}
+        # finite differences of low-precision forward passes are themselves only ~1e-1 accurate
+        tolerance = 1e-1 if self._low_precision else 1e-2
 
         def f(t):
             return self.inner_forward(t, phi, batch)
@@ -410,7 +459,7 @@ class BilevelTrainer(Trainer):
                     continue
                 error = float(tree_norm({k: result[k] - reference[k] for k in result})) / max(
                     float(tree_norm(reference)), 1e-30)
-                if mode == "finite_diff" or error < 1e-2:
+                if mode == "finite_diff" or error < tolerance:
                     break
                 if requested != "auto":
                     raise ValueError(f"hvp_mode={mode!r} disagrees with finite differences on this model "

@@ -322,3 +322,21 @@ def test_auto_hvp_mode_falls_back_to_finite_differences(tmp_path):
     trainer.train()
     assert trainer.hvp_mode == "finite_diff"
     assert trainer.outer_step == 2 and not torch.equal(weights.logits, torch.zeros(len(train)))
+
+
+def test_bf16_model_gets_float32_hypergradient(tmp_path):
+    train, val = datasets_with_ids(32, 16)
+    grads = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        weights = DataWeights(len(train))
+        args = bilevel_args(tmp_path / str(dtype), bf16=dtype == torch.bfloat16, max_steps=2, unroll_steps=1)
+        trainer = BilevelTrainer(model=tiny_classifier(dtype=dtype), args=args, train_dataset=train,
+                                 eval_dataset=val, outer_module=weights)
+        assert all(v.dtype == torch.float32 for v in trainer._theta().values())
+        train_batch, eval_batch, generator = trainer._batches(step=1)
+        grads[dtype] = trainer.compute_hypergradient(train_batch, eval_batch, generator)["outer_module.logits"]
+        trainer.train()
+        assert torch.isfinite(weights.logits).all() and trainer.outer_step == 1
+    assert grads[torch.bfloat16].dtype == torch.float32
+    cosine = F.cosine_similarity(grads[torch.bfloat16], grads[torch.float32], dim=0)
+    assert cosine > 0.95, cosine
