@@ -124,7 +124,8 @@ def _gram(a: ParamsLike, b: ParamsLike, reduce: Reduce) -> Tensor:
     """``G[i, j] = <a_i, b_j>`` for batched trees (leading dimension = batch)."""
     total = None
     for x, y in zip(tree_leaves(a), tree_leaves(b)):
-        part = x.flatten(1) @ y.flatten(1).T
+        # reshape, not flatten(1): a batched 0-d leaf has shape (k,) and no dimension 1.
+        part = x.reshape(x.shape[0], -1) @ y.reshape(y.shape[0], -1).T
         total = part if total is None else total + part
     return reduce(total)
 
@@ -133,7 +134,7 @@ def _batched_dot(a: ParamsLike, v: ParamsLike, reduce: Reduce) -> Tensor:
     """``z[i] = <a_i, v>`` for a batched tree ``a`` and a plain tree ``v``."""
     total = None
     for x, y in zip(tree_leaves(a), tree_leaves(v)):
-        part = x.flatten(1) @ y.reshape(-1)
+        part = x.reshape(x.shape[0], -1) @ y.reshape(-1)
         total = part if total is None else total + part
     return reduce(total)
 
