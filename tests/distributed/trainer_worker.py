@@ -1,0 +1,66 @@
+"""Worker run by `torchrun --nproc_per_node 2` in tests/distributed/test_trainer_distributed.py.
+
+Each process runs `BilevelTrainer` (DDP on gloo through Accelerate) with LoRA-regularization
+strengths as outer parameters. Rank 0 saves (a) the hypergradient at the initial weights for
+fixed per-process batches (and the batches of both processes), (b) the outer parameters after a few steps gathered from every
+process, (c) which files the run wrote.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from hf_integration import BilevelTrainer, LoraRegularization  # noqa: E402
+from tests.hf.trainer_utils import bilevel_args, datasets_with_ids, tiny_classifier  # noqa: E402
+
+FIXED_STEP = 3
+
+
+def build(output_dir):
+    train, val = datasets_with_ids(64, 32, noise=0.2)
+    model = tiny_classifier()
+    reg = LoraRegularization.from_peft_model(model)
+    args = bilevel_args(output_dir, max_steps=6, unroll_steps=2, per_device_train_batch_size=8,
+                        hypergrad_train_batch_size=16, outer_batch_size=8, save_strategy="steps", save_steps=6,
+                        hvp_mode="fwd_rev", outer_learning_rate=0.5)
+    return BilevelTrainer(model=model, args=args, train_dataset=train, eval_dataset=val, outer_module=reg), reg
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--output_dir", required=True)
+    args = parser.parse_args()
+    trainer, reg = build(args.output_dir)
+    assert dist.is_initialized() and dist.get_world_size() == 2 and trainer.args.world_size == 2
+    rank = dist.get_rank()
+    train_batch, eval_batch, generator = trainer._batches(FIXED_STEP)
+    hypergrad = trainer.compute_hypergradient(train_batch, eval_batch, generator)["outer_module.log_strength"]
+    batches = {}
+    for name, batch in (("train", train_batch), ("eval", eval_batch)):
+        for key in ("input_ids", "attention_mask", "labels"):
+            parts = [torch.zeros_like(batch[key]) for _ in range(2)]
+            dist.all_gather(parts, batch[key].contiguous())
+            batches[f"{name}.{key}"] = torch.cat(parts)
+    trainer.train()
+    strengths = [torch.zeros_like(reg.log_strength) for _ in range(2)]
+    dist.all_gather(strengths, reg.log_strength.detach().contiguous())
+    if rank == 0:
+        save_file({
+            "hypergrad": hypergrad, **batches,
+            "log_strength0": strengths[0], "log_strength1": strengths[1],
+            "outer_steps": torch.tensor([trainer.outer_step]),
+        }, args.out)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main()
