@@ -116,7 +116,7 @@ METHODS = {
     # (H + rho I)^{-1}; we compare against exactly that.
     "nystrom_column": (_nystrom("column", 1e-8, 1e-2), 1e-6, 1e-3),
     "nystrom_gaussian": (_nystrom("gaussian", 1e-8, 1e-2), 1e-6, 1e-3),
-    "neumann": (lambda prob, dtype: (functools.partial(neumann, num_iters=150,
+    "neumann": (lambda prob, dtype: (functools.partial(neumann, num_iters=80,
                                                        lr=1.0 / prob.lambda_max()), 0.0), 1e-8, 1e-3),
 }
 

@@ -405,12 +405,17 @@ def test_non_finite_hypergradient_is_skipped(bad, optim, caplog):
     for a, b in zip(before, _outer_values(solver)):
         assert torch.equal(a, b)
 
-    # A finite gradient afterwards works again; a second skip is counted.
+    # A finite gradient afterwards accumulates again; a non-finite one on top of it drops the
+    # whole accumulated gradient (a second skip), so the step still changes nothing.
     solver.outer_grad = (torch.ones(1, 3),)
-    assert solver.outer_grad[0] is not None
+    assert torch.equal(solver.outer_grad[0], torch.ones(1, 3))
     solver.outer_grad = {"weight": torch.full((1, 3), math.nan)}
     assert solver.skipped_outer_steps == 2
     assert solver.recorder.values("skipped_outer_steps") == [1.0, 2.0]
+    assert all(g is None for g in solver.outer_grad)
+    solver.outer_optimizer.step()
+    for a, b in zip(before, _outer_values(solver)):
+        assert torch.equal(a, b)
 
 
 def test_finite_hypergradients_accumulate():
