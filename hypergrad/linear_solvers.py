@@ -12,6 +12,7 @@ all-reduce those small reductions through ``reduce``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Literal
 
@@ -120,12 +121,17 @@ def solve_neumann(
     return tree_scale(total, lr)
 
 
+def _rows(x: Tensor) -> Tensor:
+    """A batched leaf as a ``(k, n)`` matrix; works for 0-d leaves (shape ``(k,)``) and for
+    empty shards (shape ``(k, 0, ...)``, which ``reshape(k, -1)`` rejects)."""
+    return x.reshape(x.shape[0], math.prod(x.shape[1:]))
+
+
 def _gram(a: ParamsLike, b: ParamsLike, reduce: Reduce) -> Tensor:
     """``G[i, j] = <a_i, b_j>`` for batched trees (leading dimension = batch)."""
     total = None
     for x, y in zip(tree_leaves(a), tree_leaves(b)):
-        # reshape, not flatten(1): a batched 0-d leaf has shape (k,) and no dimension 1.
-        part = x.reshape(x.shape[0], -1) @ y.reshape(y.shape[0], -1).T
+        part = _rows(x) @ _rows(y).T
         total = part if total is None else total + part
     return reduce(total)
 
@@ -134,7 +140,7 @@ def _batched_dot(a: ParamsLike, v: ParamsLike, reduce: Reduce) -> Tensor:
     """``z[i] = <a_i, v>`` for a batched tree ``a`` and a plain tree ``v``."""
     total = None
     for x, y in zip(tree_leaves(a), tree_leaves(v)):
-        part = x.reshape(x.shape[0], -1) @ y.reshape(-1)
+        part = _rows(x) @ y.reshape(-1)
         total = part if total is None else total + part
     return reduce(total)
 
