@@ -20,6 +20,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from transformers import TrainerCallback  # noqa: E402
+
 from hf_integration import BilevelTrainer, DataWeights  # noqa: E402
 from tests.hf.trainer_utils import bilevel_args, datasets_with_ids, tiny_classifier  # noqa: E402
 
@@ -33,19 +35,32 @@ def main() -> int:
         sharded = BilevelTrainer(model=tiny_classifier(hidden=64), outer_module=weights, train_dataset=train,
                                  eval_dataset=val, args=bilevel_args(os.path.join(tmp, "fsdp"), fsdp="full_shard",
                                                                      fsdp_config={"version": 2}, **common))
+        captured = {}
+
+        class Capture(TrainerCallback):
+            """Take the sharded hypergradient inside training, while Accelerate holds the
+            FSDP2 model as it trains it (after `train()` returns it is finalised)."""
+
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step == state.max_steps:
+                    captured["batches"] = sharded._batches(step=7)
+                    captured["got"] = sharded.compute_hypergradient(*captured["batches"])["outer_module.logits"].cpu()
+                    model = sharded.accelerator.unwrap_model(sharded.model_wrapped)
+                    captured["full"] = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
+                                        for n, p in model.named_parameters()}
+                    captured["weights"] = {k: v.detach().cpu().clone() for k, v in weights.state_dict().items()}
+
+        sharded.add_callback(Capture())
         sharded.train()
         print(f"fsdp enabled: {sharded.is_fsdp_enabled}, hvp_mode: {sharded.hvp_mode}, "
               f"outer steps: {sharded.outer_step}, model: {type(sharded.model_wrapped).__name__}")
-        batches = sharded._batches(step=7)
-        got = sharded.compute_hypergradient(*batches)["outer_module.logits"]
-        full = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
-                for n, p in sharded.accelerator.unwrap_model(sharded.model_wrapped).named_parameters()}
+        batches, got, full = captured["batches"], captured["got"], captured["full"]
 
         reference_model = tiny_classifier(hidden=64)
-        loaded = reference_model.load_state_dict({k: v.cpu() for k, v in full.items()}, strict=False)
+        loaded = reference_model.load_state_dict(full, strict=False)
         assert not loaded.unexpected_keys, loaded.unexpected_keys[:3]
         reference_weights = DataWeights(len(train))
-        reference_weights.load_state_dict(weights.state_dict())
+        reference_weights.load_state_dict(captured["weights"])
         plain = BilevelTrainer(model=reference_model, outer_module=reference_weights, train_dataset=train,
                                eval_dataset=val, args=bilevel_args(os.path.join(tmp, "plain"), hvp_mode="fwd_rev",
                                                                    **common))

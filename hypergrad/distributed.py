@@ -37,6 +37,7 @@ __all__ = [
     "all_reduce_sum",
     "broadcast_tree",
     "local_shard",
+    "reshard",
     "sharded_hypergrad",
 ]
 
@@ -95,6 +96,19 @@ def broadcast_tree(tree: ParamsLike, src: int = 0, group: Any = None) -> None:
             dist.broadcast(leaf.data, src=src, group=group)
 
 
+def reshard(module: nn.Module) -> None:
+    """Return every FSDP2 unit of ``module`` to its sharded state. FSDP2 leaves the root's
+    parameters unsharded after a forward without backward (e.g. an evaluation), and those
+    unsharded tensors are freed at the next forward: in-place work must use the shards."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return
+    for sub in module.modules():
+        if isinstance(sub, FSDPModule):
+            sub.reshard()
+
+
 def local_shard(param: Tensor) -> Tensor:
     """This process's part of a parameter: the local tensor of a ``DTensor`` (a view that
     shares its storage), or the tensor itself."""
@@ -122,13 +136,19 @@ def sharded_hypergrad(
     ``+-r v``; the error is ``O(u^(2/3))`` relative (about ``1e-4`` in float32). The module
     is left exactly as it was. Returns ``dg/dphi`` keyed like ``out_params``.
     """
-    params = [p for p in module.parameters() if p.requires_grad]
-    if not params:
+    reshard(module)
+    if not any(p.requires_grad for p in module.parameters()):
         raise ValueError("`module` has no trainable parameters.")
-    shards = [local_shard(p) for p in params]
-    original = [s.detach().clone() for s in shards]
+
+    def current_shards() -> list[Tensor]:
+        """The local shards, looked up again after resharding: FSDP2 swaps the registered
+        parameters between sharded and unsharded tensors around forward passes."""
+        reshard(module)
+        return [local_shard(p) for p in module.parameters() if p.requires_grad]
+
+    original = [s.detach().clone() for s in current_shards()]
     average = DataParallel(group).average
-    sharded = any(hasattr(p, "to_local") for p in params)
+    sharded = any(hasattr(p, "to_local") for p in module.parameters() if p.requires_grad)
 
     def reduce(x: Tensor) -> Tensor:  # partial inner products over shards; replicas need none
         return all_reduce_sum(x, group) if sharded else x
@@ -141,9 +161,11 @@ def sharded_hypergrad(
         module.zero_grad(set_to_none=True)
         with torch.enable_grad():
             loss_fn(phi).backward()
+        reshard(module)
+        params = [p for p in module.parameters() if p.requires_grad]
         theta_grads = [
-            torch.zeros_like(s) if p.grad is None else local_shard(p.grad).detach().clone()
-            for p, s in zip(params, shards)
+            torch.zeros_like(x0) if p.grad is None else local_shard(p.grad).detach().clone()
+            for p, x0 in zip(params, original)
         ]
         module.zero_grad(set_to_none=True)
         phi_grads = {k: torch.zeros_like(v) if v.grad is None else v.grad.detach() for k, v in phi.items()}
@@ -151,17 +173,17 @@ def sharded_hypergrad(
 
     def at_perturbation(v: list[Tensor], r: Tensor, loss_fn):
         with torch.no_grad():
-            for s, x0, d in zip(shards, original, v):
+            for s, x0, d in zip(current_shards(), original, v):
                 s.copy_(x0 + r.to(s.dtype) * d)
         try:
             return gradients(loss_fn)
         finally:
             with torch.no_grad():
-                for s, x0 in zip(shards, original):
+                for s, x0 in zip(current_shards(), original):
                     s.copy_(x0)
 
     def step_size(v: list[Tensor]) -> Tensor:
-        u = torch.finfo(shards[0].dtype).eps
+        u = torch.finfo(original[0].dtype).eps
         v_norm = global_norm(v)
         v_norm = torch.where(v_norm > 0, v_norm, torch.ones_like(v_norm))
         return (u ** (1.0 / 3.0)) * (1.0 + global_norm(original)) / v_norm

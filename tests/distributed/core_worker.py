@@ -19,7 +19,7 @@ from torch import nn
 from torch.func import functional_call
 
 from hypergrad.approx_hypergrad import conjugate_gradient, make_solver, nystrom
-from hypergrad.distributed import DataParallel, sharded_hypergrad
+from hypergrad.distributed import DataParallel, reshard, sharded_hypergrad
 
 N_TRAIN, N_VAL, DIM, HIDDEN, OUT = 16, 8, 4, 6, 2
 
@@ -87,10 +87,8 @@ def main() -> None:
     else:
         from torch.distributed.fsdp import fully_shard
 
-        for layer in model:
-            if isinstance(layer, nn.Linear):
-                fully_shard(layer)
-        fully_shard(model)
+        fully_shard(model[0])
+        fully_shard(model)  # the root holds the last layer's parameters
 
         def inner_loss(phi_):
             return losses(model, local, phi_)[0]
@@ -101,7 +99,10 @@ def main() -> None:
         solve = make_solver("nystrom", rank=p, rho=0.1, sketch="gaussian",
                             generator=torch.Generator().manual_seed(100 + rank))
         before = [x.full_tensor().clone() for x in model.parameters()]
+        with torch.no_grad():  # FSDP2 keeps the root's parameters unsharded after a forward without backward
+            model(local["x"])
         results["nystrom"] = sharded_hypergrad(model, inner_loss, outer_loss, phi, solve)
+        reshard(model)
         after = [x.full_tensor() for x in model.parameters()]
         assert all(torch.equal(a, b) for a, b in zip(before, after)), "parameters were not restored"
         local_numel = sum(x.to_local().numel() for x in model.parameters())
