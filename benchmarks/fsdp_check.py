@@ -2,9 +2,9 @@
 
 Trains a tiny LoRA Llama with `DataWeights` for a few steps with `fsdp="full_shard"`
 (Accelerate wraps the model with FSDP2; outer updates then use in-place finite-difference
-HVPs on the shards), then computes one hypergradient with the sharded trainer and one with
-an unsharded trainer holding the same weights, same batches and same Nyström sketch, and
-prints their relative difference. Accelerate ignores FSDP on CPU, so run it on a GPU:
+HVPs on the shards), takes one hypergradient with the sharded trainer at the last step, and
+compares it with exact (torch.func) products on an unsharded copy of the same weights, with
+the same batches and the same Nyström sketch. Accelerate ignores FSDP on CPU, so run it on a GPU:
 
     torchrun --nproc_per_node 1 benchmarks/fsdp_check.py        # or --nproc_per_node N
 """
@@ -20,9 +20,11 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from hf_integration import BilevelTrainer, DataWeights  # noqa: E402
+from hypergrad.approx_hypergrad import implicit_hypergrad  # noqa: E402
 from tests.hf.trainer_utils import bilevel_args, datasets_with_ids, tiny_classifier  # noqa: E402
 
 
@@ -56,18 +58,20 @@ def main() -> int:
               f"outer steps: {sharded.outer_step}, model: {type(sharded.model_wrapped).__name__}")
         batches, got, full = captured["batches"], captured["got"], captured["full"]
 
-        reference_model = tiny_classifier(hidden=64)
+        # Reference: the same weights unsharded, products by torch.func (exact), same batches,
+        # same sketch. (A second Trainer would share Accelerate's FSDP state, so call the core.)
+        reference_model = tiny_classifier(hidden=64).to(sharded.args.device).eval()
         loaded = reference_model.load_state_dict(full, strict=False)
         assert not loaded.unexpected_keys, loaded.unexpected_keys[:3]
-        reference_weights = DataWeights(len(train))
-        reference_weights.load_state_dict(captured["weights"])
-        plain = BilevelTrainer(model=reference_model, outer_module=reference_weights, train_dataset=train,
-                               eval_dataset=val, args=bilevel_args(os.path.join(tmp, "plain"), hvp_mode="fwd_rev",
-                                                                   **common))
-        plain.model.to(plain.args.device)
-        _, _, sketch = plain._batches(step=7)
+        theta = {n: p.detach() for n, p in reference_model.named_parameters() if p.requires_grad}
+        phi = {"outer_module.logits": captured["weights"]["logits"].to(sharded.args.device)}
         train_batch, eval_batch, _ = batches
-        want = plain.compute_hypergradient(train_batch, eval_batch, sketch)["outer_module.logits"]
+        _, sketch = sharded._generators(7)
+        with sdpa_kernel(SDPBackend.MATH):
+            want = implicit_hypergrad(
+                lambda i, o: sharded._objective(reference_model, i, o, train_batch, weighted=True)[0],
+                lambda i, o: sharded._objective(reference_model, i, o, eval_batch, weighted=False)[0],
+                theta, phi, sharded._solver(sketch), "fwd_rev")["outer_module.logits"]
         rel = float((got.cpu() - want.cpu()).norm() / want.norm())
         cosine = float(torch.nn.functional.cosine_similarity(got.cpu(), want.cpu(), dim=0))
         print(f"sharded finite-difference vs unsharded exact hypergradient: relative difference {rel:.2e}, "
