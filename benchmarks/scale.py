@@ -11,8 +11,8 @@ measured on CPU, where torch's allocations are invisible to Python) and the rati
 hypergradient / inner step. Prints a markdown table
 and writes JSON.
 
-    python benchmarks/scale.py                      # CPU preset: ~0.5M to ~10M parameters
-    python benchmarks/scale.py --preset gpu --dtype bf16   # up to ~1.1B parameters
+    python benchmarks/scale.py                      # CPU preset: 0.2M to 6.5M parameters
+    python benchmarks/scale.py --preset gpu --dtype bf16   # 56M to 1.1B parameters
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 PRESETS = {
     # name: (hidden, layers, heads, kv_heads, intermediate, vocab)
-    "cpu": [("llama-0.5M", 64, 2, 4, 2, 172, 1024), ("llama-2M", 128, 4, 4, 2, 344, 2048),
-            ("llama-8M", 256, 6, 8, 4, 688, 4096)],
-    "gpu": [("llama-50M", 512, 8, 8, 4, 1376, 32000), ("llama-250M", 1024, 12, 16, 8, 2816, 32000),
+    "cpu": [("llama-0.2M", 64, 2, 4, 2, 172, 1024), ("llama-1.3M", 128, 4, 4, 2, 344, 2048),
+            ("llama-6.5M", 256, 6, 8, 4, 688, 4096)],
+    "gpu": [("llama-56M", 512, 8, 8, 4, 1376, 32000), ("llama-207M", 1024, 12, 16, 8, 2816, 32000),
             ("llama-1.1B", 2048, 22, 32, 4, 5632, 32000)],
 }
 
