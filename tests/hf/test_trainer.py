@@ -297,14 +297,20 @@ class _NoForwardAD(torch.autograd.Function):
         return grad
 
 
-def test_hvp_mode_the_model_cannot_run_is_refused_before_training(tmp_path):
-    train, val = datasets_with_ids(32, 16)
+def _model_without_torch_func_support():
+    """A tiny classifier whose embeddings pass through `_NoForwardAD`: plain autograd works,
+    torch.func transforms (and hence exact HVP modes) do not."""
     model = tiny_classifier()
     embed = model.get_base_model().model.embed_tokens
     embed.register_forward_hook(lambda module, inputs, output: _NoForwardAD.apply(output))
+    return model
+
+
+def test_hvp_mode_the_model_cannot_run_is_refused_before_training(tmp_path):
+    train, val = datasets_with_ids(32, 16)
     weights = DataWeights(len(train))
-    trainer = BilevelTrainer(model=model, args=bilevel_args(tmp_path, hvp_mode="fwd_rev"), train_dataset=train,
-                             eval_dataset=val, outer_module=weights)
+    trainer = BilevelTrainer(model=_model_without_torch_func_support(), args=bilevel_args(tmp_path, hvp_mode="fwd_rev"),
+                             train_dataset=train, eval_dataset=val, outer_module=weights)
     with pytest.raises(ValueError, match="hvp_mode='fwd_rev' cannot run"):
         trainer.train()
     assert trainer.state.global_step == 0
@@ -313,11 +319,9 @@ def test_hvp_mode_the_model_cannot_run_is_refused_before_training(tmp_path):
 
 def test_auto_hvp_mode_falls_back_to_finite_differences(tmp_path):
     train, val = datasets_with_ids(32, 16)
-    model = tiny_classifier()
-    embed = model.get_base_model().model.embed_tokens
-    embed.register_forward_hook(lambda module, inputs, output: _NoForwardAD.apply(output))
     weights = DataWeights(len(train))
-    trainer = BilevelTrainer(model=model, args=bilevel_args(tmp_path, max_steps=3, unroll_steps=1),
+    trainer = BilevelTrainer(model=_model_without_torch_func_support(),
+                             args=bilevel_args(tmp_path, max_steps=3, unroll_steps=1),
                              train_dataset=train, eval_dataset=val, outer_module=weights)
     trainer.train()
     assert trainer.hvp_mode == "finite_diff"
