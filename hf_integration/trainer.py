@@ -410,6 +410,9 @@ class BilevelTrainer(Trainer):
             "outer/ihvp_time": ihvp_time,
             "outer/step": float(self.outer_step),
             "outer/skipped_steps": float(self.skipped_outer_steps),
+            # the HVP mode as a number, so every `report_to` backend can plot it (it is also
+            # logged by name once, and saved in the outer parameters' metadata)
+            "outer/finite_diff_hvp": float(self.hvp_mode == "finite_diff"),
         }
         if self.outer_module is not None and hasattr(self.outer_module, "summary_stats"):
             metrics.update({f"outer/{k}": float(v) for k, v in self.outer_module.summary_stats().items()})

@@ -42,7 +42,8 @@ def test_data_weights_down_weight_corrupted_examples(tmp_path):
     assert _weights_auc(weights, train) > 0.8
     logged = [entry for entry in trainer.state.log_history if "outer/loss" in entry]
     assert len(logged) == trainer.outer_step == sum(1 for i in range(120) if i >= 20 and i % 5 == 0 and i > 0)
-    for key in ("outer/inner_loss", "outer/hypergrad_norm", "outer/ihvp_time", "outer/weight_mean"):
+    for key in ("outer/inner_loss", "outer/hypergrad_norm", "outer/ihvp_time", "outer/weight_mean",
+                "outer/finite_diff_hvp"):
         assert key in logged[-1]
     assert trainer.hvp_mode == "fwd_rev"  # sdpa runs exact HVPs under the math backend
 
