@@ -59,6 +59,11 @@ class BilevelTrainingArguments(TrainingArguments):
             "choices": HVP_MODE_CHOICES,
         },
     )
+    hvp_chunk_size: int | None = field(
+        default=None,
+        metadata={"help": "Vectorize at most this many Hessian-vector products at once (default: all `nystrom_rank`); "
+                  "lower it to cut the hypergradient's peak memory."},
+    )
     outer_batch_size: int | None = field(
         default=None,
         metadata={"help": "Validation batch size of the outer objective (default: per_device_eval_batch_size)."},
@@ -76,7 +81,7 @@ class BilevelTrainingArguments(TrainingArguments):
         for name, value in positive_ints.items():
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-        for name in ("outer_batch_size", "hypergrad_train_batch_size"):
+        for name in ("outer_batch_size", "hypergrad_train_batch_size", "hvp_chunk_size"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"`{name}` must be a positive integer or None, got {value!r}.")

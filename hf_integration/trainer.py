@@ -378,7 +378,7 @@ class BilevelTrainer(Trainer):
             dist = DataParallel() if self.args.world_size > 1 else None
             return implicit_hypergrad(lambda i, o: self.inner_forward(i, o, train_batch),
                                       lambda i, o: self.outer_forward(i, o, eval_batch),
-                                      self._theta(), phi, solve, self.hvp_mode, dist)
+                                      self._theta(), phi, solve, self.hvp_mode, dist, self.args.hvp_chunk_size)
 
     def outer_update(self) -> dict[str, float]:
         """One outer step: hypergradient on fresh batches, outer optimizer step, metrics logged."""

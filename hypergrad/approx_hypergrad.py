@@ -111,6 +111,7 @@ def implicit_hypergrad(
     solve: Solve,
     hvp_mode: HVPMode = "fwd_rev",
     dist: DataParallel | None = None,
+    hvp_chunk_size: int | None = None,
 ) -> ParamsLike:
     """The implicit-differentiation rule with a pluggable IHVP solver, products by
     :mod:`torch.func` (or plain autograd for ``hvp_mode="finite_diff"``).
@@ -123,6 +124,9 @@ def implicit_hypergrad(
     different batch) every gradient and product is averaged over the processes with
     ``dist.average``, so all processes solve the same full-batch system and return the same
     hypergradient.
+
+    ``hvp_chunk_size``: how many of a batch of products (Nyström's ``rank``, the dense
+    solve's ``p``) are vectorized at a time; ``None`` = all, the fastest and most memory.
     """
     _check_problem(in_params, out_params, hvp_mode)
     average = dist.average if dist is not None else _identity
@@ -142,7 +146,7 @@ def implicit_hypergrad(
         average(grad_in),
         average(grad_out),
         lambda v: average(hvp(inner_at_phi, in_params, v, hvp_mode)),
-        lambda v: average(batched_hvp(inner_at_phi, in_params, v, hvp_mode)),
+        lambda v: average(batched_hvp(inner_at_phi, in_params, v, hvp_mode, chunk_size=hvp_chunk_size)),
         lambda v: average(mixed_vjp(inner, in_params, out_params, v, hvp_mode)),
         solve,
     )
@@ -225,15 +229,19 @@ def nystrom(
     generator: torch.Generator | None = None,
     hvp_mode: HVPMode = "fwd_rev",
     dist: DataParallel | None = None,
+    hvp_chunk_size: int | None = None,
 ) -> ParamsLike:
     """Hypergradient with the Nyström IHVP ``(H_nys + rho I)^{-1} b`` (Hataya & Yamada, 2023).
 
     ``rank`` Hessian-vector products are computed in one ``vmap``-ed batch; ``sketch``
     chooses the test directions: ``"column"`` samples ``rank`` Hessian columns as in the
     paper, ``"gaussian"`` uses an orthonormal Gaussian sketch. ``rho > 0`` regularises the
-    inverse. Memory is ``O(rank x p)``.
+    inverse. Memory is ``O(rank x p)`` plus the activations of ``hvp_chunk_size`` (default:
+    ``rank``) products in flight.
     """
     solve = make_solver("nystrom", rank=rank, rho=rho, sketch=sketch, generator=generator)
+    if hvp_chunk_size is not None:
+        check_positive_int(hvp_chunk_size, "hvp_chunk_size")
     check_params(in_params, "in_params")
     p = tree_numel(in_params)
     if rank > p:
@@ -241,7 +249,7 @@ def nystrom(
             f"`rank` ({rank}) must not exceed the number of inner parameters ({p}); "
             f"use rank <= {p}."
         )
-    return implicit_hypergrad(inner_obj, outer_obj, in_params, out_params, solve, hvp_mode, dist)
+    return implicit_hypergrad(inner_obj, outer_obj, in_params, out_params, solve, hvp_mode, dist, hvp_chunk_size)
 
 
 def exact(

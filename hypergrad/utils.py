@@ -314,18 +314,23 @@ def batched_hvp(
     tangents: ParamsLike,
     mode: HVPMode = "fwd_rev",
     vectorize: bool = True,
+    chunk_size: int | None = None,
 ) -> ParamsLike:
     """``k`` Hessian-vector products at once: every leaf of ``tangents`` has a leading
     dimension ``k`` and so has every leaf of the result.
 
     With ``vectorize=True`` the products are computed in one ``vmap``-ed pass, which is
-    much faster than a Python loop for small and medium models; ``vectorize=False`` loops,
-    for kernels without batching rules (some fused or sharded ops) and to bound peak memory.
-    ``"finite_diff"`` always loops: its plain-autograd gradients cannot run under ``vmap``.
+    much faster than a Python loop for small and medium models, at ``k`` times the
+    activation memory of one product; ``chunk_size`` bounds that by vectorizing ``chunk_size``
+    products at a time. ``vectorize=False`` loops, for kernels without batching rules (some
+    fused or sharded ops). ``"finite_diff"`` always loops: its plain-autograd gradients
+    cannot run under ``vmap``.
     """
     _check_mode(mode)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"`chunk_size` must be a positive integer or None, got {chunk_size!r}.")
     if vectorize and mode != "finite_diff":
-        return vmap(lambda t: hvp(f, primal, t, mode), in_dims=(0,))(tangents)
+        return vmap(lambda t: hvp(f, primal, t, mode), in_dims=(0,), chunk_size=chunk_size)(tangents)
     leaves = tree_leaves(tangents)
     k = leaves[0].shape[0]
     outs = [hvp(f, primal, tree_unflatten(tangents, [x[i] for x in leaves]), mode) for i in range(k)]
