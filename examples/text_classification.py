@@ -73,6 +73,13 @@ class ModelArguments:
         metadata={"help": "Module names to adapt with LoRA (default: PEFT's choice for the architecture, "
                   "query/value for BERT).", "nargs": "+"},
     )
+    train_head: bool = field(
+        default=True,
+        metadata={"help": "Train the new classification head in full (PEFT's `modules_to_save`). With False the "
+                  "head's random initialisation is frozen and it is adapted only if it is among "
+                  "--lora_target_modules (e.g. 'query value classifier' for BERT), so that its LoRA factors are "
+                  "regularized like the others."},
+    )
     lora_layers: list[int] | None = field(
         default=None,
         metadata={"help": "Adapt only these transformer layers (indices, negative ones count from the top: "
@@ -197,7 +204,14 @@ def _load_one(data_args: DataArguments, role: str) -> tuple[datasets.Dataset | N
         if builder is None:
             raise InputError(f"--{role}_file {path!r}: expected a .csv, .tsv, .json or .jsonl file.")
         kwargs = {"delimiter": "\t"} if extension == "tsv" else {}
-        return datasets.load_dataset(builder, data_files={role: path}, split=role, **kwargs), f"--{role}_file"
+        try:
+            dataset = datasets.load_dataset(builder, data_files={role: path}, split=role, **kwargs)
+        except ValueError as err:  # a file without rows: 'Instruction "train" corresponds to no data!'
+            if "corresponds to no data" in str(err):
+                raise InputError(f"--{role}_file is empty ({path!r} has no rows): there is nothing to "
+                                 f"{'train' if role == 'train' else 'evaluate'} on.") from err
+            raise InputError(f"--{role}_file {path!r} cannot be loaded: {err}") from err
+        return dataset, f"--{role}_file"
     split = {"train": data_args.train_split, "validation": data_args.validation_split,
              "test": data_args.test_split}[role]
     argument = f"--{role}_split"
@@ -368,13 +382,14 @@ def tokenize_splits(splits: Mapping[str, datasets.Dataset], tokenizer: Any, max_
 
 
 def build_lora_model(model_args: ModelArguments, label_names: Sequence[str], seed: int,
-                     modules_to_save: Sequence[str] | None = None, tokenizer: Any = None) -> torch.nn.Module:
+                     tokenizer: Any = None) -> torch.nn.Module:
     """The pretrained sequence classifier (new head) wrapped with a LoRA adapter, initialised from ``seed``.
 
-    ``modules_to_save=None`` lets PEFT train the classification head in full (its default for sequence
-    classification); pass ``[]`` plus ``"classifier"`` in the LoRA targets to adapt the head with LoRA instead.
-    The same ``seed`` gives the same head and adapter initialisation, which is what makes the uniform
-    baseline of `data_reweighting.py` and the grid runs of `peft_regularization.py` comparable.
+    With ``model_args.train_head`` PEFT trains the classification head in full (its default for sequence
+    classification); without it the head is frozen at its random initialisation and adapted by LoRA when it is
+    among ``lora_target_modules``. The same ``seed`` gives the same head and adapter initialisation, which is
+    what makes the uniform baseline of `data_reweighting.py` and the grid runs of `peft_regularization.py`
+    comparable with their bilevel runs.
     """
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import AutoModelForSequenceClassification, set_seed
@@ -394,16 +409,13 @@ def build_lora_model(model_args: ModelArguments, label_names: Sequence[str], see
         layers = sorted({i % num_layers if i < 0 else i for i in model_args.lora_layers})
         if num_layers is not None and (max(layers) >= num_layers or min(model_args.lora_layers) < -num_layers):
             raise InputError(f"--lora_layers {model_args.lora_layers}: the model has {num_layers} layers.")
-    config = LoraConfig(task_type=TaskType.SEQ_CLS, r=model_args.lora_r, lora_alpha=model_args.lora_alpha,
+    # TaskType.SEQ_CLS makes PEFT train the head in full (and overrides a LoRA target on it); a task-less
+    # PeftModel leaves the head to the LoRA targets.
+    task_type = TaskType.SEQ_CLS if model_args.train_head else None
+    config = LoraConfig(task_type=task_type, r=model_args.lora_r, lora_alpha=model_args.lora_alpha,
                         lora_dropout=model_args.lora_dropout, target_modules=model_args.lora_target_modules,
                         layers_to_transform=layers)
-    model = get_peft_model(model, config)
-    if modules_to_save is not None and not modules_to_save:
-        # Freeze PEFT's fully trained copy of the head: only the LoRA factors are trainable.
-        for name, param in model.named_parameters():
-            if "modules_to_save" in name:
-                param.requires_grad_(False)
-    return model
+    return get_peft_model(model, config)
 
 
 def load_tokenizer(model_args: ModelArguments) -> Any:

@@ -1,0 +1,160 @@
+"""`examples/data_reweighting.py` end to end on a tiny budget (tiny BERT from a config, generated data, offline),
+its outputs, the patched Hub upload, and the early errors on bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+from unittest import mock
+
+import numpy as np
+import pytest
+
+import data_reweighting
+from hf_integration import DataWeights, hub
+from text_classification import InputError
+
+from .script_utils import tiny_run_args, write_csv
+
+METRIC_KEYS = {
+    "auc_low_weight_vs_corrupted", "precision_at_num_corrupted", "mean_weight_clean", "mean_weight_corrupted",
+    "reweighted", "uniform_baseline", "baseline_description", "num_train", "num_corrupted", "inner_steps",
+    "outer_steps", "wall_time_bilevel_s", "wall_time_baseline_s", "wall_time_total_s",
+}
+
+
+def test_end_to_end_outputs(tiny_model_dir, tmp_path, capsys):
+    import datasets
+
+    out = tmp_path / "run"
+    results = data_reweighting.main(tiny_run_args(tiny_model_dir, out))
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert METRIC_KEYS <= set(metrics)
+    assert metrics["num_train"] == 40 and metrics["num_corrupted"] == 12  # round(0.3 * 40)
+    assert metrics["inner_steps"] == 6 and metrics["outer_steps"] == 2  # after steps 2 and 4 (0-based)
+    assert 0.0 <= metrics["auc_low_weight_vs_corrupted"] <= 1.0
+    for model in ("reweighted", "uniform_baseline"):
+        assert set(metrics[model]) == {"validation_accuracy", "validation_loss", "test_accuracy", "test_loss"}
+    assert metrics["wall_time_baseline_s"] > 0
+    assert results["num_train"] == metrics["num_train"]
+
+    weights = DataWeights.from_pretrained(str(out), expected={"num_rows": 40, "id_column": "example_id"})
+    assert weights.num_examples == 40
+    assert weights.metadata["outer_steps"] == "2"
+    assert (out / "adapter_model.safetensors").is_file()
+
+    table = datasets.load_from_disk(str(out / "train_with_weights"))
+    assert len(table) == 40 and {"text", "labels", "corrupted", "example_id", "weight"} <= set(table.column_names)
+    assert sum(table["corrupted"]) == 12
+    expected = weights.weights().detach().numpy()[np.asarray(table["example_id"])]
+    np.testing.assert_allclose(table["weight"], expected, rtol=1e-6)
+
+    png = (out / "weights.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 1000
+    printed = capsys.readouterr().out
+    assert "| learned data weights (bilevel)" in printed and "| uniform weights (baseline)" in printed
+    assert "AUC (low weight vs corrupted)" in printed
+
+
+def test_push_to_hub_uploads_weights_with_card(tiny_model_dir, tmp_path, capsys):
+    uploaded = {}
+
+    def upload_folder(**kwargs):
+        folder = kwargs["folder_path"]
+        uploaded["files"] = sorted(os.listdir(folder))
+        uploaded["card"] = open(os.path.join(folder, "README.md"), encoding="utf-8").read()
+        uploaded["repo_id"] = kwargs["repo_id"]
+        return mock.Mock(commit_url="https://huggingface.co/me/weights/commit/1", pr_url=None)
+
+    with mock.patch.object(hub, "HfApi") as api_cls:
+        api = api_cls.return_value
+        api.create_repo.return_value = mock.Mock(repo_id="me/weights")
+        api.upload_folder.side_effect = upload_folder
+        results = data_reweighting.main(tiny_run_args(
+            tiny_model_dir, tmp_path, "--run_baseline", "False", "--push_to_hub", "True",
+            "--hub_model_id", "me/weights", "--hub_token", "hf_test"))
+    api.create_repo.assert_called_once()
+    assert api.create_repo.call_args.args[0] == "me/weights"
+    assert uploaded["repo_id"] == "me/weights"
+    assert {"outer_params.safetensors", "outer_config.json", "README.md"} <= set(uploaded["files"])
+    assert "adapter_model.safetensors" not in uploaded["files"]
+    assert 'DataWeights.from_pretrained("me/weights")' in uploaded["card"]
+    assert "auc_low_weight_vs_corrupted" in uploaded["card"]
+    assert results["hub_commit_url"] == "https://huggingface.co/me/weights/commit/1"
+    assert results["uniform_baseline"] == {}
+    assert 'DataWeights.from_pretrained("me/weights")' in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------- bad input: clear errors, before training
+@pytest.fixture
+def no_training():
+    """Fail the test if any model is built: the errors below must come before training starts."""
+    with mock.patch.object(data_reweighting, "build_lora_model", side_effect=AssertionError("model was built")):
+        yield
+
+
+def _files(tmp_path, train_rows, validation_rows, header=("text", "label")):
+    return ["--train_file", write_csv(tmp_path / "train.csv", train_rows, header),
+            "--validation_file", write_csv(tmp_path / "validation.csv", validation_rows, header)]
+
+
+TRAIN_ROWS = [(f"a great movie number {i}", "pos") for i in range(10)] + \
+             [(f"a dull movie number {i}", "neg") for i in range(10)]
+
+
+@pytest.mark.parametrize("argument", ["--text_column", "--label_column"])
+def test_unknown_column_names_the_argument(argument, tmp_path, no_training):
+    with pytest.raises(InputError, match=rf"{argument} 'nope' is not a column of .*columns are \['text', 'label'\]"):
+        data_reweighting.main(["--output_dir", str(tmp_path), argument, "nope"])
+
+
+def test_unknown_column_in_files(tmp_path, no_training):
+    args = _files(tmp_path, TRAIN_ROWS, TRAIN_ROWS[:4], header=("sentence", "label"))
+    with pytest.raises(InputError, match=r"--text_column 'text' is not a column of --train_file"):
+        data_reweighting.main(["--output_dir", str(tmp_path), *args])
+
+
+def test_unseen_validation_class_names_label_column(tmp_path, no_training):
+    args = _files(tmp_path, TRAIN_ROWS, TRAIN_ROWS[:4] + [("so so", "neutral")])
+    with pytest.raises(InputError, match=r"--label_column 'label': --validation_file has classes \['neutral'\] "
+                                         r"that never occur in the training split"):
+        data_reweighting.main(["--output_dir", str(tmp_path), *args])
+
+
+def test_unseen_test_class(tmp_path, no_training):
+    args = _files(tmp_path, TRAIN_ROWS, TRAIN_ROWS[:4])
+    args += ["--test_file", write_csv(tmp_path / "test.csv", [("meh", "neutral"), ("good", "pos")])]
+    with pytest.raises(InputError, match=r"--test_file has classes \['neutral'\]"):
+        data_reweighting.main(["--output_dir", str(tmp_path), *args])
+
+
+@pytest.mark.parametrize("role", ["train", "validation"])
+def test_empty_split_names_the_argument(role, tmp_path, no_training):
+    rows = {"train": TRAIN_ROWS, "validation": TRAIN_ROWS[:4]}
+    rows[role] = []
+    args = _files(tmp_path, rows["train"], rows["validation"])
+    with pytest.raises(InputError, match=rf"--{role}_file is empty"):
+        data_reweighting.main(["--output_dir", str(tmp_path), *args])
+
+
+def test_dataset_smaller_than_batch(tmp_path, no_training):
+    with pytest.raises(InputError, match=r"fewer than one training batch \(--per_device_train_batch_size 16 "
+                                         r".*--max_train_samples"):
+        data_reweighting.main(["--output_dir", str(tmp_path), "--max_train_samples", "10"])
+
+
+def test_single_class_training_split(tmp_path, no_training):
+    args = _files(tmp_path, TRAIN_ROWS[:10], TRAIN_ROWS[:4])
+    with pytest.raises(InputError, match=r"--label_column 'label': the training split has only"):
+        data_reweighting.main(["--output_dir", str(tmp_path), *args])
+
+
+def test_push_needs_hub_model_id(tmp_path, no_training):
+    with pytest.raises(InputError, match=r"--push_to_hub needs --hub_model_id"):
+        data_reweighting.main(["--output_dir", str(tmp_path), "--push_to_hub", "True"])
+
+
+def test_bad_noise_rate(tmp_path):
+    with pytest.raises(InputError, match=r"--noise_rate must be in \[0, 1\)"):
+        data_reweighting.main(["--output_dir", str(tmp_path), "--noise_rate", "1.5"])
