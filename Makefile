@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/logistic_regression.py
+	$(PY) examples/data_reweighting.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -78,8 +78,8 @@ DEMO_DEFAULTS: dict[str, Any] = {
     "nystrom_rank": 5,
     "nystrom_rho": 0.1,
     "hvp_mode": "rev_rev",
-    "hypergrad_train_batch_size": 64,
-    "outer_batch_size": 128,
+    "hypergrad_train_batch_size": 32,
+    "outer_batch_size": 64,
 }
 
 

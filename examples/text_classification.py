@@ -119,11 +119,11 @@ class DataArguments:
     )
     label_column: str = field(default="label", metadata={"help": "Column holding the class label."})
     train_split: str = field(
-        default="train", metadata={"help": "Training split of --dataset_name (slices such as 'train[:80%]' work)."}
+        default="train", metadata={"help": "Training split of --dataset_name (slices such as 'train[:80%%]' work)."}
     )
     validation_split: str = field(
         default="validation",
-        metadata={"help": "Validation split of --dataset_name: the outer objective's data (e.g. 'train[80%:]')."},
+        metadata={"help": "Validation split of --dataset_name: the outer objective's data (e.g. 'train[80%%:]')."},
     )
     test_split: str | None = field(
         default=None,

@@ -158,3 +158,13 @@ def test_push_needs_hub_model_id(tmp_path, no_training):
 def test_bad_noise_rate(tmp_path):
     with pytest.raises(InputError, match=r"--noise_rate must be in \[0, 1\)"):
         data_reweighting.main(["--output_dir", str(tmp_path), "--noise_rate", "1.5"])
+
+
+def test_help_lists_the_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        data_reweighting.main(["--help"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    for option in ("--noise_rate", "--text_column", "--lora_layers", "--outer_learning_rate", "--run_baseline",
+                   "--train_split"):
+        assert option in printed

@@ -96,3 +96,12 @@ def test_too_few_examples_for_batch(tmp_path, no_training):
 def test_negative_grid_value(tmp_path):
     with pytest.raises(InputError, match=r"--grid values must be finite and >= 0"):
         peft_regularization.main(["--output_dir", str(tmp_path), "--grid", "0.1", "-1"])
+
+
+def test_help_lists_the_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        peft_regularization.main(["--help"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    for option in ("--grid", "--granularity", "--init_strength", "--lora_target_modules", "--unroll_steps"):
+        assert option in printed
