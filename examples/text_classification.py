@@ -231,16 +231,15 @@ def _subset(dataset: datasets.Dataset, size: int | None, seed: int) -> datasets.
     return dataset.shuffle(seed=seed).select(range(size)).flatten_indices()
 
 
-def load_splits(data_args: DataArguments, *, need_test: bool = False) -> TextSplits:
+def load_splits(data_args: DataArguments) -> TextSplits:
     """Load, check and encode the train / validation (/ test) splits; raise :class:`InputError` on bad input.
 
     Checks, in this order, each naming the argument to fix: the split exists and is not empty; the text and
     label columns exist; no validation/test class is missing from the training split. Labels (a
     ``ClassLabel``, integers, strings or booleans) become ids ``0 .. k-1`` in a ``labels`` column; text
-    columns are renamed ``text`` (and ``text_pair``). ``need_test`` is unused for the embedded data, which
-    always has a test split.
+    columns are renamed ``text`` (and ``text_pair``). The embedded data always has a test split; other sources
+    have one when ``--test_split`` / ``--test_file`` is given.
     """
-    del need_test
     if data_args.dataset_name is None and data_args.train_file is None:
         sizes = dict(EMBEDDED_SIZES)
         if data_args.max_train_samples is not None:

@@ -1,0 +1,66 @@
+"""The shared data helpers of the examples: the generated dataset, loading by `--dataset_name` (a local
+folder stands in for a Hub dataset, offline), label encoding, label noise."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from synthetic_sentiment import NEGATIVE_WORDS, POSITIVE_WORDS, make_splits
+from text_classification import DataArguments, InputError, flip_labels, load_splits
+
+from .script_utils import write_csv
+
+
+def test_generated_data_is_deterministic_balanced_and_follows_the_rule():
+    first, second = make_splits(300, 50, 50, seed=3), make_splits(300, 50, 50, seed=3)
+    assert first["train"]["text"] == second["train"]["text"]
+    assert first["train"]["text"] != make_splits(300, 50, 50, seed=4)["train"]["text"]
+    assert first["train"].features["label"].names == ["negative", "positive"]
+    labels = np.array(first["train"]["label"])
+    assert 0.4 < labels.mean() < 0.6
+    for text, label in zip(first["train"]["text"], labels):
+        words = set(text.replace(",", " ").replace(".", " ").replace("!", " ").replace(";", " ").split())
+        assert (words & set(POSITIVE_WORDS if label else NEGATIVE_WORDS)) and \
+            not (words & set(NEGATIVE_WORDS if label else POSITIVE_WORDS))
+
+
+def test_dataset_name_with_split_slices(tmp_path):
+    rows = [(f"great film {i}", "pos") for i in range(6)] + [(f"dull film {i}", "neg") for i in range(6)]
+    folder = tmp_path / "my_dataset"
+    folder.mkdir()
+    write_csv(folder / "train.csv", rows)
+    write_csv(folder / "test.csv", rows[:4] + rows[-4:])
+    splits = load_splits(DataArguments(dataset_name=str(folder), train_split="train[:75%]",
+                                       validation_split="train[75%:]", test_split="test"))
+    assert (len(splits.train), len(splits.validation), len(splits.test)) == (9, 3, 8)
+    assert splits.label_names == ["neg", "pos"]
+    assert splits.train.column_names == ["text", "labels"]
+    assert splits.split_names["validation"] == "--validation_split 'train[75%:]'"
+
+
+def test_unknown_split_names_the_argument(tmp_path):
+    folder = tmp_path / "only_train"
+    folder.mkdir()
+    write_csv(folder / "train.csv", [("good", "pos"), ("bad", "neg")])
+    with pytest.raises(InputError, match=r"--validation_split 'validation' cannot be loaded .*Unknown split"):
+        load_splits(DataArguments(dataset_name=str(folder)))
+
+
+def test_subsets_are_seeded_random_not_prefixes(tmp_path):
+    rows = [(f"great film {i}", "pos") for i in range(50)] + [(f"dull film {i}", "neg") for i in range(50)]
+    splits = load_splits(DataArguments(train_file=write_csv(tmp_path / "train.csv", rows),
+                                       validation_file=write_csv(tmp_path / "val.csv", rows), max_train_samples=20))
+    assert len(splits.train) == 20 and 0 < np.mean(splits.train["labels"]) < 1  # sorted file, both classes
+
+
+def test_flip_labels_flips_the_requested_fraction():
+    dataset = make_splits(200, 1, 1, seed=0)["train"].rename_column("label", "labels")
+    noisy = flip_labels(dataset, 0.25, num_labels=2, seed=1)
+    flipped = np.array(noisy["corrupted"])
+    assert flipped.sum() == 50
+    changed = np.array(noisy["labels"]) != np.array(dataset["labels"])
+    np.testing.assert_array_equal(changed, flipped)
+    assert noisy.features["labels"] == dataset.features["labels"]
+    clean = flip_labels(dataset, 0.0, num_labels=2, seed=1)
+    assert not any(clean["corrupted"]) and clean["labels"] == dataset["labels"]
