@@ -50,6 +50,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling helper modules
 
 from text_classification import (  # noqa: E402
+    evaluate_splits,
     DataArguments,
     InputError,
     ModelArguments,
@@ -151,18 +152,6 @@ def plot_weights(weights: np.ndarray, corrupted: np.ndarray | None, path: str, t
     plt.close(fig)
 
 
-def _evaluate(trainer, datasets_by_role: dict[str, Any]) -> dict[str, float]:
-    """``{role}_accuracy`` and ``{role}_loss`` (mean cross-entropy) of the trainer's model on each dataset."""
-    out: dict[str, float] = {}
-    for role, dataset in datasets_by_role.items():
-        if dataset is None:
-            continue
-        metrics = trainer.evaluate(eval_dataset=dataset, metric_key_prefix=role)
-        out[f"{role}_accuracy"] = float(metrics[f"{role}_accuracy"])
-        out[f"{role}_loss"] = float(metrics[f"{role}_loss"])
-    return out
-
-
 def main(args: list[str] | None = None) -> dict[str, Any]:
     """Run the experiment (see the module docstring) and return the metrics written to ``metrics.json``."""
     from transformers import Trainer
@@ -210,7 +199,7 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
     trainer.train()
     bilevel_time = time.perf_counter() - tic
     trainer.save_model(training_args.output_dir)
-    reweighted = _evaluate(trainer, {"validation": val_ds, "test": test_ds})
+    reweighted = evaluate_splits(trainer, {"validation": val_ds, "test": test_ds})
     metadata = trainer.outer_metadata()
 
     # ---------------------------------------------------------------- uniform-weight baseline
@@ -226,7 +215,7 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
         tic = time.perf_counter()
         base_trainer.train()
         baseline_time = time.perf_counter() - tic
-        baseline = _evaluate(base_trainer, {"validation": val_ds, "test": test_ds})
+        baseline = evaluate_splits(base_trainer, {"validation": val_ds, "test": test_ds})
 
     # ---------------------------------------------------------------- outputs
     w = weights.weights().detach().float().cpu().numpy()[np.asarray(train_raw["example_id"])]

@@ -45,6 +45,7 @@ from text_classification import (  # noqa: E402
     accuracy_metrics,
     build_lora_model,
     check_batch_sizes,
+    evaluate_splits,
     flip_labels,
     format_table,
     load_splits,
@@ -121,18 +122,6 @@ def parse_args(args: list[str] | None = None):
     return parser.parse_args_into_dataclasses(args=args)
 
 
-def _evaluate(trainer, datasets_by_role: dict[str, Any]) -> dict[str, float]:
-    """``{role}_loss`` (mean cross-entropy, no penalty) and ``{role}_accuracy`` on each dataset."""
-    out: dict[str, float] = {}
-    for role, dataset in datasets_by_role.items():
-        if dataset is None:
-            continue
-        metrics = trainer.evaluate(eval_dataset=dataset, metric_key_prefix=role)
-        out[f"{role}_loss"] = float(metrics[f"{role}_loss"])
-        out[f"{role}_accuracy"] = float(metrics[f"{role}_accuracy"])
-    return out
-
-
 def main(args: list[str] | None = None) -> dict[str, Any]:
     """Run the bilevel run and the grid search (see the module docstring); return the metrics of ``metrics.json``."""
     from hf_integration import BilevelTrainer, LoraRegularization
@@ -172,7 +161,7 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
         tic = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - tic
-        return trainer, _evaluate(trainer, eval_sets), seconds
+        return trainer, evaluate_splits(trainer, eval_sets), seconds
 
     # ---------------------------------------------------------------- bilevel: learned strengths, one run
     model = new_model()

@@ -463,3 +463,16 @@ def write_json(path: str, payload: Mapping[str, Any]) -> None:
     with open(path, "w", encoding="utf-8") as handle:
         json.dump(clean(payload), handle, indent=2)
         handle.write("\n")
+
+
+def evaluate_splits(trainer: Any, datasets_by_role: dict[str, Any]) -> dict[str, float]:
+    """``{role}_accuracy`` and ``{role}_loss`` (mean cross-entropy, no weights or penalty: `BilevelTrainer`
+    evaluates the plain loss) of the trainer's model on each dataset; ``None`` datasets are skipped."""
+    out: dict[str, float] = {}
+    for role, dataset in datasets_by_role.items():
+        if dataset is None:
+            continue
+        metrics = trainer.evaluate(eval_dataset=dataset, metric_key_prefix=role)
+        out[f"{role}_accuracy"] = float(metrics[f"{role}_accuracy"])
+        out[f"{role}_loss"] = float(metrics[f"{role}_loss"])
+    return out
