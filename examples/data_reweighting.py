@@ -61,6 +61,7 @@ from text_classification import (  # noqa: E402
     format_table,
     load_splits,
     load_tokenizer,
+    start_run,
     tokenize_splits,
     write_json,
 )
@@ -159,15 +160,7 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
     from hf_integration import BilevelTrainer, DataWeights, add_example_ids, num_example_ids
 
     model_args, data_args, exp_args, training_args = parse_args(args)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    if exp_args.threads is not None:
-        torch.set_num_threads(exp_args.threads)
-    push = bool(training_args.push_to_hub)
-    if push and not training_args.hub_model_id:
-        raise InputError("--push_to_hub needs --hub_model_id (e.g. 'user/data-weights').")
-    # The script uploads the learned weights itself (with their own model card) after training; `Trainer`
-    # would otherwise create the repo at construction and upload the whole output folder.
-    training_args.push_to_hub = False
+    push = start_run(training_args, exp_args.threads, "user/data-weights")
     start = time.perf_counter()
 
     # ---------------------------------------------------------------- data (all checks before training)

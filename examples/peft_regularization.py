@@ -50,6 +50,7 @@ from text_classification import (  # noqa: E402
     format_table,
     load_splits,
     load_tokenizer,
+    start_run,
     tokenize_splits,
     write_json,
 )
@@ -127,13 +128,7 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
     from hf_integration import BilevelTrainer, LoraRegularization
 
     model_args, data_args, reg_args, training_args = parse_args(args)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    if reg_args.threads is not None:
-        torch.set_num_threads(reg_args.threads)
-    push = bool(training_args.push_to_hub)
-    if push and not training_args.hub_model_id:
-        raise InputError("--push_to_hub needs --hub_model_id (e.g. 'user/lora-strengths').")
-    training_args.push_to_hub = False  # the script uploads the learned strengths itself, see data_reweighting.py
+    push = start_run(training_args, reg_args.threads, "user/lora-strengths")
     start = time.perf_counter()
 
     # ---------------------------------------------------------------- data (all checks before training)

@@ -16,6 +16,7 @@ package), so the default run needs no network.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from synthetic_sentiment import make_splits
 __all__ = [
     "InputError", "ModelArguments", "DataArguments", "TextSplits", "default_model_path", "load_splits",
     "flip_labels", "check_batch_sizes", "tokenize_splits", "build_lora_model", "load_tokenizer", "accuracy_metrics",
-    "format_table", "write_json",
+    "format_table", "write_json", "evaluate_splits", "start_run",
 ]
 
 EMBEDDED_NAME = "embedded synthetic sentiment (examples/synthetic_sentiment.py)"
@@ -476,3 +477,18 @@ def evaluate_splits(trainer: Any, datasets_by_role: dict[str, Any]) -> dict[str,
         out[f"{role}_accuracy"] = float(metrics[f"{role}_accuracy"])
         out[f"{role}_loss"] = float(metrics[f"{role}_loss"])
     return out
+
+
+def start_run(training_args: Any, threads: int | None, repo_example: str) -> bool:
+    """Common start of the example scripts: logging, ``--threads``, and the push check. Returns whether to push
+    at the end; ``training_args.push_to_hub`` is turned off because the scripts upload the learned outer
+    parameters themselves (with their own model card) after training, where `Trainer` would create the repo at
+    construction and upload the whole output folder."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    push = bool(training_args.push_to_hub)
+    if push and not training_args.hub_model_id:
+        raise InputError(f"--push_to_hub needs --hub_model_id (e.g. {repo_example!r}).")
+    training_args.push_to_hub = False
+    return push

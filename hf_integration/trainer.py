@@ -174,7 +174,7 @@ class BilevelTrainer(Trainer):
         return names
 
     def _check_rank(self) -> None:
-        p = sum(p.numel() for n, p in self._unwrapped.named_parameters() if n in set(self.inner_param_names))
+        p = sum(p.numel() for p in self._inner_param_tree().values())
         if self.args.ihvp_method == "nystrom" and self.args.nystrom_rank > p:
             raise ValueError(f"`nystrom_rank` ({self.args.nystrom_rank}) exceeds the number of inner parameters ({p}).")
         if self.args.ihvp_method == "exact" and p > 20_000:
