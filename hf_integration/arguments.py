@@ -6,12 +6,12 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from hypergrad.approx_hypergrad import DEFAULT_NYSTROM_SKETCH
 from hypergrad.linear_solvers import NYSTROM_SKETCHES
+from hypergrad.methods import DEFAULT_NYSTROM_SKETCH, METHODS
 
 __all__ = ["BilevelTrainingArguments", "IHVP_METHODS", "HVP_MODE_CHOICES", "OUTER_OPTIMIZERS"]
 
-IHVP_METHODS = ("nystrom", "cg", "neumann", "exact")
+IHVP_METHODS = tuple(METHODS)
 HVP_MODE_CHOICES = ("auto", "fwd_rev", "rev_rev", "finite_diff")
 OUTER_OPTIMIZERS = ("adam", "sgd")
 
@@ -40,7 +40,9 @@ class BilevelTrainingArguments(TrainingArguments):
     )
     ihvp_method: str = field(
         default="nystrom",
-        metadata={"help": f"Inverse-Hessian-vector product method, one of {IHVP_METHODS}.", "choices": IHVP_METHODS},
+        metadata={"help": "Inverse-Hessian-vector product method: "
+                  + "; ".join(f"'{m.name}': {m.summary}" for m in METHODS.values()) + ".",
+                  "choices": IHVP_METHODS},
     )
     nystrom_rank: int = field(default=5, metadata={"help": "Rank (number of HVPs) of the Nyström approximation."})
     nystrom_rho: float = field(default=0.1, metadata={"help": "Damping rho > 0 of the Nyström inverse (H + rho I)^-1."})
@@ -48,7 +50,16 @@ class BilevelTrainingArguments(TrainingArguments):
         default=DEFAULT_NYSTROM_SKETCH,
         metadata={"help": f"Nyström test directions, one of {NYSTROM_SKETCHES}.", "choices": NYSTROM_SKETCHES},
     )
-    ihvp_iters: int = field(default=10, metadata={"help": "Iterations (HVPs) of the CG and Neumann methods."})
+    nystrom_refresh_steps: int = field(
+        default=1,
+        metadata={"help": "Reuse one Nyström sketch for this many outer steps (1 = a fresh sketch every step). "
+                  "Between refreshes an outer step needs no Hessian-vector product: one outer gradient and "
+                  "one mixed product."},
+    )
+    ihvp_iters: int = field(default=10, metadata={"help": "Iterations (HVPs) of the CG, Neumann and nystrom_pcg "
+                                                          "methods."})
+    identity_scale: float = field(
+        default=1.0, metadata={"help": "ihvp_method='identity': the scale s of the first-order approximation H^-1 ~ s I."})
     neumann_lr: float = field(default=0.01, metadata={"help": "Step size of the Neumann series (< 2 / lambda_max)."})
     hvp_mode: str = field(
         default="auto",
@@ -61,8 +72,14 @@ class BilevelTrainingArguments(TrainingArguments):
     )
     hvp_chunk_size: int | None = field(
         default=None,
-        metadata={"help": "Vectorize at most this many Hessian-vector products at once (default: all `nystrom_rank`); "
-                  "lower it to cut the hypergradient's peak memory."},
+        metadata={"help": "Vectorize at most this many Hessian-vector products at once (default: from "
+                  "`hvp_memory_budget_mb`; one at a time for hvp_mode='rev_rev' without a budget)."},
+    )
+    hvp_memory_budget_mb: float | None = field(
+        default=None,
+        metadata={"help": "Memory (MiB) for Hessian-vector products in flight: with hvp_mode='rev_rev' and no "
+                  "`hvp_chunk_size`, as many products are vectorized as fit, each estimated at the size of the "
+                  "tensors its gradient graph saved. Default: one at a time (the lean choice; on CPU as fast)."},
     )
     outer_batch_size: int | None = field(
         default=None,
@@ -77,7 +94,7 @@ class BilevelTrainingArguments(TrainingArguments):
     def __post_init__(self) -> None:
         super().__post_init__()
         positive_ints = {"unroll_steps": self.unroll_steps, "nystrom_rank": self.nystrom_rank,
-                         "ihvp_iters": self.ihvp_iters}
+                         "ihvp_iters": self.ihvp_iters, "nystrom_refresh_steps": self.nystrom_refresh_steps}
         for name, value in positive_ints.items():
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
@@ -87,7 +104,9 @@ class BilevelTrainingArguments(TrainingArguments):
                 raise ValueError(f"`{name}` must be a positive integer or None, got {value!r}.")
         if not isinstance(self.outer_patience_steps, int) or self.outer_patience_steps < 0:
             raise ValueError(f"`outer_patience_steps` must be an integer >= 0, got {self.outer_patience_steps!r}.")
-        for name in ("outer_learning_rate", "nystrom_rho", "neumann_lr"):
+        if self.hvp_memory_budget_mb is not None and not self.hvp_memory_budget_mb > 0:
+            raise ValueError(f"`hvp_memory_budget_mb` must be > 0 or None, got {self.hvp_memory_budget_mb!r}.")
+        for name in ("outer_learning_rate", "nystrom_rho", "neumann_lr", "identity_scale"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"`{name}` must be > 0, got {getattr(self, name)!r}.")
         choices = {"ihvp_method": IHVP_METHODS, "hvp_mode": HVP_MODE_CHOICES, "outer_optim": OUTER_OPTIMIZERS,

@@ -16,6 +16,7 @@ a LoRA adapter), which are then frozen for the inner optimizer.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -31,14 +32,19 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import Trainer, TrainerCallback
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from hypergrad.approx_hypergrad import implicit_hypergrad, make_solver
+from hypergrad.approx_hypergrad import implicit_hypergrad
+from hypergrad.methods import check_problem_size, get_method, options_from_arguments, options_metadata
+from hypergrad.products import probe_hvp_mode
 from hypergrad.distributed import DataParallel, broadcast_tree, sharded_hypergrad
 from hypergrad.solver import accumulate_outer_grad, is_outer_step
-from hypergrad.utils import hvp, tree_norm
+from hypergrad.utils import tree_norm
+from hypergrad.distributed import all_reduce_sum, is_distributed
+from hypergrad.outer_step import NonFiniteError, OuterStepHistory, apply_outer_update, first_non_finite
 
 from .arguments import BilevelTrainingArguments
 from .losses import per_example_loss
 from .data import dataset_fingerprint_metadata
+from .hub import DATA_METADATA_KEYS, CheckpointError, checkpoint_problem, error_line, last_checkpoint
 from .hub import OUTER_OPTIMIZER_NAME, atomic_write_text, load_optimizer_state, outer_params_card_section, save_optimizer_state
 from .outer_modules import OuterModule
 
@@ -64,6 +70,87 @@ class _OuterStepCallback(TrainerCallback):
         if is_outer_step(iteration, args.unroll_steps, args.outer_patience_steps):
             self.trainer.outer_update()
         return control
+
+
+def _on_any_process(flag: bool, device: torch.device) -> bool:
+    """``flag`` OR-ed over all processes (itself without a process group)."""
+    if not is_distributed():
+        return flag
+    return bool(all_reduce_sum(torch.tensor(float(flag), device=device)) > 0)
+
+
+class NonFiniteGuard(TrainerCallback):
+    """Skips inner optimizer steps whose loss or gradients hold NaN/inf, and stops training when they persist.
+
+    Before each optimizer step (after gradient clipping) the gradients of the trainable parameters, and the
+    losses passed to :meth:`note_loss` since the previous step, are checked, with one verdict for all
+    processes. A non-finite value clears every gradient, so the optimizer leaves the parameters and its state
+    as they were (the learning-rate schedule still advances). Training stops with :class:`NonFiniteError`,
+    naming the step and the cause, after ``max_consecutive`` skipped steps in a row, when a run ends without
+    a single applied step, or when an optimizer step makes a parameter non-finite (nothing can be rolled back
+    then). With a gradient scaler (fp16) gradients are left to the scaler, which skips overflowing steps itself.
+
+    `BilevelTrainer` installs one; pass one in ``callbacks`` to guard a plain `Trainer` too.
+    """
+
+    def __init__(self, max_consecutive: int = 5) -> None:
+        self.max_consecutive = max_consecutive
+        self.skipped = 0
+        self.applied = 0
+        self.consecutive = 0
+        self._loss_problem: str | None = None
+
+    def note_loss(self, loss: Tensor) -> None:
+        """Remember a non-finite training loss until the next optimizer step."""
+        if self._loss_problem is None and not bool(torch.isfinite(loss.detach()).all()):
+            self._loss_problem = f"non-finite training loss ({float(loss.detach().float().sum())})"
+
+    @staticmethod
+    def _trainable(model: nn.Module) -> list[tuple[str, Tensor]]:
+        return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        params = self._trainable(model)
+        problem, self._loss_problem = self._loss_problem, None
+        if problem is None and getattr(optimizer, "scaler", None) is None:
+            bad = first_non_finite((n, p.grad) for n, p in params if p.grad is not None)
+            problem = None if bad is None else f"non-finite gradient of {bad}"
+        if not _on_any_process(problem is not None, args.device):
+            self.applied += 1
+            self.consecutive = 0
+            return control
+        problem = problem or "non-finite loss or gradient on another process"
+        for _, p in params:
+            p.grad = None
+        self.skipped += 1
+        self.consecutive += 1
+        step = state.global_step + 1
+        logger.warning("Inner step %d skipped: %s; the parameters were not updated (%d skipped so far).",
+                       step, problem, self.skipped)
+        if self.consecutive >= self.max_consecutive:
+            raise NonFiniteError(
+                f"training stopped at inner step {step}: {self.consecutive} steps in a row had NaN/inf values "
+                f"(last: {problem}); they were not applied. Lower --learning_rate, set --max_grad_norm, or check "
+                "the data.")
+        return control
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        bad = first_non_finite(self._trainable(model))
+        if _on_any_process(bad is not None, args.device):
+            raise NonFiniteError(
+                f"training stopped at inner step {state.global_step + 1}: the optimizer step made "
+                f"{bad or 'a parameter on another process'} non-finite (--learning_rate {args.learning_rate:g} "
+                "too high?); nothing was saved from it.")
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.skipped and not self.applied:
+            raise NonFiniteError(f"no inner step could be applied: all {self.skipped} had NaN/inf values; "
+                                 "the model is untrained. Check the data and --learning_rate.")
+        return control
+
+
+_COUNTERS_KEY = "bilevel_counters"  # extra entry of outer_optimizer.safetensors: applied/skipped step counts
 
 
 class BilevelTrainer(Trainer):
@@ -120,7 +207,13 @@ class BilevelTrainer(Trainer):
         self.inner_param_names = [n for n, p in self._unwrapped.named_parameters() if p.requires_grad]
         if not self.inner_param_names:
             raise ValueError("The model has no trainable (inner) parameters left: nothing to fine-tune.")
-        self._check_rank()
+        self.ihvp_options = options_from_arguments(args.ihvp_method, args)
+        check_problem_size(args.ihvp_method, self.ihvp_options, sum(p.numel() for p in self._inner_param_tree().values()),
+                           argument_names=True)
+        if self.is_fsdp_enabled and not get_method(args.ihvp_method).shardable:
+            raise ValueError(f"ihvp_method={args.ihvp_method!r} cannot run on FSDP-sharded parameters; "
+                             f"use 'nystrom', 'cg', 'neumann' or 'identity'.")
+        self.ihvp_solver = get_method(args.ihvp_method).build(self.ihvp_options)
         self._check_data_weights()
         self.outer_optimizer = self._create_outer_optimizer()
         self.hvp_mode: str | None = None if args.hvp_mode == "auto" else args.hvp_mode
@@ -172,13 +265,6 @@ class BilevelTrainer(Trainer):
             if name in names:
                 param.requires_grad_(False)  # outer: updated by the outer optimizer only
         return names
-
-    def _check_rank(self) -> None:
-        p = sum(p.numel() for p in self._inner_param_tree().values())
-        if self.args.ihvp_method == "nystrom" and self.args.nystrom_rank > p:
-            raise ValueError(f"`nystrom_rank` ({self.args.nystrom_rank}) exceeds the number of inner parameters ({p}).")
-        if self.args.ihvp_method == "exact" and p > 20_000:
-            raise ValueError(f"`ihvp_method='exact'` builds a dense {p}x{p} Hessian; use 'nystrom' or 'cg'.")
 
     def _check_data_weights(self) -> None:
         if self.id_column is None:
@@ -238,8 +324,7 @@ class BilevelTrainer(Trainer):
         inner training steps do; otherwise the unwrapped model is called functionally with
         ``in_params`` and the model part of ``out_params``. ``weighted`` selects the inner
         objective (through the outer module) instead of the plain mean loss."""
-        if "labels" not in batch:
-            raise ValueError("The batch has no `labels`; the data collator must produce them.")
+        self._check_batch_columns(batch, weighted)
         inputs = {k: v for k, v in batch.items() if k not in ("labels", self.id_column)}
         model_outer = {k[len(_MODEL_PREFIX):]: v for k, v in out_params.items() if k.startswith(_MODEL_PREFIX)}
         if in_params is None:
@@ -255,6 +340,16 @@ class BilevelTrainer(Trainer):
         else:
             loss = losses.mean()
         return loss, outputs
+
+    def _check_batch_columns(self, batch: Mapping[str, Any], weighted: bool) -> None:
+        if "labels" not in batch:
+            raise ValueError("The batch has no `labels`; the data collator must produce them.")
+        if weighted and self.id_column is not None and self.id_column not in batch:
+            raise ValueError(
+                f"The training batch has no {self.id_column!r} column (example ids), which "
+                f"{type(self.outer_module).__name__} needs. The data collator dropped it (TRL's collators do) or "
+                f"`remove_unused_columns` removed it: use a collator that keeps it, e.g. "
+                f"`DataCollatorForSeq2Seq`/`DataCollatorWithPadding`, or set `remove_unused_columns=False`.")
 
     def inner_forward(self, in_params: Mapping[str, Tensor], out_params: Mapping[str, Tensor],
                       batch: Mapping[str, Any]) -> Tensor:
@@ -278,7 +373,46 @@ class BilevelTrainer(Trainer):
         return super().training_step(model, inputs, num_items_in_batch)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        return self.inner_update(model, inputs, num_items_in_batch)
+        loss = self.inner_update(model, inputs, num_items_in_batch)
+        self.nonfinite_guard.note_loss(loss)
+        return loss
+
+    # ------------------------------------------------------------------ safeguards
+    @property
+    def nonfinite_guard(self) -> NonFiniteGuard:
+        """The callback that skips inner steps with NaN/inf values and stops persistent ones (installed on
+        first use); ``nonfinite_guard.skipped`` counts the skipped inner steps."""
+        guard = self.__dict__.get("_nonfinite_guard")
+        if guard is None:
+            guard = self.__dict__["_nonfinite_guard"] = NonFiniteGuard()
+            self.add_callback(guard)
+        return guard
+
+    @property
+    def outer_history(self) -> OuterStepHistory:
+        """Applied and skipped outer steps, why they were skipped, and recent hypergradient norms
+        (see :func:`hypergrad.outer_step.apply_outer_update`); saved in checkpoints."""
+        return self.__dict__.setdefault("_outer_history", OuterStepHistory())
+
+    def _outer_step_problem(self, batch: Mapping[str, Any]) -> str | None:
+        """``validate`` of :func:`~hypergrad.outer_step.apply_outer_update`: after an outer step, a reason to
+        roll it back when the inner objective on ``batch`` is no longer finite (e.g. an L2 strength or a
+        weight normalization that overflowed). One verdict for all processes."""
+        with torch.no_grad(), self._second_order_context():
+            model = self.model_wrapped if self.is_fsdp_enabled else self._unwrapped
+            phi = {k: v.detach() for k, v in self._outer_param_tree().items()}
+            loss = self._objective(model, None, phi, batch, weighted=True)[0]
+        if _on_any_process(not bool(torch.isfinite(loss)), self.args.device):
+            return f"non-finite inner objective: {float(loss)} with the new outer parameters"
+        return None
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """`Trainer.log` without NaN/inf values (e.g. the gradient norm of a skipped step), which would
+        otherwise reach ``trainer_state.json`` and every ``report_to`` backend; skipped steps are counted."""
+        logs = {k: v for k, v in logs.items() if not (isinstance(v, float) and not math.isfinite(v))}
+        if "loss" in logs and self.nonfinite_guard.skipped:
+            logs["inner/skipped_steps"] = float(self.nonfinite_guard.skipped)
+        super().log(logs, *args, **kwargs)
 
     # ------------------------------------------------------------------ outer problem
     def _sample_batch(self, dataset, batch_size: int, generator: torch.Generator, description: str) -> dict:
@@ -304,15 +438,9 @@ class BilevelTrainer(Trainer):
         return data, sketch
 
     def _solver(self, generator: torch.Generator) -> Callable:
-        args = self.args
-        if args.ihvp_method == "nystrom":
-            return make_solver("nystrom", rank=args.nystrom_rank, rho=args.nystrom_rho, sketch=args.nystrom_sketch,
-                               generator=generator)
-        if args.ihvp_method == "cg":
-            return make_solver("cg", num_iters=args.ihvp_iters)
-        if args.ihvp_method == "neumann":
-            return make_solver("neumann", num_iters=args.ihvp_iters, lr=args.neumann_lr)
-        return make_solver("exact")
+        """The run's IHVP solver (one object for the whole run, so a Nyström factor can be
+        reused across outer steps) with this step's sketch generator bound."""
+        return functools.partial(self.ihvp_solver, generator=generator)
 
     @property
     def _low_precision(self) -> bool:
@@ -375,10 +503,12 @@ class BilevelTrainer(Trainer):
                     lambda o: self._objective(model, None, o, train_batch, weighted=True)[0],
                     lambda o: self._objective(model, None, o, eval_batch, weighted=False)[0],
                     phi, solve)
-            dist = DataParallel() if self.args.world_size > 1 else None
+            data_parallel = DataParallel() if self.args.world_size > 1 else None
+            budget = self.args.hvp_memory_budget_mb
             return implicit_hypergrad(lambda i, o: self.inner_forward(i, o, train_batch),
                                       lambda i, o: self.outer_forward(i, o, eval_batch),
-                                      self._theta(), phi, solve, self.hvp_mode, dist, self.args.hvp_chunk_size)
+                                      self._theta(), phi, solve, self.hvp_mode, data_parallel, self.args.hvp_chunk_size,
+                                      hvp_memory_budget=None if budget is None else int(budget * 2**20))
 
     def outer_update(self) -> dict[str, float]:
         """One outer step: hypergradient on fresh batches, outer optimizer step, metrics logged."""
@@ -420,12 +550,10 @@ class BilevelTrainer(Trainer):
         return metrics
 
     def resolve_hvp_mode(self) -> str:
-        """Pick (``hvp_mode="auto"``) or check the Hessian-vector-product mode on one batch.
-
-        An exact mode is kept only if it runs and agrees with an independent HVP (finite
-        differences; for bf16/fp16 forward passes, the other exact mode) on a random
-        direction; otherwise ``auto`` falls back to finite differences and an explicit mode
-        raises, so a wrong hypergradient is never produced silently."""
+        """Pick (``hvp_mode="auto"``) or check the Hessian-vector-product mode on a 2-example
+        batch with :func:`hypergrad.products.probe_hvp_mode`: ``auto`` takes the fastest exact
+        mode that agrees with an independent product, else finite differences; an explicit
+        mode is run once so a model that cannot run it fails before training."""
         if self._hvp_mode_checked:
             return self.hvp_mode
         requested = self.args.hvp_mode
@@ -433,71 +561,47 @@ class BilevelTrainer(Trainer):
             if requested not in ("auto", "finite_diff"):
                 raise ValueError(f"hvp_mode={requested!r} cannot run on FSDP-sharded parameters (they break jvp "
                                  f"and double backward); use hvp_mode='auto' or 'finite_diff'.")
-            self.hvp_mode, self._hvp_mode_checked = "finite_diff", True
-            logger.info("Hessian-vector products: hvp_mode=finite_diff (FSDP, requested %s).", requested)
-            return self.hvp_mode
-        candidates = ["fwd_rev", "rev_rev", "finite_diff"] if requested == "auto" else [requested]
-        generator = torch.Generator().manual_seed(self.args.seed)
-        batch = self._sample_batch(self.train_dataset, min(2, len(self.train_dataset)), generator, "training")
-        theta = self._theta()
-        phi = {k: v.detach() for k, v in self._outer_param_tree().items()}
-        tangent = {k: torch.randn(v.shape, generator=generator).to(v) for k, v in theta.items()}
-        products: dict[str, Any] = {}
-
-        def product(mode: str):
-            """The HVP in ``mode``, or the exception it raised (cached)."""
-            if mode not in products:
-                try:
-                    products[mode] = hvp(lambda t: self.inner_forward(t, phi, batch), theta, tangent, mode)
-                except Exception as err:  # a kernel without the needed derivative
-                    products[mode] = err
-            return products[mode]
-
-        def reference(mode: str):
-            """What an exact mode is checked against: finite differences in float32. Finite
-            differences of bf16/fp16 forward passes are too noisy, so there the other exact
-            mode (forward-over-reverse vs reverse-over-reverse, independent AD paths) is used
-            when it runs."""
-            if self._low_precision:
-                other = product("rev_rev" if mode == "fwd_rev" else "fwd_rev")
-                if not isinstance(other, Exception):
-                    return other, 2e-2, "the other exact mode"
-                return product("finite_diff"), 2e-1, "finite differences"
-            return product("finite_diff"), 1e-2, "finite differences"
-
-        with self._second_order_context():
-            for mode in candidates:
-                result = product(mode)
-                if isinstance(result, Exception):
-                    if requested != "auto":
-                        raise ValueError(
-                            f"hvp_mode={mode!r} cannot run on this model ({type(result).__name__}: {result}). "
-                            f"Use hvp_mode='auto' or 'finite_diff'."
-                        ) from result
-                    logger.info("hvp_mode %s unavailable (%s); trying the next one.", mode, type(result).__name__)
-                    continue
-                if mode == "finite_diff":
-                    break
-                ref, tolerance, what = reference(mode)
-                if isinstance(ref, Exception):
-                    raise ref
-                error = float(tree_norm({k: result[k] - ref[k] for k in result})) / max(float(tree_norm(ref)), 1e-30)
-                if error < tolerance:
-                    break
-                if requested != "auto":
-                    raise ValueError(f"hvp_mode={mode!r} disagrees with {what} on this model "
-                                     f"(relative difference {error:.2e}); use hvp_mode='finite_diff'.")
-                logger.warning("hvp_mode %s disagrees with %s (%.2e); trying the next one.", mode, what, error)
-        self.hvp_mode = mode
-        self._hvp_mode_checked = True
+            mode = "finite_diff"
+        else:
+            generator = torch.Generator().manual_seed(self.args.seed)
+            batch = self._sample_batch(self.train_dataset, min(2, len(self.train_dataset)), generator, "training")
+            phi = {k: v.detach() for k, v in self._outer_param_tree().items()}
+            with torch.no_grad():  # a missing column is a data error, not an HVP-mode one: check it first
+                self._check_batch_columns(batch, weighted=True)
+            with self._second_order_context():
+                mode = probe_hvp_mode(lambda t: self.inner_forward(t, phi, batch), self._theta(), requested,
+                                      self._low_precision, generator)
+        self.hvp_mode, self._hvp_mode_checked = mode, True
         logger.info("Hessian-vector products: hvp_mode=%s (requested %s).", mode, requested)
         return mode
 
-    def train(self, *args: Any, **kwargs: Any):
-        """`Trainer.train`, after checking the HVP mode so a model that cannot run it fails
-        before any training step."""
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+        """`Trainer.train`, after checking the checkpoint to resume from and the HVP mode, so that
+        either problem fails before any training step.
+
+        ``resume_from_checkpoint=True`` takes the last *complete* checkpoint of ``output_dir``
+        (:func:`~hf_integration.hub.last_checkpoint` skips folders of an interrupted save); a path
+        must be a complete checkpoint (:func:`~hf_integration.hub.checkpoint_problem`); otherwise
+        :class:`~hf_integration.hub.CheckpointError`. Installs the :class:`NonFiniteGuard`."""
+        resume_from_checkpoint = self._checkpoint_to_resume(resume_from_checkpoint)
         self.resolve_hvp_mode()
-        return super().train(*args, **kwargs)
+        self.nonfinite_guard  # noqa: B018 (installs the callback)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _checkpoint_to_resume(self, checkpoint: str | bool | None) -> str | None:
+        outer_params = self.outer_module is not None
+        if checkpoint is True:
+            found = last_checkpoint(self.args.output_dir, outer_params=outer_params)
+            if found is None:
+                raise CheckpointError(f"resume_from_checkpoint=True, but {self.args.output_dir!r} holds no "
+                                      "complete checkpoint-<step> folder")
+            return found
+        if checkpoint in (None, False):
+            return None
+        problem = checkpoint_problem(checkpoint, outer_params=outer_params)
+        if problem is not None:
+            raise CheckpointError(f"cannot resume: {problem}")
+        return os.fspath(checkpoint)
 
     # ------------------------------------------------------------------ persistence
     def outer_metadata(self) -> dict[str, str]:
@@ -506,11 +610,7 @@ class BilevelTrainer(Trainer):
         base = self._unwrapped
         config = getattr(base, "config", None)
         meta = {
-            "method": args.ihvp_method,
-            "rank": str(args.nystrom_rank) if args.ihvp_method == "nystrom" else "",
-            "rho": str(args.nystrom_rho) if args.ihvp_method == "nystrom" else "",
-            "sketch": args.nystrom_sketch if args.ihvp_method == "nystrom" else "",
-            "iters": str(args.ihvp_iters) if args.ihvp_method in ("cg", "neumann") else "",
+            **options_metadata(args.ihvp_method, self.ihvp_options),
             "hvp_mode": str(self.hvp_mode or args.hvp_mode),
             "steps": str(self.state.global_step),
             "outer_steps": str(self.outer_step),
@@ -524,6 +624,11 @@ class BilevelTrainer(Trainer):
         return {k: v for k, v in meta.items() if v != ""}
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        named = state_dict if state_dict is not None else dict(self._unwrapped.named_parameters())
+        bad = first_non_finite(named) or first_non_finite(self._outer_param_tree())
+        if bad is not None:
+            raise NonFiniteError(f"refusing to save to {output_dir or self.args.output_dir!r}: {bad} holds NaN/inf "
+                                 "values")
         super()._save(output_dir, state_dict)
         if self.outer_module is not None and self.args.should_save:
             self.outer_module.save_pretrained(output_dir or self.args.output_dir, metadata=self.outer_metadata(),
@@ -532,18 +637,40 @@ class BilevelTrainer(Trainer):
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
         if self.args.should_save:
-            save_optimizer_state(self.outer_optimizer.state_dict(), os.path.join(output_dir, OUTER_OPTIMIZER_NAME))
+            counters = {"outer_history": self.outer_history.state_dict(),
+                        "skipped_inner_steps": self.nonfinite_guard.skipped}
+            save_optimizer_state({**self.outer_optimizer.state_dict(), _COUNTERS_KEY: counters},
+                                 os.path.join(output_dir, OUTER_OPTIMIZER_NAME))
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        super()._load_optimizer_and_scheduler(checkpoint)
+        """`Trainer`'s states, then the outer ones. Refused with a :class:`CheckpointError` naming the file:
+        an incomplete checkpoint (no ``outer_optimizer.safetensors``, ...), unreadable files, NaN/inf values,
+        and outer parameters learned on other data (fingerprint, sizes) or for another layout."""
         if checkpoint is None:
-            return
-        if self.outer_module is not None:
-            saved = type(self.outer_module).from_pretrained(checkpoint)
-            self.outer_module.load_state_dict(saved.state_dict())
-        path = os.path.join(checkpoint, OUTER_OPTIMIZER_NAME)
-        if os.path.exists(path):
-            self.outer_optimizer.load_state_dict(load_optimizer_state(path))
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        problem = checkpoint_problem(checkpoint, outer_params=self.outer_module is not None)
+        if problem is not None:
+            raise CheckpointError(f"cannot resume: {problem}")
+        try:
+            super()._load_optimizer_and_scheduler(checkpoint)
+        except Exception as err:
+            raise CheckpointError(f"cannot resume from {checkpoint!r}: loading Trainer's optimizer/scheduler state "
+                                  f"(optimizer.pt, scheduler.pt) failed: {error_line(err)}") from err
+        try:
+            if self.outer_module is not None:
+                meta = self.outer_metadata()
+                expected = {k: meta[k] for k in DATA_METADATA_KEYS if k in meta}
+                expected.update({k: v for k, v in self.outer_module.config_dict().items() if not k.startswith("init")})
+                saved = type(self.outer_module).from_pretrained(checkpoint, expected=expected)
+                self.outer_module.load_state_dict(saved.state_dict())
+            state = load_optimizer_state(os.path.join(checkpoint, OUTER_OPTIMIZER_NAME))
+            counters = state.pop(_COUNTERS_KEY, {})
+            self.outer_optimizer.load_state_dict(state)
+        except (OSError, ValueError, KeyError, RuntimeError) as err:
+            raise CheckpointError(f"cannot resume from {checkpoint!r}: {err}") from err
+        self.outer_history.load_state_dict(counters.get("outer_history", {}))
+        self.skipped_outer_steps = self.outer_history.skipped
+        self.nonfinite_guard.skipped = int(counters.get("skipped_inner_steps", 0))
         self.outer_step = sum(
             1 for i in range(self.state.global_step)
             if is_outer_step(i, self.args.unroll_steps, self.args.outer_patience_steps)

@@ -8,8 +8,11 @@ For an inner problem ``theta*(phi) = argmin_theta f(theta, phi)`` and an outer o
 :func:`implicit_hypergrad` is that rule: it builds the Hessian-vector product ``v -> H v``
 at ``(theta, phi)``, hands it to a linear solver from :mod:`hypergrad.linear_solvers` to get
 the inverse-Hessian-vector product (IHVP) ``H^{-1} grad_theta g``, and maps the result back
-with one mixed second-derivative product. The public functions (:func:`conjugate_gradient`,
-:func:`neumann`, :func:`nystrom`, :func:`exact`) only choose the solver. They all share the
+with one mixed second-derivative product. All products of one hypergradient share one
+linearization of the inner objective (:mod:`hypergrad.products`). The public functions
+(:func:`conjugate_gradient`, :func:`neumann`, :func:`nystrom`, :func:`nystrom_pcg`,
+:func:`identity`, :func:`exact`) only choose the solver from the method table
+(:mod:`hypergrad.methods`). They all share the
 signature ``method(inner_obj, outer_obj, in_params, out_params, **options)`` where
 ``inner_obj(in_params, out_params)`` is ``f`` and ``outer_obj(in_params, out_params)`` is
 ``g``, both returning scalar tensors, and they return ``dg/dphi`` with the structure of
@@ -18,34 +21,31 @@ signature ``method(inner_obj, outer_obj, in_params, out_params, **options)`` whe
 
 from __future__ import annotations
 
+import functools
+import warnings
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from .linear_solvers import (
-    NYSTROM_SKETCHES,
-    check_positive_float,
-    check_positive_int,
-    solve_cg,
-    solve_dense,
-    solve_neumann,
-    solve_nystrom,
-)
-from .distributed import DataParallel
+from .methods import DEFAULT_NYSTROM_SKETCH, check_problem_size, get_method, method_options
+from .products import linearize_inner
 from .utils import (
+    DEFAULT_HVP_MODE,
     HVPMode,
-    HVP_MODES,
     ParamsLike,
-    batched_hvp,
+    check_mode,
     check_params,
     gradient,
-    hvp,
-    mixed_vjp,
+    identity as _no_op,
     scalar_objective,
     tree_numel,
     tree_sub,
 )
+
+if TYPE_CHECKING:  # only for annotations: distributed.py imports this module's rule
+    from .distributed import DataParallel
 
 __all__ = [
     "Objective",
@@ -55,6 +55,8 @@ __all__ = [
     "conjugate_gradient",
     "neumann",
     "nystrom",
+    "nystrom_pcg",
+    "identity",
     "exact",
     "DEFAULT_NYSTROM_SKETCH",
 ]
@@ -65,23 +67,6 @@ Solve = Callable[..., ParamsLike]
 """``solve(matvec, batched_matvec, b, reduce) -> x``, an approximation of ``H^{-1} b``."""
 
 
-def _identity(x):
-    return x
-
-DEFAULT_NYSTROM_SKETCH = "gaussian"
-"""Default sketch of :func:`nystrom`. On the four problems of ``benchmarks/ihvp_accuracy.py``
-(ridge, logistic regression, an MLP, dataset distillation) the orthonormal Gaussian sketch was
-never less accurate than column sampling at the same rank and rho, and 5-10% more accurate on
-the three with non-isotropic Hessians, at the same cost; see the README's accuracy table."""
-
-
-def _check_problem(in_params: ParamsLike, out_params: ParamsLike, hvp_mode: str) -> None:
-    check_params(in_params, "in_params")
-    check_params(out_params, "out_params")
-    if hvp_mode not in HVP_MODES:
-        raise ValueError(f"`hvp_mode` must be one of {HVP_MODES}, got {hvp_mode!r}.")
-
-
 def hypergrad_from_products(
     grad_in: ParamsLike,
     grad_out: ParamsLike,
@@ -89,7 +74,7 @@ def hypergrad_from_products(
     batched_matvec: Callable[[ParamsLike], ParamsLike],
     mixed: Callable[[ParamsLike], ParamsLike],
     solve: Solve,
-    reduce: Reduce = _identity,
+    reduce: Reduce = _no_op,
 ) -> ParamsLike:
     """The implicit-differentiation rule on given products:
     ``grad_out - mixed(solve(H, grad_in))``, with ``grad_in = grad_theta g``,
@@ -103,33 +88,54 @@ def hypergrad_from_products(
     return tree_sub(grad_out, mixed(ihvp))
 
 
+def _data_parallel(data_parallel, dist):
+    """``data_parallel``, or the deprecated ``dist`` keyword it replaces (one release)."""
+    if dist is not None:
+        warnings.warn("`dist=` is deprecated (it shadows the usual `torch.distributed as dist`); "
+                      "pass `data_parallel=` instead.", FutureWarning, stacklevel=3)
+        if data_parallel is None:
+            return dist
+    return data_parallel
+
+
 def implicit_hypergrad(
     inner_obj: Objective,
     outer_obj: Objective,
     in_params: ParamsLike,
     out_params: ParamsLike,
     solve: Solve,
-    hvp_mode: HVPMode = "fwd_rev",
-    dist: DataParallel | None = None,
+    hvp_mode: HVPMode = DEFAULT_HVP_MODE,
+    data_parallel: DataParallel | None = None,
     hvp_chunk_size: int | None = None,
+    *,
+    hvp_memory_budget: int | None = None,
+    dist: DataParallel | None = None,
 ) -> ParamsLike:
-    """The implicit-differentiation rule with a pluggable IHVP solver, products by
-    :mod:`torch.func` (or plain autograd for ``hvp_mode="finite_diff"``).
+    """The implicit-differentiation rule with a pluggable IHVP solver.
+
+    The outer gradient ``(grad_theta g, grad_phi g)`` is taken first; then the inner
+    objective is linearized once at ``(theta, phi)`` (:func:`hypergrad.products.linearize_inner`)
+    and every product of the solve and the final mixed product reuse that linearization.
 
     ``solve(matvec, batched_matvec, b, reduce)`` must return an approximation of
     ``H^{-1} b`` given ``matvec(v) = H v`` and ``batched_matvec(V) = H V`` (``V`` with a
     leading batch dimension); see :func:`make_solver`.
 
-    ``dist``: under data parallelism (each process holds a replica of the parameters and a
-    different batch) every gradient and product is averaged over the processes with
-    ``dist.average``, so all processes solve the same full-batch system and return the same
-    hypergradient.
+    ``data_parallel``: under data parallelism (each process holds a replica of the
+    parameters and a different batch) every gradient and product is averaged over the
+    processes with ``data_parallel.average``, so all processes solve the same full-batch
+    system and return the same hypergradient.
 
     ``hvp_chunk_size``: how many of a batch of products (Nyström's ``rank``, the dense
-    solve's ``p``) are vectorized at a time; ``None`` = all, the fastest and most memory.
+    solve's ``p``) are in flight at a time. ``hvp_memory_budget`` (bytes): when no chunk size
+    is given, as many products as fit in it (``rev_rev``); without either, ``rev_rev`` takes
+    one product at a time and ``fwd_rev`` vectorizes all.
     """
-    _check_problem(in_params, out_params, hvp_mode)
-    average = dist.average if dist is not None else _identity
+    check_params(in_params, "in_params")
+    check_params(out_params, "out_params")
+    check_mode(hvp_mode)
+    data_parallel = _data_parallel(data_parallel, dist)
+    average = data_parallel.average if data_parallel is not None else _no_op
 
     def inner(i: ParamsLike, o: ParamsLike) -> Tensor:
         return scalar_objective(inner_obj(i, o), "inner_obj")
@@ -138,46 +144,32 @@ def implicit_hypergrad(
         return scalar_objective(outer_obj(i, o), "outer_obj")
 
     grad_in, grad_out = gradient(outer, (0, 1), hvp_mode)(in_params, out_params)
-
-    def inner_at_phi(i: ParamsLike) -> Tensor:
-        return inner(i, out_params)
-
-    return hypergrad_from_products(
-        average(grad_in),
-        average(grad_out),
-        lambda v: average(hvp(inner_at_phi, in_params, v, hvp_mode)),
-        lambda v: average(batched_hvp(inner_at_phi, in_params, v, hvp_mode, chunk_size=hvp_chunk_size)),
-        lambda v: average(mixed_vjp(inner, in_params, out_params, v, hvp_mode)),
-        solve,
-    )
+    products = linearize_inner(inner, in_params, out_params, hvp_mode, hvp_chunk_size, average, hvp_memory_budget)
+    return hypergrad_from_products(average(grad_in), average(grad_out), products.hvp, products.batched_hvp,
+                                   products.mixed, solve)
 
 
-def make_solver(method: str, **options) -> Solve:
-    """The IHVP solver of ``method`` (``"cg"``, ``"neumann"``, ``"nystrom"``, ``"exact"``) with
-    its options bound, as ``solve(matvec, batched_matvec, b, reduce) -> x``; options are
-    validated here, before any product is computed."""
-    if method == "cg":
-        num_iters, lr, tol = options["num_iters"], options.get("lr", 1.0), options.get("tol", 0.0)
-        check_positive_int(num_iters, "num_iters")
-        check_positive_float(lr, "lr")
-        check_positive_float(tol, "tol", allow_zero=True)
-        return lambda mv, _, b, reduce=_identity: solve_cg(mv, b, num_iters, lr, tol, reduce)
-    if method == "neumann":
-        num_iters, lr = options["num_iters"], options["lr"]
-        check_positive_int(num_iters, "num_iters")
-        check_positive_float(lr, "lr")
-        return lambda mv, _, b, reduce=_identity: solve_neumann(mv, b, num_iters, lr)
-    if method == "nystrom":
-        rank, rho = options["rank"], options["rho"]
-        sketch, generator = options.get("sketch", DEFAULT_NYSTROM_SKETCH), options.get("generator")
-        check_positive_int(rank, "rank")
-        check_positive_float(rho, "rho")
-        if sketch not in NYSTROM_SKETCHES:
-            raise ValueError(f"`sketch` must be one of {NYSTROM_SKETCHES}, got {sketch!r}.")
-        return lambda _, bmv, b, reduce=_identity: solve_nystrom(bmv, b, rank, rho, sketch, generator, reduce)
-    if method == "exact":
-        return lambda _, bmv, b, reduce=_identity: solve_dense(bmv, b)
-    raise ValueError(f"unknown IHVP method {method!r}; use 'cg', 'neumann', 'nystrom' or 'exact'.")
+def make_solver(method: str, generator: torch.Generator | None = None, **options) -> Solve:
+    """The IHVP solver of ``method`` (a name of :data:`hypergrad.methods.METHODS`: ``"cg"``,
+    ``"neumann"``, ``"nystrom"``, ``"nystrom_pcg"``, ``"identity"``, ``"exact"``) with its
+    options bound, as ``solve(matvec, batched_matvec, b, reduce) -> x``; options are
+    validated here, before any product is computed. ``generator`` draws random sketches."""
+    entry = get_method(method)
+    solver = entry.build(method_options(method, **options))
+    return functools.partial(solver, generator=generator)
+
+
+def _solve_with(method: str, inner_obj, outer_obj, in_params, out_params, hvp_mode, data_parallel, dist,
+                hvp_chunk_size=None, generator=None, **options) -> ParamsLike:
+    """Validate, then run the implicit rule with ``method``'s solver."""
+    solve = make_solver(method, generator=generator, **options)
+    check_params(in_params, "in_params")
+    check_problem_size(method, method_options(method, **options), tree_numel(in_params))
+    if hvp_chunk_size is not None and (isinstance(hvp_chunk_size, bool) or not isinstance(hvp_chunk_size, int)
+                                       or hvp_chunk_size < 1):
+        raise ValueError(f"`hvp_chunk_size` must be a positive integer or None, got {hvp_chunk_size!r}.")
+    return implicit_hypergrad(inner_obj, outer_obj, in_params, out_params, solve, hvp_mode,
+                              _data_parallel(data_parallel, dist), hvp_chunk_size)
 
 
 def conjugate_gradient(
@@ -188,7 +180,9 @@ def conjugate_gradient(
     num_iters: int,
     lr: float = 1.0,
     tol: float = 0.0,
-    hvp_mode: HVPMode = "fwd_rev",
+    hvp_mode: HVPMode = DEFAULT_HVP_MODE,
+    data_parallel: DataParallel | None = None,
+    *,
     dist: DataParallel | None = None,
 ) -> ParamsLike:
     """Hypergradient with the IHVP from ``num_iters`` steps of conjugate gradient.
@@ -197,8 +191,8 @@ def conjugate_gradient(
     parameters); ``lr`` rescales the Hessian (the solution does not depend on it) and
     ``tol`` stops early once the relative residual is below it.
     """
-    solve = make_solver("cg", num_iters=num_iters, lr=lr, tol=tol)
-    return implicit_hypergrad(inner_obj, outer_obj, in_params, out_params, solve, hvp_mode, dist)
+    return _solve_with("cg", inner_obj, outer_obj, in_params, out_params, hvp_mode, data_parallel, dist,
+                       num_iters=num_iters, lr=lr, tol=tol)
 
 
 def neumann(
@@ -208,14 +202,16 @@ def neumann(
     out_params: ParamsLike,
     num_iters: int,
     lr: float,
-    hvp_mode: HVPMode = "fwd_rev",
+    hvp_mode: HVPMode = DEFAULT_HVP_MODE,
+    data_parallel: DataParallel | None = None,
+    *,
     dist: DataParallel | None = None,
 ) -> ParamsLike:
     """Hypergradient with the IHVP from the truncated Neumann series
     ``lr * sum_{j<=num_iters} (I - lr H)^j b`` (Lorraine et al., 2020); needs
     ``lr < 2 / lambda_max(H)``."""
-    solve = make_solver("neumann", num_iters=num_iters, lr=lr)
-    return implicit_hypergrad(inner_obj, outer_obj, in_params, out_params, solve, hvp_mode, dist)
+    return _solve_with("neumann", inner_obj, outer_obj, in_params, out_params, hvp_mode, data_parallel, dist,
+                       num_iters=num_iters, lr=lr)
 
 
 def nystrom(
@@ -227,29 +223,64 @@ def nystrom(
     rho: float,
     sketch: str = DEFAULT_NYSTROM_SKETCH,
     generator: torch.Generator | None = None,
-    hvp_mode: HVPMode = "fwd_rev",
-    dist: DataParallel | None = None,
+    hvp_mode: HVPMode = DEFAULT_HVP_MODE,
+    data_parallel: DataParallel | None = None,
     hvp_chunk_size: int | None = None,
+    *,
+    dist: DataParallel | None = None,
 ) -> ParamsLike:
     """Hypergradient with the Nyström IHVP ``(H_nys + rho I)^{-1} b`` (Hataya & Yamada, 2023).
 
-    ``rank`` Hessian-vector products are computed in one ``vmap``-ed batch; ``sketch``
+    ``rank`` Hessian-vector products are computed in one batched call; ``sketch``
     chooses the test directions: ``"column"`` samples ``rank`` Hessian columns as in the
     paper, ``"gaussian"`` uses an orthonormal Gaussian sketch. ``rho > 0`` regularises the
     inverse. Memory is ``O(rank x p)`` plus the activations of ``hvp_chunk_size`` (default:
-    ``rank``) products in flight.
+    ``rank``) products in flight. To reuse one sketch over several hypergradients, keep a
+    :class:`hypergrad.methods.NystromSolver` with ``refresh_steps > 1`` and call
+    :func:`implicit_hypergrad` with it.
     """
-    solve = make_solver("nystrom", rank=rank, rho=rho, sketch=sketch, generator=generator)
-    if hvp_chunk_size is not None:
-        check_positive_int(hvp_chunk_size, "hvp_chunk_size")
-    check_params(in_params, "in_params")
-    p = tree_numel(in_params)
-    if rank > p:
-        raise ValueError(
-            f"`rank` ({rank}) must not exceed the number of inner parameters ({p}); "
-            f"use rank <= {p}."
-        )
-    return implicit_hypergrad(inner_obj, outer_obj, in_params, out_params, solve, hvp_mode, dist, hvp_chunk_size)
+    return _solve_with("nystrom", inner_obj, outer_obj, in_params, out_params, hvp_mode, data_parallel, dist,
+                       hvp_chunk_size, generator, rank=rank, rho=rho, sketch=sketch)
+
+
+def nystrom_pcg(
+    inner_obj: Objective,
+    outer_obj: Objective,
+    in_params: ParamsLike,
+    out_params: ParamsLike,
+    rank: int,
+    num_iters: int,
+    rho: float = 0.1,
+    sketch: str = DEFAULT_NYSTROM_SKETCH,
+    tol: float = 0.0,
+    generator: torch.Generator | None = None,
+    hvp_mode: HVPMode = DEFAULT_HVP_MODE,
+    data_parallel: DataParallel | None = None,
+    hvp_chunk_size: int | None = None,
+) -> ParamsLike:
+    """Hypergradient with ``H^{-1} b`` by conjugate gradient preconditioned with a rank-``rank``
+    Nyström approximation (Frangella, Tropp & Udell, 2023): ``rank`` batched products build
+    the preconditioner ``P^{-1} = (lam_k + rho) U (Lam + rho I)^{-1} U^T + (I - U U^T)``,
+    then ``num_iters`` CG products refine toward the undamped solution."""
+    return _solve_with("nystrom_pcg", inner_obj, outer_obj, in_params, out_params, hvp_mode, data_parallel, None,
+                       hvp_chunk_size, generator, rank=rank, num_iters=num_iters, rho=rho, sketch=sketch, tol=tol)
+
+
+def identity(
+    inner_obj: Objective,
+    outer_obj: Objective,
+    in_params: ParamsLike,
+    out_params: ParamsLike,
+    scale: float = 1.0,
+    hvp_mode: HVPMode = DEFAULT_HVP_MODE,
+    data_parallel: DataParallel | None = None,
+) -> ParamsLike:
+    """First-order hypergradient with ``H^{-1} ~ scale * I``: ``grad_phi g - scale * M grad_theta g``
+    (the one-step / T1-T2 approximation; Luketina et al., 2016). No Hessian-vector product,
+    one mixed product: the cheapest method, biased wherever ``H`` is far from a multiple of
+    the identity (on ``H = A`` the error is ``M (scale I - A^{-1}) grad_theta g``)."""
+    return _solve_with("identity", inner_obj, outer_obj, in_params, out_params, hvp_mode, data_parallel, None,
+                       scale=scale)
 
 
 def exact(
@@ -257,9 +288,11 @@ def exact(
     outer_obj: Objective,
     in_params: ParamsLike,
     out_params: ParamsLike,
-    hvp_mode: HVPMode = "fwd_rev",
+    hvp_mode: HVPMode = DEFAULT_HVP_MODE,
+    data_parallel: DataParallel | None = None,
+    *,
     dist: DataParallel | None = None,
 ) -> ParamsLike:
     """Hypergradient with a dense Hessian and an exact solve: ground truth for small
     problems (``p`` products, ``O(p^2)`` memory)."""
-    return implicit_hypergrad(inner_obj, outer_obj, in_params, out_params, make_solver("exact"), hvp_mode, dist)
+    return _solve_with("exact", inner_obj, outer_obj, in_params, out_params, hvp_mode, data_parallel, dist)

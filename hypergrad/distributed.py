@@ -207,7 +207,7 @@ def sharded_hypergrad(
         return central_difference(list(v))[1]
 
     grad_in, grad_out = gradients(outer_loss)
-    from .approx_hypergrad import hypergrad_from_products  # late import: approx_hypergrad imports us
+    from .approx_hypergrad import hypergrad_from_products
 
     return hypergrad_from_products(tuple(grad_in), grad_out, matvec, batched_matvec, mixed, solve, reduce)
 

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from .utils import (
     ParamsLike,
+    identity,
     tree_axpy,
     tree_dot,
     tree_flatten_vector,
@@ -34,7 +35,9 @@ from .utils import (
 )
 
 __all__ = [
+    "NystromFactor",
     "solve_cg",
+    "solve_pcg",
     "solve_neumann",
     "solve_nystrom",
     "solve_dense",
@@ -45,10 +48,6 @@ __all__ = [
 Matvec = Callable[[ParamsLike], ParamsLike]
 Reduce = Callable[[Tensor], Tensor]
 NYSTROM_SKETCHES: tuple[str, ...] = ("column", "gaussian")
-
-
-def _identity(x: Tensor) -> Tensor:
-    return x
 
 
 def check_positive_int(value: int, name: str) -> None:
@@ -70,7 +69,7 @@ def solve_cg(
     num_iters: int,
     lr: float = 1.0,
     tol: float = 0.0,
-    reduce: Reduce = _identity,
+    reduce: Reduce = identity,
 ) -> ParamsLike:
     """Textbook conjugate gradient for a symmetric positive-definite ``A``.
 
@@ -146,7 +145,8 @@ def _batched_dot(a: ParamsLike, v: ParamsLike, reduce: Reduce) -> Tensor:
 
 
 def _combine(a: ParamsLike, coef: Tensor) -> ParamsLike:
-    """``sum_i coef[i] * a_i`` for a batched tree ``a``."""
+    """``sum_i coef[i] * a_i`` for a batched tree ``a`` (a plain tree); for a matrix ``coef``,
+    the batched tree of rows ``sum_j coef[i, j] a_j``."""
     return tree_map(lambda x: torch.tensordot(coef.to(x.dtype), x, dims=1), a)
 
 
@@ -174,7 +174,7 @@ def nystrom_sketch(
     rank: int,
     sketch: str = "column",
     generator: torch.Generator | None = None,
-    reduce: Reduce = _identity,
+    reduce: Reduce = identity,
 ) -> ParamsLike:
     """A batched tree ``Omega`` of ``rank`` test directions shaped like ``like``.
 
@@ -216,18 +216,113 @@ def nystrom_sketch(
     return tree_map(lambda x: torch.tensordot(l_inv, x, dims=1), omega)
 
 
-def _pinv_solve(m: Tensor, z: Tensor) -> Tensor:
-    """Solve the symmetric ``k x k`` system ``m a = z`` in float64 by a pseudo-inverse, so a
-    rank-deficient sketch degrades gracefully instead of producing NaNs."""
+def _pinv(m: Tensor) -> Tensor:
+    """Pseudo-inverse of the symmetric ``k x k`` matrix ``m`` in float64, so a rank-deficient
+    sketch degrades gracefully; all NaN when ``m`` is not finite (callers detect and skip)."""
     m64 = m.to(torch.float64)
-    z64 = z.to(torch.float64)
-    if not (torch.isfinite(m64).all() and torch.isfinite(z64).all()):
-        return torch.full_like(z64, float("nan"))  # propagate, so callers can detect and skip
+    if not torch.isfinite(m64).all():
+        return torch.full_like(m64, float("nan"))
     m64 = (m64 + m64.T) / 2
     evals, evecs = torch.linalg.eigh(m64)
     cutoff = evals.abs().max() * m.shape[0] * torch.finfo(torch.float64).eps * 10
     inv = torch.where(evals.abs() > cutoff, 1.0 / evals, torch.zeros_like(evals))
-    return evecs @ (inv * (evecs.T @ z64))
+    return (evecs * inv) @ evecs.T
+
+
+class NystromFactor:
+    """A rank-``k`` Nyström approximation ``A_nys = Y W^+ Y^T`` of a symmetric PSD ``A``,
+    kept to solve several systems with it (and to precondition CG).
+
+    ``Omega`` holds ``k`` test directions (:func:`nystrom_sketch`) and ``Y = A Omega``
+    the ``k`` products, computed in one batched call; ``W = Omega^T Y``. Every global
+    quantity is a ``k x k`` matrix, so ``reduce`` (a sum over shards) makes it shard-ready.
+    Memory is ``O(k p)``: ``Omega`` and ``Y``.
+    """
+
+    def __init__(self, omega: ParamsLike, y: ParamsLike, rho: float, reduce: Reduce = identity) -> None:
+        check_positive_float(rho, "rho")
+        self.omega, self.y, self.rho, self._reduce = omega, y, float(rho), reduce
+        # (rho W + Y^T Y)^+ for the Woodbury form of (A_nys + rho I)^{-1}.
+        self.inner = _pinv(rho * _gram(omega, y, reduce) + _gram(y, y, reduce))
+        self._eig: tuple[ParamsLike, Tensor] | None = None
+
+    @classmethod
+    def sketch(cls, batched_matvec: Matvec, like: ParamsLike, rank: int, rho: float, sketch: str = "column",
+               generator: torch.Generator | None = None, reduce: Reduce = identity) -> NystromFactor:
+        """Draw ``rank`` test directions shaped like ``like`` and take their products."""
+        check_positive_int(rank, "rank")
+        check_positive_float(rho, "rho")
+        local = tree_numel(like)
+        device = tree_leaves(like)[0].device
+        p = int(reduce(torch.tensor(float(local), dtype=torch.float64, device=device)).item())  # over shards
+        if rank > p:
+            raise ValueError(f"`rank` ({rank}) must not exceed the number of inner parameters ({p}).")
+        if sketch == "column" and rank > local:
+            raise ValueError(f"`rank` ({rank}) exceeds this shard's {local} parameters; use sketch='gaussian'.")
+        omega = nystrom_sketch(like, rank, sketch, generator, reduce)
+        return cls(omega, batched_matvec(omega), rho, reduce)
+
+    def solve(self, b: ParamsLike) -> ParamsLike:
+        """``(A_nys + rho I)^{-1} b``. By the Woodbury identity
+        ``(rho I + Y W^+ Y^T)^{-1} b = (b - Y (rho W + Y^T Y)^+ Y^T b) / rho``."""
+        z = _batched_dot(self.y, b, self._reduce).to(torch.float64)
+        coef = self.inner @ z if torch.isfinite(z).all() else torch.full_like(z, float("nan"))
+        return tree_scale(tree_sub(b, _combine(self.y, coef)), 1.0 / self.rho)
+
+    def eig(self) -> tuple[ParamsLike, Tensor]:
+        """``A_nys = U^T diag(lam) U`` with orthonormal rows ``U`` (a batched tree) and
+        ``lam >= 0``, by the shifted, Cholesky-based construction of Tropp et al. (2017):
+        ``Y_nu = Y + nu Omega``, ``W_nu = L L^T``, ``B = L^{-1} Y_nu``, ``B B^T = V S^2 V^T``,
+        ``U = S^{-1} V^T B``, ``lam = max(S^2 - nu, 0)``. Needs orthonormal ``Omega`` rows
+        (both sketches have them)."""
+        if self._eig is None:
+            y_norm = torch.sqrt(torch.trace(_gram(self.y, self.y, self._reduce).to(torch.float64)))
+            nu = torch.finfo(tree_leaves(self.y)[0].dtype).eps * float(y_norm) + 1e-300
+            y_nu = tree_axpy(nu, self.omega, self.y)
+            w_nu = _gram(self.omega, y_nu, self._reduce).to(torch.float64)
+            w_nu = (w_nu + w_nu.T) / 2
+            evals, evecs = torch.linalg.eigh(w_nu)
+            keep = evals > evals.max().clamp_min(0) * w_nu.shape[0] * torch.finfo(torch.float64).eps * 10
+            # B = W_nu^{-1/2} Y_nu on the numerically positive part (a Cholesky that tolerates
+            # a rank-deficient sketch)
+            half_inv = evecs[:, keep] / evals[keep].sqrt()
+            b_rows = _combine(y_nu, half_inv.T)
+            s2, v = torch.linalg.eigh(_gram(b_rows, b_rows, self._reduce).to(torch.float64))
+            pos = s2 > s2.max().clamp_min(0) * s2.shape[0] * torch.finfo(torch.float64).eps * 10
+            u = _combine(b_rows, (v[:, pos] / s2[pos].sqrt()).T)
+            self._eig = (u, (s2[pos] - nu).clamp_min(0))
+        return self._eig
+
+    def precondition(self, r: ParamsLike) -> ParamsLike:
+        """The Nyström preconditioner of Frangella, Tropp & Udell (2023) applied to ``r``:
+        ``P^{-1} r = (lam_min + rho) U^T (diag(lam) + rho)^{-1} U r + (I - U^T U) r``."""
+        u, lam = self.eig()
+        if lam.numel() == 0:
+            return r
+        z = _batched_dot(u, r, self._reduce).to(torch.float64)
+        scale = (lam.min() + self.rho) / (lam + self.rho) - 1.0
+        return tree_map(torch.add, r, _combine(u, scale * z))
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The tensors that rebuild this factor (with ``rho``): ``omega.<i>`` and ``y.<i>``."""
+        out = {f"omega.{i}": x for i, x in enumerate(tree_leaves(self.omega))}
+        out.update({f"y.{i}": x for i, x in enumerate(tree_leaves(self.y))})
+        return out
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Tensor], like: ParamsLike, rho: float,
+                        reduce: Reduce = identity) -> NystromFactor:
+        n = len(tree_leaves(like))
+        try:
+            omega = tree_unflatten(like, [state[f"omega.{i}"] for i in range(n)])
+            y = tree_unflatten(like, [state[f"y.{i}"] for i in range(n)])
+        except KeyError as err:
+            raise ValueError(f"Nyström factor state is missing tensor {err.args[0]!r}.") from None
+        for a, x in zip(tree_leaves(y), tree_leaves(like)):
+            if tuple(a.shape[1:]) != tuple(x.shape):
+                raise ValueError(f"Nyström factor state has a tensor of shape {tuple(a.shape[1:])} where the "
+                                 f"parameters have {tuple(x.shape)}: it belongs to another model.")
+        return cls(omega, y, rho, reduce)
 
 
 def solve_nystrom(
@@ -237,31 +332,44 @@ def solve_nystrom(
     rho: float,
     sketch: str = "column",
     generator: torch.Generator | None = None,
-    reduce: Reduce = _identity,
+    reduce: Reduce = identity,
 ) -> ParamsLike:
-    """``(A_nys + rho I)^{-1} b`` with the Nyström approximation ``A_nys = Y W^+ Y^T``.
+    """``(A_nys + rho I)^{-1} b`` with a fresh rank-``rank`` :class:`NystromFactor`."""
+    return NystromFactor.sketch(batched_matvec, b, rank, rho, sketch, generator, reduce).solve(b)
 
-    ``Y = A Omega`` holds ``rank`` products computed in one batched call and
-    ``W = Omega^T Y``. By the Woodbury identity
-    ``(rho I + Y W^+ Y^T)^{-1} b = (b - Y (rho W + Y^T Y)^+ Y^T b) / rho``,
-    so only the ``rank x rank`` matrix ``rho W + Y^T Y`` is ever inverted. Memory is that of
-    ``Omega`` and ``Y``: ``O(rank x p)``.
-    """
-    check_positive_int(rank, "rank")
-    check_positive_float(rho, "rho")
-    local = tree_numel(b)
-    device = tree_leaves(b)[0].device
-    p = int(reduce(torch.tensor(float(local), dtype=torch.float64, device=device)).item())  # over shards
-    if rank > p:
-        raise ValueError(f"`rank` ({rank}) must not exceed the number of inner parameters ({p}).")
-    if sketch == "column" and rank > local:
-        raise ValueError(f"`rank` ({rank}) exceeds this shard's {local} parameters; use sketch='gaussian'.")
-    omega = nystrom_sketch(b, rank, sketch, generator, reduce)
-    y = batched_matvec(omega)
-    w = _gram(omega, y, reduce)
-    m = rho * w + _gram(y, y, reduce)
-    coef = _pinv_solve(m, _batched_dot(y, b, reduce))
-    return tree_scale(tree_sub(b, _combine(y, coef)), 1.0 / rho)
+
+def solve_pcg(
+    matvec: Matvec,
+    b: ParamsLike,
+    num_iters: int,
+    precondition: Matvec,
+    tol: float = 0.0,
+    reduce: Reduce = identity,
+) -> ParamsLike:
+    """Preconditioned conjugate gradient for ``A x = b`` from ``x = 0``, with
+    ``precondition(r) ~ A^{-1} r`` symmetric positive definite: ``z = P^{-1} r``,
+    ``alpha = <r, z> / <p, A p>``, ``p <- z_new + (<r_new, z_new> / <r, z>) p``. Stops after
+    ``num_iters`` products or when ``|r| <= tol |b|``."""
+    check_positive_int(num_iters, "num_iters")
+    check_positive_float(tol, "tol", allow_zero=True)
+    x = tree_map(torch.zeros_like, b)
+    r = b
+    z = precondition(r)
+    p = z
+    rz = reduce(tree_dot(r, z))
+    stop = (tol**2) * reduce(tree_dot(b, b))
+    for _ in range(num_iters):
+        if rz == 0 or reduce(tree_dot(r, r)) <= stop:
+            break
+        ap = matvec(p)
+        alpha = rz / reduce(tree_dot(p, ap))
+        x = tree_axpy(alpha, p, x)
+        r = tree_axpy(-alpha, ap, r)
+        z = precondition(r)
+        rz_new = reduce(tree_dot(r, z))
+        p = tree_axpy(rz_new / rz, p, z)
+        rz = rz_new
+    return x
 
 
 def solve_dense(batched_matvec: Matvec, b: ParamsLike) -> ParamsLike:

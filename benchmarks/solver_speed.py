@@ -1,0 +1,473 @@
+#!/usr/bin/env python
+"""Wall-clock time of one implicit hypergradient: hypergrad versus TorchOpt and the seed library.
+
+The question: *same method, same number of Hessian-vector products (HVPs), same problem:
+is our hypergradient at least as fast as TorchOpt's?* Each timed call computes one full
+hypergradient ``dg/dphi = grad_phi g - (d^2 f / dphi dtheta) H^{-1} grad_theta g`` from an
+already-solved inner problem: the outer gradient, the IHVP by the linear solver and the
+final mixed second-derivative product are all inside the timer.
+
+Compared (float32, CPU):
+
+* **ours**: ``hypergrad.approx_hypergrad.conjugate_gradient`` / ``neumann`` with
+  ``num_iters = N``, once with the library's default ``hvp_mode`` (not passed) and once with
+  ``hvp_mode="rev_rev"``.
+* **TorchOpt** (``pip install -e .[bench]``, torchopt 0.7.3), the idiomatic way:
+  ``torchopt.diff.implicit.custom_root(torch.func.grad(inner, argnums=0), argnums=1,
+  solve=...)`` wrapped around an inner "solver" that returns the stored optimum, then
+  ``torch.autograd.grad(outer(theta, phi), phi)``. TorchOpt builds its products as
+  ``functorch.vjp`` of the optimality condition (reverse-over-reverse, graph built once),
+  solves with ``torchopt.linear_solve.solve_cg(maxiter=N, rtol=0, atol=0)`` (no early stop)
+  or ``solve_inv(ns=True, maxiter=N, alpha=lr)``.
+* **Nyström vs seed**: ``nystrom(..., rank=k, rho=0.1)`` (default sketch, and
+  ``sketch="column"``) versus the seed library's formula (Hataya's original ``hypergrad``),
+  re-implemented here from its description: ``k`` Hessian columns ``H[:, idx]`` by ``k``
+  separate ``torch.autograd.grad`` calls on entries of the flattened ``create_graph``
+  gradient, then the Woodbury solve of ``(rho I + H_k H_kk^+ H_k^T) x = b`` with a
+  ``k x k`` matrix. The requirement checked is ours >= 2x faster than the seed.
+
+How products are counted: a product is one application of ``v -> H v`` inside the linear
+solver (the outer gradient and the final mixed product, one each in every implementation,
+are not counted). The counts in the tables are *measured* by wrapping the solver's
+``matvec`` once per configuration outside the timer, through the same public pieces
+``conjugate_gradient`` / ``neumann`` are made of (``make_solver`` + ``implicit_hypergrad``)
+and through the ``solve`` TorchOpt's ``custom_root`` calls.
+
+* CG: ours does ``N`` products for ``N`` iterations. TorchOpt's ``linalg.cg`` forms the
+  initial residual ``b - A x0`` with a product even for ``x0 = 0``, so the same ``N``
+  iterations cost it ``N + 1`` products. We keep the iterations equal (so both return the
+  same vector and the relative difference checks correctness) and show both counts; the
+  extra product is part of TorchOpt's cost.
+* Neumann: both compute ``lr * sum_{j=0}^{N} (I - lr H)^j b`` with ``N`` products (TorchOpt's
+  ``alpha`` is our ``lr``); ``lr = 1 / lambda_max`` from power iteration (untimed).
+* Nyström: ``k`` products; ours in one ``vmap``-ed batch, the seed's in a Python loop.
+
+Problems: (1) ``mlp50k``: a 64-256-128-10 tanh MLP (50,826 inner parameters) on random
+data (labels from a random linear teacher with 10% label noise); inner = cross-entropy on
+512 training examples + ``sum_i exp(phi_i) |theta_i|^2 / 2`` with one strength per
+parameter tensor (6 outer parameters), trained by 300 Adam steps; outer = cross-entropy on
+256 validation examples. (2) ``logreg33``: 3-class logistic regression on 10 features
+(33 inner parameters) with one L2 strength per feature (10 outer parameters), inner problem
+solved by L-BFGS; 200 training / 100 validation examples.
+
+Timing: every implementation is called once untimed (warm-up, and the result used for the
+relative difference), then ``--repeats`` rounds run all implementations of a row one after
+the other (interleaved) and the minimum per implementation is reported. Torch's thread count
+is left at its default (recorded in the output); on a shared 2-core machine timings are
+noisy, so compare within a row, not across runs.
+
+TorchOpt on torch 2.13: ``torchopt._C`` (its compiled extension) fails to load against
+torch 2.13 (``undefined symbol`` from ``at::_ops::empty_like``); torchopt catches that and
+falls back to pure-Python ops (``torchopt.accelerated_op.is_available()`` is False). The
+extension only backs the fused Adam operator: ``torchopt.linear_solve.solve_cg`` /
+``solve_inv(ns=True)``, ``torchopt.linalg`` and ``torchopt.diff.implicit.custom_root`` are pure
+Python (``functorch.vjp`` and optree pytrees) and work; the relative differences against our
+results in the tables confirm it.
+
+Run: ``python benchmarks/solver_speed.py [--repeats 5] [--out PATH]`` (well under three
+minutes on two CPU cores). Prints markdown tables and writes
+``benchmarks/results/solver_speed.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor
+from torch.func import grad, jvp
+from torch.nn import functional as F
+
+from hypergrad.approx_hypergrad import conjugate_gradient, implicit_hypergrad, make_solver, neumann, nystrom
+from hypergrad.linear_solvers import nystrom_sketch
+
+try:
+    import torchopt
+    from torchopt.diff.implicit import custom_root
+    from torchopt.linear_solve import solve_cg as torchopt_solve_cg
+    from torchopt.linear_solve import solve_inv as torchopt_solve_inv
+except ImportError as exc:  # pragma: no cover - benchmark-only dependency
+    raise SystemExit(f"{exc}: install the benchmark extra with `pip install -e .[bench]`.")
+
+DTYPE = torch.float32
+PRODUCTS = (10, 20)
+NYSTROM_RANKS = (5, 10)
+NYSTROM_RHO = 0.1
+Params = tuple[Tensor, ...]
+
+# torchopt 0.7.3 calls the deprecated ``functorch.vjp`` on every backward.
+warnings.filterwarnings("ignore", message=r".*functorch\.vjp.*deprecated", category=FutureWarning)
+
+
+# --------------------------------------------------------------------------------------
+# Problems
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Problem:
+    name: str
+    description: str
+    inner: Callable[[Params, Params], Tensor]
+    outer: Callable[[Params, Params], Tensor]
+    theta: Params  # inner parameters at (approximately) the inner optimum
+    phi: Params  # outer parameters
+    neumann_lr: float = float("nan")
+
+    @property
+    def num_inner(self) -> int:
+        return sum(t.numel() for t in self.theta)
+
+
+def _flat(tensors) -> Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _lambda_max(f: Callable[[Params], Tensor], theta: Params, steps: int = 30) -> float:
+    """Largest Hessian eigenvalue of ``f`` at ``theta`` by power iteration (not timed)."""
+    g = torch.Generator().manual_seed(1)
+    v = tuple(torch.randn(t.shape, generator=g, dtype=t.dtype) for t in theta)
+    lam = 0.0
+    for _ in range(steps):
+        norm = _flat(v).norm()
+        v = tuple(x / norm for x in v)
+        hv = jvp(grad(f), (theta,), (v,))[1]
+        lam = float(_flat(hv) @ _flat(v))
+        v = hv
+    return lam
+
+
+def _minimize(loss: Callable[[Params], Tensor], theta: Params, optimizer: str, steps: int) -> Params:
+    params = [t.clone().requires_grad_() for t in theta]
+    if optimizer == "adam":
+        opt = torch.optim.Adam(params, lr=1e-2)
+        for _ in range(steps):
+            opt.zero_grad()
+            loss(tuple(params)).backward()
+            opt.step()
+    else:
+        opt = torch.optim.LBFGS(params, lr=1.0, max_iter=steps, tolerance_grad=1e-9,
+                                tolerance_change=0.0, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            value = loss(tuple(params))
+            value.backward()
+            return value
+
+        opt.step(closure)
+    return tuple(p.detach() for p in params)
+
+
+def _teacher_data(g: torch.Generator, n: int, features: int, classes: int, noise: float):
+    x = torch.randn(n, features, generator=g, dtype=DTYPE)
+    w = torch.randn(features, classes, generator=g, dtype=DTYPE)
+    y = (x @ w).argmax(1)
+    flip = torch.rand(n, generator=g) < noise
+    y[flip] = torch.randint(classes, (int(flip.sum()),), generator=g)
+    return x, y
+
+
+def mlp_problem(seed: int = 0) -> Problem:
+    sizes = (64, 256, 128, 10)
+    g = torch.Generator().manual_seed(seed)
+    x, y = _teacher_data(g, 512 + 256, sizes[0], sizes[-1], noise=0.1)
+    x_tr, y_tr, x_val, y_val = x[:512], y[:512], x[512:], y[512:]
+    theta0: list[Tensor] = []
+    for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+        bound = 1 / math.sqrt(fan_in)
+        theta0.append((torch.rand(fan_out, fan_in, generator=g, dtype=DTYPE) * 2 - 1) * bound)
+        theta0.append((torch.rand(fan_out, generator=g, dtype=DTYPE) * 2 - 1) * bound)
+    phi = (torch.full((len(theta0),), math.log(1e-2), dtype=DTYPE),)
+
+    def forward(theta: Params, inputs: Tensor) -> Tensor:
+        h = inputs
+        for i in range(0, len(theta), 2):
+            h = F.linear(h, theta[i], theta[i + 1])
+            if i + 2 < len(theta):
+                h = torch.tanh(h)
+        return h
+
+    def inner(theta: Params, phi: Params) -> Tensor:
+        strengths = phi[0].exp()
+        penalty = sum(strengths[i] * t.pow(2).sum() for i, t in enumerate(theta))
+        return F.cross_entropy(forward(theta, x_tr), y_tr) + 0.5 * penalty
+
+    def outer(theta: Params, phi: Params) -> Tensor:
+        return F.cross_entropy(forward(theta, x_val), y_val)
+
+    theta = _minimize(lambda t: inner(t, phi), tuple(theta0), "adam", steps=300)
+    return Problem("mlp50k", "64-256-128-10 tanh MLP, 512 train / 256 val, per-tensor L2 strengths",
+                   inner, outer, theta, phi)
+
+
+def logreg_problem(seed: int = 0) -> Problem:
+    features, classes = 10, 3
+    g = torch.Generator().manual_seed(seed)
+    x, y = _teacher_data(g, 300, features, classes, noise=0.1)
+    x_tr, y_tr, x_val, y_val = x[:200], y[:200], x[200:], y[200:]
+    phi = (torch.full((features,), math.log(1e-1), dtype=DTYPE),)
+
+    def inner(theta: Params, phi: Params) -> Tensor:
+        w, b = theta
+        penalty = (phi[0].exp() * w.pow(2).sum(1)).sum()
+        return F.cross_entropy(x_tr @ w + b, y_tr) + 0.5 * penalty
+
+    def outer(theta: Params, phi: Params) -> Tensor:
+        w, b = theta
+        return F.cross_entropy(x_val @ w + b, y_val)
+
+    theta0 = (torch.zeros(features, classes, dtype=DTYPE), torch.zeros(classes, dtype=DTYPE))
+    theta = _minimize(lambda t: inner(t, phi), theta0, "lbfgs", steps=200)
+    return Problem("logreg33", "logistic regression, 10 features x 3 classes, per-feature L2 strengths",
+                   inner, outer, theta, phi)
+
+
+# --------------------------------------------------------------------------------------
+# Implementations
+# --------------------------------------------------------------------------------------
+
+
+def ours_fn(problem: Problem, method: str, n: int, hvp_mode: str | None) -> Callable[[], Params]:
+    fn = conjugate_gradient if method == "cg" else neumann
+    kwargs: dict = {"num_iters": n}
+    if method == "neumann":
+        kwargs["lr"] = problem.neumann_lr
+    if hvp_mode is not None:
+        kwargs["hvp_mode"] = hvp_mode
+    return lambda: fn(problem.inner, problem.outer, problem.theta, problem.phi, **kwargs)
+
+
+def torchopt_solve(problem: Problem, method: str, n: int):
+    if method == "cg":
+        return torchopt_solve_cg(maxiter=n, rtol=0.0, atol=0.0)
+    return torchopt_solve_inv(ns=True, maxiter=n, alpha=problem.neumann_lr)
+
+
+def torchopt_fn(problem: Problem, solve) -> Callable[[], Params]:
+    """TorchOpt's implicit differentiation: ``custom_root`` with the inner gradient as the
+    optimality condition around a "solver" that returns the stored inner optimum."""
+
+    @custom_root(grad(problem.inner, argnums=0), argnums=1, solve=solve)
+    def inner_solution(theta_init: Params, phi: Params) -> Params:
+        return problem.theta
+
+    def hypergrad() -> Params:
+        phi = tuple(p.detach().requires_grad_() for p in problem.phi)
+        theta = inner_solution(problem.theta, phi)
+        return torch.autograd.grad(problem.outer(theta, phi), phi)
+
+    return hypergrad
+
+
+def counting(solve, counter: list[int]):
+    """``solve`` with its first argument (the matvec) counting its calls into ``counter``."""
+
+    def wrapped(matvec, *args, **kwargs):
+        def counted(v):
+            counter[0] += 1
+            return matvec(v)
+
+        return solve(counted, *args, **kwargs)
+
+    return wrapped
+
+
+def count_products(problem: Problem, method: str, n: int) -> tuple[int, int]:
+    """Products made by our solver and by TorchOpt's for ``n`` iterations (untimed)."""
+    ours, theirs = [0], [0]
+    options = {"num_iters": n} if method == "cg" else {"num_iters": n, "lr": problem.neumann_lr}
+    implicit_hypergrad(problem.inner, problem.outer, problem.theta, problem.phi,
+                       counting(make_solver(method, **options), ours))
+    torchopt_fn(problem, counting(torchopt_solve(problem, method, n), theirs))()
+    return ours[0], theirs[0]
+
+
+def seed_nystrom(problem: Problem, rank: int, rho: float, idx: Tensor | None = None) -> Params:
+    """The seed library's Nyström hypergradient: ``rank`` Hessian columns by separate
+    ``autograd.grad`` calls, then Woodbury with a ``rank x rank`` matrix."""
+    theta = tuple(t.detach().requires_grad_() for t in problem.theta)
+    phi = tuple(p.detach().requires_grad_() for p in problem.phi)
+    outer_grads = torch.autograd.grad(problem.outer(theta, phi), theta + phi, allow_unused=True)
+    outer_grads = tuple(torch.zeros_like(x) if gx is None else gx for gx, x in zip(outer_grads, theta + phi))
+    b, grad_out = _flat(outer_grads[:len(theta)]), outer_grads[len(theta):]
+    inner_grad = _flat(torch.autograd.grad(problem.inner(theta, phi), theta, create_graph=True))
+    if idx is None:
+        idx = torch.randperm(inner_grad.numel())[:rank]
+    # Row i of the Hessian = column i (symmetry): d(inner_grad[i]) / d theta.
+    cols = torch.stack(
+        [_flat(torch.autograd.grad(inner_grad[i], theta, retain_graph=True)) for i in idx.tolist()], dim=1
+    )  # H_k = H[:, idx], p x k
+    h_kk = cols[idx]  # k x k
+    # Woodbury: (rho I + H_k H_kk^+ H_k^T)^{-1} b = (b - H_k (rho H_kk + H_k^T H_k)^+ H_k^T b) / rho.
+    core = torch.linalg.pinv(rho * h_kk + cols.T @ cols)
+    ihvp = (b - cols @ (core @ (cols.T @ b))) / rho
+    mixed = torch.autograd.grad(inner_grad, phi, grad_outputs=ihvp)
+    return tuple(go - m for go, m in zip(grad_out, mixed))
+
+
+def column_indices(problem: Problem, rank: int, seed: int) -> Tensor:
+    """The flat indices our ``sketch="column"`` draws with ``torch.Generator().manual_seed(seed)``."""
+    omega = nystrom_sketch(problem.theta, rank, "column", torch.Generator().manual_seed(seed))
+    return torch.cat([x.reshape(rank, -1) for x in omega], dim=1).argmax(1)
+
+
+# --------------------------------------------------------------------------------------
+# Timing and reporting
+# --------------------------------------------------------------------------------------
+
+
+def rel_diff(a: Params, b: Params) -> float:
+    fa, fb = _flat(a).double(), _flat(b).double()
+    return float((fa - fb).norm() / fb.norm().clamp_min(1e-300))
+
+
+def time_interleaved(fns: dict[str, Callable[[], Params]], repeats: int) -> tuple[dict, dict]:
+    """One untimed warm-up call each (its result is returned), then ``repeats`` interleaved
+    rounds; the minimum time per implementation."""
+    results = {name: fn() for name, fn in fns.items()}
+    best = {name: math.inf for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best, results
+
+
+def bench_solvers(problem: Problem, repeats: int) -> list[dict]:
+    rows = []
+    for method in ("cg", "neumann"):
+        for n in PRODUCTS:
+            fns = {
+                "ours": ours_fn(problem, method, n, None),
+                "ours_rev_rev": ours_fn(problem, method, n, "rev_rev"),
+                "torchopt": torchopt_fn(problem, torchopt_solve(problem, method, n)),
+            }
+            best, res = time_interleaved(fns, repeats)
+            ours_products, torchopt_products = count_products(problem, method, n)
+            rows.append({
+                "method": method, "iterations": n,
+                "products_ours": ours_products, "products_torchopt": torchopt_products,
+                "ours_s": best["ours"], "ours_rev_rev_s": best["ours_rev_rev"], "torchopt_s": best["torchopt"],
+                "ratio_torchopt_over_ours": best["torchopt"] / best["ours"],
+                "ratio_torchopt_over_ours_rev_rev": best["torchopt"] / best["ours_rev_rev"],
+                "rel_diff": rel_diff(res["ours"], res["torchopt"]),
+                "rel_diff_rev_rev": rel_diff(res["ours_rev_rev"], res["torchopt"]),
+            })
+    return rows
+
+
+def bench_nystrom(problem: Problem, repeats: int, seed: int = 0) -> list[dict]:
+    rows = []
+    for rank in NYSTROM_RANKS:
+        idx = column_indices(problem, rank, seed)
+        args = (problem.inner, problem.outer, problem.theta, problem.phi)
+        fns = {
+            "ours": lambda: nystrom(*args, rank=rank, rho=NYSTROM_RHO),
+            "ours_column": lambda: nystrom(*args, rank=rank, rho=NYSTROM_RHO, sketch="column",
+                                           generator=torch.Generator().manual_seed(seed)),
+            "seed": lambda: seed_nystrom(problem, rank, NYSTROM_RHO, idx),
+        }
+        best, res = time_interleaved(fns, repeats)
+        rows.append({
+            "rank": rank, "rho": NYSTROM_RHO,
+            "ours_s": best["ours"], "ours_column_s": best["ours_column"], "seed_s": best["seed"],
+            "speedup_seed_over_ours": best["seed"] / best["ours"],
+            "speedup_seed_over_ours_column": best["seed"] / best["ours_column"],
+            "at_least_2x": best["seed"] / best["ours"] >= 2.0,
+            "rel_diff_column_vs_seed": rel_diff(res["ours_column"], res["seed"]),
+        })
+    return rows
+
+
+def solver_table(problem: Problem, rows: list[dict]) -> str:
+    lines = [
+        f"### {problem.name}: {problem.description} ({problem.num_inner} inner parameters)",
+        "",
+        "| method | products (ours / TorchOpt) | ours s | ours (rev_rev) s | TorchOpt s "
+        "| ratio TorchOpt/ours | ratio TorchOpt/ours (rev_rev) | rel. diff |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['products_ours']} / {r['products_torchopt']} | {r['ours_s']:.4f} "
+            f"| {r['ours_rev_rev_s']:.4f} | {r['torchopt_s']:.4f} | {r['ratio_torchopt_over_ours']:.2f} "
+            f"| {r['ratio_torchopt_over_ours_rev_rev']:.2f} | {r['rel_diff']:.1e} |"
+        )
+    return "\n".join(lines)
+
+
+def nystrom_table(results: dict) -> str:
+    lines = [
+        f"### Nyström (rho = {NYSTROM_RHO}): ours vs the seed library's formula",
+        "",
+        "| problem | rank = products | ours s | ours (column) s | seed s | seed/ours | >= 2x "
+        "| seed/ours (column) | rel. diff (column, same indices) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, entry in results.items():
+        for r in entry["nystrom"]:
+            lines.append(
+                f"| {name} | {r['rank']} | {r['ours_s']:.4f} | {r['ours_column_s']:.4f} | {r['seed_s']:.4f} "
+                f"| {r['speedup_seed_over_ours']:.2f} | {'yes' if r['at_least_2x'] else 'NO'} "
+                f"| {r['speedup_seed_over_ours_column']:.2f} | {r['rel_diff_column_vs_seed']:.1e} |"
+            )
+    return "\n".join(lines)
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=5, help="timed interleaved rounds (min is reported)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "solver_speed.json")
+    args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
+
+    torch.manual_seed(0)
+    meta = {
+        "torch": torch.__version__, "torchopt": torchopt.__version__,
+        "torchopt_compiled_extension": torchopt.accelerated_op.is_available(),
+        "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "platform": platform.platform(), "dtype": str(DTYPE), "repeats": args.repeats,
+        "timing": "min over interleaved repeats after one warm-up call, seconds per hypergradient",
+    }
+    print(f"torch {meta['torch']}, torchopt {meta['torchopt']} (compiled extension: "
+          f"{meta['torchopt_compiled_extension']}), {meta['torch_threads']} torch threads, "
+          f"repeats {args.repeats}\n")
+
+    results = {}
+    for build in (mlp_problem, logreg_problem):
+        problem = build()
+        problem.neumann_lr = 1.0 / _lambda_max(lambda t: problem.inner(t, problem.phi), problem.theta)
+        results[problem.name] = {
+            "description": problem.description, "inner_parameters": problem.num_inner,
+            "neumann_lr": problem.neumann_lr,
+            "solvers": bench_solvers(problem, args.repeats),
+            "nystrom": bench_nystrom(problem, args.repeats),
+        }
+        print(solver_table(problem, results[problem.name]["solvers"]) + "\n", flush=True)
+    print(nystrom_table(results))
+
+    write_json(args.out, {"meta": meta, "problems": results})
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

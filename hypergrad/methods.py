@@ -1,0 +1,299 @@
+"""The IHVP methods, one table entry each.
+
+An entry (:class:`IHVPMethod`) names a method, its options (a frozen dataclass validated on
+construction) and the factory that turns the options into a solver
+``solve(matvec, batched_matvec, b, reduce=identity, generator=None) -> x ~ H^{-1} b``.
+:func:`hypergrad.approx_hypergrad.make_solver`, ``BilevelTrainingArguments``, the trainer
+and the saved metadata all read this table: adding a method is one options class, one
+solver and one entry in :data:`METHODS`.
+
+Each option field may carry two metadata keys: ``"argument"``, the name of the
+``BilevelTrainingArguments`` field it is read from, and ``"key"``, its name in saved
+metadata.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .linear_solvers import (
+    NYSTROM_SKETCHES,
+    NystromFactor,
+    check_positive_float,
+    check_positive_int,
+    solve_cg,
+    solve_dense,
+    solve_neumann,
+    solve_pcg,
+)
+from .utils import ParamsLike, identity, tree_scale
+
+__all__ = [
+    "IHVPMethod",
+    "METHODS",
+    "DEFAULT_NYSTROM_SKETCH",
+    "CGOptions",
+    "NeumannOptions",
+    "NystromOptions",
+    "NystromPCGOptions",
+    "ExactOptions",
+    "IdentityOptions",
+    "NystromSolver",
+    "get_method",
+    "method_options",
+    "options_from_arguments",
+    "options_metadata",
+    "check_problem_size",
+]
+
+DEFAULT_NYSTROM_SKETCH = "gaussian"
+"""Default Nyström sketch. On the four problems of ``benchmarks/ihvp_accuracy.py`` (ridge,
+logistic regression, an MLP, dataset distillation) the orthonormal Gaussian sketch was never
+less accurate than column sampling at the same rank and rho, and 5-10% more accurate on the
+three with non-isotropic Hessians, at the same cost; see the README's accuracy table."""
+
+EXACT_MAX_PARAMS = 20_000
+"""``exact`` builds a dense ``p x p`` Hessian; above this many inner parameters it is refused."""
+
+
+def _arg(argument: str, key: str | None = None) -> dict[str, str]:
+    return {"argument": argument, "key": key or argument}
+
+
+@dataclass(frozen=True)
+class CGOptions:
+    """Conjugate gradient: ``num_iters`` products; ``lr`` rescales ``H`` (not the solution);
+    stop early once ``|r| <= tol |b|``."""
+
+    num_iters: int = field(default=10, metadata=_arg("ihvp_iters", "iters"))
+    lr: float = 1.0
+    tol: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_positive_int(self.num_iters, "num_iters")
+        check_positive_float(self.lr, "lr")
+        check_positive_float(self.tol, "tol", allow_zero=True)
+
+
+@dataclass(frozen=True)
+class NeumannOptions:
+    """Truncated Neumann series: ``num_iters`` products, step ``lr < 2 / lambda_max(H)``."""
+
+    num_iters: int = field(default=10, metadata=_arg("ihvp_iters", "iters"))
+    lr: float = field(default=0.01, metadata=_arg("neumann_lr", "lr"))
+
+    def __post_init__(self) -> None:
+        check_positive_int(self.num_iters, "num_iters")
+        check_positive_float(self.lr, "lr")
+
+
+def _check_sketch(sketch: str) -> None:
+    if sketch not in NYSTROM_SKETCHES:
+        raise ValueError(f"`sketch` must be one of {NYSTROM_SKETCHES}, got {sketch!r}.")
+
+
+@dataclass(frozen=True)
+class NystromOptions:
+    """Nyström: ``rank`` batched products, damping ``rho``; the factor is reused for
+    ``refresh_steps`` consecutive hypergradients (1 = a fresh sketch every time)."""
+
+    rank: int = field(default=5, metadata=_arg("nystrom_rank", "rank"))
+    rho: float = field(default=0.1, metadata=_arg("nystrom_rho", "rho"))
+    sketch: str = field(default=DEFAULT_NYSTROM_SKETCH, metadata=_arg("nystrom_sketch", "sketch"))
+    refresh_steps: int = field(default=1, metadata=_arg("nystrom_refresh_steps", "refresh_steps"))
+
+    def __post_init__(self) -> None:
+        check_positive_int(self.rank, "rank")
+        check_positive_float(self.rho, "rho")
+        _check_sketch(self.sketch)
+        check_positive_int(self.refresh_steps, "refresh_steps")
+
+
+@dataclass(frozen=True)
+class NystromPCGOptions:
+    """Nyström-preconditioned CG: a rank-``rank`` sketch (damping ``rho``) as preconditioner,
+    then ``num_iters`` CG products on ``H x = b``; ``rank + num_iters`` products in all."""
+
+    rank: int = field(default=5, metadata=_arg("nystrom_rank", "rank"))
+    rho: float = field(default=0.1, metadata=_arg("nystrom_rho", "rho"))
+    num_iters: int = field(default=5, metadata=_arg("ihvp_iters", "iters"))
+    sketch: str = field(default=DEFAULT_NYSTROM_SKETCH, metadata=_arg("nystrom_sketch", "sketch"))
+    tol: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_positive_int(self.rank, "rank")
+        check_positive_float(self.rho, "rho")
+        check_positive_int(self.num_iters, "num_iters")
+        _check_sketch(self.sketch)
+        check_positive_float(self.tol, "tol", allow_zero=True)
+
+
+@dataclass(frozen=True)
+class ExactOptions:
+    """Dense Hessian and an exact solve (``p`` products, ``O(p^2)`` memory)."""
+
+
+@dataclass(frozen=True)
+class IdentityOptions:
+    """First-order, Hessian-free: ``H^{-1} ~ scale * I``, no Hessian-vector product at all."""
+
+    scale: float = field(default=1.0, metadata=_arg("identity_scale", "scale"))
+
+    def __post_init__(self) -> None:
+        check_positive_float(self.scale, "scale")
+
+
+class NystromSolver:
+    """Nyström IHVP ``(H_nys + rho I)^{-1} b`` whose factor is reused for
+    ``refresh_steps`` calls: call ``n`` sketches anew when ``n % refresh_steps == 0`` and
+    otherwise only applies the stored factor (no Hessian-vector product), so between
+    refreshes a hypergradient costs one outer gradient and one mixed product. With
+    ``pcg_iters``, the factor preconditions ``pcg_iters`` CG steps on ``H x = b`` instead
+    (Frangella, Tropp & Udell, 2023), sketched anew at every call.
+
+    ``state_dict``/``load_state_dict`` carry the factor and the call count, so a resumed
+    run continues the refresh schedule exactly."""
+
+    def __init__(self, rank: int, rho: float, sketch: str = DEFAULT_NYSTROM_SKETCH, refresh_steps: int = 1,
+                 pcg_iters: int | None = None, tol: float = 0.0) -> None:
+        self.rank, self.rho, self.sketch = rank, rho, sketch
+        self.refresh_steps, self.pcg_iters, self.tol = refresh_steps, pcg_iters, tol
+        self.factor: NystromFactor | None = None
+        self.calls = 0
+
+    @property
+    def refresh_due(self) -> bool:
+        """Whether the next call sketches anew (and so needs Hessian-vector products)."""
+        return self.factor is None or self.calls % self.refresh_steps == 0 or self.pcg_iters is not None
+
+    def __call__(self, matvec, batched_matvec, b: ParamsLike, reduce=identity,
+                 generator: torch.Generator | None = None) -> ParamsLike:
+        if self.refresh_due:
+            self.factor = NystromFactor.sketch(batched_matvec, b, self.rank, self.rho, self.sketch, generator, reduce)
+        self.calls += 1
+        if self.pcg_iters is None:
+            return self.factor.solve(b)
+        return solve_pcg(matvec, b, self.pcg_iters, self.factor.precondition, self.tol, reduce)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        state = {"calls": torch.tensor(self.calls, dtype=torch.int64)}
+        if self.factor is not None:
+            state.update(self.factor.state_dict())
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Tensor], like: ParamsLike, reduce=identity) -> None:
+        """Restore from :meth:`state_dict`; ``like`` is a parameter tree of the inner
+        parameters (for the factor's structure)."""
+        if "calls" not in state:
+            raise ValueError("Nyström solver state has no 'calls' entry.")
+        self.calls = int(state["calls"])
+        factor_state = {k: v for k, v in state.items() if k != "calls"}
+        self.factor = NystromFactor.from_state_dict(factor_state, like, self.rho, reduce) if factor_state else None
+
+
+Solve = Callable[..., ParamsLike]
+
+
+def _cg(o: CGOptions) -> Solve:
+    return lambda mv, bmv, b, reduce=identity, generator=None: solve_cg(mv, b, o.num_iters, o.lr, o.tol, reduce)
+
+
+def _neumann(o: NeumannOptions) -> Solve:
+    return lambda mv, bmv, b, reduce=identity, generator=None: solve_neumann(mv, b, o.num_iters, o.lr)  # no inner products: nothing to reduce
+
+
+def _nystrom(o: NystromOptions) -> Solve:
+    return NystromSolver(o.rank, o.rho, o.sketch, o.refresh_steps)
+
+
+def _nystrom_pcg(o: NystromPCGOptions) -> Solve:
+    return NystromSolver(o.rank, o.rho, o.sketch, pcg_iters=o.num_iters, tol=o.tol)
+
+
+def _exact(o: ExactOptions) -> Solve:
+    return lambda mv, bmv, b, reduce=identity, generator=None: solve_dense(bmv, b)
+
+
+def _identity_solve(o: IdentityOptions) -> Solve:
+    return lambda mv, bmv, b, reduce=identity, generator=None: tree_scale(b, o.scale)
+
+
+@dataclass(frozen=True)
+class IHVPMethod:
+    """One IHVP method: its options class, its solver factory and whether it computes
+    Hessian-vector products at all (``hessian_free`` methods only need the mixed one)."""
+
+    name: str
+    options: type
+    build: Callable[[Any], Solve]
+    summary: str
+    hessian_free: bool = False
+    shardable: bool = True
+
+
+METHODS: dict[str, IHVPMethod] = {
+    m.name: m
+    for m in (
+        IHVPMethod("nystrom", NystromOptions, _nystrom, "rank-k Nyström approximation, k batched products"),
+        IHVPMethod("nystrom_pcg", NystromPCGOptions, _nystrom_pcg, "Nyström-preconditioned conjugate gradient"),
+        IHVPMethod("cg", CGOptions, _cg, "conjugate gradient"),
+        IHVPMethod("neumann", NeumannOptions, _neumann, "truncated Neumann series"),
+        IHVPMethod("identity", IdentityOptions, _identity_solve, "first-order: H^-1 ~ scale * I (no HVP)",
+                   hessian_free=True),
+        IHVPMethod("exact", ExactOptions, _exact, "dense Hessian, exact solve (small problems)", shardable=False),
+    )
+}
+
+
+def get_method(name: str) -> IHVPMethod:
+    if name not in METHODS:
+        raise ValueError(f"unknown IHVP method {name!r}; use one of {tuple(METHODS)}.")
+    return METHODS[name]
+
+
+def method_options(name: str, **options: Any):
+    """The validated options of method ``name`` (unknown option names are refused)."""
+    cls = get_method(name).options
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(f"IHVP method {name!r} has no option(s) {unknown}; it takes {sorted(known)}.")
+    return cls(**options)
+
+
+def options_from_arguments(name: str, arguments: Any):
+    """The options of method ``name`` read from an object with the ``"argument"`` fields
+    (``BilevelTrainingArguments``)."""
+    cls = get_method(name).options
+    values = {f.name: getattr(arguments, f.metadata["argument"]) for f in dataclasses.fields(cls)
+              if "argument" in f.metadata}
+    return cls(**values)
+
+
+def options_metadata(name: str, options: Any) -> dict[str, str]:
+    """``{"method": name, <key>: str(value), ...}`` for saved metadata."""
+    meta = {"method": name}
+    for f in dataclasses.fields(options):
+        meta[f.metadata.get("key", f.name)] = str(getattr(options, f.name))
+    return meta
+
+
+def check_problem_size(name: str, options: Any, num_params: int, argument_names: bool = False) -> None:
+    """Refuse options that cannot work with ``num_params`` inner parameters (checked once,
+    before any product). ``argument_names``: name options by their
+    ``BilevelTrainingArguments`` field in the message."""
+    fields = {f.name: f for f in dataclasses.fields(options)}
+    rank = getattr(options, "rank", None)
+    if rank is not None and rank > num_params:
+        label = fields["rank"].metadata["argument"] if argument_names else "rank"
+        raise ValueError(f"`{label}` ({rank}) must not exceed the number of inner parameters ({num_params}); "
+                         f"use {label} <= {num_params}.")
+    if name == "exact" and num_params > EXACT_MAX_PARAMS:
+        raise ValueError(f"ihvp_method='exact' builds a dense {num_params}x{num_params} Hessian; "
+                         f"use 'nystrom' or 'cg'.")
