@@ -639,6 +639,8 @@ class BilevelTrainer(Trainer):
         if self.args.should_save:
             counters = {"outer_history": self.outer_history.state_dict(),
                         "skipped_inner_steps": self.nonfinite_guard.skipped}
+            if hasattr(self.ihvp_solver, "state_dict"):  # a reused Nyström factor and its refresh count
+                counters["ihvp_solver"] = self.ihvp_solver.state_dict()
             save_optimizer_state({**self.outer_optimizer.state_dict(), _COUNTERS_KEY: counters},
                                  os.path.join(output_dir, OUTER_OPTIMIZER_NAME))
 
@@ -669,6 +671,8 @@ class BilevelTrainer(Trainer):
         except (OSError, ValueError, KeyError, RuntimeError) as err:
             raise CheckpointError(f"cannot resume from {checkpoint!r}: {err}") from err
         self.outer_history.load_state_dict(counters.get("outer_history", {}))
+        if "ihvp_solver" in counters and hasattr(self.ihvp_solver, "load_state_dict"):
+            self.ihvp_solver.load_state_dict(counters["ihvp_solver"], like=self._theta())
         self.skipped_outer_steps = self.outer_history.skipped
         self.nonfinite_guard.skipped = int(counters.get("skipped_inner_steps", 0))
         self.outer_step = sum(

@@ -32,7 +32,7 @@ from .linear_solvers import (
     solve_neumann,
     solve_pcg,
 )
-from .utils import ParamsLike, identity, tree_scale
+from .utils import ParamsLike, identity, tree_leaves, tree_scale
 
 __all__ = [
     "IHVPMethod",
@@ -177,9 +177,12 @@ class NystromSolver:
         if self.refresh_due:
             self.factor = NystromFactor.sketch(batched_matvec, b, self.rank, self.rho, self.sketch, generator, reduce)
         self.calls += 1
+        factor = self.factor
+        if not all(bool(torch.isfinite(x).all()) for x in tree_leaves(factor.y)):
+            self.factor = None  # never reuse a poisoned factor: sketch anew at the next call
         if self.pcg_iters is None:
-            return self.factor.solve(b)
-        return solve_pcg(matvec, b, self.pcg_iters, self.factor.precondition, self.tol, reduce)
+            return factor.solve(b)
+        return solve_pcg(matvec, b, self.pcg_iters, factor.precondition, self.tol, reduce)
 
     def state_dict(self) -> dict[str, Tensor]:
         state = {"calls": torch.tensor(self.calls, dtype=torch.int64)}

@@ -207,23 +207,28 @@ def test_save_model_writes_outer_params_with_metadata(tmp_path):
         DataWeights.from_pretrained(str(out), expected={"num_rows": 31})
 
 
-def _resumable_run(output_dir, resume_from=None):
+def _resumable_run(output_dir, resume_from=None, **extra):
     train, val = datasets_with_ids(48, 16)
     weights = DataWeights(len(train))
     args = bilevel_args(output_dir, max_steps=12, unroll_steps=2, save_strategy="steps", save_steps=6,
-                        per_device_train_batch_size=8)
+                        per_device_train_batch_size=8, **extra)
     trainer = BilevelTrainer(model=tiny_classifier(), args=args, train_dataset=train, eval_dataset=val,
                              outer_module=weights)
     trainer.train(resume_from_checkpoint=resume_from)
     return trainer, weights
 
 
-def test_resume_from_checkpoint_continues_exactly(tmp_path):
-    full, full_weights = _resumable_run(tmp_path / "full")
+@pytest.mark.parametrize("refresh_steps", [1, 4])
+def test_resume_from_checkpoint_continues_exactly(tmp_path, refresh_steps):
+    full, full_weights = _resumable_run(tmp_path / "full", nystrom_refresh_steps=refresh_steps)
     checkpoint = tmp_path / "full" / "checkpoint-6"
     assert (checkpoint / "outer_params.safetensors").exists()
     assert (checkpoint / "outer_optimizer.safetensors").exists()
-    resumed, resumed_weights = _resumable_run(tmp_path / "resumed", resume_from=str(checkpoint))
+    resumed, resumed_weights = _resumable_run(tmp_path / "resumed", resume_from=str(checkpoint),
+                                              nystrom_refresh_steps=refresh_steps)
+    # with refresh_steps=4 the checkpoint falls between two refreshes: the resumed run must
+    # reuse the saved factor, not sketch anew
+    assert resumed.ihvp_solver.calls == full.ihvp_solver.calls == full.outer_step
     assert resumed.outer_step == full.outer_step
     torch.testing.assert_close(resumed_weights.logits, full_weights.logits, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(resumed.outer_optimizer.state_dict()["state"][0]["exp_avg"],

@@ -1,0 +1,101 @@
+"""The method table (:mod:`hypergrad.methods`): Nyström-preconditioned CG and the first-order
+``identity`` method against closed forms, the amortized Nyström solver's refresh schedule
+and state, and option validation in one place."""
+
+import pytest
+import torch
+
+from hypergrad.approx_hypergrad import identity, implicit_hypergrad, make_solver, nystrom, nystrom_pcg
+from hypergrad.linear_solvers import NystromFactor, solve_pcg
+from hypergrad.methods import METHODS, NystromSolver, check_problem_size, method_options, options_metadata
+from hypergrad.utils import tree_flatten_vector
+
+from test_approx_hypergrad import P, Ridge, flat64, rel_err
+
+
+@pytest.mark.parametrize("kind", ["tuple", "dict"])
+@pytest.mark.parametrize("hvp_mode", ["rev_rev", "fwd_rev"])
+def test_nystrom_pcg_matches_closed_form(kind, hvp_mode):
+    prob = Ridge(kind, torch.float64, low_rank=2)
+    out = nystrom_pcg(prob.inner_obj, prob.outer_obj, prob.theta, prob.phi, rank=2, num_iters=P, rho=1e-2,
+                      generator=torch.Generator().manual_seed(0), hvp_mode=hvp_mode)
+    assert rel_err(flat64(out), prob.truth()) < 1e-8  # CG on H itself: exact after p steps
+
+
+def test_pcg_with_a_good_preconditioner_beats_cg_at_equal_steps():
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(50, 50, generator=g, dtype=torch.float64))
+    evals = torch.cat([torch.logspace(3, 1, 5, dtype=torch.float64), 0.5 + torch.rand(45, generator=g, dtype=torch.float64)])
+    a = (q * evals) @ q.T
+    b = (torch.randn(50, generator=g, dtype=torch.float64),)
+    truth = torch.linalg.solve(a, b[0])
+    matvec = lambda v: (a @ v[0],)  # noqa: E731
+    factor = NystromFactor.sketch(lambda vs: (vs[0] @ a,), b, 8, 1.0, "gaussian", g)
+    pcg = solve_pcg(matvec, b, 6, factor.precondition)[0]
+    cg = solve_pcg(matvec, b, 6, lambda r: r)[0]
+    assert rel_err(pcg, truth) < 0.05 * rel_err(cg, truth)
+    u, lam = factor.eig()  # U^T diag(lam) U is the Nyström approximation Y W^-1 Y^T
+    y, omega = factor.y[0], factor.omega[0]
+    dense = y.T @ torch.linalg.solve(omega @ y.T, y)
+    torch.testing.assert_close((u[0].T * lam) @ u[0], dense, rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(u[0] @ u[0].T, torch.eye(len(lam), dtype=torch.float64))
+
+
+def test_identity_method_has_its_known_bias():
+    """On the ridge problem ``H^{-1}`` is replaced by ``scale * I``: the result is
+    ``-theta * scale * grad g`` in closed form (exact when ``H = I / scale``)."""
+    prob = Ridge("tuple", torch.float64)
+    out = identity(prob.inner_obj, prob.outer_obj, prob.theta, prob.phi, scale=0.3)
+    th = prob.theta64
+    grad_g = prob.xv.T @ (prob.xv @ th - prob.yv) / prob.xv.shape[0]
+    torch.testing.assert_close(flat64(out), -th * 0.3 * grad_g, rtol=1e-12, atol=1e-12)
+    assert rel_err(flat64(out), prob.truth()) > 0.05  # biased, as documented
+
+
+def test_amortized_nystrom_refreshes_on_schedule_and_round_trips():
+    prob = Ridge("dict", torch.float64)
+    solver = NystromSolver(rank=3, rho=0.1, refresh_steps=3)
+    sketches = []
+
+    def run(phi, seed):
+        def solve(mv, bmv, b, reduce=lambda x: x):
+            def counted(vs):
+                sketches.append(1)
+                return bmv(vs)
+            return solver(mv, counted, b, reduce, generator=torch.Generator().manual_seed(seed))
+        return implicit_hypergrad(prob.inner_obj, prob.outer_obj, prob.theta, phi, solve)
+
+    outs = [run(prob.phi, seed) for seed in range(7)]
+    assert len(sketches) == 3 and solver.calls == 7  # calls 0, 3 and 6 sketch
+    fresh = nystrom(prob.inner_obj, prob.outer_obj, prob.theta, prob.phi, rank=3, rho=0.1,
+                    generator=torch.Generator().manual_seed(0))
+    for i in (0, 1, 2):  # the same point: a reused factor gives the fresh hypergradient of call 0
+        torch.testing.assert_close(tree_flatten_vector(outs[i]), tree_flatten_vector(fresh))
+    restored = NystromSolver(rank=3, rho=0.1, refresh_steps=3)
+    restored.load_state_dict(solver.state_dict(), like=prob.theta)
+    assert restored.calls == 7 and not restored.refresh_due
+    b = {k: torch.randn_like(v) for k, v in prob.theta.items()}
+    for x, y in zip(restored.factor.solve(b).values(), solver.factor.solve(b).values()):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="another model"):
+        restored.load_state_dict(solver.state_dict(), like={k: torch.zeros(2, 9) for k in prob.theta})
+
+
+def test_a_poisoned_factor_is_never_reused():
+    solver = NystromSolver(rank=1, rho=0.1, refresh_steps=10)
+    b = (torch.ones(3),)
+    out = solver(None, lambda vs: (torch.full_like(vs[0], float("nan")),), b)
+    assert not torch.isfinite(out[0]).all() and solver.refresh_due
+
+
+def test_options_are_validated_once_with_their_names():
+    with pytest.raises(ValueError, match="refresh_steps"):
+        make_solver("nystrom", rank=2, rho=0.1, refresh_steps=0)
+    with pytest.raises(TypeError, match="no option"):
+        make_solver("cg", num_iters=3, rank=2)
+    with pytest.raises(ValueError, match="unknown IHVP method"):
+        make_solver("newton")
+    with pytest.raises(ValueError, match="rank"):
+        check_problem_size("nystrom_pcg", method_options("nystrom_pcg", rank=9), 5)
+    assert options_metadata("nystrom", method_options("nystrom", rank=4))["rank"] == "4"
+    assert {"nystrom", "nystrom_pcg", "cg", "neumann", "identity", "exact"} == set(METHODS)

@@ -1,0 +1,114 @@
+"""Linearized products (:mod:`hypergrad.products`) against the per-product ones of
+:mod:`hypergrad.utils` and dense float64 Hessians, and the HVP-mode probe."""
+
+import pytest
+import torch
+from torch.func import functional_call
+
+from hypergrad.products import linearize_inner, probe_hvp_mode
+from hypergrad.utils import HVP_MODES, hvp, mixed_vjp, tree_leaves, tree_map
+
+
+def _mlp_problem(kind, dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).to(dtype)
+    x, y = torch.randn(20, 5, dtype=dtype), torch.randint(0, 3, (20,))
+    theta = {k: v.detach() for k, v in net.named_parameters()}
+    names = list(theta)
+    phi = {"log_decay": torch.randn(len(theta), dtype=dtype), "w": torch.rand(20, dtype=dtype)}
+
+    def inner(t, o):
+        t = dict(zip(names, tree_leaves(t)))
+        losses = torch.nn.functional.cross_entropy(functional_call(net, t, (x,)), y, reduction="none")
+        decay = sum(torch.exp(d) * (v**2).sum() for d, v in zip(o["log_decay"], t.values()))
+        return (o["w"] * losses).mean() + 1e-2 * decay
+
+    if kind == "tuple":
+        theta = tuple(theta.values())
+    return inner, theta, phi
+
+
+@pytest.mark.parametrize("kind", ["tuple", "dict"])
+@pytest.mark.parametrize("mode", HVP_MODES)
+def test_linearized_products_equal_per_product_ones(kind, mode):
+    inner, theta, phi = _mlp_problem(kind)
+    products = linearize_inner(inner, theta, phi, mode)
+    g = torch.Generator().manual_seed(1)
+    vs = tree_map(lambda x: torch.randn(3, *x.shape, generator=g, dtype=x.dtype), theta)
+    tol = 1e-6 if mode == "finite_diff" else 1e-11
+    rows = [tree_map(lambda x, i=i: x[i], vs) for i in range(3)]
+    batched = products.batched_hvp(vs)
+    for i, v in enumerate(rows):
+        reference = hvp(lambda t: inner(t, phi), theta, v, "fwd_rev")
+        for a, b, c in zip(tree_leaves(products.hvp(v)), tree_leaves(reference), tree_leaves(batched)):
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+            torch.testing.assert_close(c[i], b, rtol=tol, atol=tol)
+        mixed_ref = mixed_vjp(inner, theta, phi, v, "fwd_rev")
+        for a, b in zip(tree_leaves(products.mixed(v)), tree_leaves(mixed_ref)):
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    assert type(products.hvp(rows[0])) is type(theta)
+
+
+def test_reverse_linearization_builds_one_graph_for_all_products():
+    inner, theta, phi = _mlp_problem("dict")
+    calls = []
+
+    def counted(t, o):
+        calls.append(1)
+        return inner(t, o)
+
+    products = linearize_inner(counted, theta, phi, "rev_rev")
+    v = tree_map(torch.ones_like, theta)
+    for _ in range(4):
+        products.hvp(v)
+    products.batched_hvp(tree_map(lambda x: torch.stack([x, 2 * x]), v))
+    products.mixed(v)
+    assert len(calls) == 1  # one forward for five products and the mixed one
+
+
+@pytest.mark.parametrize("chunk_size, budget", [(None, None), (1, None), (2, None), (None, 1), (None, 10**12)])
+def test_reverse_chunking_and_memory_budget_do_not_change_products(chunk_size, budget):
+    inner, theta, phi = _mlp_problem("dict")
+    g = torch.Generator().manual_seed(2)
+    vs = tree_map(lambda x: torch.randn(5, *x.shape, generator=g, dtype=x.dtype), theta)
+    reference = linearize_inner(inner, theta, phi, "fwd_rev").batched_hvp(vs)
+    products = linearize_inner(inner, theta, phi, "rev_rev", chunk_size=chunk_size, memory_budget=budget)
+    for a, b in zip(tree_leaves(products.batched_hvp(vs)), tree_leaves(reference)):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
+    assert products.graph_bytes > 0
+    if budget is not None:  # a tiny budget means one product in flight, a huge one all of them
+        assert products._products_in_flight(5) == (1 if budget == 1 else 5)
+
+
+def test_linearize_refuses_bad_chunking():
+    inner, theta, phi = _mlp_problem("dict")
+    with pytest.raises(ValueError, match="memory_budget"):
+        linearize_inner(inner, theta, phi, "rev_rev", memory_budget=0)
+    with pytest.raises(ValueError, match="hvp_mode"):
+        linearize_inner(inner, theta, phi, "sideways")
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.tanh()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * (1 - x.tanh() ** 2)
+
+
+def test_probe_picks_an_exact_mode_that_runs_and_falls_back_otherwise():
+    inner, theta, phi = _mlp_problem("dict", torch.float32)
+    assert probe_hvp_mode(lambda t: inner(t, phi), theta, "auto") in ("rev_rev", "fwd_rev")
+    assert probe_hvp_mode(lambda t: inner(t, phi), theta, "fwd_rev") == "fwd_rev"
+
+    def broken(t):  # neither forward-mode AD nor double backward
+        return _NoDoubleBackward.apply(t["0.weight"]).pow(2).sum() + sum((v**2).sum() for v in t.values())
+
+    assert probe_hvp_mode(broken, theta, "auto") == "finite_diff"
+    with pytest.raises(ValueError, match="hvp_mode='rev_rev' cannot run"):
+        probe_hvp_mode(broken, theta, "rev_rev")
