@@ -61,8 +61,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, hessian
 from torch.nn import functional as F
 
-from hypergrad.approx_hypergrad import (DEFAULT_NYSTROM_SKETCH, conjugate_gradient, exact, implicit_hypergrad,
-                                        neumann, nystrom)
+from hypergrad.approx_hypergrad import (DEFAULT_NYSTROM_SKETCH, conjugate_gradient, exact, identity,
+                                        implicit_hypergrad, neumann, nystrom, nystrom_pcg)
 from hypergrad.utils import batched_hvp, hvp, tree_flatten_vector, tree_unflatten_vector
 
 DTYPE = torch.float64
@@ -345,7 +345,7 @@ def run_method(problem: Problem, method: str, budget: int, lam_max: float,
         evals, evecs = problem.eig
         v = evecs[:, -budget:]  # top-`budget` eigenvectors: the best rank-k Nyström approximation
 
-        def solve(_, __, b):
+        def solve(_, __, b, *unused, **unused_kw):
             flat = tree_flatten_vector(b)
             proj = v.T @ flat
             x = v @ (proj / (evals[-budget:] + rho)) + (flat - v @ proj) / rho
@@ -359,6 +359,48 @@ def run_method(problem: Problem, method: str, budget: int, lam_max: float,
     if method == "exact":
         return exact(*args)
     raise ValueError(method)
+
+
+PCG_RANKS = (2, 5)
+
+
+PCG_BUDGETS = (10, 20)
+
+
+def pcg_comparison(problem: Problem, budgets, seeds: int, lam_max: float, rho_rel: float) -> dict:
+    """At equal product budgets: CG, Nyström-preconditioned CG (rank ``k`` sketch + ``budget - k``
+    CG steps, damping ``rho_rel * lam_max``, mean over seeds) and the first-order ``identity``
+    method (no HVP; ``scale = 1 / lam_max``)."""
+    args = (problem.inner_obj, problem.outer_obj, problem.in_params, problem.out_params)
+    p = sum(x.numel() for x in problem.in_params)
+    out: dict = {"identity": dict(zip(("rel_err", "cos"), errors(identity(*args, scale=1.0 / lam_max),
+                                                                     problem.true_hg)))}
+    for budget in budgets:
+        row = {"cg": dict(zip(("rel_err", "cos"), errors(run_method(problem, "cg", budget, lam_max),
+                                                          problem.true_hg)))}
+        for rank in PCG_RANKS:
+            if rank >= budget or rank > p:
+                continue
+            runs = [errors(nystrom_pcg(*args, rank=rank, num_iters=budget - rank, rho=rho_rel * lam_max,
+                                       generator=torch.Generator().manual_seed(s)), problem.true_hg)
+                    for s in range(seeds)]
+            row[f"pcg-{rank}"] = {"rel_err": statistics.fmean(r for r, _ in runs),
+                                  "cos": statistics.fmean(c for _, c in runs)}
+        out[budget] = row
+    return out
+
+
+def pcg_table(results: dict, budgets) -> str:
+    cols = ["cg"] + [f"pcg-{k}" for k in PCG_RANKS]
+    lines = ["| problem | budget | " + " | ".join(cols) + " | identity (0 HVPs) |",
+             "|---|---|" + "---|" * (len(cols) + 1)]
+    for name, res in results.items():
+        pcg = res["pcg"]
+        ident = pcg["identity"]
+        for b in budgets:
+            cells = [fmt_cell(pcg[b].get(c)) for c in cols]
+            lines.append(f"| {name} | {b} | " + " | ".join(cells) + f" | {fmt_cell(ident)} |")
+    return "\n".join(lines)
 
 
 def accuracy(problem: Problem, budgets, seeds: int, lam_max: float) -> dict:
@@ -594,6 +636,7 @@ def main() -> None:
         acc = accuracy(prob, budgets, seeds, lam_max)
         results[prob.name] = {"info": info, "accuracy": acc}
         best_rho = {m: acc[m]["best_rho_rel"] for m in acc if m.startswith("nystrom")}
+        results[prob.name]["pcg"] = pcg_comparison(prob, PCG_BUDGETS, seeds, lam_max, best_rho["nystrom-gaussian"])
         results[prob.name]["time_per_hypergrad_s"] = timing(prob, min(args.timing_budget, info["num_inner_params"]),
                                                             lam_max, best_rho, repeats)
         print(f"[{prob.name}] done in {time.perf_counter() - t0:.1f}s", flush=True)
@@ -622,6 +665,11 @@ def main() -> None:
     for name, res in results.items():
         print(accuracy_table(name, res["accuracy"], budgets, seeds))
         print()
+    print("## Nyström-preconditioned CG vs CG at equal product budgets (relative error, cosine)\n")
+    print(f"pcg-k: rank-k Gaussian sketch (ρ = the best fixed Nyström ρ) + (budget - k) CG steps, mean over {seeds} "
+          f"seeds; identity: first-order H^-1 ~ I/λmax, no HVP.\n")
+    print(pcg_table(results, PCG_BUDGETS))
+    print()
     print("## Nyström sketches at equal ρ: relative error column / gaussian\n")
     print(sketch_table(results, budgets))
     print("\n## Column vs Gaussian sketch: summary\n")

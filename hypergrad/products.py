@@ -33,11 +33,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import contextlib
 import logging
 import time
 
 import torch
 from torch import Tensor
+from torch.func import grad, jvp
 
 from .utils import (
     HVPMode,
@@ -54,12 +56,23 @@ from .utils import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["InnerProducts", "linearize_inner", "probe_hvp_mode", "EXACT_MODES"]
+__all__ = ["InnerProducts", "linearize_inner", "mixed_reverse_over_forward", "probe_hvp_mode", "count_saved_bytes",
+           "EXACT_MODES"]
 
 EXACT_MODES: tuple[str, ...] = ("rev_rev", "fwd_rev")
 """The exact modes, in the order ``auto`` tries them when their timings tie."""
 
 Objective = Callable[[ParamsLike, ParamsLike], Tensor]
+
+
+def mixed_reverse_over_forward(inner: Objective, in_params: ParamsLike, out_params: ParamsLike,
+                               v: ParamsLike) -> ParamsLike:
+    """``M v = grad_phi <grad_theta f, v> = grad_phi (d/de) f(theta + e v, phi)``: the
+    directional derivative by forward mode, then its gradient in ``phi`` by reverse mode."""
+    def directional(o: ParamsLike) -> Tensor:
+        return jvp(lambda t: inner(t, o), (in_params,), (v,))[1]
+
+    return grad(directional)(out_params)
 
 
 class InnerProducts:
@@ -126,6 +139,8 @@ class _ReverseLinearization(InnerProducts):
         super().__init__(average)
         self._inner, self._chunk_size, self._memory_budget = inner, chunk_size, memory_budget
         self.graph_bytes = 0
+        self._theta_in, self._phi_in = in_params, out_params
+        self._forward_mixed = True
         self._theta = tree_map(lambda x: x.detach().requires_grad_(True), in_params)
         self._phi = tree_map(lambda x: x.detach().requires_grad_(True), out_params)
         self._grads: list[Tensor] | None = None
@@ -135,14 +150,10 @@ class _ReverseLinearization(InnerProducts):
         """``grad_theta f`` with its graph (built on first use)."""
         if self._grads is None:
             theta = tree_leaves(self._theta)
-
-            def pack(x: Tensor) -> Tensor:
-                self.graph_bytes += x.numel() * x.element_size()
-                return x
-
-            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+            with torch.enable_grad(), count_saved_bytes() as saved:
                 value = self._inner(self._theta, self._phi)
                 grads = torch.autograd.grad(value, theta, create_graph=True, allow_unused=True)
+            self.graph_bytes = saved[0]
             self._grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, theta)]
         return self._grads
 
@@ -197,6 +208,18 @@ class _ReverseLinearization(InnerProducts):
         return tree_unflatten(self._theta, [torch.stack(xs) for xs in zip(*rows)])
 
     def _mixed(self, v):
+        """Through the shared graph when the solve built it; otherwise (a reused Nyström
+        factor, a Hessian-free method) reverse over forward, ``grad_phi jvp_theta f``: one
+        forward pass with tangents and a backward pass that only reaches ``phi`` (shallow
+        for data weights and penalty strengths), instead of a ``create_graph`` gradient and a
+        double backward. Falls back to the graph where forward-mode AD cannot run."""
+        if self._grads is None and self._forward_mixed:
+            try:
+                return mixed_reverse_over_forward(self._inner, self._theta_in, self._phi_in, v)
+            except Exception as err:  # a kernel without a forward-mode rule
+                logger.info("reverse-over-forward mixed product unavailable (%s); using the graph.",
+                            type(err).__name__)
+                self._forward_mixed = False
         return self._backward(tree_leaves(v), self._phi, False)
 
 
@@ -224,21 +247,40 @@ def linearize_inner(
     return _PerProduct(inner, in_params, out_params, mode, chunk_size, average)
 
 
+@contextlib.contextmanager
+def count_saved_bytes():
+    """Count the bytes of the tensors autograd saves for backward inside the block:
+    ``with count_saved_bytes() as saved: ...; saved[0]``. Tensors saved several times count
+    several times and parameters count too, so this is an upper bound of the activation memory
+    a backward pass will hold (the same bound for every mode it compares)."""
+    total = [0]
+
+    def pack(x: Tensor) -> Tensor:
+        total[0] += x.numel() * x.element_size()
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        yield total
+
+
 def probe_hvp_mode(
     f: Callable[[ParamsLike], Tensor],
     primal: ParamsLike,
     requested: str = "auto",
     low_precision: bool = False,
     generator: torch.Generator | None = None,
+    max_memory_ratio: float | None = None,
 ) -> str:
     """The HVP mode to use for ``f`` at ``primal`` (call it on a small batch).
 
     ``requested="auto"``: every exact mode that runs is checked against an independent
     product on one random direction (finite differences; for bf16/fp16 forward passes, whose
-    finite differences are too noisy, the other exact mode) and timed over two products of
-    one linearization (what a solve pays per product); the fastest correct one wins, and
-    ``"finite_diff"`` when none is right. An explicit exact mode is only run once, so a model
-    that cannot run it fails here, before training, with an error naming the mode.
+    finite differences are too noisy, the other exact mode), timed over two products of one
+    linearization (what a solve pays per product) and its memory estimated as the bytes
+    autograd saves for its products, relative to those of one gradient (an inner step). The
+    fastest correct mode within ``max_memory_ratio`` wins; ``"finite_diff"`` (about one
+    gradient's memory) when none qualifies. An explicit exact mode is only run once, so a
+    model that cannot run it fails here, before training, with an error naming the mode.
     """
     tangent = tree_map(lambda x: torch.randn(x.shape, generator=generator).to(x), primal)
     if requested == "finite_diff":
@@ -251,12 +293,19 @@ def probe_hvp_mode(
             raise ValueError(f"hvp_mode={requested!r} cannot run on this model ({type(err).__name__}: {err}). "
                              f"Use hvp_mode='auto' or 'finite_diff'.") from err
         return requested
+    with count_saved_bytes() as step_bytes, torch.enable_grad():
+        f(tree_map(lambda x: x.detach().requires_grad_(True), primal))
     products: dict[str, object] = {}
     seconds: dict[str, float] = {}
+    memory: dict[str, float] = {}
     for mode in EXACT_MODES:
         try:
             linear = linearize_inner(lambda t, _: f(t), primal, {}, mode)
             products[mode] = linear.hvp(tangent)  # warm-up and the value checked
+            # rev_rev: the bytes its shared graph saved. fwd_rev cannot be measured this way
+            # (torch.func refuses saved-tensor hooks): a jvp of a gradient carries a tangent
+            # for every saved activation, about twice a gradient's memory.
+            memory[mode] = linear.graph_bytes / max(step_bytes[0], 1) if mode == "rev_rev" else 2.0
             start = time.perf_counter()
             for _ in range(2):
                 linear.hvp(tangent)
@@ -264,27 +313,32 @@ def probe_hvp_mode(
         except Exception as err:
             logger.info("hvp_mode %s unavailable (%s: %s).", mode, type(err).__name__, err)
             products[mode] = err
-    correct = []
+    finite_difference: list = []
+
+    def reference(mode: str):
+        if low_precision and not isinstance(products[EXACT_MODES[1 - EXACT_MODES.index(mode)]], Exception):
+            return products[EXACT_MODES[1 - EXACT_MODES.index(mode)]], 2e-2
+        if not finite_difference:
+            finite_difference.append(hvp(f, primal, tangent, "finite_diff"))
+        return finite_difference[0], 2e-1 if low_precision else 1e-2
+
+    candidates = []
     for mode in EXACT_MODES:
         if isinstance(products[mode], Exception):
             continue
-        if low_precision:
-            other = products[EXACT_MODES[1 - EXACT_MODES.index(mode)]]
-            reference, tolerance = other, 2e-2
-            if isinstance(other, Exception):
-                reference, tolerance = hvp(f, primal, tangent, "finite_diff"), 2e-1
-        else:
-            reference, tolerance = hvp(f, primal, tangent, "finite_diff"), 1e-2
-        result = products[mode]
-        error = float(tree_norm(tree_map(torch.sub, result, reference))) / max(float(tree_norm(reference)), 1e-30)
-        if error < tolerance:
-            correct.append(mode)
-        else:
+        ref, tolerance = reference(mode)
+        error = float(tree_norm(tree_map(torch.sub, products[mode], ref))) / max(float(tree_norm(ref)), 1e-30)
+        if error >= tolerance:
             logger.warning("hvp_mode %s disagrees with an independent product (relative difference %.2e).",
                            mode, error)
-    if not correct:
+        elif max_memory_ratio is not None and memory[mode] > max_memory_ratio:
+            logger.info("hvp_mode %s needs ~%.1fx a gradient's memory (limit %.1fx).", mode, memory[mode],
+                        max_memory_ratio)
+        else:
+            candidates.append(mode)
+    if not candidates:
         return "finite_diff"
-    best = min(correct, key=lambda m: seconds[m])
-    logger.info("hvp_mode timings (2 products): %s; using %s.",
-                ", ".join(f"{m} {seconds[m] * 1e3:.1f} ms" for m in correct), best)
+    best = min(candidates, key=lambda m: seconds[m])
+    logger.info("hvp_mode probe: %s; using %s.", ", ".join(
+        f"{m} {seconds[m] * 1e3:.1f} ms/2 products, ~{memory[m]:.1f}x a gradient's memory" for m in candidates), best)
     return best

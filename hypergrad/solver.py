@@ -10,6 +10,11 @@ and write four methods: ``inner_forward``, ``inner_update``, ``outer_forward`` a
             solver.outer_update()
             solver.post_outer_update()
 
+``outer_update`` computes the hypergradient and passes it to :meth:`BaseSolver.apply_outer_grad`,
+which steps the outer optimizer with the safeguards of :mod:`hypergrad.outer_step` (non-finite
+or exploding hypergradients dropped, non-finite results rolled back, applied and skipped steps
+counted in ``outer_history``).
+
 The inner model is used functionally: ``self.inner_func(self.inner_params, *inputs)`` calls
 the module through :func:`torch.func.functional_call` with the tuple of tensors
 ``self.inner_params``, which the inner optimizer replaces at every step.
@@ -28,7 +33,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .utils import ParamsLike, check_same_structure, tree_leaves, tree_norm
+from .outer_step import OuterStepHistory, OuterStepResult, apply_outer_update
+from .utils import ParamsLike
 
 __all__ = [
     "BaseSolver",
@@ -106,20 +112,9 @@ def is_outer_step(iteration: int, unroll_steps: int, outer_patience_iters: int) 
 def accumulate_outer_grad(params: ParamsLike, grads: ParamsLike) -> bool:
     """Add ``grads`` to the ``.grad`` of ``params`` (same structure), or, when any entry is
     NaN/inf, clear every ``.grad`` instead so the next optimizer step changes nothing.
-    Returns whether the gradients were applied."""
-    check_same_structure(params, grads, "outer parameters", "outer_grad")
-    leaves = tree_leaves(params)
-    if not all(bool(torch.isfinite(g).all()) for g in tree_leaves(grads)):
-        for p in leaves:
-            p.grad = None
-        return False
-    for p, g in zip(leaves, tree_leaves(grads)):
-        g = g.detach().to(p.dtype)
-        if p.grad is None:
-            p.grad = g.clone()
-        else:
-            p.grad.add_(g)
-    return True
+    Returns whether the gradients were applied. (:func:`hypergrad.outer_step.apply_outer_update`
+    without an optimizer; use that function to also step with rollback.)"""
+    return apply_outer_update(None, params, grads).applied
 
 
 def _progress(iterable: Iterable[int], total: int, enabled: bool):
@@ -185,7 +180,7 @@ class BaseSolver:
         self.recorder = MetricsRecorder()
         self.iteration = 0
         self.outer_step = 0
-        self.skipped_outer_steps = 0
+        self.outer_history = OuterStepHistory()
 
     @staticmethod
     def _check_arguments(inner, outer, inner_optimizer, outer_optimizer, num_iters,
@@ -271,24 +266,48 @@ class BaseSolver:
 
     # ---------------------------------------------------------------- outer gradients
     @property
+    def skipped_outer_steps(self) -> int:
+        """Hypergradients dropped (non-finite, exploding) or steps rolled back; see :attr:`outer_history`."""
+        return self.outer_history.skipped
+
+    @property
+    def applied_outer_steps(self) -> int:
+        """Hypergradients accepted (and, through :meth:`apply_outer_grad`, steps kept)."""
+        return self.outer_history.applied
+
+    @property
     def outer_grad(self) -> tuple[Tensor | None, ...]:
         return tuple(p.grad for p in self.outer.parameters())
 
     @outer_grad.setter
     def outer_grad(self, grads: ParamsLike) -> None:
-        """Accumulate ``grads`` into the ``.grad`` of the outer parameters.
+        """Accumulate ``grads`` into the ``.grad`` of the outer parameters (the caller then steps
+        ``outer_optimizer``; prefer :meth:`apply_outer_grad`, which also rolls a bad step back).
 
-        A non-finite hypergradient is reported and dropped: every outer ``.grad`` is cleared,
-        so the following ``outer_optimizer.step()`` leaves the outer parameters unchanged.
+        A non-finite or exploding hypergradient is reported and dropped: every outer ``.grad`` is
+        cleared, so the following ``outer_optimizer.step()`` leaves the outer parameters unchanged.
         """
-        params = dict(self.outer.named_parameters()) if isinstance(grads, Mapping) \
-            else tuple(self.outer.parameters())
-        if accumulate_outer_grad(params, grads):
-            self.record(hypergrad_norm=tree_norm(tuple(g.detach().double() for g in tree_leaves(grads))))
+        self._outer_result(apply_outer_update(None, self._outer_tree(grads), grads, self.outer_history))
+
+    def apply_outer_grad(self, grads: ParamsLike,
+                         validate: Callable[[], str | None] | None = None) -> OuterStepResult:
+        """One guarded outer step with the hypergradient ``grads``: accumulate, step
+        ``outer_optimizer``, roll back non-finite results, clear ``.grad`` (see
+        :func:`hypergrad.outer_step.apply_outer_update`; ``validate`` is passed on)."""
+        result = apply_outer_update(self.outer_optimizer, self._outer_tree(grads), grads, self.outer_history,
+                                    validate=validate)
+        self._outer_result(result)
+        return result
+
+    def _outer_tree(self, grads: ParamsLike) -> ParamsLike:
+        return dict(self.outer.named_parameters()) if isinstance(grads, Mapping) else tuple(self.outer.parameters())
+
+    def _outer_result(self, result: OuterStepResult) -> None:
+        if result.applied:
+            self.record(hypergrad_norm=result.norm)
             return
-        self.skipped_outer_steps += 1
-        logger.warning("non-finite hypergradient at iteration %d: outer step skipped (%d so far).",
-                       self.iteration, self.skipped_outer_steps)
+        logger.warning("%s at iteration %d: outer step skipped (%d so far).",
+                       result.reason, self.iteration, self.skipped_outer_steps)
         self.record(skipped_outer_steps=self.skipped_outer_steps)
 
     # ---------------------------------------------------------------- schedule
@@ -347,7 +366,7 @@ class BaseSolver:
         raise NotImplementedError
 
     def outer_update(self) -> Any:
-        """One outer step: compute the hypergradient, set ``self.outer_grad``, step the optimizer."""
+        """One outer step: compute the hypergradient and pass it to :meth:`apply_outer_grad`."""
         raise NotImplementedError
 
     def post_outer_update(self) -> None:

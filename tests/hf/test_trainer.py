@@ -35,7 +35,8 @@ def test_data_weights_down_weight_corrupted_examples(tmp_path):
     train, val = datasets_with_ids(128, 64, noise=0.3, seed=0)
     weights = DataWeights(len(train))
     args = bilevel_args(tmp_path, max_steps=120, unroll_steps=5, outer_patience_steps=20,
-                        hypergrad_train_batch_size=128, outer_batch_size=64, nystrom_rank=5, nystrom_rho=0.1)
+                        hypergrad_train_batch_size=128, outer_batch_size=64, nystrom_rank=5, nystrom_rho=0.1,
+                        hvp_max_memory_ratio=None)  # exact modes allowed whatever their memory
     trainer = BilevelTrainer(model=tiny_classifier(), args=args, train_dataset=train, eval_dataset=val,
                              outer_module=weights)
     trainer.train()
