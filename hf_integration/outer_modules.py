@@ -186,8 +186,9 @@ class OuterModule(nn.Module):
 
         Raises:
             FileNotFoundError: No ``outer_params.safetensors`` at the location.
-            ValueError: Wrong kind, a tensor shape that does not match the config, or an ``expected`` field
-                that does not match (the message names the field, the saved and the expected value).
+            ValueError: A corrupt file or header, NaN/inf values, wrong kind, a tensor shape that does not match
+                the config (checked before a module of the config's size is allocated), or an ``expected``
+                field that does not match (the message names the field, the saved and the expected value).
         """
         loaded = hub.load_outer_files(path_or_repo_id, revision=revision, token=token, **hub_kwargs)
         source = str(path_or_repo_id)
@@ -204,12 +205,12 @@ class OuterModule(nn.Module):
                 f"(known kinds: {sorted(OuterModule._registry)})"
             )
         hub.check_expected(expected, metadata=loaded.metadata, config=loaded.config, source=source)
-        try:
-            module = target._from_config(loaded.config)
-        except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"{source!r}: invalid {loaded.kind} config {loaded.config!r}: {err}") from err
-
-        own = module.state_dict()
+        try:  # on the meta device first: a config claiming a huge size must not allocate it
+            with torch.device("meta"):
+                own = target._from_config(loaded.config).state_dict()
+        except (KeyError, TypeError, ValueError, OverflowError, RuntimeError) as err:
+            raise ValueError(f"{source!r}: invalid {loaded.kind} config {_short_config(loaded.config)}: "
+                             f"{type(err).__name__}: {err}") from err
         if set(own) != set(loaded.tensors):
             raise ValueError(
                 f"{source!r}: saved tensors {sorted(loaded.tensors)} do not match the parameters of "
@@ -224,6 +225,8 @@ class OuterModule(nn.Module):
                 )
             if not saved.is_floating_point():
                 raise ValueError(f"{source!r}: tensor {name!r} has non-floating dtype {saved.dtype}")
+        module = target._from_config(loaded.config)  # its sizes are now known to be those of the file
+        own = module.state_dict()
         with torch.no_grad():
             module.load_state_dict({k: v.to(own[k].dtype) for k, v in loaded.tensors.items()})
         module.metadata = dict(loaded.metadata)

@@ -36,16 +36,16 @@ from hypergrad.approx_hypergrad import implicit_hypergrad
 from hypergrad.methods import check_problem_size, get_method, options_from_arguments, options_metadata
 from hypergrad.products import probe_hvp_mode
 from hypergrad.distributed import DataParallel, broadcast_tree, sharded_hypergrad
-from hypergrad.solver import accumulate_outer_grad, is_outer_step
-from hypergrad.utils import tree_norm
+from hypergrad.solver import is_outer_step
 from hypergrad.distributed import all_reduce_sum, is_distributed
 from hypergrad.outer_step import NonFiniteError, OuterStepHistory, apply_outer_update, first_non_finite
 
 from .arguments import BilevelTrainingArguments
 from .losses import per_example_loss
 from .data import dataset_fingerprint_metadata
-from .hub import DATA_METADATA_KEYS, CheckpointError, checkpoint_problem, error_line, last_checkpoint
-from .hub import OUTER_OPTIMIZER_NAME, atomic_write_text, load_optimizer_state, outer_params_card_section, save_optimizer_state
+from .hub import (DATA_METADATA_KEYS, OUTER_OPTIMIZER_NAME, OUTER_PARAMS_NAME, CheckpointError, atomic_write_text,
+                  checkpoint_problem, error_line, last_checkpoint, load_optimizer_state, outer_params_card_section,
+                  save_optimizer_state)
 from .outer_modules import OuterModule
 
 __all__ = ["BilevelTrainer", "OUTER_OPTIMIZER_NAME"]
@@ -95,10 +95,15 @@ class NonFiniteGuard(TrainerCallback):
 
     def __init__(self, max_consecutive: int = 5) -> None:
         self.max_consecutive = max_consecutive
-        self.skipped = 0
-        self.applied = 0
+        self.skipped = 0  # over the whole run, resumes included (BilevelTrainer checkpoints it)
         self.consecutive = 0
+        self._this_call = [0, 0]  # steps applied and skipped by the current train() call
         self._loss_problem: str | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._this_call = [0, 0]
+        self.consecutive = 0
+        return control
 
     def note_loss(self, loss: Tensor) -> None:
         """Remember a non-finite training loss until the next optimizer step."""
@@ -116,13 +121,14 @@ class NonFiniteGuard(TrainerCallback):
             bad = first_non_finite((n, p.grad) for n, p in params if p.grad is not None)
             problem = None if bad is None else f"non-finite gradient of {bad}"
         if not _on_any_process(problem is not None, args.device):
-            self.applied += 1
+            self._this_call[0] += 1
             self.consecutive = 0
             return control
         problem = problem or "non-finite loss or gradient on another process"
         for _, p in params:
             p.grad = None
         self.skipped += 1
+        self._this_call[1] += 1
         self.consecutive += 1
         step = state.global_step + 1
         logger.warning("Inner step %d skipped: %s; the parameters were not updated (%d skipped so far).",
@@ -144,8 +150,9 @@ class NonFiniteGuard(TrainerCallback):
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self.skipped and not self.applied:
-            raise NonFiniteError(f"no inner step could be applied: all {self.skipped} had NaN/inf values; "
+        applied, skipped = self._this_call
+        if skipped and not applied:
+            raise NonFiniteError(f"no inner step could be applied: all {skipped} had NaN/inf values; "
                                  "the model is untrained. Check the data and --learning_rate.")
         return control
 
@@ -522,17 +529,16 @@ class BilevelTrainer(Trainer):
             phi = {k: v.detach() for k, v in self._outer_param_tree().items()}
             inner_loss = float(self._objective(model, None, phi, train_batch, weighted=True)[0])
             outer_loss = float(self._objective(model, None, phi, eval_batch, weighted=False)[0])
-        applied = accumulate_outer_grad(self._outer_param_tree(), grads)
-        if applied:
-            self.outer_optimizer.step()
+        result = apply_outer_update(self.outer_optimizer, self._outer_param_tree(), grads, self.outer_history,
+                                    validate=lambda: self._outer_step_problem(train_batch))
+        if result.applied:
             broadcast_tree(list(self._outer_param_tree().values()))  # replicas stay bitwise identical
         else:
-            self.skipped_outer_steps += 1
-            logger.warning("Non-finite hypergradient at step %d: outer step skipped (%d so far).",
-                           step, self.skipped_outer_steps)
-        self.outer_optimizer.zero_grad(set_to_none=True)
+            logger.warning("Outer step at step %d skipped: %s (%d skipped so far).", step, result.reason,
+                           self.outer_history.skipped)
+        self.skipped_outer_steps = self.outer_history.skipped
         self.outer_step += 1
-        norm = float(tree_norm({k: g.double() for k, g in grads.items()})) if applied else math.nan
+        norm = result.norm
         metrics = {
             "outer/inner_loss": inner_loss,
             "outer/loss": outer_loss,
@@ -540,6 +546,7 @@ class BilevelTrainer(Trainer):
             "outer/ihvp_time": ihvp_time,
             "outer/step": float(self.outer_step),
             "outer/skipped_steps": float(self.skipped_outer_steps),
+            "outer/applied_steps": float(self.outer_history.applied),
             # the HVP mode as a number, so every `report_to` backend can plot it (it is also
             # logged by name once, and saved in the outer parameters' metadata)
             "outer/finite_diff_hvp": float(self.hvp_mode == "finite_diff"),
@@ -570,7 +577,7 @@ class BilevelTrainer(Trainer):
                 self._check_batch_columns(batch, weighted=True)
             with self._second_order_context():
                 mode = probe_hvp_mode(lambda t: self.inner_forward(t, phi, batch), self._theta(), requested,
-                                      self._low_precision, generator)
+                                      self._low_precision, generator, self.args.hvp_max_memory_ratio)
         self.hvp_mode, self._hvp_mode_checked = mode, True
         logger.info("Hessian-vector products: hvp_mode=%s (requested %s).", mode, requested)
         return mode
@@ -588,17 +595,20 @@ class BilevelTrainer(Trainer):
         self.nonfinite_guard  # noqa: B018 (installs the callback)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
+    def _checkpoint_files(self) -> tuple[str, ...]:
+        """The outer files a checkpoint of this trainer must hold."""
+        return (OUTER_OPTIMIZER_NAME,) + ((OUTER_PARAMS_NAME,) if self.outer_module is not None else ())
+
     def _checkpoint_to_resume(self, checkpoint: str | bool | None) -> str | None:
-        outer_params = self.outer_module is not None
         if checkpoint is True:
-            found = last_checkpoint(self.args.output_dir, outer_params=outer_params)
+            found = last_checkpoint(self.args.output_dir, outer_files=self._checkpoint_files())
             if found is None:
                 raise CheckpointError(f"resume_from_checkpoint=True, but {self.args.output_dir!r} holds no "
                                       "complete checkpoint-<step> folder")
             return found
         if checkpoint in (None, False):
             return None
-        problem = checkpoint_problem(checkpoint, outer_params=outer_params)
+        problem = checkpoint_problem(checkpoint, outer_files=self._checkpoint_files())
         if problem is not None:
             raise CheckpointError(f"cannot resume: {problem}")
         return os.fspath(checkpoint)
@@ -650,7 +660,7 @@ class BilevelTrainer(Trainer):
         and outer parameters learned on other data (fingerprint, sizes) or for another layout."""
         if checkpoint is None:
             return super()._load_optimizer_and_scheduler(checkpoint)
-        problem = checkpoint_problem(checkpoint, outer_params=self.outer_module is not None)
+        problem = checkpoint_problem(checkpoint, outer_files=self._checkpoint_files())
         if problem is not None:
             raise CheckpointError(f"cannot resume: {problem}")
         try:

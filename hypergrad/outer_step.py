@@ -6,8 +6,8 @@ outer parameters (or the outer optimizer's state) non-finite:
 
 1. a hypergradient with a NaN/inf entry is dropped;
 2. a hypergradient whose norm *explodes* relative to the recent ones (more than
-   ``explosion_factor`` times the median norm of the last applied steps, e.g. a Nyström
-   damping ``rho`` far too small) is refused;
+   ``explosion_factor`` times their median norm, e.g. a Nyström damping ``rho`` far too
+   small) is refused;
 3. otherwise it is accumulated into ``.grad`` and the optimizer steps; if the new parameters,
    the optimizer state (e.g. Adam's squared-gradient average overflowing float32) or an
    optional ``validate`` check are not finite, parameters and state are rolled back.
@@ -18,7 +18,6 @@ they were skipped, recent norms), which callers report and checkpoint.
 
 from __future__ import annotations
 
-import logging
 import math
 import statistics
 from collections.abc import Callable, Iterable, Mapping
@@ -31,9 +30,6 @@ from torch import Tensor
 from .utils import ParamsLike, check_same_structure, tree_leaves
 
 __all__ = ["NonFiniteError", "OuterStepHistory", "OuterStepResult", "apply_outer_update", "first_non_finite"]
-
-logger = logging.getLogger(__name__)
-
 
 class NonFiniteError(FloatingPointError):
     """Training met NaN/inf values it could not recover from (the message names the step and the cause)."""
@@ -186,12 +182,14 @@ def apply_outer_update(
     """
     check_same_structure(params, grads, "outer parameters", "outer_grad")
     leaves, grad_leaves = tree_leaves(params), tree_leaves(grads)
-    if all(bool(torch.isfinite(g).all()) for g in grad_leaves):
+    names = list(params) if isinstance(params, Mapping) else [f"outer parameter {i}" for i in range(len(leaves))]
+    bad = first_non_finite(zip(names, grad_leaves))
+    if bad is None:
         norm = math.sqrt(sum(float(g.detach().double().pow(2).sum()) for g in grad_leaves))
         reason = "" if math.isfinite(norm) else "non-finite hypergradient: its norm overflows float64"
         reason = reason or (history.explosion(norm) if history is not None else "")
     else:
-        norm, reason = math.nan, "non-finite hypergradient: NaN or inf entries"
+        norm, reason = math.nan, f"non-finite hypergradient: NaN or inf in {bad}"
     if not reason:
         for p, g in zip(leaves, grad_leaves):
             g = g.detach().to(p.dtype)
@@ -199,7 +197,7 @@ def apply_outer_update(
         if optimizer is not None:
             snapshot = _snapshot(optimizer, leaves)
             optimizer.step()
-            bad = first_non_finite((f"outer parameter {i}", p) for i, p in enumerate(leaves))
+            bad = first_non_finite(zip(names, leaves))
             reason = (f"non-finite outer parameters after the step: {bad}" if bad is not None
                       else _optimizer_state_problem(optimizer) or (validate() if validate is not None else None) or "")
             if reason:

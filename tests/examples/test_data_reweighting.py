@@ -74,8 +74,8 @@ def test_push_to_hub_uploads_weights_with_card(tiny_model_dir, tmp_path, capsys)
         results = data_reweighting.main(tiny_run_args(
             tiny_model_dir, tmp_path, "--run_baseline", "False", "--push_to_hub", "True",
             "--hub_model_id", "me/weights", "--hub_token", "hf_test"))
-    api.create_repo.assert_called_once()
-    assert api.create_repo.call_args.args[0] == "me/weights"
+    assert api.create_repo.call_count == 2  # at start (credentials, reachability), and before the upload
+    assert all(call.args[0] == "me/weights" for call in api.create_repo.call_args_list)
     assert uploaded["repo_id"] == "me/weights"
     assert {"outer_params.safetensors", "outer_config.json", "README.md"} <= set(uploaded["files"])
     assert "adapter_model.safetensors" not in uploaded["files"]
@@ -106,27 +106,27 @@ TRAIN_ROWS = [(f"a great movie number {i}", "pos") for i in range(10)] + \
 @pytest.mark.parametrize("argument", ["--text_column", "--label_column"])
 def test_unknown_column_names_the_argument(argument, tmp_path, no_training):
     with pytest.raises(InputError, match=rf"{argument} 'nope' is not a column of .*columns are \['text', 'label'\]"):
-        data_reweighting.main(["--output_dir", str(tmp_path), argument, "nope"])
+        data_reweighting.main(["--output_dir", str(tmp_path / "out"), argument, "nope"])
 
 
 def test_unknown_column_in_files(tmp_path, no_training):
     args = _files(tmp_path, TRAIN_ROWS, TRAIN_ROWS[:4], header=("sentence", "label"))
     with pytest.raises(InputError, match=r"--text_column 'text' is not a column of --train_file"):
-        data_reweighting.main(["--output_dir", str(tmp_path), *args])
+        data_reweighting.main(["--output_dir", str(tmp_path / "out"), *args])
 
 
 def test_unseen_validation_class_names_label_column(tmp_path, no_training):
     args = _files(tmp_path, TRAIN_ROWS, TRAIN_ROWS[:4] + [("so so", "neutral")])
     with pytest.raises(InputError, match=r"--label_column 'label': --validation_file has classes \['neutral'\] "
                                          r"that never occur in the training split"):
-        data_reweighting.main(["--output_dir", str(tmp_path), *args])
+        data_reweighting.main(["--output_dir", str(tmp_path / "out"), *args])
 
 
 def test_unseen_test_class(tmp_path, no_training):
     args = _files(tmp_path, TRAIN_ROWS, TRAIN_ROWS[:4])
     args += ["--test_file", write_csv(tmp_path / "test.csv", [("meh", "neutral"), ("good", "pos")])]
     with pytest.raises(InputError, match=r"--test_file has classes \['neutral'\]"):
-        data_reweighting.main(["--output_dir", str(tmp_path), *args])
+        data_reweighting.main(["--output_dir", str(tmp_path / "out"), *args])
 
 
 @pytest.mark.parametrize("role", ["train", "validation"])
@@ -135,29 +135,29 @@ def test_empty_split_names_the_argument(role, tmp_path, no_training):
     rows[role] = []
     args = _files(tmp_path, rows["train"], rows["validation"])
     with pytest.raises(InputError, match=rf"--{role}_file is empty"):
-        data_reweighting.main(["--output_dir", str(tmp_path), *args])
+        data_reweighting.main(["--output_dir", str(tmp_path / "out"), *args])
 
 
 def test_dataset_smaller_than_batch(tmp_path, no_training):
     with pytest.raises(InputError, match=r"fewer than one training batch \(--per_device_train_batch_size 16 "
                                          r".*--max_train_samples"):
-        data_reweighting.main(["--output_dir", str(tmp_path), "--max_train_samples", "10"])
+        data_reweighting.main(["--output_dir", str(tmp_path / "out"), "--max_train_samples", "10"])
 
 
 def test_single_class_training_split(tmp_path, no_training):
     args = _files(tmp_path, TRAIN_ROWS[:10], TRAIN_ROWS[:4])
     with pytest.raises(InputError, match=r"--label_column 'label': the training split has only"):
-        data_reweighting.main(["--output_dir", str(tmp_path), *args])
+        data_reweighting.main(["--output_dir", str(tmp_path / "out"), *args])
 
 
 def test_push_needs_hub_model_id(tmp_path, no_training):
     with pytest.raises(InputError, match=r"--push_to_hub needs --hub_model_id"):
-        data_reweighting.main(["--output_dir", str(tmp_path), "--push_to_hub", "True"])
+        data_reweighting.main(["--output_dir", str(tmp_path / "out"), "--push_to_hub", "True"])
 
 
 def test_bad_noise_rate(tmp_path):
     with pytest.raises(InputError, match=r"--noise_rate must be in \[0, 1\)"):
-        data_reweighting.main(["--output_dir", str(tmp_path), "--noise_rate", "1.5"])
+        data_reweighting.main(["--output_dir", str(tmp_path / "out"), "--noise_rate", "1.5"])
 
 
 def test_help_lists_the_options(capsys):

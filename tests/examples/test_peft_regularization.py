@@ -70,7 +70,7 @@ def test_push_to_hub(tiny_model_dir, tmp_path):
         api_cls.return_value.create_repo.return_value = mock.Mock(repo_id="me/reg")
         api_cls.return_value.upload_folder.side_effect = upload_folder
         results = peft_regularization.main(tiny_run_args(
-            tiny_model_dir, tmp_path, "--run_grid", "False", "--push_to_hub", "--hub_model_id", "me/reg"))
+            tiny_model_dir, tmp_path, "--run_grid", "False", "--push_to_hub", "--hub_model_id", "me/reg", "--hub_token", "hf_test"))
     assert results["hub_commit_url"] == "https://huggingface.co/me/reg/commit/1"
     assert results["grid"] == [] and results["best_grid"] is None
     assert 'LoraRegularization.from_pretrained("me/reg")' in cards[0]
@@ -85,17 +85,17 @@ def no_training():
 
 def test_bad_label_column(tmp_path, no_training):
     with pytest.raises(InputError, match=r"--label_column 'stars' is not a column"):
-        peft_regularization.main(["--output_dir", str(tmp_path), "--label_column", "stars"])
+        peft_regularization.main(["--output_dir", str(tmp_path / "out"), "--label_column", "stars"])
 
 
 def test_too_few_examples_for_batch(tmp_path, no_training):
     with pytest.raises(InputError, match=r"--per_device_train_batch_size 16"):
-        peft_regularization.main(["--output_dir", str(tmp_path), "--max_train_samples", "8"])
+        peft_regularization.main(["--output_dir", str(tmp_path / "out"), "--max_train_samples", "8"])
 
 
 def test_negative_grid_value(tmp_path):
     with pytest.raises(InputError, match=r"--grid values must be finite and >= 0"):
-        peft_regularization.main(["--output_dir", str(tmp_path), "--grid", "0.1", "-1"])
+        peft_regularization.main(["--output_dir", str(tmp_path / "out"), "--grid", "0.1", "-1"])
 
 
 def test_help_lists_the_options(capsys):

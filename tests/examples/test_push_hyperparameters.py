@@ -36,7 +36,7 @@ def test_push_saved_folder(kind, tmp_path, capsys):
         api_cls.return_value.create_repo.return_value = mock.Mock(repo_id="me/x")
         api_cls.return_value.upload_folder.side_effect = _patched_upload(captured)
         url = push_hyperparameters.main(["--outer_params_dir", str(tmp_path), "--repo_id", "me/x", "--private",
-                                         "--metadata", "test_accuracy=0.97"])
+                                         "--metadata", "test_accuracy=0.97", "--token", "hf_test"])
     assert url == "https://huggingface.co/me/x/commit/1"
     assert api_cls.return_value.create_repo.call_args.kwargs["private"] is True
     assert captured["files"] == ["README.md", "outer_config.json", "outer_params.safetensors"]

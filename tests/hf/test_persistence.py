@@ -225,7 +225,7 @@ def test_never_unpickles(tmp_path, trained_weights):
     with mock.patch.object(torch, "load", boom), mock.patch.object(torch.serialization, "load", boom), \
             mock.patch.object(pickle, "load", boom), mock.patch.object(pickle, "loads", boom), \
             mock.patch.object(pickle, "Unpickler", boom):
-        with pytest.raises(ValueError, match="not a readable safetensors file"):
+        with pytest.raises(ValueError, match="not a (valid|readable) safetensors file"):
             DataWeights.from_pretrained(str(evil))
         DataWeights.from_pretrained(str(tmp_path / "good"))
         load_optimizer_state(str(tmp_path / "opt.safetensors"))
@@ -391,7 +391,7 @@ def test_push_to_hub_create_pr_returns_pr_url(trained_reg):
         api = api_cls.return_value
         api.create_repo.return_value = mock.Mock(repo_id="me/reg")
         api.upload_folder.return_value = mock.Mock(commit_url="https://c", pr_url="https://pr")
-        assert trained_reg.push_to_hub("me/reg", create_pr=True) == "https://pr"
+        assert trained_reg.push_to_hub("me/reg", create_pr=True, token="hf_x") == "https://pr"
     assert api.upload_folder.call_args.kwargs["create_pr"] is True
 
 
@@ -438,3 +438,214 @@ def test_save_without_model_card_keeps_existing_readme(tmp_path, trained_weights
     assert section.startswith("## Learned data weights") and "---" not in section.splitlines()[0]
     assert "### How they were learned" in section and "nystrom" in section and "org/tiny-llama" in section
     assert "weight_mean" in section
+
+
+# ---------------------------------------------------------------------------------------- hardening: files
+
+
+def _write_raw_safetensors(path, header: dict, data: bytes = b"") -> None:
+    raw = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw + data)
+
+
+@pytest.mark.parametrize("case, match", [
+    ("short", "less than the 8-byte header length"),
+    ("huge_header", "its header claims"),
+    ("bad_json", "unreadable JSON header"),
+    ("offsets_outside", "is not inside the file"),
+    ("shape_vs_bytes", "declares shape"),
+    ("bad_dtype", "no valid dtype"),
+])
+def test_corrupt_headers_are_refused_before_loading(tmp_path, case, match):
+    path = tmp_path / OUTER_PARAMS_NAME
+    if case == "short":
+        path.write_bytes(b"\x01\x02")
+    elif case == "huge_header":
+        path.write_bytes((2**40).to_bytes(8, "little") + b"{}")
+    elif case == "bad_json":
+        path.write_bytes((4).to_bytes(8, "little") + b"{no}")
+    elif case == "offsets_outside":  # a 1 kB-style file whose header claims 5e8 float32 values
+        _write_raw_safetensors(path, {"logits": {"dtype": "F32", "shape": [500_000_000],
+                                                 "data_offsets": [0, 2_000_000_000]}}, b"\x00" * 40)
+    elif case == "shape_vs_bytes":
+        _write_raw_safetensors(path, {"logits": {"dtype": "F32", "shape": [100], "data_offsets": [0, 40]}},
+                               b"\x00" * 40)
+    else:
+        _write_raw_safetensors(path, {"logits": {"dtype": "X9", "shape": [10], "data_offsets": [0, 40]}},
+                               b"\x00" * 40)
+    with pytest.raises(ValueError, match=match):
+        DataWeights.from_pretrained(str(tmp_path))
+    with pytest.raises(ValueError, match=match):
+        load_optimizer_state(str(path))
+
+
+def test_config_claiming_a_huge_size_is_refused_before_allocating(tmp_path):
+    """The header's config says 2**40 examples while the file holds 10 weights: the mismatch is found on the
+    meta device, and no tensor of the config's size is ever allocated."""
+    header = {"format": "pt", "kind": "data_weights", "outer_format_version": "1",
+              "outer_config": json.dumps({"kind": "data_weights", "num_examples": 2**40, "id_column": "example_id"})}
+    save_file({"logits": torch.zeros(10)}, str(tmp_path / OUTER_PARAMS_NAME), metadata=header)
+    real_full = torch.full
+    sizes = []
+
+    def full(*args, **kwargs):
+        out = real_full(*args, **kwargs)
+        sizes.append((out.numel(), out.device.type))
+        return out
+
+    with mock.patch.object(torch, "full", full), pytest.raises(ValueError, match=r"implies shape \(1099511627776,\)"):
+        DataWeights.from_pretrained(str(tmp_path))
+    assert sizes and all(device == "meta" for numel, device in sizes if numel > 10)
+
+
+def test_non_finite_values_are_never_written_or_loaded(tmp_path, trained_weights):
+    poisoned = DataWeights(10)
+    with torch.no_grad():
+        poisoned.logits[4] = math.nan
+    with pytest.raises(ValueError, match=r"not saving .* tensor 'logits' holds 1 NaN/inf"):
+        poisoned.save_pretrained(str(tmp_path / "nan"))
+    assert not (tmp_path / "nan" / OUTER_PARAMS_NAME).exists()
+
+    trained_weights.save_pretrained(str(tmp_path / "good"))
+    path = tmp_path / "good" / OUTER_PARAMS_NAME
+    with safe_open(str(path), "pt") as f:
+        header = f.metadata()
+    save_file({"logits": torch.full((10,), math.inf)}, str(path), metadata=header)  # written behind our back
+    with pytest.raises(ValueError, match=r"tensor 'logits' holds 10 NaN/inf value\(s\); refusing poisoned"):
+        DataWeights.from_pretrained(str(tmp_path / "good"))
+
+    state = {"state": {0: {"exp_avg": torch.tensor([math.nan])}}, "param_groups": []}
+    with pytest.raises(ValueError, match="not saving the optimizer state"):
+        save_optimizer_state(state, str(tmp_path / "opt.safetensors"))
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.ones(2))])
+    save_optimizer_state(opt.state_dict(), str(tmp_path / "opt.safetensors"))
+    with safe_open(str(tmp_path / "opt.safetensors"), "pt") as f:
+        header = f.metadata()
+    save_file({"t0": torch.tensor([math.nan])}, str(tmp_path / "opt.safetensors"), metadata=header)
+    with pytest.raises(ValueError, match="optimizer state .* holds 1 NaN/inf"):
+        load_optimizer_state(str(tmp_path / "opt.safetensors"))
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_atomic_write_honours_the_umask(tmp_path, trained_weights, umask, mode):
+    old = os.umask(umask)
+    try:
+        atomic_write(tmp_path / "f.bin", lambda tmp: open(tmp, "wb").write(b"x"))
+        trained_weights.save_pretrained(str(tmp_path / "saved"))  # safetensors itself creates 0600 files
+    finally:
+        os.umask(old)
+    assert (tmp_path / "f.bin").stat().st_mode & 0o777 == mode
+    for name in (OUTER_PARAMS_NAME, OUTER_CONFIG_NAME, "README.md"):
+        assert (tmp_path / "saved" / name).stat().st_mode & 0o777 == mode, name
+
+
+def test_atomic_write_dir_replaces_whole_folders(tmp_path):
+    target = tmp_path / "table"
+
+    def writer(content):
+        def write(folder):
+            with open(os.path.join(folder, "data.txt"), "w") as f:
+                f.write(content)
+        return write
+
+    hub.atomic_write_dir(target, writer("old"))
+
+    def failing(folder):
+        writer("half")(folder)
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        hub.atomic_write_dir(target, failing)
+    assert (target / "data.txt").read_text() == "old"
+    hub.atomic_write_dir(target, writer("new"))
+    assert (target / "data.txt").read_text() == "new"
+    assert sorted(os.listdir(tmp_path)) == ["table"]  # no temporary or old folder left
+
+
+def _fake_checkpoint(folder, *, state=True, weights=True, outer=(OUTER_OPTIMIZER_NAME, OUTER_PARAMS_NAME)):
+    folder.mkdir(parents=True)
+    if state:
+        (folder / "trainer_state.json").write_text("{}")
+    if weights:
+        (folder / "adapter_model.safetensors").write_bytes(b"")
+    for name in outer:
+        (folder / name).write_bytes(b"")
+    return str(folder)
+
+
+def test_checkpoint_problems_and_last_complete_checkpoint(tmp_path, caplog):
+    good = _fake_checkpoint(tmp_path / "checkpoint-4")
+    _fake_checkpoint(tmp_path / "checkpoint-10", state=False)  # killed during the save
+    _fake_checkpoint(tmp_path / "checkpoint-8", outer=(OUTER_PARAMS_NAME,))
+    (tmp_path / "checkpoint-9").write_text("a file")
+    assert hub.checkpoint_problem(good) is None
+    assert "no trainer_state.json" in hub.checkpoint_problem(tmp_path / "checkpoint-10")
+    assert f"has no {OUTER_OPTIMIZER_NAME}" in hub.checkpoint_problem(tmp_path / "checkpoint-8")
+    assert "holds no model weights" in hub.checkpoint_problem(_fake_checkpoint(tmp_path / "x", weights=False))
+    (tmp_path / "x" / "trainer_state.json").write_text("{trunc")
+    assert "trainer_state.json is unreadable" in hub.checkpoint_problem(tmp_path / "x")
+    assert "is not a folder" in hub.checkpoint_problem(tmp_path / "missing")
+    with caplog.at_level("WARNING", logger="hf_integration.hub"):
+        assert hub.last_checkpoint(tmp_path) == good
+    assert sum("Skipping incomplete checkpoint" in r.getMessage() for r in caplog.records) == 2
+    plain = _fake_checkpoint(tmp_path / "plain" / "checkpoint-3", outer=())
+    assert hub.last_checkpoint(tmp_path / "plain") is None
+    assert hub.last_checkpoint(tmp_path / "plain", outer_files=()) == plain
+
+
+# ---------------------------------------------------------------------------------------- hardening: Hub
+
+
+@pytest.fixture
+def default_hub_client():
+    """Leave huggingface_hub's shared client as it was found (the default, without timeout)."""
+    from huggingface_hub import set_client_factory
+    from huggingface_hub.utils._http import default_client_factory
+
+    set_client_factory(default_client_factory)
+    yield
+    set_client_factory(default_client_factory)
+
+
+def test_hub_requests_time_out_against_a_server_that_never_answers(default_hub_client, monkeypatch):
+    import socket
+    import time
+
+    from huggingface_hub import get_session
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hub.constants, "HF_HUB_OFFLINE", False)
+    assert get_session().timeout.read is None  # huggingface_hub's default: API calls can hang forever
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)  # accepts connections (the kernel completes them) and never answers
+    try:
+        start = time.perf_counter()
+        hub.ensure_hub_timeout(1.0)
+        with pytest.raises(hub.HubError, match=r"cannot create or reach the Hub repo 'me/x' at http://127.0.0.1:\d+: "
+                                               r"ReadTimeout") as info:
+            hub.check_hub_repo("me/x", token="hf_x", endpoint=f"http://127.0.0.1:{server.getsockname()[1]}")
+        assert time.perf_counter() - start < 10
+        assert "\n" not in str(info.value)
+    finally:
+        server.close()
+    assert get_session().timeout.read == 1.0
+    hub.ensure_hub_timeout(5.0)  # a client that has a timeout is kept
+    assert get_session().timeout.read == 1.0
+
+
+def test_hub_failures_are_one_line_errors(default_hub_client):
+    with mock.patch.object(hub, "get_token", return_value=None), \
+            pytest.raises(hub.HubError, match="no Hugging Face token"):
+        hub.check_hub_repo("me/x")
+    with mock.patch.object(hub, "HfApi") as api_cls:
+        api_cls.return_value.create_repo.side_effect = OSError("[Errno 101] Network is unreachable\nmore details")
+        with pytest.raises(hub.HubError, match=r"^cannot create or reach the Hub repo 'me/x' at .*: OSError: "
+                                               r"\[Errno 101\] Network is unreachable$"):
+            DataWeights(3).push_to_hub("me/x", token="hf_x")
+    with mock.patch.object(hub, "HfApi") as api_cls:
+        api_cls.return_value.create_repo.return_value = mock.Mock(repo_id="me/x")
+        api_cls.return_value.upload_folder.side_effect = RuntimeError("403 Forbidden\nrequest id ...")
+        with pytest.raises(hub.HubError, match=r"^uploading to the Hub repo 'me/x' failed: RuntimeError: 403 Forbidden"):
+            DataWeights(3).push_to_hub("me/x", token="hf_x")

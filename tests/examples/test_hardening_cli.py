@@ -1,0 +1,298 @@
+"""The example scripts as a hostile user drives them, through their `main(argv)`: every bad input ends with
+one clean error before any work; faults during a run end with an error, nothing poisoned written and the
+previous outputs intact; resume, output-folder ownership and the Hub push behave as `--help` says."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from filelock import FileLock
+
+import data_reweighting
+import peft_regularization
+import push_hyperparameters
+import text_classification
+from hf_integration import BilevelTrainer, DataWeights, hub
+from hf_integration.hub import CheckpointError, HubError
+from hypergrad.outer_step import NonFiniteError
+from text_classification import LOCK_NAME, InputError, RunError
+
+from .script_utils import tiny_run_args, write_csv
+
+ROWS = [(f"a great movie number {i}", "pos") for i in range(12)] + [(f"a dull movie number {i}", "neg")
+                                                                    for i in range(12)]
+
+
+@pytest.fixture
+def no_training():
+    """Fail the test if a model is built: the errors below must come before any work."""
+    with mock.patch.object(text_classification, "build_lora_model", side_effect=AssertionError("model was built")), \
+            mock.patch.object(data_reweighting, "build_lora_model", side_effect=AssertionError("model was built")), \
+            mock.patch.object(peft_regularization, "build_lora_model", side_effect=AssertionError("model was built")):
+        yield
+
+
+def _files(tmp_path, train_name: str, train_text: str | bytes) -> list[str]:
+    train = tmp_path / train_name
+    train.write_bytes(train_text if isinstance(train_text, bytes) else train_text.encode())
+    return ["--train_file", str(train), "--validation_file", write_csv(tmp_path / "val.csv", ROWS)]
+
+
+def _csv(rows) -> str:
+    return "text,label\n" + "".join(f"{t},{lab}\n" for t, lab in rows)
+
+
+# ------------------------------------------------------------------ bad input: one clean error, before any work
+
+BAD_ARGUMENTS = [
+    (["--max_steps", "0"], r"no training step would run \(max_steps=0"),
+    (["--max_steps", "-1", "--num_train_epochs", "0"], r"no training step would run"),
+    (["--per_device_train_batch_size", "0"], r"--per_device_train_batch_size must be a positive integer, got 0"),
+    (["--gradient_accumulation_steps", "0"], r"--gradient_accumulation_steps must be a positive integer"),
+    (["--outer_learning_rate", "inf"], r"--outer_learning_rate must be a finite number, got inf"),
+    (["--nystrom_rho", "inf"], r"--nystrom_rho must be a finite number, got inf"),
+    (["--learning_rate", "nan"], r"--learning_rate must be a finite number, got nan"),
+    (["--lora_alpha", "nan"], r"--lora_alpha must be finite"),
+    (["--lora_dropout", "1.5"], r"--lora_dropout must be in \[0, 1\)"),
+    (["--threads", "0"], r"--threads must be >= 1"),
+    (["--max_steps", "4", "--unroll_steps", "5"], r"no outer step would run: 4 inner steps"),
+    (["--model_name_or_path", "/nonexistent/model"], r"--model_name_or_path '/nonexistent/model': no such local"),
+    (["--tokenizer_name", "./no/such/tokenizer"], r"--tokenizer_name './no/such/tokenizer': no such local folder"),
+    (["--resume_from_checkpoint", "/nonexistent/checkpoint-4"], r"--resume_from_checkpoint: '/nonexistent/check"),
+    (["--resume_from_checkpoint", "True"], r"holds no complete checkpoint-<step> folder to resume from"),
+]
+
+
+@pytest.mark.parametrize("extra, match", BAD_ARGUMENTS, ids=[" ".join(a) for a, _ in BAD_ARGUMENTS])
+def test_bad_arguments_are_one_clean_error_before_any_work(tmp_path, no_training, extra, match):
+    with pytest.raises(InputError, match=match):
+        data_reweighting.main(["--output_dir", str(tmp_path / "out"), *extra])
+    assert not (tmp_path / "out").exists() or os.listdir(tmp_path / "out") in ([], [LOCK_NAME])
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--init_strength", "inf"], r"--init_strength must be finite and > 0"),
+    (["--grid", "nan"], r"--grid values must be finite"),
+    (["--outer_learning_rate", "nan"], r"--outer_learning_rate must be a finite number"),
+    (["--max_steps", "0"], r"no training step would run"),
+    (["--resume_from_checkpoint", "True"], r"holds no complete checkpoint-<step> folder"),
+])
+def test_bad_peft_arguments(tmp_path, no_training, extra, match):
+    with pytest.raises(InputError, match=match):
+        peft_regularization.main(["--output_dir", str(tmp_path / "out"), *extra])
+
+
+DATA_CASES = {
+    "zero_bytes": ("train.csv", b"", r"--train_file is empty \('.*train.csv' has 0 bytes\)"),
+    "malformed": ("train.csv", "text,label\na,pos\nb,neg,extra,fields\n",
+                  r"--train_file '.*train.csv' cannot be loaded: \w+: .*(Expected 2 fields|tokenizing)"),
+    "bad_utf8": ("train.csv", b"text,label\n\xff\xfe broken,pos\nfine,neg\n",
+                 r"cannot be loaded: UnicodeDecodeError: 'utf-8' codec can't decode byte 0xff"),
+    "empty_cell": ("train.csv", _csv(ROWS[:3] + [("", "pos")] + ROWS[3:]),
+                   r"--text_column 'text' of --train_file has 1 empty or non-text cell\(s\) \(first at row 3\)"),
+    "all_empty": ("train.csv", _csv([("", lab) for _, lab in ROWS]),
+                  r"--text_column 'text' of --train_file holds no text"),
+    "nan_label": ("train.jsonl", "".join(json.dumps({"text": t, "label": lab}) + "\n" for t, lab in ROWS)
+                  + '{"text": "odd", "label": NaN}\n', r"--label_column 'label' has 1 missing \(null/NaN\) label"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DATA_CASES))
+def test_bad_data_files_are_one_clean_error(tmp_path, no_training, case):
+    name, content, match = DATA_CASES[case]
+    with pytest.raises(InputError, match=match) as info:
+        data_reweighting.main(["--output_dir", str(tmp_path / "out"), *_files(tmp_path, name, content)])
+    assert "\n" not in str(info.value)
+
+
+def test_output_dir_that_is_a_file_or_cannot_be_created(tmp_path, no_training):
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(InputError, match=r"--output_dir '.*a_file' is an existing file, not a folder"):
+        data_reweighting.main(["--output_dir", str(tmp_path / "a_file")])
+    with pytest.raises(InputError, match=r"--output_dir '.*a_file/sub' cannot be created: Not a directory"):
+        data_reweighting.main(["--output_dir", str(tmp_path / "a_file" / "sub")])
+    with mock.patch("os.access", return_value=False), \
+            pytest.raises(InputError, match=r"--output_dir '.*out' is not writable"):
+        data_reweighting.main(["--output_dir", str(tmp_path / "out")])
+
+
+def test_output_dir_holding_another_run_is_refused(tmp_path, no_training):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.json").write_text("{}")
+    with pytest.raises(InputError, match=r"is not empty \(it holds \['metrics.json'\]\): another run's outputs; pass "
+                                         r"--overwrite_output_dir"):
+        data_reweighting.main(["--output_dir", str(out)])
+    (out / "checkpoint-3").mkdir()
+    with pytest.raises(InputError, match=r"pass --resume_from_checkpoint True to continue that run"):
+        peft_regularization.main(["--output_dir", str(out)])
+    assert (out / "metrics.json").read_text() == "{}"
+
+
+def test_a_second_run_into_a_locked_output_dir_is_refused(tmp_path, no_training):
+    out = tmp_path / "out"
+    out.mkdir()
+    with FileLock(str(out / LOCK_NAME), timeout=0):  # another run holds it
+        with pytest.raises(InputError, match=r"is in use by another run \(it holds the lock"):
+            data_reweighting.main(["--output_dir", str(out)])
+    with pytest.raises(InputError, match=r"--train_file '.*x.csv' does not exist"):  # past the released lock
+        data_reweighting.main(["--output_dir", str(out), "--train_file", str(tmp_path / "x.csv"),
+                               "--validation_file", str(tmp_path / "y.csv")])
+
+
+def test_push_fails_in_seconds_before_any_work(tmp_path, no_training):
+    with mock.patch.object(hub, "get_token", return_value=None), \
+            pytest.raises(HubError, match=r"cannot push to 'me/x': no Hugging Face token"):
+        data_reweighting.main(["--output_dir", str(tmp_path / "a"), "--push_to_hub", "--hub_model_id", "me/x"])
+    with mock.patch.object(hub, "HfApi") as api_cls:
+        api_cls.return_value.create_repo.side_effect = OSError("[Errno 101] Network is unreachable")
+        with pytest.raises(HubError, match=r"^cannot create or reach the Hub repo 'me/x' at .*Network is unreachable$"):
+            peft_regularization.main(["--output_dir", str(tmp_path / "b"), "--push_to_hub", "--hub_model_id", "me/x",
+                                      "--hub_token", "hf_x"])
+
+
+def test_run_main_exits_1_with_one_line(capsys):
+    for error in (InputError("bad --x"), RunError("could not train"), NonFiniteError("nan at step 3"),
+                  CheckpointError("cannot resume"), HubError("unreachable")):
+        with pytest.raises(SystemExit) as info:
+            text_classification.run_main(mock.Mock(side_effect=error))
+        assert info.value.code == f"error: {error}"  # sys.exit(str): message on stderr, status 1
+    with pytest.raises(KeyError):  # a bug is not disguised as a user error
+        text_classification.run_main(mock.Mock(side_effect=KeyError("bug")))
+
+
+def test_command_line_exit_status_and_message(tmp_path):
+    script = os.path.join(os.path.dirname(text_classification.__file__), "data_reweighting.py")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, script, "--output_dir", str(tmp_path / "o"), "--max_steps", "0"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: --max_steps") or \
+        "error: no training step would run" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+# ------------------------------------------------------------------ faults during a run
+
+
+def _nan_loss_at(steps):
+    original = BilevelTrainer.compute_loss
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        loss = original(self, model, inputs, *args, **kwargs)
+        return loss * float("nan") if model.training and (steps == "all" or self.state.global_step in steps) else loss
+
+    return mock.patch.object(BilevelTrainer, "compute_loss", compute_loss)
+
+
+def test_one_nan_batch_is_skipped_and_reported(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    with _nan_loss_at({3}):
+        results = data_reweighting.main(tiny_run_args(tiny_model_dir, out, "--run_baseline", "False"))
+    assert results["inner_steps_skipped"] == 1 and results["outer_steps"] == 2
+    weights = DataWeights.from_pretrained(str(out))  # refuses NaN/inf
+    assert bool(torch.isfinite(weights.logits).all())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["inner_steps_skipped"] == 1 and metrics["outer_steps_skipped"] == 0
+    assert "6 inner steps (1 skipped), 2 outer steps applied (0 skipped)" in capsys.readouterr().out
+
+
+def test_persistent_nan_fails_and_leaves_the_previous_outputs_intact(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.json").write_text('{"previous": true}')
+    (out / "outer_params.safetensors").write_bytes(b"previous")
+    with _nan_loss_at("all"), pytest.raises(NonFiniteError, match=r"training stopped at inner step 5"):
+        data_reweighting.main(tiny_run_args(tiny_model_dir, out, "--max_steps", "8", "--resume_from_checkpoint",
+                                            "False", "--overwrite_output_dir"))
+    assert not (out / "metrics.json").exists()  # the overwritten run's completion marker is gone ...
+    assert (out / "outer_params.safetensors").read_bytes() == b"previous"  # ... and nothing new was written
+    assert sorted(os.listdir(out)) == [LOCK_NAME, "outer_params.safetensors"]
+
+
+def test_exploding_hypergradient_is_a_failed_run_not_a_silent_one(tiny_model_dir, tmp_path):
+    """--nystrom_rho 1e-30: hypergradient norms ~1e27 overflow Adam's float32 state. Every outer step is rolled
+    back, so the weights would be untrained: the run fails and writes nothing."""
+    out = tmp_path / "run"
+    with pytest.raises(RunError, match=r"no outer step could be applied: all 2 were skipped \(non-finite outer "
+                                       r"optimizer state after the step: 2\)"):
+        data_reweighting.main(tiny_run_args(tiny_model_dir, out, "--run_baseline", "False", "--nystrom_rho", "1e-30"))
+    assert os.listdir(out) == [LOCK_NAME]
+
+
+def test_outer_learning_rate_1000_is_a_failed_run_not_a_poisoned_one(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(RunError, match=r"all 2 were skipped \(non-finite inner objective: 2\)"):
+        peft_regularization.main(tiny_run_args(tiny_model_dir, out, "--run_grid", "False",
+                                               "--outer_learning_rate", "1000"))
+    assert os.listdir(out) == [LOCK_NAME]
+
+
+def test_a_failed_push_says_where_the_outputs_are(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    with mock.patch.object(hub, "HfApi") as api_cls:
+        api_cls.return_value.create_repo.return_value = mock.Mock(repo_id="me/w")
+        api_cls.return_value.upload_folder.side_effect = TimeoutError("timed out")
+        with pytest.raises(HubError, match=r"uploading to the Hub repo 'me/w' failed: TimeoutError: timed out. The "
+                                           r"run's outputs are saved in .*push_hyperparameters.py --outer_params_dir"):
+            data_reweighting.main(tiny_run_args(tiny_model_dir, out, "--run_baseline", "False", "--push_to_hub",
+                                                "--hub_model_id", "me/w", "--hub_token", "hf_x"))
+    assert (out / "metrics.json").is_file() and DataWeights.from_pretrained(str(out)).num_examples == 40
+
+
+# ------------------------------------------------------------------ resume and overwrite
+
+
+def test_resume_continues_exactly_and_refuses_foreign_or_incomplete_checkpoints(tiny_model_dir, tmp_path):
+    full = tmp_path / "full"
+    checkpoints = ("--save_strategy", "steps", "--save_steps", "2", "--run_baseline", "False")
+    data_reweighting.main(tiny_run_args(tiny_model_dir, full, *checkpoints))
+    interrupted = tmp_path / "interrupted"
+    shutil.copytree(full, interrupted)
+    shutil.rmtree(interrupted / "checkpoint-6")
+    os.remove(interrupted / "checkpoint-4" / "trainer_state.json")  # killed while saving checkpoint-4
+    os.remove(interrupted / "metrics.json")
+    results = data_reweighting.main(tiny_run_args(tiny_model_dir, interrupted, *checkpoints,
+                                                  "--resume_from_checkpoint", "True"))
+    assert results["resumed_from"] == str(interrupted / "checkpoint-2")
+    for name in ("outer_params.safetensors", "adapter_model.safetensors"):
+        from safetensors.torch import load_file
+        a, b = load_file(str(full / name)), load_file(str(interrupted / name))
+        assert all(torch.equal(a[k], b[k]) for k in a), name  # bitwise identical to the uninterrupted run
+    ours = np.asarray(json.loads((interrupted / "metrics.json").read_text())["mean_weight_clean"])
+    assert ours == json.loads((full / "metrics.json").read_text())["mean_weight_clean"]
+
+    with pytest.raises(CheckpointError, match=r"fingerprint was saved as"):  # other data of the same size
+        data_reweighting.main(tiny_run_args(tiny_model_dir, interrupted, *checkpoints, "--dataset_seed", "7",
+                                            "--resume_from_checkpoint", str(interrupted / "checkpoint-2")))
+    os.remove(interrupted / "checkpoint-2" / "outer_optimizer.safetensors")
+    with pytest.raises(InputError, match=r"checkpoint-2' has no outer_optimizer.safetensors"):
+        data_reweighting.main(tiny_run_args(tiny_model_dir, interrupted, *checkpoints,
+                                            "--resume_from_checkpoint", str(interrupted / "checkpoint-2")))
+
+
+def test_overwrite_output_dir_starts_over(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoint-9").mkdir(parents=True)
+    (out / "baseline" / "checkpoint-9").mkdir(parents=True)
+    (out / "metrics.json").write_text('{"old": 1}')
+    results = peft_regularization.main(tiny_run_args(tiny_model_dir, out, "--run_grid", "False",
+                                                     "--overwrite_output_dir"))
+    assert not (out / "checkpoint-9").exists() and not (out / "baseline" / "checkpoint-9").exists()
+    assert json.loads((out / "metrics.json").read_text())["learned"]["outer_steps"] == results["learned"]["outer_steps"]
+
+
+def test_push_script_errors(tmp_path):
+    with pytest.raises(ValueError, match="has no outer_params.safetensors"):
+        push_hyperparameters.main(["--outer_params_dir", str(tmp_path), "--repo_id", "me/x"])
+    DataWeights(3).save_pretrained(str(tmp_path))
+    with mock.patch.object(hub, "get_token", return_value=None), pytest.raises(HubError, match="no Hugging Face token"):
+        push_hyperparameters.main(["--outer_params_dir", str(tmp_path), "--repo_id", "me/x"])
