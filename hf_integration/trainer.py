@@ -409,6 +409,7 @@ class BilevelTrainer(Trainer):
             model = self.model_wrapped if self.is_fsdp_enabled else self._unwrapped
             phi = {k: v.detach() for k, v in self._outer_param_tree().items()}
             loss = self._objective(model, None, phi, batch, weighted=True)[0]
+        self._checked_inner_loss = float(loss)
         if _on_any_process(not bool(torch.isfinite(loss)), self.args.device):
             return f"non-finite inner objective: {float(loss)} with the new outer parameters"
         return None
@@ -512,10 +513,12 @@ class BilevelTrainer(Trainer):
                     phi, solve)
             data_parallel = DataParallel() if self.args.world_size > 1 else None
             budget = self.args.hvp_memory_budget_mb
-            return implicit_hypergrad(lambda i, o: self.inner_forward(i, o, train_batch),
-                                      lambda i, o: self.outer_forward(i, o, eval_batch),
-                                      self._theta(), phi, solve, self.hvp_mode, data_parallel, self.args.hvp_chunk_size,
-                                      hvp_memory_budget=None if budget is None else int(budget * 2**20))
+            grads, outer_value = implicit_hypergrad(
+                lambda i, o: self.inner_forward(i, o, train_batch), lambda i, o: self.outer_forward(i, o, eval_batch),
+                self._theta(), phi, solve, self.hvp_mode, data_parallel, self.args.hvp_chunk_size,
+                hvp_memory_budget=None if budget is None else int(budget * 2**20), return_outer_value=True)
+            self._last_outer_loss = float(outer_value)  # this process's validation loss at the current weights
+            return grads
 
     def outer_update(self) -> dict[str, float]:
         """One outer step: hypergradient on fresh batches, outer optimizer step, metrics logged."""
@@ -524,11 +527,13 @@ class BilevelTrainer(Trainer):
         start = time.perf_counter()
         grads = self.compute_hypergradient(train_batch, eval_batch, generator)
         ihvp_time = time.perf_counter() - start
-        with torch.no_grad(), self._second_order_context():
-            model = self.model_wrapped if self.is_fsdp_enabled else self._unwrapped
-            phi = {k: v.detach() for k, v in self._outer_param_tree().items()}
-            inner_loss = float(self._objective(model, None, phi, train_batch, weighted=True)[0])
-            outer_loss = float(self._objective(model, None, phi, eval_batch, weighted=False)[0])
+        outer_loss = self.__dict__.pop("_last_outer_loss", None)
+        if outer_loss is None:  # the sharded path does not report it
+            with torch.no_grad(), self._second_order_context():
+                model = self.model_wrapped if self.is_fsdp_enabled else self._unwrapped
+                phi = {k: v.detach() for k, v in self._outer_param_tree().items()}
+                outer_loss = float(self._objective(model, None, phi, eval_batch, weighted=False)[0])
+        self._checked_inner_loss = math.nan
         result = apply_outer_update(self.outer_optimizer, self._outer_param_tree(), grads, self.outer_history,
                                     validate=lambda: self._outer_step_problem(train_batch))
         if result.applied:
@@ -540,7 +545,9 @@ class BilevelTrainer(Trainer):
         self.outer_step += 1
         norm = result.norm
         metrics = {
-            "outer/inner_loss": inner_loss,
+            # the inner objective on the hypergradient's training batch after the step (its finiteness check;
+            # NaN, and so not logged, when the step was skipped) and the validation loss before it
+            "outer/inner_loss": self._checked_inner_loss,
             "outer/loss": outer_loss,
             "outer/hypergrad_norm": norm,
             "outer/ihvp_time": ihvp_time,

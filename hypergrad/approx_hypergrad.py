@@ -109,8 +109,9 @@ def implicit_hypergrad(
     hvp_chunk_size: int | None = None,
     *,
     hvp_memory_budget: int | None = None,
+    return_outer_value: bool = False,
     dist: DataParallel | None = None,
-) -> ParamsLike:
+) -> ParamsLike | tuple[ParamsLike, Tensor]:
     """The implicit-differentiation rule with a pluggable IHVP solver.
 
     The outer gradient ``(grad_theta g, grad_phi g)`` is taken first; then the inner
@@ -130,6 +131,9 @@ def implicit_hypergrad(
     solve's ``p``) are in flight at a time. ``hvp_memory_budget`` (bytes): when no chunk size
     is given, as many products as fit in it (``rev_rev``); without either, ``rev_rev`` takes
     one product at a time and ``fwd_rev`` vectorizes all.
+
+    ``return_outer_value``: also return ``g(theta, phi)`` (detached), which the outer
+    gradient computes anyway, as ``(hypergradient, value)``.
     """
     check_params(in_params, "in_params")
     check_params(out_params, "out_params")
@@ -143,10 +147,11 @@ def implicit_hypergrad(
     def outer(i: ParamsLike, o: ParamsLike) -> Tensor:
         return scalar_objective(outer_obj(i, o), "outer_obj")
 
-    grad_in, grad_out = gradient(outer, (0, 1), hvp_mode)(in_params, out_params)
+    (grad_in, grad_out), value = gradient(outer, (0, 1), hvp_mode, with_value=True)(in_params, out_params)
     products = linearize_inner(inner, in_params, out_params, hvp_mode, hvp_chunk_size, average, hvp_memory_budget)
-    return hypergrad_from_products(average(grad_in), average(grad_out), products.hvp, products.batched_hvp,
-                                   products.mixed, solve)
+    hypergradient = hypergrad_from_products(average(grad_in), average(grad_out), products.hvp, products.batched_hvp,
+                                            products.mixed, solve)
+    return (hypergradient, value.detach()) if return_outer_value else hypergradient
 
 
 def make_solver(method: str, generator: torch.Generator | None = None, **options) -> Solve:

@@ -13,7 +13,7 @@ from typing import Literal, Union
 
 import torch
 from torch import Tensor
-from torch.func import grad, jvp, vjp, vmap
+from torch.func import grad, grad_and_value, jvp, vjp, vmap
 
 __all__ = [
     "Params",
@@ -250,41 +250,47 @@ def finite_difference_step(primal: ParamsLike, tangent: ParamsLike) -> Tensor:
     return (u ** (1.0 / 3.0)) * (1.0 + x_norm) / v_norm
 
 
-def _autograd_grad(f: Callable[..., Tensor], argnums: int | tuple[int, ...] = 0) -> Callable[..., ParamsLike]:
-    """``torch.func.grad`` computed with plain ``torch.autograd`` instead of a function
-    transform, so it also works with ops that ``torch.func`` cannot trace (custom
-    ``autograd.Function``s without ``setup_context``, gradient checkpointing, sharded
-    parameters)."""
+def _autograd_grad(f: Callable[..., Tensor], argnums: int | tuple[int, ...] = 0,
+                   with_value: bool = False) -> Callable[..., ParamsLike]:
+    """``torch.func.grad`` (``grad_and_value`` with ``with_value``) computed with plain
+    ``torch.autograd`` instead of a function transform, so it also works with ops that
+    ``torch.func`` cannot trace (custom ``autograd.Function``s without ``setup_context``,
+    gradient checkpointing, sharded parameters)."""
     index = (argnums,) if isinstance(argnums, int) else tuple(argnums)
 
-    def wrapper(*args: ParamsLike) -> ParamsLike:
+    def wrapper(*args: ParamsLike):
         args = list(args)
         for i in index:
             args[i] = tree_map(lambda x: x.detach().requires_grad_(True), args[i])
         leaves = [leaf for i in index for leaf in tree_leaves(args[i])]
         with torch.enable_grad():
-            grads = torch.autograd.grad(f(*args), leaves, allow_unused=True)
+            value = f(*args)
+            grads = torch.autograd.grad(value, leaves, allow_unused=True)
         grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves)]
         out, offset = [], 0
         for i in index:
             n = len(tree_leaves(args[i]))
             out.append(tree_unflatten(args[i], grads[offset : offset + n]))
             offset += n
-        return out[0] if isinstance(argnums, int) else tuple(out)
+        result = out[0] if isinstance(argnums, int) else tuple(out)
+        return (result, value.detach()) if with_value else result
 
     return wrapper
 
 
 def gradient(
-    f: Callable[..., Tensor], argnums: int | tuple[int, ...] = 0, mode: HVPMode = DEFAULT_HVP_MODE
+    f: Callable[..., Tensor], argnums: int | tuple[int, ...] = 0, mode: HVPMode = DEFAULT_HVP_MODE,
+    with_value: bool = False,
 ) -> Callable[..., ParamsLike]:
     """The first-order gradient that goes with an HVP ``mode``: ``torch.func.grad`` for
     ``"fwd_rev"`` (composable with ``jvp``), plain autograd for ``"rev_rev"`` and
     ``"finite_diff"``, whose products are plain backward passes and so also run where function
     transforms cannot (custom ``autograd.Function``s without ``setup_context``, gradient
-    checkpointing)."""
+    checkpointing). ``with_value``: return ``(gradient, f(...))``."""
     check_mode(mode)
-    return grad(f, argnums=argnums) if mode == "fwd_rev" else _autograd_grad(f, argnums)
+    if mode == "fwd_rev":
+        return grad_and_value(f, argnums=argnums) if with_value else grad(f, argnums=argnums)
+    return _autograd_grad(f, argnums, with_value)
 
 
 def check_mode(mode: str) -> None:
