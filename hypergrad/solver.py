@@ -180,7 +180,21 @@ class BaseSolver:
         self.recorder = MetricsRecorder()
         self.iteration = 0
         self.outer_step = 0
+        self._inner_steps_done = 0
+        self._iterations_done = 0
         self.outer_history = OuterStepHistory()
+
+    @property
+    def inner_step(self) -> int:
+        """Inner updates completed so far (the original ``hypergrad`` library's ``inner_step``:
+        ``i`` while iteration ``i``'s inner update runs, ``i + 1`` after it)."""
+        return self._inner_steps_done
+
+    @property
+    def global_step(self) -> int:
+        """Iterations (inner update plus any outer update) completed so far (the original
+        library's ``global_step``). ``outer_step`` counts completed outer updates there and here."""
+        return self._iterations_done
 
     @staticmethod
     def _check_arguments(inner, outer, inner_optimizer, outer_optimizer, num_iters,
@@ -329,6 +343,7 @@ class BaseSolver:
         for i in bar:
             self.iteration = i
             self._record_returned(self.inner_update(), "inner_loss")
+            self._inner_steps_done += 1
             if self.is_outer_step(i):
                 start = time.perf_counter()
                 self._record_returned(self.outer_update(), "outer_loss")
@@ -341,6 +356,7 @@ class BaseSolver:
                     bar.set_postfix({k: f"{v:.4g}" for k, v in latest.items()}, refresh=False)
                 logger.info("iteration %d/%d: %s", i + 1, self.num_iters,
                             ", ".join(f"{k}={v:.4g}" for k, v in latest.items()))
+            self._iterations_done += 1
         self.sync_inner()
         return self.recorder
 

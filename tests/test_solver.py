@@ -571,3 +571,27 @@ def test_run_syncs_the_final_inner_params():
     solver.run()
     for p, q in zip(solver.inner.parameters(), solver.inner_params):
         assert torch.equal(p.detach(), q)
+
+
+class _OriginalLibraryStyle(ScheduleSolver):
+    """Code written against the original ``hypergrad`` library reads ``inner_step``,
+    ``outer_step`` and ``global_step`` (properties there)."""
+
+    def inner_update(self):
+        self.seen.append(("inner", self.inner_step, self.outer_step, self.global_step))
+        return super().inner_update()
+
+    def outer_update(self):
+        self.seen.append(("outer", self.inner_step, self.outer_step, self.global_step))
+        return super().outer_update()
+
+
+def test_step_counters_have_the_original_library_meaning():
+    solver = make_ridge_solver(5, 2, 0, cls=_OriginalLibraryStyle)
+    solver.seen = []
+    solver.run()
+    # iteration i: inner_step == i during the inner update, i + 1 during the outer one; outer
+    # updates after iterations 2 and 4; global_step counts finished iterations
+    assert solver.seen == [("inner", 0, 0, 0), ("inner", 1, 0, 1), ("inner", 2, 0, 2), ("outer", 3, 0, 2),
+                           ("inner", 3, 1, 3), ("inner", 4, 1, 4), ("outer", 5, 1, 4)]
+    assert (solver.inner_step, solver.outer_step, solver.global_step) == (5, 2, 5)
