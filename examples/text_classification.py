@@ -118,7 +118,8 @@ class ModelArguments:
     lora_layers: list[int] | None = field(
         default=None,
         metadata={"help": "Adapt only these transformer layers (indices, negative ones count from the top: "
-                  "'-2 -1' = the last two; default: all). Adapting only the top layers makes every "
+                  "'-2 -1' = the last two; without it, all layers; the example scripts pass their own default, "
+                  "shown below). Adapting only the top layers makes every "
                   "Hessian-vector product much cheaper: backpropagation stops there.",
                   "nargs": "+"},
     )
