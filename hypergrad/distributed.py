@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .utils import ParamsLike, tree_leaves, tree_unflatten
+from .utils import ParamsLike, one_at_a_time, tree_leaves, tree_unflatten
 
 __all__ = [
     "DataParallel",
@@ -198,16 +198,11 @@ def sharded_hypergrad(
     def matvec(v):
         return tuple(central_difference(list(v))[0])
 
-    def batched_matvec(vs):
-        k = tree_leaves(vs)[0].shape[0]
-        rows = [matvec([x[i] for x in tree_leaves(vs)]) for i in range(k)]
-        return tuple(torch.stack(xs) for xs in zip(*rows))
-
     def mixed(v):
         return central_difference(list(v))[1]
 
     grad_in, grad_out = gradients(outer_loss)
     from .approx_hypergrad import hypergrad_from_products
 
-    return hypergrad_from_products(tuple(grad_in), grad_out, matvec, batched_matvec, mixed, solve, reduce)
+    return hypergrad_from_products(tuple(grad_in), grad_out, matvec, one_at_a_time(matvec), mixed, solve, reduce)
 

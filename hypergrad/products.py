@@ -16,7 +16,9 @@ holding whatever can be shared between them:
   products it would save, so products are taken one by one (the mode stays for kernels that
   have forward-mode rules but no double backward).
 * ``"finite_diff"``: central differences of two plain-autograd gradients per product, the
-  memory-lean form (about one training step's memory; nothing is kept between products).
+  memory-lean form (about one training step's memory; nothing is kept between products); a
+  batch of ``k`` products takes forward differences from one shared gradient (``k + 1``
+  gradients).
 
 Batched products ``H V`` (``V`` with a leading dimension ``k``) are computed ``chunk_size``
 at a time: vectorized through the shared graph (``is_grads_batched``) for ``rev_rev``, by
@@ -46,8 +48,11 @@ from .utils import (
     ParamsLike,
     batched_hvp,
     check_mode,
+    finite_difference_step,
+    gradient,
     hvp,
     mixed_vjp,
+    one_at_a_time,
     tree_leaves,
     tree_map,
     tree_norm,
@@ -129,6 +134,30 @@ class _PerProduct(InnerProducts):
         return mixed_vjp(self._inner, self._theta, self._phi, v, self._mode)
 
 
+class _FiniteDifferences(_PerProduct):
+    """``finite_diff``: single products by central differences (2 gradients each, error
+    ``~u^(2/3)``); a batch of ``k`` products (a Nyström sketch) by forward differences from one
+    shared gradient at ``theta``: ``k + 1`` gradients instead of ``2k``, error ``~u^(1/2)``
+    (``~3e-4`` relative in float32), far below a rank-``k`` sketch's own approximation error.
+    Only one gradient's activations are alive at a time."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._base: ParamsLike | None = None
+
+    def _batched_hvp(self, vs):
+        grad_at = gradient(self._at_phi, 0, "finite_diff")
+        if self._base is None:
+            self._base = grad_at(self._theta)
+
+        def forward_difference(v: ParamsLike) -> ParamsLike:
+            r = finite_difference_step(self._theta, v, one_sided=True)
+            moved = grad_at(tree_map(lambda x, d: x + r.to(x.dtype) * d, self._theta, v))
+            return tree_map(lambda a, b: (a - b) / r.to(a.dtype), moved, self._base)
+
+        return one_at_a_time(forward_difference)(vs)
+
+
 class _ReverseLinearization(InnerProducts):
     """``rev_rev``: one ``create_graph`` gradient, then one backward pass per product.
 
@@ -203,9 +232,8 @@ class _ReverseLinearization(InnerProducts):
                 return self._backward(chunk, self._theta, True)
             except RuntimeError:
                 self._vectorize = False
-        rows = [tree_leaves(self._backward([x[i] for x in chunk], self._theta, False))
-                for i in range(chunk[0].shape[0])]
-        return tree_unflatten(self._theta, [torch.stack(xs) for xs in zip(*rows)])
+        batched = tree_unflatten(self._theta, chunk)
+        return one_at_a_time(lambda v: self._backward(tree_leaves(v), self._theta, False))(batched)
 
     def _mixed(self, v):
         """Through the shared graph when the solve built it; otherwise (a reused Nyström
@@ -244,6 +272,8 @@ def linearize_inner(
             raise ValueError(f"`{name}` must be a positive integer or None, got {value!r}.")
     if mode == "rev_rev":
         return _ReverseLinearization(inner, in_params, out_params, chunk_size, memory_budget, average)
+    if mode == "finite_diff":
+        return _FiniteDifferences(inner, in_params, out_params, mode, chunk_size, average)
     return _PerProduct(inner, in_params, out_params, mode, chunk_size, average)
 
 

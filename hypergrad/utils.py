@@ -40,6 +40,7 @@ __all__ = [
     "tree_all_finite",
     "hvp",
     "batched_hvp",
+    "one_at_a_time",
     "gradient",
     "mixed_vjp",
     "finite_difference_step",
@@ -234,20 +235,22 @@ def scalar_objective(value: Tensor, name: str) -> Tensor:
 # --------------------------------------------------------------------------------------
 
 
-def finite_difference_step(primal: ParamsLike, tangent: ParamsLike) -> Tensor:
-    """Step size ``r`` for the central difference ``(g(x + r v) - g(x - r v)) / 2r``.
+def finite_difference_step(primal: ParamsLike, tangent: ParamsLike, one_sided: bool = False) -> Tensor:
+    """Step size ``r`` for the central difference ``(g(x + r v) - g(x - r v)) / 2r`` or, with
+    ``one_sided``, the forward difference ``(g(x + r v) - g(x)) / r``.
 
     The truncation error of the central difference is ``O(r^2 |v|^3 f''')`` and the
     round-off error ``O(u |g| / r)`` with ``u`` the unit round-off; balancing them gives
-    ``r ~ u^(1/3)``. We scale it by ``(1 + |x|) / |v|`` so the perturbation is relative to
-    the size of the parameters and independent of the scale of ``v``.
+    ``r ~ u^(1/3)`` (forward difference: truncation ``O(r |v|^2 f''')``, so ``r ~ u^(1/2)``).
+    We scale it by ``(1 + |x|) / |v|`` so the perturbation is relative to the size of the
+    parameters and independent of the scale of ``v``.
     """
     leaves = tree_leaves(primal)
     u = torch.finfo(leaves[0].dtype).eps
     x_norm = tree_norm(primal).detach()
     v_norm = tree_norm(tangent).detach()
     v_norm = torch.where(v_norm > 0, v_norm, torch.ones_like(v_norm))
-    return (u ** (1.0 / 3.0)) * (1.0 + x_norm) / v_norm
+    return (u ** (0.5 if one_sided else 1.0 / 3.0)) * (1.0 + x_norm) / v_norm
 
 
 def _autograd_grad(f: Callable[..., Tensor], argnums: int | tuple[int, ...] = 0,
@@ -329,6 +332,17 @@ def hvp(
     return tree_map(lambda a, b: (a - b) / (2 * r), plus, minus)
 
 
+def one_at_a_time(fn: Callable[[ParamsLike], ParamsLike]) -> Callable[[ParamsLike], ParamsLike]:
+    """The batched form of a tree-to-tree ``fn`` (a leading dimension on every leaf), applied
+    row by row in a loop: for kernels without batching rules, or to keep one row in flight."""
+    def batched(vs: ParamsLike) -> ParamsLike:
+        leaves = tree_leaves(vs)
+        rows = [tree_leaves(fn(tree_unflatten(vs, [x[i] for x in leaves]))) for i in range(leaves[0].shape[0])]
+        return tree_unflatten(vs, [torch.stack(xs) for xs in zip(*rows)])
+
+    return batched
+
+
 def batched_hvp(
     f: Callable[[ParamsLike], Tensor],
     primal: ParamsLike,
@@ -352,12 +366,7 @@ def batched_hvp(
         raise ValueError(f"`chunk_size` must be a positive integer or None, got {chunk_size!r}.")
     if vectorize and mode != "finite_diff":
         return vmap(lambda t: hvp(f, primal, t, mode), in_dims=(0,), chunk_size=chunk_size)(tangents)
-    leaves = tree_leaves(tangents)
-    k = leaves[0].shape[0]
-    outs = [hvp(f, primal, tree_unflatten(tangents, [x[i] for x in leaves]), mode) for i in range(k)]
-    return tree_unflatten(
-        tangents, [torch.stack(xs) for xs in zip(*(tree_leaves(o) for o in outs))]
-    )
+    return one_at_a_time(lambda t: hvp(f, primal, t, mode))(tangents)
 
 
 def mixed_vjp(
