@@ -3,22 +3,25 @@
 * :mod:`hf_integration.trainer`: :class:`BilevelTrainer`, a ``transformers.Trainer`` that learns outer parameters;
 * :mod:`hf_integration.arguments`: :class:`BilevelTrainingArguments`;
 * :mod:`hf_integration.outer_modules`: :class:`OuterModule`, :class:`DataWeights`, :class:`LoraRegularization`;
-* :mod:`hf_integration.hub`: safetensors persistence, model cards, Hub upload, optimizer-state files;
+* :mod:`hf_integration.serialization`: atomic writes, safetensors save/load/check of outer-parameter files;
+* :mod:`hf_integration.model_card`: model cards (``huggingface_hub.ModelCard``);
+* :mod:`hf_integration.optimizer_state`: optimizer state dicts without pickle;
+* :mod:`hf_integration.checkpoints`: complete-checkpoint checks for resuming;
+* :mod:`hf_integration.hub`: Hub upload, timeouts, reachability (re-exports the names above);
 * :mod:`hf_integration.data`: stable example ids and dataset fingerprint metadata.
 """
 
 from .data import add_example_ids, dataset_fingerprint_metadata, num_example_ids
-from .hub import (
+from .serialization import (
     MODEL_CARD_NAME,
     OUTER_CONFIG_NAME,
     OUTER_OPTIMIZER_NAME,
     OUTER_PARAMS_NAME,
     atomic_write,
     atomic_write_text,
-    load_optimizer_state,
-    outer_params_card_section,
-    save_optimizer_state,
 )
+from .model_card import outer_params_card_section
+from .optimizer_state import load_optimizer_state, save_optimizer_state
 from .outer_modules import DataWeights, LoraRegularization, OuterModule, find_lora_modules, parse_layer_index
 from .arguments import BilevelTrainingArguments
 from .trainer import BilevelTrainer

@@ -19,14 +19,17 @@ so ``forward`` is a pure function of the module's parameters and its inputs (no 
 state), which makes it usable under ``torch.func.grad``, ``jvp`` and ``vmap`` over tangents of
 ``inner_params``.
 
-Persistence (``save_pretrained`` / ``from_pretrained`` / ``push_to_hub``) lives in
-:mod:`hf_integration.hub`; see there for the file layout and the validation done on load.
+Persistence (``save_pretrained`` / ``from_pretrained`` / ``push_to_hub``) builds on
+:mod:`hf_integration.serialization` (file layout, validation on load), :mod:`hf_integration.model_card`
+(each kind describes itself in its card with :meth:`OuterModule.card_text`),
+:mod:`hf_integration.optimizer_state` and :mod:`hf_integration.hub` (upload).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
@@ -34,7 +37,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from . import hub
+from . import hub, serialization
+from .model_card import CardText, render_model_card
+from .optimizer_state import load_optimizer_state, save_optimizer_state
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +59,8 @@ class OuterModule(nn.Module):
 
     Subclasses set the class attribute ``kind`` (the string recorded on save, used by
     :meth:`OuterModule.from_pretrained` to dispatch to the right class) and implement :meth:`forward`,
-    :meth:`summary_stats`, :meth:`config_dict` and :meth:`_from_config`.
+    :meth:`summary_stats`, :meth:`config_dict` and :meth:`_from_config`; they override :meth:`card_text` to
+    describe themselves in model cards.
 
     Attributes:
         metadata: String metadata recorded with the parameters (training method, base model, dataset
@@ -106,6 +112,11 @@ class OuterModule(nn.Module):
         """Build a freshly initialized module from :meth:`config_dict` output (subclasses implement)."""
         raise NotImplementedError
 
+    def card_text(self) -> CardText:
+        """What this kind says about itself in a model card (subclasses override; this is a generic text)."""
+        return CardText(title=f"Outer parameters ({self.kind})",
+                        description=f"outer parameters of kind `{self.kind}`, learned by bilevel optimization.")
+
     # ---------------------------------------------------------------- persistence
     def save_pretrained(
         self,
@@ -124,11 +135,10 @@ class OuterModule(nn.Module):
                 ``dataset_name``, ``split``, ``fingerprint``, ``num_rows``, ``id_column`` (see
                 :func:`hf_integration.data.dataset_fingerprint_metadata`). Merged over :attr:`metadata`.
             optimizer_state: An outer optimizer's ``state_dict()``; if given, also written (without pickle) to
-                ``outer_optimizer.safetensors`` for resuming. Read it back with
-                :func:`hf_integration.hub.load_optimizer_state`.
+                ``outer_optimizer.safetensors`` for resuming. Read it back with :meth:`load_optimizer_state`.
             model_card: Write ``README.md``; pass ``False`` when saving into a folder whose ``README.md`` belongs
                 to something else (e.g. a ``Trainer`` output dir holding the model's card; append
-                :func:`hf_integration.hub.outer_params_card_section` to that card instead).
+                :func:`hf_integration.model_card.outer_params_card_section` to that card instead).
         """
         self._save(save_directory, metadata=metadata, optimizer_state=optimizer_state, card_repo_id=None,
                    model_card=model_card)
@@ -142,19 +152,25 @@ class OuterModule(nn.Module):
         card_repo_id: str | None,
         model_card: bool = True,
     ) -> None:
-        merged = {**self.metadata, **hub.normalize_metadata(metadata)}
-        hub.save_outer_files(
-            save_directory,
-            kind=self.kind,
-            config=self.config_dict(),
-            tensors=self.state_dict(),
-            metadata=merged,
-            summary_stats=self.summary_stats(),
-            class_name=type(self).__name__,
-            card_repo_id=card_repo_id,
-            optimizer_state=optimizer_state,
-            model_card=model_card,
-        )
+        merged = {**self.metadata, **serialization.normalize_metadata(metadata)}
+        card = None
+        if model_card:
+            card = render_model_card(self, metadata=merged, repo_id=card_repo_id or os.fspath(save_directory))
+        serialization.save_outer_files(save_directory, kind=self.kind, config=self.config_dict(),
+                                       tensors=self.state_dict(), metadata=merged, card=card)
+        if optimizer_state is not None:
+            save_optimizer_state(optimizer_state, os.path.join(save_directory, serialization.OUTER_OPTIMIZER_NAME))
+
+    @staticmethod
+    def load_optimizer_state(save_directory: str) -> dict[str, Any]:
+        """The outer optimizer state that :meth:`save_pretrained` wrote with ``optimizer_state=`` (never unpickled).
+
+        Pass it to ``optimizer.load_state_dict`` of an optimizer built over the loaded module's parameters.
+
+        Raises:
+            FileNotFoundError: ``save_directory`` holds no ``outer_optimizer.safetensors``.
+        """
+        return load_optimizer_state(os.path.join(os.fspath(save_directory), serialization.OUTER_OPTIMIZER_NAME))
 
     @classmethod
     def from_pretrained(
@@ -190,7 +206,7 @@ class OuterModule(nn.Module):
                 the config (checked before a module of the config's size is allocated), or an ``expected``
                 field that does not match (the message names the field, the saved and the expected value).
         """
-        loaded = hub.load_outer_files(path_or_repo_id, revision=revision, token=token, **hub_kwargs)
+        loaded = serialization.load_outer_files(path_or_repo_id, revision=revision, token=token, **hub_kwargs)
         source = str(path_or_repo_id)
         target = OuterModule._registry.get(loaded.kind)
         if cls is not OuterModule and loaded.kind != cls.kind:
@@ -204,7 +220,7 @@ class OuterModule(nn.Module):
                 f"{source!r} holds outer parameters of unknown kind {loaded.kind!r} "
                 f"(known kinds: {sorted(OuterModule._registry)})"
             )
-        hub.check_expected(expected, metadata=loaded.metadata, config=loaded.config, source=source)
+        serialization.check_expected(expected, metadata=loaded.metadata, config=loaded.config, source=source)
         try:  # on the meta device first: a config claiming a huge size must not allocate it
             with torch.device("meta"):
                 own = target._from_config(loaded.config).state_dict()
@@ -400,6 +416,29 @@ class DataWeights(OuterModule):
 
     def config_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "num_examples": self.num_examples, "id_column": self.id_column, "init": self.init}
+
+    def card_text(self) -> CardText:
+        return CardText(
+            title="Learned data weights",
+            description=(
+                "learned per-example **data weights**: one logit `s_i` per training example, weight "
+                "`w_i = sigmoid(s_i)`, and the inner (training) loss is the normalized weighted mean "
+                "`sum_i w_i l_i / sum_i w_i` over each batch. The weights were tuned by bilevel optimization so "
+                "that training on the weighted data minimizes a held-out (outer) loss; low weights flag examples "
+                "that hurt held-out performance (noisy labels, off-distribution data)."
+            ),
+            details=(
+                f"There are {self.num_examples} weights, indexed by the integer example-id column "
+                f"`{self.id_column}` of the training dataset (added with `hf_integration.add_example_ids` before "
+                "any shuffling or filtering)."
+            ),
+            usage=(
+                "w = outer.weights()  # shape (num_examples,): w[example_id] in (0, 1)\n\n"
+                "# Optional: refuse weights learned on other data (train_dataset prepared as for training)\n"
+                "from hf_integration import dataset_fingerprint_metadata\n"
+                'outer = {class_name}.from_pretrained("{repo_id}", expected=dataset_fingerprint_metadata(train_dataset))'
+            ),
+        )
 
     @classmethod
     def _from_config(cls, config: Mapping[str, Any]) -> DataWeights:
@@ -641,6 +680,22 @@ class LoraRegularization(OuterModule):
             "init_log_strength": self.init_log_strength,
             "group_names": list(self.group_names),
         }
+
+    def card_text(self) -> CardText:
+        return CardText(
+            title="Learned LoRA regularization",
+            description=(
+                "learned **LoRA regularization strengths**: one log-strength `s_m` per LoRA module (or per "
+                "transformer layer), and the inner (training) loss is "
+                "`mean_i l_i + sum_m 1/2 exp(s_m) (|A_m|^2 + |B_m|^2)`. The strengths were tuned by bilevel "
+                "optimization so that fine-tuning minimizes a held-out (outer) loss."
+            ),
+            details=(
+                f"Granularity: `{self.granularity}`; {len(self.module_names)} LoRA modules "
+                f"(adapter `{self.adapter_name}`), {len(self.group_names)} learned strengths."
+            ),
+            usage="print(outer.strengths())  # exp(log_strength), one per group",
+        )
 
     @classmethod
     def _from_config(cls, config: Mapping[str, Any]) -> LoraRegularization:

