@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .utils import ParamsLike, one_at_a_time, tree_leaves, tree_unflatten
+from .utils import ParamsLike, finite_difference_step, one_at_a_time, tree_leaves, tree_unflatten
 
 __all__ = [
     "DataParallel",
@@ -153,9 +153,6 @@ def sharded_hypergrad(
     def reduce(x: Tensor) -> Tensor:  # partial inner products over shards; replicas need none
         return all_reduce_sum(x, group) if sharded else x
 
-    def global_norm(leaves: list[Tensor]) -> Tensor:
-        return torch.sqrt(reduce(sum((x.double() ** 2).sum() for x in leaves)))
-
     def gradients(loss_fn) -> tuple[list[Tensor], dict[str, Tensor]]:
         phi = {k: v.detach().clone().requires_grad_(True) for k, v in out_params.items()}
         module.zero_grad(set_to_none=True)
@@ -182,14 +179,8 @@ def sharded_hypergrad(
                 for s, x0 in zip(current_shards(), original):
                     s.copy_(x0)
 
-    def step_size(v: list[Tensor]) -> Tensor:
-        u = torch.finfo(original[0].dtype).eps
-        v_norm = global_norm(v)
-        v_norm = torch.where(v_norm > 0, v_norm, torch.ones_like(v_norm))
-        return (u ** (1.0 / 3.0)) * (1.0 + global_norm(original)) / v_norm
-
     def central_difference(v: list[Tensor]):
-        r = step_size(v)
+        r = finite_difference_step(original, v, reduce=reduce)
         (t_plus, p_plus), (t_minus, p_minus) = at_perturbation(v, r, inner_loss), at_perturbation(v, -r, inner_loss)
         theta_part = [(a - b) / (2 * r.to(a.dtype)) for a, b in zip(t_plus, t_minus)]
         phi_part = {k: (p_plus[k] - p_minus[k]) / (2 * r.to(p_plus[k].dtype)) for k in p_plus}

@@ -219,7 +219,8 @@ def scalar_objective(value: Tensor, name: str) -> Tensor:
 # --------------------------------------------------------------------------------------
 
 
-def finite_difference_step(primal: ParamsLike, tangent: ParamsLike, one_sided: bool = False) -> Tensor:
+def finite_difference_step(primal: ParamsLike, tangent: ParamsLike, one_sided: bool = False,
+                           reduce: Callable[[Tensor], Tensor] = identity) -> Tensor:
     """Step size ``r`` for the central difference ``(g(x + r v) - g(x - r v)) / 2r`` or, with
     ``one_sided``, the forward difference ``(g(x + r v) - g(x)) / r``.
 
@@ -227,14 +228,19 @@ def finite_difference_step(primal: ParamsLike, tangent: ParamsLike, one_sided: b
     round-off error ``O(u |g| / r)`` with ``u`` the unit round-off; balancing them gives
     ``r ~ u^(1/3)`` (forward difference: truncation ``O(r |v|^2 f''')``, so ``r ~ u^(1/2)``).
     We scale it by ``(1 + |x|) / |v|`` so the perturbation is relative to the size of the
-    parameters and independent of the scale of ``v``.
+    parameters and independent of the scale of ``v``. ``reduce`` sums the squared norms over
+    shards (FSDP), so every process takes the same step.
     """
     leaves = tree_leaves(primal)
     u = torch.finfo(leaves[0].dtype).eps
-    x_norm = tree_norm(primal).detach()
-    v_norm = tree_norm(tangent).detach()
+
+    def norm(tree: ParamsLike) -> Tensor:
+        return torch.sqrt(reduce(sum((x.detach().double() ** 2).sum() for x in tree_leaves(tree))))
+
+    x_norm = norm(primal)
+    v_norm = norm(tangent)
     v_norm = torch.where(v_norm > 0, v_norm, torch.ones_like(v_norm))
-    return (u ** (0.5 if one_sided else 1.0 / 3.0)) * (1.0 + x_norm) / v_norm
+    return ((u ** (0.5 if one_sided else 1.0 / 3.0)) * (1.0 + x_norm) / v_norm).to(leaves[0].dtype)
 
 
 def _autograd_grad(f: Callable[..., Tensor], argnums: int | tuple[int, ...] = 0,
