@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from hypergrad.linear_solvers import NYSTROM_SKETCHES
-from hypergrad.methods import DEFAULT_NYSTROM_SKETCH, METHODS
+from hypergrad.methods import DEFAULT_NYSTROM_SKETCH, METHODS, options_from_arguments
 
 __all__ = ["BilevelTrainingArguments", "IHVP_METHODS", "HVP_MODE_CHOICES", "OUTER_OPTIMIZERS"]
 
@@ -126,8 +126,7 @@ class BilevelTrainingArguments(TrainingArguments):
                              f"{self.num_train_epochs}): pass `max_steps` > 0, or `max_steps` -1 and "
                              "`num_train_epochs` > 0.")
         super().__post_init__()
-        positive_ints = {"unroll_steps": self.unroll_steps, "nystrom_rank": self.nystrom_rank,
-                         "ihvp_iters": self.ihvp_iters, "nystrom_refresh_steps": self.nystrom_refresh_steps}
+        positive_ints = {"unroll_steps": self.unroll_steps}
         for name, value in positive_ints.items():
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
@@ -141,7 +140,7 @@ class BilevelTrainingArguments(TrainingArguments):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"`{name}` must be a finite number > 0 or None, got {value!r}.")
-        for name in ("outer_learning_rate", "nystrom_rho", "neumann_lr", "identity_scale"):
+        for name in ("outer_learning_rate",):
             if not getattr(self, name) > 0:
                 raise ValueError(f"`{name}` must be > 0, got {getattr(self, name)!r}.")
         choices = {"ihvp_method": IHVP_METHODS, "hvp_mode": HVP_MODE_CHOICES, "outer_optim": OUTER_OPTIMIZERS,
@@ -149,3 +148,5 @@ class BilevelTrainingArguments(TrainingArguments):
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"`{name}` must be one of {allowed}, got {getattr(self, name)!r}.")
+        # the chosen method's own options (rank, rho, iterations, ...), validated by the method table
+        options_from_arguments(self.ihvp_method, self)

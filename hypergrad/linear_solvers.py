@@ -57,10 +57,10 @@ def check_positive_int(value: int, name: str) -> None:
 
 def check_positive_float(value: float, name: str, allow_zero: bool = False) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    ok = ok and (value >= 0 if allow_zero else value > 0)
+    ok = ok and math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
     if not ok:
         bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"`{name}` must be a number {bound}, got {value!r}.")
+        raise ValueError(f"`{name}` must be a finite number {bound}, got {value!r}.")
 
 
 def solve_cg(

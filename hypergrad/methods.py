@@ -274,11 +274,15 @@ def method_options(name: str, **options: Any):
 
 def options_from_arguments(name: str, arguments: Any):
     """The options of method ``name`` read from an object with the ``"argument"`` fields
-    (``BilevelTrainingArguments``)."""
-    cls = get_method(name).options
-    values = {f.name: getattr(arguments, f.metadata["argument"]) for f in dataclasses.fields(cls)
-              if "argument" in f.metadata}
-    return cls(**values)
+    (``BilevelTrainingArguments``), validated; errors name those fields."""
+    fields = [f for f in dataclasses.fields(get_method(name).options) if "argument" in f.metadata]
+    try:
+        return get_method(name).options(**{f.name: getattr(arguments, f.metadata["argument"]) for f in fields})
+    except (TypeError, ValueError) as err:  # name the argument the user set, not the option
+        message = str(err)
+        for f in fields:
+            message = message.replace(f"`{f.name}`", f"`{f.metadata['argument']}`")
+        raise type(err)(message) from None
 
 
 def options_metadata(name: str, options: Any) -> dict[str, str]:
