@@ -120,6 +120,24 @@ def render_model_card(module: Any, *, metadata: Mapping[str, Any] | None = None,
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}"))
 
 
+def render_model_tensors_card(metadata: Mapping[str, Any], tensor_names: list[str], model_note: str = "") -> str:
+    """The ``README.md`` of a folder whose outer parameters are model tensors (``outer_param_patterns``, e.g. a
+    LoRA adapter learned as a hyperparameter): they are saved with the model itself, so the card says which
+    tensors were outer, how they were learned and how to load the folder."""
+    merged = normalize_metadata(metadata)
+    data = ModelCardData(library_name="hypergrad", tags=["hypergrad", "bilevel-optimization"],
+                         base_model=hub_model_id(merged.get("base_model")))
+    shown = ", ".join(f"`{n}`" for n in tensor_names[:20]) + (" ..." if len(tensor_names) > 20 else "")
+    how = ", ".join(f"{k}={v}" for k, v in merged.items() if k != "base_model")
+    body = (f"# Bilevel fine-tuning with hypergrad\n\nThe model in this folder was fine-tuned by "
+            f"`hf_integration.BilevelTrainer`. {len(tensor_names)} of its tensors were *outer* parameters, "
+            f"learned by implicit hypergradients on a validation objective while the others were trained as "
+            f"usual: {shown}.\n\nHow: {how}.\n")
+    if model_note:
+        body += "\n" + model_note.strip() + "\n"
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}"))
+
+
 def with_hub_base_model(card: str) -> str:
     """``card`` (a README.md text, e.g. ``Trainer``'s or PEFT's) with its ``base_model`` a Hub id, or removed.
 

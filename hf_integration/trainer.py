@@ -45,7 +45,8 @@ from .losses import per_example_loss
 from .data import dataset_fingerprint_metadata
 from .checkpoints import CheckpointError, checkpoint_problem, last_checkpoint
 from .hub import error_line
-from .model_card import hub_model_id, outer_params_card_section, render_model_card, with_hub_base_model
+from .model_card import (hub_model_id, outer_params_card_section, render_model_card, render_model_tensors_card,
+                         with_hub_base_model)
 from .optimizer_state import load_optimizer_state, save_optimizer_state
 from .serialization import (DATA_METADATA_KEYS, MODEL_CARD_NAME, OUTER_OPTIMIZER_NAME, OUTER_PARAMS_NAME,
                             atomic_write_text)
@@ -662,19 +663,19 @@ class BilevelTrainer(Trainer):
         """Replace the README.md that the model's ``save_pretrained`` left (PEFT's empty template, whose
         ``base_model`` is the local path of a model loaded from a folder) by our card."""
         path = os.path.join(output_dir, MODEL_CARD_NAME)
+        adapter = hasattr(self._unwrapped, "peft_config")
+        note = (f"The fine-tuned model is saved in the same folder"
+                + (" as a PEFT adapter: `peft.AutoPeftModel.from_pretrained(folder)`" if adapter else
+                   ": `transformers.AutoModel.from_pretrained(folder)`")
+                + " loads it (with the base model named above).")
         if self.outer_module is not None:
-            adapter = hasattr(self._unwrapped, "peft_config")
-            note = (f"The fine-tuned model is saved in the same folder"
-                    + (" as a PEFT adapter: `peft.AutoPeftModel.from_pretrained(folder)`" if adapter else
-                       ": `transformers.AutoModel.from_pretrained(folder)`")
-                    + " loads it (with the base model named above).")
             card = render_model_card(self.outer_module, metadata=metadata,
                                      repo_id=self.args.hub_model_id or "path/or/repo_id",
                                      model_note=f"## The fine-tuned model\n\n{note}")
-            atomic_write_text(path, card)
-        elif os.path.isfile(path):
-            with open(path, encoding="utf-8") as handle:
-                atomic_write_text(path, with_hub_base_model(handle.read()))
+        else:  # outer parameters are model tensors, saved with the model
+            card = render_model_tensors_card(self.outer_metadata(), self.outer_model_param_names,
+                                             model_note=f"## Loading\n\n{note}")
+        atomic_write_text(path, card)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)

@@ -186,6 +186,10 @@ def test_adapter_or_head_as_outer_parameters(tmp_path, outer_pattern, inner_mark
     assert outer_ids == {id(after[n]) for n in trainer.outer_model_param_names}
     inner_ids = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
     assert inner_ids.isdisjoint(outer_ids)
+    trainer.save_model(str(tmp_path / "saved"))  # the card names the outer tensors: no PEFT template
+    text = (tmp_path / "saved" / "README.md").read_text(encoding="utf-8")
+    assert "[More Information Needed]" not in text and str(tmp_path) not in text
+    assert trainer.outer_model_param_names[0] in text and "method=nystrom" in text
 
 
 def test_save_model_writes_outer_params_with_metadata(tmp_path):
