@@ -24,12 +24,18 @@ from .model_card import outer_params_card_section
 from .optimizer_state import load_optimizer_state, save_optimizer_state
 from .outer_modules import DataWeights, LoraRegularization, OuterModule, find_lora_modules, parse_layer_index
 from .arguments import BilevelTrainingArguments
-from .trainer import BilevelTrainer
+from .checkpoints import CheckpointError
+from .hub import HubError
+from .trainer import BilevelTrainer, NonFiniteGuard
 
 __all__ = [
     # trainer
     "BilevelTrainer",
     "BilevelTrainingArguments",
+    "NonFiniteGuard",
+    # errors that name the file or the Hub request that failed
+    "CheckpointError",
+    "HubError",
     # outer modules
     "OuterModule",
     "DataWeights",

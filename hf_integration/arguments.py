@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
@@ -99,9 +101,6 @@ class BilevelTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
-        import dataclasses
-        import math
-
         # Every float finite; what must be positive, positive; a run that trains at all (checked first, so a bad
         # value gets this message rather than a failure wherever it is first used).
         for f in dataclasses.fields(self):
