@@ -682,7 +682,9 @@ class BilevelTrainer(Trainer):
         if self.args.should_save:
             counters = {"outer_history": self.outer_history.state_dict(),
                         "skipped_inner_steps": self.nonfinite_guard.skipped}
-            if hasattr(self.ihvp_solver, "state_dict"):  # a reused Nyström factor and its refresh count
+            if hasattr(self.ihvp_solver, "state_dict") and not self.is_fsdp_enabled:
+                # a reused Nyström factor and its refresh count (the same on every data-parallel process;
+                # under FSDP each process holds its own shards, so a resumed run sketches anew)
                 counters["ihvp_solver"] = self.ihvp_solver.state_dict()
             save_optimizer_state({**self.outer_optimizer.state_dict(), _COUNTERS_KEY: counters},
                                  os.path.join(output_dir, OUTER_OPTIMIZER_NAME))
@@ -716,6 +718,8 @@ class BilevelTrainer(Trainer):
         self.outer_history.load_state_dict(counters.get("outer_history", {}))
         if "ihvp_solver" in counters and hasattr(self.ihvp_solver, "load_state_dict"):
             self.ihvp_solver.load_state_dict(counters["ihvp_solver"], like=self._theta())
+        elif hasattr(self.ihvp_solver, "calls"):  # no saved factor (FSDP): sketch at the next outer step
+            self.ihvp_solver.factor, self.ihvp_solver.calls = None, 0
         self.skipped_outer_steps = self.outer_history.skipped
         self.nonfinite_guard.skipped = int(counters.get("skipped_inner_steps", 0))
         self.outer_step = sum(
