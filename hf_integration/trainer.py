@@ -230,7 +230,6 @@ class BilevelTrainer(Trainer):
         self.hvp_mode: str | None = None if args.hvp_mode == "auto" else args.hvp_mode
         self._hvp_mode_checked = False
         self.outer_step = 0
-        self.skipped_outer_steps = 0
         self._causal_lm = self._is_causal_lm(self._unwrapped)
         self.add_callback(_OuterStepCallback(self))
 
@@ -405,6 +404,11 @@ class BilevelTrainer(Trainer):
         (see :func:`hypergrad.outer_step.apply_outer_update`); saved in checkpoints."""
         return self.__dict__.setdefault("_outer_history", OuterStepHistory())
 
+    @property
+    def skipped_outer_steps(self) -> int:
+        """Outer steps skipped or rolled back so far, resumes included (from :attr:`outer_history`)."""
+        return self.outer_history.skipped
+
     def _outer_step_problem(self, batch: Mapping[str, Any]) -> str | None:
         """``validate`` of :func:`~hypergrad.outer_step.apply_outer_update`: after an outer step, a reason to
         roll it back when the inner objective on ``batch`` is no longer finite (e.g. an L2 strength or a
@@ -545,7 +549,6 @@ class BilevelTrainer(Trainer):
         else:
             logger.warning("Outer step at step %d skipped: %s (%d skipped so far).", step, result.reason,
                            self.outer_history.skipped)
-        self.skipped_outer_steps = self.outer_history.skipped
         self.outer_step += 1
         norm = result.norm
         metrics = {
@@ -571,7 +574,8 @@ class BilevelTrainer(Trainer):
         """Pick (``hvp_mode="auto"``) or check the Hessian-vector-product mode on a 2-example
         batch with :func:`hypergrad.products.probe_hvp_mode`: ``auto`` takes the fastest exact
         mode that agrees with an independent product, else finite differences; an explicit
-        mode is run once so a model that cannot run it fails before training."""
+        mode takes one product, checked the same way, so a model that cannot run it, or on
+        which it is wrong, fails before training."""
         if self._hvp_mode_checked:
             return self.hvp_mode
         requested = self.args.hvp_mode
@@ -654,7 +658,7 @@ class BilevelTrainer(Trainer):
         if not self.args.should_save:
             return
         output_dir = output_dir or self.args.output_dir
-        metadata = self.outer_metadata() if self.outer_module is not None else {}
+        metadata = self.outer_metadata()
         if self.outer_module is not None:
             self.outer_module.save_pretrained(output_dir, metadata=metadata, model_card=False)
         self._write_card(output_dir, metadata)
@@ -673,7 +677,7 @@ class BilevelTrainer(Trainer):
                                      repo_id=self.args.hub_model_id or "path/or/repo_id",
                                      model_note=f"## The fine-tuned model\n\n{note}")
         else:  # outer parameters are model tensors, saved with the model
-            card = render_model_tensors_card(self.outer_metadata(), self.outer_model_param_names,
+            card = render_model_tensors_card(metadata, self.outer_model_param_names,
                                              model_note=f"## Loading\n\n{note}")
         atomic_write_text(path, card)
 
@@ -720,7 +724,6 @@ class BilevelTrainer(Trainer):
             self.ihvp_solver.load_state_dict(counters["ihvp_solver"], like=self._theta())
         elif hasattr(self.ihvp_solver, "calls"):  # no saved factor (FSDP): sketch at the next outer step
             self.ihvp_solver.factor, self.ihvp_solver.calls = None, 0
-        self.skipped_outer_steps = self.outer_history.skipped
         self.nonfinite_guard.skipped = int(counters.get("skipped_inner_steps", 0))
         self.outer_step = sum(
             1 for i in range(self.state.global_step)

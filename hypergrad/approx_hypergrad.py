@@ -37,6 +37,7 @@ from .utils import (
     ParamsLike,
     check_mode,
     check_params,
+    check_positive_int,
     gradient,
     identity as _no_op,
     scalar_objective,
@@ -138,6 +139,9 @@ def implicit_hypergrad(
     check_params(in_params, "in_params")
     check_params(out_params, "out_params")
     check_mode(hvp_mode)
+    for name, value in (("hvp_chunk_size", hvp_chunk_size), ("hvp_memory_budget", hvp_memory_budget)):
+        if value is not None:
+            check_positive_int(value, name)
     data_parallel = _data_parallel(data_parallel, dist)
     average = data_parallel.average if data_parallel is not None else _no_op
 
@@ -159,22 +163,21 @@ def make_solver(method: str, generator: torch.Generator | None = None, **options
     ``"neumann"``, ``"nystrom"``, ``"nystrom_pcg"``, ``"identity"``, ``"exact"``) with its
     options bound, as ``solve(matvec, batched_matvec, b, reduce) -> x``; options are
     validated here, before any product is computed. ``generator`` draws random sketches."""
-    entry = get_method(method)
-    solver = entry.build(method_options(method, **options))
-    return functools.partial(solver, generator=generator)
+    return _bind(method, method_options(method, **options), generator)
+
+
+def _bind(method: str, options, generator: torch.Generator | None) -> Solve:
+    return functools.partial(get_method(method).build(options), generator=generator)
 
 
 def _solve_with(method: str, inner_obj, outer_obj, in_params, out_params, hvp_mode, data_parallel, dist,
                 hvp_chunk_size=None, generator=None, **options) -> ParamsLike:
     """Validate, then run the implicit rule with ``method``'s solver."""
-    solve = make_solver(method, generator=generator, **options)
+    validated = method_options(method, **options)
     check_params(in_params, "in_params")
-    check_problem_size(method, method_options(method, **options), tree_numel(in_params))
-    if hvp_chunk_size is not None and (isinstance(hvp_chunk_size, bool) or not isinstance(hvp_chunk_size, int)
-                                       or hvp_chunk_size < 1):
-        raise ValueError(f"`hvp_chunk_size` must be a positive integer or None, got {hvp_chunk_size!r}.")
-    return implicit_hypergrad(inner_obj, outer_obj, in_params, out_params, solve, hvp_mode,
-                              _data_parallel(data_parallel, dist), hvp_chunk_size)
+    check_problem_size(method, validated, tree_numel(in_params))
+    return implicit_hypergrad(inner_obj, outer_obj, in_params, out_params, _bind(method, validated, generator),
+                              hvp_mode, _data_parallel(data_parallel, dist), hvp_chunk_size)
 
 
 def conjugate_gradient(

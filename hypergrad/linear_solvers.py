@@ -21,6 +21,8 @@ from torch import Tensor
 
 from .utils import (
     ParamsLike,
+    check_positive_float,
+    check_positive_int,
     identity,
     tree_axpy,
     tree_dot,
@@ -48,19 +50,6 @@ __all__ = [
 Matvec = Callable[[ParamsLike], ParamsLike]
 Reduce = Callable[[Tensor], Tensor]
 NYSTROM_SKETCHES: tuple[str, ...] = ("column", "gaussian")
-
-
-def check_positive_int(value: int, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-
-
-def check_positive_float(value: float, name: str, allow_zero: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    ok = ok and math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
-    if not ok:
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"`{name}` must be a finite number {bound}, got {value!r}.")
 
 
 def solve_cg(

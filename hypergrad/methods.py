@@ -231,14 +231,13 @@ def _identity_solve(o: IdentityOptions) -> Solve:
 
 @dataclass(frozen=True)
 class IHVPMethod:
-    """One IHVP method: its options class, its solver factory and whether it computes
-    Hessian-vector products at all (``hessian_free`` methods only need the mixed one)."""
+    """One IHVP method: its options class, its solver factory, a one-line summary (shown in
+    ``--help``) and whether it runs on FSDP-sharded parameters."""
 
     name: str
     options: type
     build: Callable[[Any], Solve]
     summary: str
-    hessian_free: bool = False
     shardable: bool = True
 
 
@@ -249,8 +248,7 @@ METHODS: dict[str, IHVPMethod] = {
         IHVPMethod("nystrom_pcg", NystromPCGOptions, _nystrom_pcg, "Nyström-preconditioned conjugate gradient"),
         IHVPMethod("cg", CGOptions, _cg, "conjugate gradient"),
         IHVPMethod("neumann", NeumannOptions, _neumann, "truncated Neumann series"),
-        IHVPMethod("identity", IdentityOptions, _identity_solve, "first-order: H^-1 ~ scale * I (no HVP)",
-                   hessian_free=True),
+        IHVPMethod("identity", IdentityOptions, _identity_solve, "first-order: H^-1 ~ scale * I (no HVP)"),
         IHVPMethod("exact", ExactOptions, _exact, "dense Hessian, exact solve (small problems)", shardable=False),
     )
 }

@@ -48,9 +48,11 @@ from .utils import (
     ParamsLike,
     batched_hvp,
     check_mode,
+    check_positive_int,
     finite_difference_step,
     gradient,
     hvp,
+    identity,
     mixed_vjp,
     one_at_a_time,
     tree_leaves,
@@ -87,7 +89,7 @@ class InnerProducts:
     each process's local product, see :class:`hypergrad.distributed.DataParallel`)."""
 
     def __init__(self, average: Callable[[ParamsLike], ParamsLike] | None = None) -> None:
-        self._average = average if average is not None else (lambda tree: tree)
+        self._average = average if average is not None else identity
 
     def hvp(self, v: ParamsLike) -> ParamsLike:
         """``H v``."""
@@ -268,8 +270,8 @@ def linearize_inner(
     ``fwd_rev`` vectorizes all."""
     check_mode(mode)
     for name, value in (("chunk_size", chunk_size), ("memory_budget", memory_budget)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"`{name}` must be a positive integer or None, got {value!r}.")
+        if value is not None:
+            check_positive_int(value, name)
     if mode == "rev_rev":
         return _ReverseLinearization(inner, in_params, out_params, chunk_size, memory_budget, average)
     if mode == "finite_diff":
@@ -303,32 +305,31 @@ def probe_hvp_mode(
 ) -> str:
     """The HVP mode to use for ``f`` at ``primal`` (call it on a small batch).
 
-    ``requested="auto"``: every exact mode that runs is checked against an independent
-    product on one random direction (finite differences; for bf16/fp16 forward passes, whose
-    finite differences are too noisy, the other exact mode), timed over two products of one
-    linearization (what a solve pays per product) and its memory estimated as the bytes
-    autograd saves for its products, relative to those of one gradient (an inner step). The
-    fastest correct mode within ``max_memory_ratio`` wins; ``"finite_diff"`` (about one
-    gradient's memory) when none qualifies. An explicit exact mode is only run once, so a
-    model that cannot run it fails here, before training, with an error naming the mode.
+    Each candidate exact mode (both for ``requested="auto"``, else the requested one) takes one
+    product on a random direction through the same path the solves use, checked against an
+    independent product (finite differences; for bf16/fp16 forward passes, whose finite
+    differences are too noisy, the other exact mode). This matters: plain-autograd ``rev_rev``
+    silently drops what an op marked ``once_differentiable`` contributes to the Hessian, and only
+    the comparison shows it. An explicit mode that fails to run or disagrees raises here, before
+    training, naming the mode. For ``auto``, a correct mode is also timed over two products of one
+    linearization (what a solve pays per product) and its memory estimated as the bytes autograd
+    saves for its products, relative to those of one gradient (an inner step); the fastest
+    correct mode within ``max_memory_ratio`` wins, else ``"finite_diff"`` (about one gradient's
+    memory).
     """
-    tangent = tree_map(lambda x: torch.randn(x.shape, generator=generator).to(x), primal)
     if requested == "finite_diff":
         return requested
-    if requested != "auto":
+    auto = requested == "auto"
+    if not auto:
         check_mode(requested)
-        try:
-            hvp(f, primal, tangent, requested)
-        except Exception as err:  # a kernel without the needed derivative
-            raise ValueError(f"hvp_mode={requested!r} cannot run on this model ({type(err).__name__}: {err}). "
-                             f"Use hvp_mode='auto' or 'finite_diff'.") from err
-        return requested
+    tangent = tree_map(lambda x: torch.randn(x.shape, generator=generator).to(x), primal)
     with count_saved_bytes() as step_bytes, torch.enable_grad():
         f(tree_map(lambda x: x.detach().requires_grad_(True), primal))
+    candidates = EXACT_MODES if auto else (requested,)
     products: dict[str, object] = {}
     seconds: dict[str, float] = {}
     memory: dict[str, float] = {}
-    for mode in EXACT_MODES:
+    for mode in candidates:
         try:
             linear = linearize_inner(lambda t, _: f(t), primal, {}, mode)
             products[mode] = linear.hvp(tangent)  # warm-up and the value checked
@@ -336,39 +337,50 @@ def probe_hvp_mode(
             # (torch.func refuses saved-tensor hooks): a jvp of a gradient carries a tangent
             # for every saved activation, about twice a gradient's memory.
             memory[mode] = linear.graph_bytes / max(step_bytes[0], 1) if mode == "rev_rev" else 2.0
-            start = time.perf_counter()
-            for _ in range(2):
-                linear.hvp(tangent)
-            seconds[mode] = time.perf_counter() - start
-        except Exception as err:
+            if auto:
+                start = time.perf_counter()
+                for _ in range(2):
+                    linear.hvp(tangent)
+                seconds[mode] = time.perf_counter() - start
+        except Exception as err:  # a kernel without the needed derivative
+            if not auto:
+                raise ValueError(f"hvp_mode={mode!r} cannot run on this model ({type(err).__name__}: {err}). "
+                                 f"Use hvp_mode='auto' or 'finite_diff'.") from err
             logger.info("hvp_mode %s unavailable (%s: %s).", mode, type(err).__name__, err)
             products[mode] = err
     finite_difference: list = []
 
     def reference(mode: str):
-        if low_precision and not isinstance(products[EXACT_MODES[1 - EXACT_MODES.index(mode)]], Exception):
-            return products[EXACT_MODES[1 - EXACT_MODES.index(mode)]], 2e-2
+        other = products.get(EXACT_MODES[1 - EXACT_MODES.index(mode)])
+        if low_precision and other is not None and not isinstance(other, Exception):
+            return other, 2e-2
         if not finite_difference:
             finite_difference.append(hvp(f, primal, tangent, "finite_diff"))
         return finite_difference[0], 2e-1 if low_precision else 1e-2
 
-    candidates = []
-    for mode in EXACT_MODES:
+    correct = []
+    for mode in candidates:
         if isinstance(products[mode], Exception):
             continue
         ref, tolerance = reference(mode)
         error = float(tree_norm(tree_map(torch.sub, products[mode], ref))) / max(float(tree_norm(ref)), 1e-30)
-        if error >= tolerance:
+        if error < tolerance:
+            correct.append(mode)
+        elif not auto:
+            raise ValueError(f"hvp_mode={mode!r} cannot run on this model correctly: its products disagree with an "
+                             f"independent product (relative difference {error:.2e}). Use hvp_mode='finite_diff'.")
+        else:
             logger.warning("hvp_mode %s disagrees with an independent product (relative difference %.2e).",
                            mode, error)
-        elif max_memory_ratio is not None and memory[mode] > max_memory_ratio:
-            logger.info("hvp_mode %s needs ~%.1fx a gradient's memory (limit %.1fx).", mode, memory[mode],
-                        max_memory_ratio)
-        else:
-            candidates.append(mode)
-    if not candidates:
+    if not auto:
+        return requested
+    fitting = [m for m in correct if max_memory_ratio is None or memory[m] <= max_memory_ratio]
+    for mode in set(correct) - set(fitting):
+        logger.info("hvp_mode %s needs ~%.1fx a gradient's memory (limit %.1fx).", mode, memory[mode],
+                    max_memory_ratio)
+    if not fitting:
         return "finite_diff"
-    best = min(candidates, key=lambda m: seconds[m])
+    best = min(fitting, key=lambda m: seconds[m])
     logger.info("hvp_mode probe: %s; using %s.", ", ".join(
-        f"{m} {seconds[m] * 1e3:.1f} ms/2 products, ~{memory[m]:.1f}x a gradient's memory" for m in candidates), best)
+        f"{m} {seconds[m] * 1e3:.1f} ms/2 products, ~{memory[m]:.1f}x a gradient's memory" for m in fitting), best)
     return best

@@ -8,6 +8,8 @@ same kind it was given.
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable, Mapping, Sequence
 from typing import Literal, Union
 
@@ -22,6 +24,8 @@ __all__ = [
     "HVP_MODES",
     "DEFAULT_HVP_MODE",
     "check_mode",
+    "check_positive_int",
+    "check_positive_float",
     "check_params",
     "check_same_structure",
     "tree_leaves",
@@ -68,6 +72,19 @@ def identity(x):
 # --------------------------------------------------------------------------------------
 # Parameter trees
 # --------------------------------------------------------------------------------------
+
+
+def check_positive_int(value: int, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+
+
+def check_positive_float(value: float, name: str, allow_zero: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"`{name}` must be a finite number {bound}, got {value!r}.")
 
 
 def check_params(params: ParamsLike, name: str = "params") -> None:
@@ -352,8 +369,8 @@ def batched_hvp(
     cannot run under ``vmap``.
     """
     check_mode(mode)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"`chunk_size` must be a positive integer or None, got {chunk_size!r}.")
+    if chunk_size is not None:
+        check_positive_int(chunk_size, "chunk_size")
     if vectorize and mode != "finite_diff":
         return vmap(lambda t: hvp(f, primal, t, mode), in_dims=(0,), chunk_size=chunk_size)(tangents)
     return one_at_a_time(lambda t: hvp(f, primal, t, mode))(tangents)
