@@ -57,7 +57,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling helper modules
 
 from hf_integration.hub import atomic_write, atomic_write_dir  # noqa: E402
+from frozen_features import CachedTrunkClassifier, add_feature_rows  # noqa: E402
+from reweighting_baselines import BASELINES, train_baseline  # noqa: E402
 from text_classification import (  # noqa: E402
+    InputError,
     DataArguments,
     ModelArguments,
     RunArguments,
@@ -77,11 +80,21 @@ from text_classification import (  # noqa: E402
     run_main,
     scheduled_outer_steps,
     start_run,
+    steps_per_epoch,
     tokenize_splits,
     write_json,
 )
 
 logger = logging.getLogger("data_reweighting")
+
+BASELINE_DESCRIPTIONS = {
+    "uniform": "plain mean cross-entropy on the training set, no use of the validation set",
+    "uniform_train_val": "plain mean cross-entropy on training + validation examples",
+    "loss_filter": "uniform until the bilevel run's first outer step, then the highest-loss fraction of the "
+                   "training set (under the model of that step) is dropped",
+}
+# std/mean of the learned weights below which they are reported as carrying no signal
+NO_SIGNAL_SPREAD = 0.05
 
 # Defaults of the demo (tuned so that `make demo` finishes in a few minutes on a 2-core CPU, see README).
 # They override `BilevelTrainingArguments`' own defaults; any of them can be given on the command line.
@@ -90,7 +103,8 @@ DEMO_DEFAULTS: dict[str, Any] = {
     "noise_rate": 0.3,
     "lora_layers": [-1],
     "hvp_mode": "rev_rev",
-    "max_steps": 150,
+    "max_steps": -1,
+    "num_train_epochs": 8,
     "learning_rate": 1e-3,
     "warmup_steps": 10,
     "per_device_train_batch_size": 16,
@@ -99,8 +113,8 @@ DEMO_DEFAULTS: dict[str, Any] = {
     "save_strategy": "no",
     "report_to": "none",
     "seed": 0,
-    "unroll_steps": 5,
-    "outer_patience_steps": 20,
+    "unroll_steps": 10,
+    "outer_patience_steps": 0,
     "outer_learning_rate": 0.3,
     "nystrom_rank": 5,
     "nystrom_rho": 0.1,
@@ -111,12 +125,47 @@ DEMO_DEFAULTS: dict[str, Any] = {
 
 @dataclass
 class ExperimentArguments:
-    """What to run besides the bilevel training."""
+    """What to run besides the bilevel training, and how."""
 
     run_baseline: bool = field(
         default=True,
-        metadata={"help": "Also train a uniform-weight baseline (plain transformers.Trainer, same budget and seed)."},
+        metadata={"help": "Also train the --baselines (same model initialisation, seed, data order, optimizer, "
+                  "schedule and number of inner steps as the bilevel run)."},
     )
+    baselines: list[str] = field(
+        default_factory=lambda: list(BASELINES),
+        metadata={"help": "Which rivals to train: 'uniform' (plain mean loss), 'uniform_train_val' (plain mean "
+                  "loss on training + validation data: the validation set is what the bilevel run learns from), "
+                  "'loss_filter' (drop the highest-loss --loss_filter_fraction of the training set when the "
+                  "bilevel run starts its outer steps).", "nargs": "+", "choices": BASELINES},
+    )
+    loss_filter_fraction: float | None = field(
+        default=None,
+        metadata={"help": "Fraction of the training set the loss filter drops (default: --noise_rate when labels "
+                  "are corrupted on purpose, i.e. the filter is told the true noise rate; else 0.2)."},
+    )
+    outer_patience_epochs: float | None = field(
+        default=2.0,
+        metadata={"help": "No outer step during the first this many epochs, unless --outer_patience_steps > 0 "
+                  "is given: the inner model first fits the clean signal, then the weights learn which examples "
+                  "disagree with it."},
+    )
+    cache_frozen_layers: bool = field(
+        default=True,
+        metadata={"help": "Run the frozen embeddings and layers below the lowest LoRA layer once per example "
+                  "before training and train from their cached outputs (exact, minus the frozen layers' "
+                  "dropout; examples/frozen_features.py). Every model of the run, baselines included, does so."},
+    )
+
+    def __post_init__(self) -> None:
+        unknown = [b for b in self.baselines if b not in BASELINES]
+        if unknown:
+            raise InputError(f"--baselines: unknown {unknown}; choose from {list(BASELINES)}.")
+        if self.outer_patience_epochs is not None and not (math.isfinite(self.outer_patience_epochs)
+                                                           and self.outer_patience_epochs >= 0):
+            raise InputError(f"--outer_patience_epochs must be >= 0, got {self.outer_patience_epochs}.")
+        if self.loss_filter_fraction is not None and not 0.0 <= self.loss_filter_fraction < 1.0:
+            raise InputError(f"--loss_filter_fraction must be in [0, 1), got {self.loss_filter_fraction}.")
 
 
 def parse_args(args: list[str] | None = None):
@@ -172,7 +221,7 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
 
 
 def _experiment(model_args, data_args, exp_args, training_args, run) -> dict[str, Any]:
-    from transformers import Trainer
+    from transformers import DataCollatorWithPadding
 
     from hf_integration import BilevelTrainer, DataWeights, add_example_ids, num_example_ids
     from hf_integration.trainer import NonFiniteGuard
@@ -182,23 +231,50 @@ def _experiment(model_args, data_args, exp_args, training_args, run) -> dict[str
     # ---------------------------------------------------------------- data (all checks before training)
     splits = load_splits(data_args)
     num_labels = len(splits.label_names)
-    train_raw = flip_labels(splits.train, data_args.noise_rate, num_labels, data_args.dataset_seed)
+    train_raw = flip_labels(splits.train, data_args.noise_rate, num_labels, data_args.dataset_seed,
+                            data_args.noise_type)
     train_raw = add_example_ids(train_raw)  # stable ids, before the trainer shuffles
     check_batch_sizes(len(train_raw), len(splits.validation), training_args,
                       train_argument="--max_train_samples" if data_args.dataset_name is None
                       and data_args.train_file is None else splits.split_names["train"])
+    if exp_args.outer_patience_epochs is not None and training_args.outer_patience_steps == 0:
+        training_args.outer_patience_steps = int(round(exp_args.outer_patience_epochs
+                                                       * steps_per_epoch(training_args, len(train_raw))))
     scheduled_outer_steps(training_args, len(train_raw))
     tokenizer = load_tokenizer(model_args)
-    tokenized = tokenize_splits({"train": train_raw, "validation": splits.validation, "test": splits.test}
-                                if splits.test is not None else {"train": train_raw, "validation": splits.validation},
-                                tokenizer, data_args.max_seq_length, keep=("labels", "example_id"))
+    raw = {"train": train_raw, "validation": splits.validation}
+    if splits.test is not None:
+        raw["test"] = splits.test
+    tokenized = tokenize_splits(raw, tokenizer, data_args.max_seq_length, keep=("labels", "example_id"))
+    if exp_args.cache_frozen_layers:
+        tokenized = add_feature_rows(tokenized)
     train_ds, val_ds, test_ds = tokenized["train"], tokenized["validation"], tokenized.get("test")
-    logger.info("Data: %s; %d training examples (%d corrupted), %d validation, %s test; classes %s",
-                data_args.source, len(train_ds), sum(train_raw["corrupted"]), len(val_ds),
+    logger.info("Data: %s; %d training examples (%d corrupted, %s noise), %d validation, %s test; classes %s",
+                data_args.source, len(train_ds), sum(train_raw["corrupted"]), data_args.noise_type, len(val_ds),
                 len(test_ds) if test_ds is not None else "no", splits.label_names)
 
+    features: list[torch.Tensor] = []  # the frozen trunk's outputs, computed by the first model built
+
+    def build_model() -> torch.nn.Module:
+        model = build_lora_model(model_args, splits.label_names, training_args.seed, tokenizer=tokenizer)
+        if not exp_args.cache_frozen_layers:
+            return model
+        try:
+            cached = CachedTrunkClassifier(model)
+        except ValueError as err:
+            raise InputError(str(err)) from err
+        if not features:
+            tic = time.perf_counter()
+            cached.cache_features(tokenized, DataCollatorWithPadding(tokenizer),
+                                  batch_size=training_args.per_device_eval_batch_size)
+            features.append(cached.features)
+            logger.info("Cached the frozen layers 0..%d for %d examples in %.1f s", cached.first_layer - 1,
+                        cached.features.shape[0], time.perf_counter() - tic)
+        cached.features = features[0]
+        return cached
+
     # ---------------------------------------------------------------- bilevel training
-    model = build_lora_model(model_args, splits.label_names, training_args.seed, tokenizer=tokenizer)
+    model = build_model()
     weights = DataWeights(num_example_ids(train_ds))
     trainer = BilevelTrainer(
         model=model, args=training_args, train_dataset=train_ds, eval_dataset=val_ds, outer_module=weights,
@@ -212,26 +288,33 @@ def _experiment(model_args, data_args, exp_args, training_args, run) -> dict[str
     reweighted = evaluate_splits(trainer, {"validation": val_ds, "test": test_ds})
     metadata = trainer.outer_metadata()
 
-    # ---------------------------------------------------------------- uniform-weight baseline
-    baseline: dict[str, float] = {}
-    baseline_time = math.nan
+    # ---------------------------------------------------------------- baselines
+    corrupted = np.asarray(train_raw["corrupted"], dtype=bool)
+    known = bool(corrupted.any())
+    filter_fraction = exp_args.loss_filter_fraction
+    if filter_fraction is None:
+        filter_fraction = data_args.noise_rate if data_args.noise_rate > 0 else 0.2
+    baselines: dict[str, dict[str, float]] = {}
     if exp_args.run_baseline:
-        base_model = build_lora_model(model_args, splits.label_names, training_args.seed, tokenizer=tokenizer)
-        base_args = dataclasses.replace(training_args, output_dir=os.path.join(training_args.output_dir, "baseline"))
-        base_trainer = Trainer(
-            model=base_model, args=base_args, train_dataset=train_ds.remove_columns("example_id"),
-            eval_dataset=val_ds, processing_class=tokenizer, compute_metrics=accuracy_metrics,
-            callbacks=[NonFiniteGuard()],
-        )
-        tic = time.perf_counter()
-        base_trainer.train(resume_from_checkpoint=resume_point(run, base_args.output_dir, bilevel=False))
-        baseline_time = time.perf_counter() - tic
-        baseline = evaluate_splits(base_trainer, {"validation": val_ds, "test": test_ds})
+        # the same number of inner steps as the bilevel run (training + validation has more batches per epoch)
+        base_args = dataclasses.replace(training_args, max_steps=trainer.state.global_step)
+        for name in exp_args.baselines:
+            base_dir = os.path.join(training_args.output_dir, f"baseline-{name}")
+            base_trainer, seconds = train_baseline(
+                name, build_model, base_args, train_ds, val_ds, filter_fraction=filter_fraction,
+                filter_step=max(training_args.outer_patience_steps, training_args.unroll_steps),
+                callbacks=[NonFiniteGuard()], resume=resume_point(run, base_dir, bilevel=False),
+                processing_class=tokenizer, compute_metrics=accuracy_metrics)
+            baselines[name] = {**evaluate_splits(base_trainer, {"validation": val_ds, "test": test_ds}),
+                               "wall_time_s": seconds}
+            losses = getattr(base_trainer, "losses", None)
+            if name == "loss_filter" and losses is not None and known:
+                ids = np.asarray(train_raw["example_id"])
+                baselines[name]["auc_high_loss_vs_corrupted"] = weights_auc(-losses[ids], corrupted)
+                baselines[name]["fraction_dropped"] = filter_fraction
 
     # ---------------------------------------------------------------- outputs
     w = weights.weights().detach().float().cpu().numpy()[np.asarray(train_raw["example_id"])]
-    corrupted = np.asarray(train_raw["corrupted"], dtype=bool)
-    known = bool(corrupted.any())
     auc = weights_auc(w, corrupted) if known else math.nan
     k = int(corrupted.sum())
     precision_at_k = float(corrupted[np.argsort(w)[:k]].mean()) if known else math.nan
@@ -242,27 +325,35 @@ def _experiment(model_args, data_args, exp_args, training_args, run) -> dict[str
         "num_validation": len(val_ds),
         "num_test": len(test_ds) if test_ds is not None else 0,
         "noise_rate": data_args.noise_rate,
+        "noise_type": data_args.noise_type,
         "num_corrupted": k,
         "auc_low_weight_vs_corrupted": auc,
         "precision_at_num_corrupted": precision_at_k,
         "mean_weight_clean": float(w[~corrupted].mean()) if (~corrupted).any() else math.nan,
         "mean_weight_corrupted": float(w[corrupted].mean()) if known else math.nan,
+        "weight_spread": float(np.std(w) / max(float(np.mean(w)), 1e-12)),
         "reweighted": reweighted,
-        "uniform_baseline": baseline,
-        "baseline_description": "transformers.Trainer, plain mean cross-entropy, same model initialisation, "
-                                "seed, data order, optimizer, schedule and number of inner steps; no outer "
-                                "updates and no use of the validation set" if baseline else "not run",
+        "baselines": baselines,
+        "baseline_description": "same model initialisation, seed, data order, optimizer, schedule and number of "
+                                "inner steps as the bilevel run; " + "; ".join(
+                                    f"{name}: {BASELINE_DESCRIPTIONS[name]}" for name in baselines)
+                                if baselines else "not run",
         "inner_steps": trainer.state.global_step,
         **steps,
         "hvp_mode": trainer.hvp_mode,
+        "cached_frozen_layers": exp_args.cache_frozen_layers,
         "resumed_from": run.resume,
         "wall_time_bilevel_s": bilevel_time,
-        "wall_time_baseline_s": baseline_time,
+        "wall_time_baselines_s": {name: b["wall_time_s"] for name, b in baselines.items()},
         "wall_time_total_s": math.nan,
         "torch_threads": torch.get_num_threads(),
     }
+    if results["weight_spread"] < NO_SIGNAL_SPREAD:
+        logger.warning("The learned weights are nearly uniform (std/mean %.3f < %.2f): they carry little signal. "
+                       "Train longer (--num_train_epochs), start outer steps later (--outer_patience_steps) or "
+                       "raise --outer_learning_rate.", results["weight_spread"], NO_SIGNAL_SPREAD)
     out_dir = training_args.output_dir
-    trainer.save_model(out_dir)  # refuses NaN/inf (BilevelTrainer._save)
+    save_model(trainer, out_dir)
     if trainer.is_world_process_zero():
         atomic_write_dir(os.path.join(out_dir, "train_with_weights"),
                          train_raw.add_column("weight", w.tolist()).save_to_disk)
@@ -282,9 +373,27 @@ def _experiment(model_args, data_args, exp_args, training_args, run) -> dict[str
     return results
 
 
+def save_model(trainer: Any, output_dir: str) -> None:
+    """``trainer.save_model``; a model that runs from cached frozen-layer outputs is saved as the model it
+    wraps (the PEFT adapter), not as the wrapper's full state dict."""
+    model = trainer.model
+    if isinstance(model, CachedTrunkClassifier):
+        trainer.model = model.model
+        try:
+            trainer.save_model(output_dir)  # refuses NaN/inf (BilevelTrainer._save)
+        finally:
+            trainer.model = model
+    else:
+        trainer.save_model(output_dir)
+
+
+BASELINE_LABELS = {"uniform": "uniform weights", "uniform_train_val": "uniform on train + validation",
+                   "loss_filter": "loss filter"}
+
+
 def print_summary(results: dict[str, Any]) -> None:
-    """The end-of-run table: reweighted vs uniform baseline, and how well the weights find corrupted labels."""
-    rw, base = results["reweighted"], results["uniform_baseline"]
+    """The end-of-run table: reweighted vs the baselines, and how well the weights find corrupted labels."""
+    rw = results["reweighted"]
     roles = [r for r in ("validation", "test") if f"{r}_accuracy" in rw]
     header = ["model"] + [f"{r} acc" for r in roles] + [f"{r} loss" for r in roles] + ["train time (s)"]
 
@@ -293,18 +402,22 @@ def print_summary(results: dict[str, Any]) -> None:
                 + [metrics[f"{r}_loss"] for r in roles] + [f"{seconds:.0f}"])
 
     rows = [row("learned data weights (bilevel)", rw, results["wall_time_bilevel_s"])]
-    if base:
-        rows.append(row("uniform weights (baseline)", base, results["wall_time_baseline_s"]))
+    for name, metrics in results["baselines"].items():
+        rows.append(row(BASELINE_LABELS[name], metrics, metrics["wall_time_s"]))
     print()
     print(f"Data: {results['data']}: {results['num_train']} training examples, {results['num_corrupted']} with "
-          f"flipped labels; {describe_steps(results)} (hvp_mode {results['hvp_mode']}).")
+          f"corrupted labels ({results['noise_type']}); {describe_steps(results)} (hvp_mode {results['hvp_mode']}).")
     print(format_table(header, rows))
     if results["num_corrupted"]:
-        print(format_table(
-            ["AUC (low weight vs corrupted)", "precision@#corrupted", "mean weight clean", "mean weight corrupted"],
-            [[results["auc_low_weight_vs_corrupted"], results["precision_at_num_corrupted"],
-              results["mean_weight_clean"], results["mean_weight_corrupted"]]],
-        ))
+        header = ["AUC (low weight vs corrupted)", "precision@#corrupted", "mean weight clean",
+                  "mean weight corrupted"]
+        row_values = [results["auc_low_weight_vs_corrupted"], results["precision_at_num_corrupted"],
+                      results["mean_weight_clean"], results["mean_weight_corrupted"]]
+        loss_auc = results["baselines"].get("loss_filter", {}).get("auc_high_loss_vs_corrupted")
+        if loss_auc is not None:
+            header.append("AUC of the loss filter's ranking")
+            row_values.append(loss_auc)
+        print(format_table(header, [row_values]))
     print(f"Total wall time: {results['wall_time_total_s']:.0f} s.")
 
 

@@ -49,7 +49,7 @@ __all__ = [
     "InputError", "ModelArguments", "DataArguments", "TextSplits", "default_model_path", "load_splits",
     "flip_labels", "check_batch_sizes", "tokenize_splits", "build_lora_model", "load_tokenizer", "accuracy_metrics",
     "format_table", "write_json", "evaluate_splits", "RunArguments", "RunContext", "RunError", "start_run",
-    "total_inner_steps", "scheduled_outer_steps", "check_outer_steps", "describe_steps", "resume_point",
+    "steps_per_epoch", "total_inner_steps", "scheduled_outer_steps", "check_outer_steps", "describe_steps", "resume_point",
     "parse_arguments", "push_outputs", "run_main", "LOCK_NAME",
 ]
 
@@ -57,6 +57,7 @@ EMBEDDED_NAME = "embedded synthetic sentiment (examples/synthetic_sentiment.py)"
 # Sizes of the generated splits when --max_train_samples / --max_eval_samples are not given (the latter sets
 # both the validation and the test size).
 EMBEDDED_SIZES = {"train": 512, "validation": 256, "test": 1000}
+NOISE_TYPES = ("symmetric", "pairwise")
 
 
 class InputError(ValueError):
@@ -176,8 +177,15 @@ class DataArguments:
     )
     noise_rate: float = field(
         default=0.0,
-        metadata={"help": "Fraction of training labels to replace by another random class (a controlled "
-                  "experiment); flipped examples are marked in a boolean `corrupted` column."},
+        metadata={"help": "Fraction of training labels to corrupt (a controlled experiment, see --noise_type); "
+                  "corrupted examples are marked in a boolean `corrupted` column."},
+    )
+    noise_type: str = field(
+        default="symmetric",
+        metadata={"help": "How --noise_rate corrupts a label: 'symmetric' = another class uniformly at random; "
+                  "'pairwise' = class c becomes class c+1 (mod the number of classes), a class-dependent noise "
+                  "that looks like systematic confusion between neighbouring classes.",
+                  "choices": ("symmetric", "pairwise")},
     )
     max_train_samples: int | None = field(
         default=None,
@@ -205,6 +213,8 @@ class DataArguments:
             raise InputError("--validation_file / --test_file need --train_file.")
         if not 0.0 <= self.noise_rate < 1.0:  # NaN fails too
             raise InputError(f"--noise_rate must be in [0, 1), got {self.noise_rate}.")
+        if self.noise_type not in NOISE_TYPES:
+            raise InputError(f"--noise_type must be one of {NOISE_TYPES}, got {self.noise_type!r}.")
         for name in ("max_train_samples", "max_eval_samples", "max_seq_length"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -400,8 +410,10 @@ def _label_values(dataset: datasets.Dataset, column: str) -> list:
     return values
 
 
-def flip_labels(dataset: datasets.Dataset, rate: float, num_labels: int, seed: int) -> datasets.Dataset:
-    """Replace the label of ``round(rate * n)`` random examples by another random class.
+def flip_labels(dataset: datasets.Dataset, rate: float, num_labels: int, seed: int,
+                noise_type: str = "symmetric") -> datasets.Dataset:
+    """Replace the label of ``round(rate * n)`` random examples by another class: uniformly among the others
+    (``noise_type="symmetric"``) or the next one, ``c -> (c + 1) mod num_labels`` (``"pairwise"``).
 
     The flipped examples are marked ``True`` in a boolean ``corrupted`` column (ground truth for judging learned
     data weights). ``rate == 0`` leaves the labels alone and keeps an existing ``corrupted`` column, else adds an
@@ -416,7 +428,11 @@ def flip_labels(dataset: datasets.Dataset, rate: float, num_labels: int, seed: i
     flipped = np.zeros(n, dtype=bool)
     flipped[rng.permutation(n)[: int(round(rate * n))]] = True
     labels = np.asarray(dataset["labels"])
+    if noise_type not in NOISE_TYPES:
+        raise ValueError(f"noise_type must be one of {NOISE_TYPES}, got {noise_type!r}")
     shift = rng.integers(1, num_labels, size=n)  # a different class, uniformly among the others
+    if noise_type == "pairwise":
+        shift = np.ones(n, dtype=np.int64)
     new_labels = np.where(flipped, (labels + shift) % num_labels, labels)
     if "corrupted" in dataset.column_names:
         dataset = dataset.remove_columns("corrupted")
@@ -697,13 +713,17 @@ def start_run(training_args: Any, run_args: RunArguments, repo_example: str) -> 
             lock.release(force=True)
 
 
+def steps_per_epoch(training_args: Any, num_train: int) -> int:
+    """Optimizer steps in one epoch of ``num_train`` examples (all processes, gradient accumulation)."""
+    batches = math.ceil(num_train / (training_args.per_device_train_batch_size * max(1, training_args.world_size)))
+    return max(math.ceil(batches / training_args.gradient_accumulation_steps), 1)
+
+
 def total_inner_steps(training_args: Any, num_train: int) -> int:
     """The number of optimizer steps `Trainer` will run: ``max_steps``, or the epochs' worth of batches."""
     if training_args.max_steps > 0:
         return training_args.max_steps
-    batches = math.ceil(num_train / (training_args.per_device_train_batch_size * max(1, training_args.world_size)))
-    per_epoch = max(math.ceil(batches / training_args.gradient_accumulation_steps), 1)
-    return math.ceil(training_args.num_train_epochs * per_epoch)
+    return math.ceil(training_args.num_train_epochs * steps_per_epoch(training_args, num_train))
 
 
 def scheduled_outer_steps(training_args: Any, num_train: int) -> int:

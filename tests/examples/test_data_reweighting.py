@@ -18,9 +18,11 @@ from .script_utils import tiny_run_args, write_csv
 
 METRIC_KEYS = {
     "auc_low_weight_vs_corrupted", "precision_at_num_corrupted", "mean_weight_clean", "mean_weight_corrupted",
-    "reweighted", "uniform_baseline", "baseline_description", "num_train", "num_corrupted", "inner_steps",
-    "outer_steps", "wall_time_bilevel_s", "wall_time_baseline_s", "wall_time_total_s",
+    "reweighted", "baselines", "baseline_description", "num_train", "num_corrupted", "inner_steps",
+    "outer_steps", "wall_time_bilevel_s", "wall_time_baselines_s", "wall_time_total_s", "noise_type",
+    "weight_spread", "cached_frozen_layers",
 }
+SPLIT_METRICS = {"validation_accuracy", "validation_loss", "test_accuracy", "test_loss"}
 
 
 def test_end_to_end_outputs(tiny_model_dir, tmp_path, capsys):
@@ -34,9 +36,14 @@ def test_end_to_end_outputs(tiny_model_dir, tmp_path, capsys):
     assert metrics["num_train"] == 40 and metrics["num_corrupted"] == 12  # round(0.3 * 40)
     assert metrics["inner_steps"] == 6 and metrics["outer_steps"] == 2  # after steps 2 and 4 (0-based)
     assert 0.0 <= metrics["auc_low_weight_vs_corrupted"] <= 1.0
-    for model in ("reweighted", "uniform_baseline"):
-        assert set(metrics[model]) == {"validation_accuracy", "validation_loss", "test_accuracy", "test_loss"}
-    assert metrics["wall_time_baseline_s"] > 0
+    assert set(metrics["reweighted"]) == SPLIT_METRICS
+    assert set(metrics["baselines"]) == {"uniform", "uniform_train_val", "loss_filter"}
+    for name, baseline in metrics["baselines"].items():
+        assert SPLIT_METRICS <= set(baseline) and baseline["wall_time_s"] > 0
+        assert metrics["wall_time_baselines_s"][name] == baseline["wall_time_s"]
+    loss_filter = metrics["baselines"]["loss_filter"]
+    assert 0.0 <= loss_filter["auc_high_loss_vs_corrupted"] <= 1.0 and loss_filter["fraction_dropped"] == 0.3
+    assert metrics["cached_frozen_layers"] is True
     assert results["num_train"] == metrics["num_train"]
 
     weights = DataWeights.from_pretrained(str(out), expected={"num_rows": 40, "id_column": "example_id"})
@@ -53,8 +60,19 @@ def test_end_to_end_outputs(tiny_model_dir, tmp_path, capsys):
     png = (out / "weights.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 1000
     printed = capsys.readouterr().out
-    assert "| learned data weights (bilevel)" in printed and "| uniform weights (baseline)" in printed
-    assert "AUC (low weight vs corrupted)" in printed
+    assert "| learned data weights (bilevel)" in printed and "| uniform weights |" in printed
+    assert "| uniform on train + validation |" in printed and "| loss filter |" in printed
+    assert "AUC (low weight vs corrupted)" in printed and "AUC of the loss filter's ranking" in printed
+    # the model is saved as its PEFT adapter (not the frozen-trunk wrapper's full state dict)
+    assert not (out / "model.safetensors").exists()
+
+
+def test_uncached_run(tiny_model_dir, tmp_path):
+    """--cache_frozen_layers False trains the full model (its forward passes run every layer)."""
+    results = data_reweighting.main(tiny_run_args(tiny_model_dir, tmp_path, "--run_baseline", "False",
+                                                  "--cache_frozen_layers", "False"))
+    assert results["cached_frozen_layers"] is False and results["outer_steps"] == 2
+    assert (tmp_path / "adapter_model.safetensors").is_file()
 
 
 def test_push_to_hub_uploads_weights_with_card(tiny_model_dir, tmp_path, capsys):
@@ -82,7 +100,7 @@ def test_push_to_hub_uploads_weights_with_card(tiny_model_dir, tmp_path, capsys)
     assert 'DataWeights.from_pretrained("me/weights")' in uploaded["card"]
     assert "auc_low_weight_vs_corrupted" in uploaded["card"]
     assert results["hub_commit_url"] == "https://huggingface.co/me/weights/commit/1"
-    assert results["uniform_baseline"] == {}
+    assert results["baselines"] == {}
     assert 'DataWeights.from_pretrained("me/weights")' in capsys.readouterr().out
 
 
@@ -160,11 +178,22 @@ def test_bad_noise_rate(tmp_path):
         data_reweighting.main(["--output_dir", str(tmp_path / "out"), "--noise_rate", "1.5"])
 
 
+def test_bad_baseline_names_the_argument(tmp_path, no_training):
+    with pytest.raises(SystemExit):  # argparse's choices
+        data_reweighting.main(["--output_dir", str(tmp_path / "out"), "--baselines", "nope"])
+
+
+def test_bad_loss_filter_fraction(tmp_path, no_training):
+    with pytest.raises(InputError, match=r"--loss_filter_fraction must be in \[0, 1\)"):
+        data_reweighting.main(["--output_dir", str(tmp_path / "out"), "--loss_filter_fraction", "1.0"])
+
+
 def test_help_lists_the_options(capsys):
     with pytest.raises(SystemExit) as exit_info:
         data_reweighting.main(["--help"])
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
-    for option in ("--noise_rate", "--text_column", "--lora_layers", "--outer_learning_rate", "--run_baseline",
+    for option in ("--noise_rate", "--noise_type", "--text_column", "--lora_layers", "--outer_learning_rate",
+                   "--run_baseline", "--baselines", "--loss_filter_fraction", "--cache_frozen_layers",
                    "--train_split"):
         assert option in printed

@@ -3,6 +3,7 @@ folder stands in for a Hub dataset, offline), label encoding, label noise."""
 
 from __future__ import annotations
 
+import datasets
 import numpy as np
 import pytest
 
@@ -64,3 +65,23 @@ def test_flip_labels_flips_the_requested_fraction():
     assert noisy.features["labels"] == dataset.features["labels"]
     clean = flip_labels(dataset, 0.0, num_labels=2, seed=1)
     assert not any(clean["corrupted"]) and clean["labels"] == dataset["labels"]
+
+
+def test_pairwise_noise_moves_each_corrupted_label_to_the_next_class():
+    dataset = datasets.Dataset.from_dict({"text": ["t"] * 90, "labels": [i % 3 for i in range(90)]}).cast_column(
+        "labels", datasets.ClassLabel(names=["a", "b", "c"]))
+    noisy = flip_labels(dataset, 0.4, num_labels=3, seed=0, noise_type="pairwise")
+    flipped = np.array(noisy["corrupted"])
+    assert flipped.sum() == 36
+    before, after = np.array(dataset["labels"]), np.array(noisy["labels"])
+    np.testing.assert_array_equal(after[flipped], (before[flipped] + 1) % 3)
+    np.testing.assert_array_equal(after[~flipped], before[~flipped])
+    # the same examples are corrupted as with symmetric noise of the same seed
+    assert noisy["corrupted"] == flip_labels(dataset, 0.4, num_labels=3, seed=0)["corrupted"]
+    with pytest.raises(ValueError, match="noise_type must be one of"):
+        flip_labels(dataset, 0.4, num_labels=3, seed=0, noise_type="nope")
+
+
+def test_bad_noise_type_names_the_argument():
+    with pytest.raises(InputError, match=r"--noise_type must be one of \('symmetric', 'pairwise'\)"):
+        DataArguments(noise_type="uniform")

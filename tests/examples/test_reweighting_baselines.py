@@ -1,0 +1,83 @@
+"""`examples/reweighting_baselines.py`: the weighted loss, and the loss filter's ranking and timing."""
+
+from __future__ import annotations
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from transformers import TrainingArguments
+
+from reweighting_baselines import BASELINES, LossFilterTrainer, WeightedTrainer, train_baseline
+
+
+class Linear(nn.Module):
+    """A linear classifier of a 2-feature input, with the forward signature `Trainer` expects."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = nn.Linear(2, 2)
+
+    def forward(self, x, labels=None):
+        logits = self.linear(x)
+        loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
+        return {"loss": loss, "logits": logits}
+
+
+def _data(n: int = 40) -> datasets.Dataset:
+    rng = np.random.default_rng(0)
+    labels = np.arange(n) % 2
+    x = 0.3 * rng.normal(size=(n, 2)) + 2.0 * (2 * labels[:, None] - 1)
+    noisy = labels.copy()
+    noisy[:8] = 1 - noisy[:8]  # the first 8 examples are mislabelled
+    return datasets.Dataset.from_dict({"x": x.tolist(), "labels": noisy.tolist(), "example_id": list(range(n))})
+
+
+def _args(tmp_path, steps: int) -> TrainingArguments:
+    return TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=8,
+                             learning_rate=0.5, report_to="none", save_strategy="no", use_cpu=True,
+                             disable_tqdm=True, logging_steps=100)
+
+
+def test_weighted_loss_is_the_normalized_weighted_mean(tmp_path):
+    data = _data()
+    weights = torch.linspace(0.0, 1.0, len(data))
+    trainer = WeightedTrainer(model=Linear(), args=_args(tmp_path, 1), train_dataset=data, weights=weights)
+    batch = {"x": torch.tensor(data["x"][:5]), "labels": torch.tensor(data["labels"][:5]),
+             "example_id": torch.arange(5)}
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, dict(batch))
+    losses = nn.functional.cross_entropy(trainer.model.linear(batch["x"]), batch["labels"], reduction="none")
+    w = weights[:5]
+    torch.testing.assert_close(loss, (w * losses).sum() / w.sum())
+    zero = WeightedTrainer(model=Linear(), args=_args(tmp_path, 1), train_dataset=data,
+                           weights=torch.zeros(len(data)))
+    assert zero.compute_loss(zero.model, dict(batch)).item() == 0.0  # a batch of dropped examples: no update
+
+
+def test_loss_filter_drops_the_highest_loss_fraction_at_its_step(tmp_path):
+    data = _data()
+    trainer = LossFilterTrainer(model=Linear(), args=_args(tmp_path, 12), train_dataset=data, fraction=0.2,
+                                filter_step=10)
+    trainer.train()
+    assert len(trainer.dropped) == 8 and trainer.weights.sum() == 32
+    assert set(trainer.dropped.tolist()) == set(np.argsort(-trainer.losses)[:8].tolist())
+    assert set(trainer.dropped.tolist()) == set(range(8))  # the mislabelled ones, on this easy problem
+    with pytest.raises(ValueError, match=r"fraction must be in \[0, 1\)"):
+        LossFilterTrainer(model=Linear(), args=_args(tmp_path, 1), train_dataset=data, fraction=1.0, filter_step=1)
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_train_baseline_runs_each_rival_in_its_own_folder(name, tmp_path):
+    data = _data()
+    validation = data.select(range(8, 16)).remove_columns("example_id")
+    trainer, seconds = train_baseline(name, Linear, _args(tmp_path, 3), data, validation, filter_fraction=0.2,
+                                      filter_step=2)
+    assert seconds > 0 and trainer.state.global_step == 3
+    assert trainer.args.output_dir.endswith(f"baseline-{name}")
+    expected = {"uniform": 40, "uniform_train_val": 48, "loss_filter": 40}[name]
+    assert len(trainer.train_dataset) == expected
+    with pytest.raises(ValueError, match="unknown baseline"):
+        train_baseline("nope", Linear, _args(tmp_path, 1), data, validation, filter_fraction=0.2, filter_step=1)

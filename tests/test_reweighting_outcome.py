@@ -1,0 +1,51 @@
+"""`benchmarks/reweighting_outcome.py`: the per-setting summary and table of the outcome benchmark."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+
+import reweighting_outcome  # noqa: E402
+
+
+def _result(auc: float, bilevel: float, uniform: float, train_val: float, loss_filter: float) -> dict:
+    def split(acc: float) -> dict:
+        return {"test_accuracy": acc, "test_loss": 1.0 - acc, "validation_accuracy": acc + 0.05,
+                "validation_loss": 0.9 - acc, "wall_time_s": 10.0}
+
+    return {"auc_low_weight_vs_corrupted": auc, "precision_at_num_corrupted": auc - 0.1,
+            "reweighted": split(bilevel), "wall_time_bilevel_s": 20.0,
+            "baselines": {"uniform": split(uniform), "uniform_train_val": split(train_val),
+                          "loss_filter": {**split(loss_filter), "auc_high_loss_vs_corrupted": 0.8}}}
+
+
+def test_summary_means_and_per_seed_values():
+    summary = reweighting_outcome.summarize([_result(0.9, 0.80, 0.70, 0.75, 0.72),
+                                             _result(0.7, 0.70, 0.70, 0.75, 0.72)])
+    assert summary["seeds"] == 2 and summary["auc"] == [0.9, 0.7]
+    mean = summary["mean"]
+    assert mean["auc"] == pytest.approx(0.8) and mean["bilevel_test_accuracy"] == pytest.approx(0.75)
+    assert mean["time_ratio_to_uniform"] == pytest.approx(2.0)
+    assert mean["bilevel_val_minus_test_acc"] == pytest.approx(0.05)
+    row = reweighting_outcome.table({"scipy_docs/symmetric:0.4": summary}).splitlines()[-1]
+    # bilevel 75.0 against the best rival, uniform on train + validation at 75.0
+    assert row.startswith("| scipy_docs | symmetric:0.4 | 0.800 |") and "| +0.0 |" in row and "2.00x" in row
+
+
+def test_missing_baselines_are_nan():
+    result = _result(0.9, 0.8, 0.7, 0.75, 0.72)
+    del result["baselines"]["loss_filter"]
+    summary = reweighting_outcome.summarize([result])
+    assert math.isnan(summary["mean"]["loss_filter_test_accuracy"])
+
+
+def test_noise_settings_parse():
+    assert reweighting_outcome.parse_noise("pairwise:0.3") == ("pairwise", 0.3)
+    with pytest.raises(argparse.ArgumentTypeError, match="expected symmetric:RATE or pairwise:RATE"):
+        reweighting_outcome.parse_noise("gaussian:0.1")
