@@ -2,7 +2,7 @@
 
 * :mod:`hf_integration.trainer`: :class:`BilevelTrainer`, a ``transformers.Trainer`` that learns outer parameters;
 * :mod:`hf_integration.arguments`: :class:`BilevelTrainingArguments`;
-* :mod:`hf_integration.outer_modules`: :class:`OuterModule`, :class:`DataWeights`, :class:`LoraRegularization`;
+* :mod:`hf_integration.outer_modules`: :class:`OuterModule`, :class:`DataWeights`, :class:`LossWeights`, :class:`LoraRegularization`;
 * :mod:`hf_integration.serialization`: atomic writes, safetensors save/load/check of outer-parameter files;
 * :mod:`hf_integration.model_card`: model cards (``huggingface_hub.ModelCard``);
 * :mod:`hf_integration.optimizer_state`: optimizer state dicts without pickle;
@@ -22,7 +22,7 @@ from .serialization import (
 )
 from .model_card import outer_params_card_section
 from .optimizer_state import load_optimizer_state, save_optimizer_state
-from .outer_modules import DataWeights, LoraRegularization, OuterModule, find_lora_modules, parse_layer_index
+from .outer_modules import DataWeights, LoraRegularization, LossWeights, OuterModule, find_lora_modules, parse_layer_index
 from .arguments import BilevelTrainingArguments
 from .checkpoints import CheckpointError
 from .hub import HubError
@@ -40,6 +40,7 @@ __all__ = [
     "OuterModule",
     "DataWeights",
     "LoraRegularization",
+    "LossWeights",
     "find_lora_modules",
     "parse_layer_index",
     # data

@@ -4,10 +4,12 @@ An :class:`OuterModule` turns the per-example losses of a training batch into th
 that the model's trainable (inner) parameters minimize. Its own parameters (the *outer* parameters) are
 tuned by implicit hypergradients so that the inner solution does well on held-out data.
 
-Two modules are provided:
+Three modules are provided:
 
 * :class:`DataWeights` -- one learned weight per training example (down-weights noisy or harmful
   examples); inner loss = ``sum_i w_i l_i / sum_i w_i`` over the batch.
+* :class:`LossWeights` -- data weights as a learned two-parameter function of each example's current loss;
+  inner loss = ``sum_i w_i l_i / sum_i w_i`` with ``w_i = sigmoid(bias - loss_scale * stop_grad(l_i))``.
 * :class:`LoraRegularization` -- one learned L2 strength per LoRA module (or per transformer layer);
   inner loss = ``mean_i l_i + sum_m 1/2 exp(s_m) (|A_m|^2 + |B_m|^2)``.
 
@@ -43,7 +45,7 @@ from .optimizer_state import load_optimizer_state, save_optimizer_state
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["OuterModule", "DataWeights", "LoraRegularization", "find_lora_modules", "parse_layer_index"]
+__all__ = ["OuterModule", "DataWeights", "LossWeights", "LoraRegularization", "find_lora_modules", "parse_layer_index"]
 
 
 def _is_plain_tensor(t: Tensor) -> bool:
@@ -69,6 +71,9 @@ class OuterModule(nn.Module):
     """
 
     kind: ClassVar[str] = ""
+    # True when the inner objective holds something computed from the model under a stop-gradient (its Hessian
+    # treats it as a constant, which finite differences of gradients cannot do): exact HVP modes only.
+    stops_gradients: ClassVar[bool] = False
     _registry: ClassVar[dict[str, type[OuterModule]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -447,6 +452,97 @@ class DataWeights(OuterModule):
             num_examples=config["num_examples"],
             id_column=config.get("id_column", "example_id"),
             init=config.get("init", 0.0),
+        )
+
+
+class LossWeights(OuterModule):
+    """Data weights as a learned function of each example's current loss (the idea of Meta-Weight-Net, Shu et
+    al., NeurIPS 2019, in a two-parameter logistic form).
+
+    With ``l_i`` the loss of example ``i`` under the current model and ``stop_grad`` blocking its gradient::
+
+        w_i = sigmoid(bias - loss_scale * stop_grad(l_i))
+        L   = sum_i w_i l_i / sum_i w_i                        (over the batch)
+
+    The outer parameters are the two numbers ``bias`` and ``loss_scale``, shared by every example, so the
+    validation set tunes one *shape* of weighting rather than fitting each training example: ``loss_scale >
+    0`` down-weights high-loss examples (noisy labels, once the model has fit the clean signal), ``< 0``
+    up-weights hard examples, ``0`` is uniform. Every outer step moves every example's weight, where free
+    per-example weights (:class:`DataWeights`) move only the examples of the hypergradient's batch.
+    :meth:`weights_for` evaluates the weights of given losses (e.g. the training set's under the final model).
+
+    As in Meta-Weight-Net, the weights are inputs to the inner step, not functions it differentiates: the
+    inner gradient is ``sum_i w_i grad l_i / sum_i w_i`` and the Hessian of the hypergradient is that of the
+    weighted loss with the weights held at their current values (``stops_gradients``). Exact HVP modes compute
+    exactly this; finite differences of gradients would also differentiate the weights, so the trainer
+    refuses ``hvp_mode="finite_diff"`` with this module and checks its exact modes against each other.
+    (Differentiating through the weights instead makes the loss a redescending robust loss; measured on the
+    real-text sets of ``benchmarks/reweighting_outcome.py`` it learned worse weights and, on one set, the
+    opposite sign.)
+
+    No example ids are needed (``id_column`` is ``None``), so any collator works.
+
+    Args:
+        init_bias: Initial ``bias``.
+        init_loss_scale: Initial ``loss_scale`` (``0.0``: uniform weights at the start).
+    """
+
+    kind: ClassVar[str] = "loss_weights"
+    stops_gradients: ClassVar[bool] = True
+    id_column = None
+
+    def __init__(self, init_bias: float = 0.0, init_loss_scale: float = 0.0) -> None:
+        super().__init__()
+        for name, value in (("init_bias", init_bias), ("init_loss_scale", init_loss_scale)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        self.init_bias, self.init_loss_scale = float(init_bias), float(init_loss_scale)
+        self.bias = nn.Parameter(torch.tensor(self.init_bias))
+        self.loss_scale = nn.Parameter(torch.tensor(self.init_loss_scale))
+
+    def weights_for(self, per_example_loss: Tensor) -> Tensor:
+        """``sigmoid(bias - loss_scale * l)`` for the losses ``l`` (no gradient flows into ``l``)."""
+        return torch.sigmoid(self.bias - self.loss_scale * per_example_loss.detach())
+
+    def forward(
+        self, per_example_loss: Tensor, batch: Mapping[str, Tensor], inner_params: Mapping[str, Tensor]
+    ) -> Tensor:
+        """Normalized weighted mean ``sum_i w_i l_i / sum_i w_i`` with ``w_i`` from :meth:`weights_for`."""
+        del batch, inner_params
+        if per_example_loss.dim() != 1 or per_example_loss.shape[0] == 0:
+            raise ValueError(f"per_example_loss must have shape (batch_size,) with batch_size > 0, got "
+                             f"{tuple(per_example_loss.shape)}")
+        loss = per_example_loss.to(self.bias.device)
+        w = self.weights_for(loss)
+        return (w * loss).sum() / w.sum()
+
+    @torch.no_grad()
+    def summary_stats(self) -> dict[str, float]:
+        """``bias`` and ``loss_scale``."""
+        return {"bias": float(self.bias), "loss_scale": float(self.loss_scale)}
+
+    def config_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "init_bias": self.init_bias, "init_loss_scale": self.init_loss_scale}
+
+    @classmethod
+    def _from_config(cls, config: Mapping[str, Any]) -> LossWeights:
+        return cls(init_bias=config.get("init_bias", 0.0), init_loss_scale=config.get("init_loss_scale", 0.0))
+
+    def card_text(self) -> CardText:
+        return CardText(
+            title="Learned loss-based data weights",
+            description=(
+                "a learned **data-weighting function**: each training example gets the weight "
+                "`w_i = sigmoid(bias - loss_scale * l_i)` of its current loss `l_i`, and the inner (training) loss "
+                "is the normalized weighted mean `sum_i w_i l_i / sum_i w_i` over each batch. The two numbers "
+                "`bias` and `loss_scale` were tuned by bilevel optimization so that training on the weighted data "
+                "minimizes a held-out (outer) loss; `loss_scale > 0` down-weights high-loss examples (e.g. noisy "
+                "labels)."
+            ),
+            details=(f"Learned values: bias = {float(self.bias.detach()):.4f}, "
+                     f"loss_scale = {float(self.loss_scale.detach()):.4f}."),
+            usage=("w = outer.weights_for(per_example_loss)  # weights of examples with these losses under a model\n"
+                   "# e.g. the losses of the training set under the fine-tuned model, to rank or filter it"),
         )
 
 

@@ -579,6 +579,10 @@ class BilevelTrainer(Trainer):
         if self._hvp_mode_checked:
             return self.hvp_mode
         requested = self.args.hvp_mode
+        exact_only = bool(getattr(self.outer_module, "stops_gradients", False))
+        if self.is_fsdp_enabled and exact_only and self.args.ihvp_method != "identity":
+            raise ValueError(f"{type(self.outer_module).__name__} needs exact Hessian-vector products, which FSDP-sharded "
+                             "parameters cannot run; use ihvp_method='identity' (no products) under FSDP.")
         if self.is_fsdp_enabled:
             if requested not in ("auto", "finite_diff"):
                 raise ValueError(f"hvp_mode={requested!r} cannot run on FSDP-sharded parameters (they break jvp "
@@ -592,7 +596,8 @@ class BilevelTrainer(Trainer):
                 self._check_batch_columns(batch, weighted=True)
             with self._second_order_context():
                 mode = probe_hvp_mode(lambda t: self.inner_forward(t, phi, batch), self._theta(), requested,
-                                      self._low_precision, generator, self.args.hvp_max_memory_ratio)
+                                      self._low_precision, generator, self.args.hvp_max_memory_ratio,
+                                      exact_only=exact_only)
         self.hvp_mode, self._hvp_mode_checked = mode, True
         logger.info("Hessian-vector products: hvp_mode=%s (requested %s).", mode, requested)
         return mode

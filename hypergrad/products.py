@@ -302,6 +302,7 @@ def probe_hvp_mode(
     low_precision: bool = False,
     generator: torch.Generator | None = None,
     max_memory_ratio: float | None = None,
+    exact_only: bool = False,
 ) -> str:
     """The HVP mode to use for ``f`` at ``primal`` (call it on a small batch).
 
@@ -316,7 +317,16 @@ def probe_hvp_mode(
     saves for its products, relative to those of one gradient (an inner step); the fastest
     correct mode within ``max_memory_ratio`` wins, else ``"finite_diff"`` (about one gradient's
     memory).
+
+    ``exact_only``: ``f`` holds a stop-gradient (its Hessian treats that value as a constant, which
+    finite differences of gradients cannot), so ``"finite_diff"`` is refused, exact modes are checked
+    against each other (a single runnable one is taken as it is), and ``auto`` never falls back to
+    finite differences: the memory limit is then ignored with a warning.
     """
+    if exact_only and requested == "finite_diff":
+        raise ValueError("hvp_mode='finite_diff' cannot compute this objective's Hessian: it holds a stop-gradient "
+                         "(e.g. LossWeights' weights), which finite differences of gradients differentiate too. "
+                         "Use hvp_mode='rev_rev', 'fwd_rev' or 'auto'.")
     if requested == "finite_diff":
         return requested
     auto = requested == "auto"
@@ -352,7 +362,17 @@ def probe_hvp_mode(
 
     def reference(mode: str):
         other = products.get(EXACT_MODES[1 - EXACT_MODES.index(mode)])
-        if low_precision and other is not None and not isinstance(other, Exception):
+        if exact_only and (other is None or isinstance(other, Exception)):
+            if not auto:  # only the requested mode was taken: the other one is the exact reference
+                try:
+                    other = linearize_inner(lambda t, _: f(t), primal, {},
+                                            EXACT_MODES[1 - EXACT_MODES.index(mode)]).hvp(tangent)
+                except Exception:  # noqa: BLE001 - no second exact mode on this model
+                    other = None
+        usable = other is not None and not isinstance(other, Exception)
+        if exact_only:
+            return (other, 2e-2 if low_precision else 1e-4) if usable else (None, None)
+        if low_precision and usable:
             return other, 2e-2
         if not finite_difference:
             finite_difference.append(hvp(f, primal, tangent, "finite_diff"))
@@ -363,6 +383,10 @@ def probe_hvp_mode(
         if isinstance(products[mode], Exception):
             continue
         ref, tolerance = reference(mode)
+        if ref is None:  # exact_only and no second exact mode: nothing independent to compare with
+            logger.warning("hvp_mode %s taken without an independent check (no other exact mode runs here).", mode)
+            correct.append(mode)
+            continue
         error = float(tree_norm(tree_map(torch.sub, products[mode], ref))) / max(float(tree_norm(ref)), 1e-30)
         if error < tolerance:
             correct.append(mode)
@@ -378,7 +402,14 @@ def probe_hvp_mode(
     for mode in set(correct) - set(fitting):
         logger.info("hvp_mode %s needs ~%.1fx a gradient's memory (limit %.1fx).", mode, memory[mode],
                     max_memory_ratio)
+    if not fitting and exact_only and correct:
+        logger.warning("no exact hvp_mode fits hvp_max_memory_ratio=%s, and finite differences cannot compute this "
+                       "objective's Hessian: using the leanest exact mode.", max_memory_ratio)
+        fitting = [min(correct, key=lambda m: memory[m])]
     if not fitting:
+        if exact_only:
+            raise ValueError("no exact hvp_mode runs correctly on this model, and finite differences cannot compute "
+                             "this objective's Hessian (it holds a stop-gradient): use ihvp_method='identity'.")
         return "finite_diff"
     best = min(fitting, key=lambda m: seconds[m])
     logger.info("hvp_mode probe: %s; using %s.", ", ".join(

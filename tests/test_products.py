@@ -133,3 +133,29 @@ def test_probe_respects_the_memory_limit():
     # the shared rev_rev graph saves more than a gradient does; fwd_rev is taken at ~2x a gradient
     assert probe_hvp_mode(f, theta, "auto", max_memory_ratio=1.0) == "finite_diff"
     assert probe_hvp_mode(f, theta, "rev_rev", max_memory_ratio=1.0) == "rev_rev"  # explicit: no limit
+
+
+def _stop_gradient_objective():
+    """A weighted least-squares loss whose weights are computed from the residuals under a stop-gradient (as
+    `LossWeights` does): exact modes hold the weights constant, finite differences of gradients do not."""
+    torch.manual_seed(0)
+    x, y = torch.randn(20, 3, dtype=torch.float64), torch.randn(20, dtype=torch.float64)
+
+    def f(theta):
+        residual = (x @ theta["w"] - y) ** 2
+        weights = torch.sigmoid(1.0 - 2.0 * residual.detach())
+        return (weights * residual).sum() / weights.sum()
+
+    return f, {"w": torch.randn(3, dtype=torch.float64)}
+
+
+def test_probe_with_a_stop_gradient_uses_exact_modes_checked_against_each_other():
+    f, theta = _stop_gradient_objective()
+    # finite differences see the weights move: the plain probe rejects both exact modes for them
+    assert probe_hvp_mode(f, theta, "auto") == "finite_diff"
+    assert probe_hvp_mode(f, theta, "auto", exact_only=True) in ("rev_rev", "fwd_rev")
+    assert probe_hvp_mode(f, theta, "rev_rev", exact_only=True) == "rev_rev"
+    # the memory limit cannot send such an objective to finite differences
+    assert probe_hvp_mode(f, theta, "auto", max_memory_ratio=1e-9, exact_only=True) in ("rev_rev", "fwd_rev")
+    with pytest.raises(ValueError, match="hvp_mode='finite_diff' cannot compute this objective's Hessian"):
+        probe_hvp_mode(f, theta, "finite_diff", exact_only=True)

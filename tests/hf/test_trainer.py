@@ -19,7 +19,8 @@ from torch.func import functional_call
 from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from hf_integration import BilevelTrainer, DataWeights, LoraRegularization, dataset_fingerprint_metadata
+from hf_integration import (BilevelTrainer, DataWeights, LoraRegularization, LossWeights,
+                            dataset_fingerprint_metadata)
 from hypergrad import approx_hypergrad
 from hypergrad.utils import tree_flatten_vector, tree_unflatten_vector
 
@@ -396,3 +397,55 @@ def test_gradient_checkpointing_model_trains_with_checked_hvps(tmp_path):
     # that runs with plain autograd and agrees with finite differences
     assert trainer.hvp_mode in ("rev_rev", "finite_diff") and trainer.outer_step == 2
     assert torch.isfinite(weights.logits).all() and weights.logits.abs().sum() > 0
+
+
+def test_loss_weights_hypergradient_equals_core_function(tmp_path):
+    """LossWeights in the trainer: the hypergradient of (bias, loss_scale) is the core Nyström one of the
+    inner objective sum_i w_i l_i / sum_i w_i with w_i = sigmoid(bias - loss_scale * stop_grad(l_i))."""
+    train, val = datasets_with_ids(32, 16)
+    model = tiny_classifier()
+    weights = LossWeights(init_bias=0.3, init_loss_scale=0.8)
+    args = bilevel_args(tmp_path, nystrom_rank=6, nystrom_rho=0.05, hvp_mode="rev_rev")
+    trainer = BilevelTrainer(model=model, args=args, train_dataset=train, eval_dataset=val, outer_module=weights)
+    train_batch, eval_batch, _ = trainer._batches(step=3)
+    ours = trainer.compute_hypergradient(train_batch, eval_batch, torch.Generator().manual_seed(7))
+
+    theta = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    phi = {"bias": weights.bias.detach(), "loss_scale": weights.loss_scale.detach()}
+
+    def logits(params, batch):
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        return functional_call(model, params, (), inputs, strict=False).logits
+
+    def inner(i, o):
+        losses = F.cross_entropy(logits(i, train_batch), train_batch["labels"], reduction="none")
+        w = torch.sigmoid(o["bias"] - o["loss_scale"] * losses.detach())
+        return (w * losses).sum() / w.sum()
+
+    def outer(i, o):
+        return F.cross_entropy(logits(i, eval_batch), eval_batch["labels"])
+
+    model.eval()
+    with sdpa_kernel(SDPBackend.MATH):
+        core = approx_hypergrad.nystrom(inner, outer, theta, phi, rank=6, rho=0.05,
+                                        generator=torch.Generator().manual_seed(7), hvp_mode="rev_rev")
+    assert sorted(ours) == ["outer_module.bias", "outer_module.loss_scale"]
+    for name in ("bias", "loss_scale"):
+        torch.testing.assert_close(ours[f"outer_module.{name}"], core[name], rtol=1e-5, atol=1e-8)
+    assert ours["outer_module.loss_scale"].abs() > 0
+
+
+def test_loss_weights_learn_to_down_weight_corrupted_examples(tmp_path):
+    train, val = datasets_with_ids(128, 64, noise=0.3, seed=0)
+    weights = LossWeights()
+    args = bilevel_args(tmp_path, max_steps=80, unroll_steps=5, outer_patience_steps=20, ihvp_method="identity",
+                        hypergrad_train_batch_size=64, outer_batch_size=64, remove_unused_columns=False)
+    trainer = BilevelTrainer(model=tiny_classifier(), args=args, train_dataset=train, eval_dataset=val,
+                             outer_module=weights)
+    trainer.train()
+    assert float(weights.loss_scale.detach()) > 0  # high-loss examples are down-weighted
+    prediction = trainer.predict(train)
+    losses = F.cross_entropy(torch.as_tensor(prediction.predictions), torch.as_tensor(prediction.label_ids),
+                             reduction="none")
+    w = weights.weights_for(losses).detach().numpy()
+    assert roc_auc_score(np.array(train["corrupted"]), -w) > 0.9
