@@ -1,36 +1,48 @@
-"""Learn one weight per training example of a text classifier, by implicit hypergradients.
+"""Learn data weights for a text classifier with label noise, by hypergradients, and compare them with the
+cheap rivals.
 
 The inner problem fine-tunes a pretrained encoder (LoRA adapter + classification head) on the *weighted*
-training loss ``sum_i w_i l_i / sum_i w_i``; the outer problem moves the weights ``w_i = sigmoid(s_i)`` so that
-the fine-tuned model does well on a clean validation set (`hf_integration.BilevelTrainer` with
-`hf_integration.DataWeights`). Training examples whose gradient disagrees with the validation gradient (e.g.
-mislabelled ones) get low weights.
+training loss ``sum_i w_i l_i / sum_i w_i``; the outer problem tunes the weights so that the fine-tuned model
+does well on a clean validation set (`hf_integration.BilevelTrainer`). Two kinds of weights
+(``--weighting``):
 
-Default run (no download, CPU, a few minutes): the embedded MiniLM-L6 encoder + LoRA on a generated
-sentiment-like dataset (``examples/synthetic_sentiment.py``) with 30% of the training labels flipped, a clean
-validation split (the outer objective) and a clean test split (evaluated once at the end)::
+* ``loss`` (default, `hf_integration.LossWeights`): ``w_i = sigmoid(bias - loss_scale * l_i)`` of each
+  example's current loss, two outer parameters shared by all examples (Meta-Weight-Net's idea). Every outer step
+  moves every weight, and 150 validation examples cannot be fit example by example;
+* ``per_example`` (`hf_integration.DataWeights`): one free weight per example, ``sigmoid(s_i)``.
+
+Default run (no download, CPU, under a minute): the embedded MiniLM-L6 encoder + LoRA on its last layer, on a
+generated sentiment-like dataset (``examples/synthetic_sentiment.py``) with 30% of the training labels
+flipped, a clean validation split (the outer objective) and a clean test split (evaluated once at the end);
+8 epochs, outer steps every 10 inner steps after half an epoch, first-order hypergradients (with two outer
+parameters and Adam they gave the same weights and accuracy as Nyström, for less time; see README)::
 
     python examples/data_reweighting.py                          # = make demo
-    python examples/data_reweighting.py --dataset_name imdb --validation_split "train[90%:]" \\
-        --train_split "train[:90%]" --test_split test --max_train_samples 2000 --noise_rate 0.2
+    python examples/data_reweighting.py --train_file train.jsonl --validation_file val.jsonl \\
+        --test_file test.jsonl --noise_rate 0.4 --noise_type symmetric
+
+The frozen embeddings and layers below the first LoRA layer run once per example before training
+(``--cache_frozen_layers``, exact; `frozen_features.py`), for every model of the run.
+
+Rivals, with the same model initialisation, seed, data order, optimizer, schedule and number of inner steps
+(``--baselines``, `reweighting_baselines.py`): uniform weights; uniform on train + validation (the bilevel
+run learns from the validation set, so this is the fair rival); the loss filter (drop the highest-loss
+fraction, the true noise rate by default, after ``--loss_filter_epochs``). The test split is the unbiased
+comparison.
 
 Outputs in ``--output_dir``:
 
-* the LoRA adapter and ``outer_params.safetensors`` (the learned weights; ``trainer.save_model``), loadable
-  with ``DataWeights.from_pretrained(output_dir)``;
+* the LoRA adapter and ``outer_params.safetensors`` (``trainer.save_model``), loadable with
+  ``LossWeights.from_pretrained(output_dir)`` (``DataWeights`` with ``--weighting per_example``);
 * ``train_with_weights/``: the training set (``text``, ``labels``, ``corrupted``, ``example_id``) with a
-  ``weight`` column (``datasets.load_from_disk``);
-* ``metrics.json``: AUC of "low weight" as a detector of the ``corrupted`` flags (when known), validation and
-  test accuracy/loss of the reweighted model and of a uniform-weight baseline, wall times;
+  ``weight`` column (for ``loss`` weighting, the learned function at each example's loss under the trained
+  model) (``datasets.load_from_disk``);
+* ``metrics.json``: AUC of "low weight" as a detector of the ``corrupted`` flags (when known), the loss
+  filter's AUC, validation and test accuracy/loss of every model, wall times;
 * ``weights.png``: the weight distributions of clean and corrupted examples.
 
-The uniform-weight baseline is a plain ``transformers.Trainer`` (mean cross-entropy, no outer updates) on the
-same training data with the same model initialisation, seed, data order, optimizer, schedule and number of
-inner steps; it does not see the validation set at all, while the reweighted model uses it through the outer
-objective (so the *test* accuracy is the unbiased comparison). ``--run_baseline False`` skips it.
-
-``--push_to_hub --hub_model_id user/repo`` uploads the learned weights with a model card (not the adapter);
-load them back with ``DataWeights.from_pretrained("user/repo")``.
+``--push_to_hub --hub_model_id user/repo`` uploads the learned outer parameters with a model card (not the
+adapter); load them back with ``OuterModule.from_pretrained("user/repo")``.
 
 Runs are guarded (``text_classification.start_run``): an ``--output_dir`` holding another run is refused unless
 ``--overwrite_output_dir``, and is locked while a run uses it; ``--resume_from_checkpoint True`` (or a
@@ -81,6 +93,7 @@ from text_classification import (  # noqa: E402
     scheduled_outer_steps,
     start_run,
     steps_per_epoch,
+    total_inner_steps,
     tokenize_splits,
     write_json,
 )
@@ -260,6 +273,12 @@ def _experiment(model_args, data_args, exp_args, training_args, run) -> dict[str
         training_args.outer_patience_steps = int(round(exp_args.outer_patience_epochs
                                                        * steps_per_epoch(training_args, len(train_raw))))
     scheduled_outer_steps(training_args, len(train_raw))
+    filter_step = max(1, int(round(exp_args.loss_filter_epochs * steps_per_epoch(training_args, len(train_raw)))))
+    total_steps = total_inner_steps(training_args, len(train_raw))
+    if exp_args.run_baseline and "loss_filter" in exp_args.baselines and filter_step >= total_steps:
+        raise InputError(f"--loss_filter_epochs {exp_args.loss_filter_epochs} puts the loss filter at inner step "
+                         f"{filter_step}, but training has {total_steps} steps: lower it, or leave loss_filter out "
+                         "of --baselines.")
     tokenizer = load_tokenizer(model_args)
     raw = {"train": train_raw, "validation": splits.validation}
     if splits.test is not None:
@@ -321,8 +340,7 @@ def _experiment(model_args, data_args, exp_args, training_args, run) -> dict[str
             base_dir = os.path.join(training_args.output_dir, f"baseline-{name}")
             base_trainer, seconds = train_baseline(
                 name, build_model, base_args, train_ds, val_ds, filter_fraction=filter_fraction,
-                filter_step=max(1, int(round(exp_args.loss_filter_epochs
-                                             * steps_per_epoch(training_args, len(train_raw))))),
+                filter_step=filter_step,
                 callbacks=[NonFiniteGuard()], resume=resume_point(run, base_dir, bilevel=False),
                 processing_class=tokenizer, compute_metrics=accuracy_metrics)
             baselines[name] = {**evaluate_splits(base_trainer, {"validation": val_ds, "test": test_ds}),
@@ -389,7 +407,7 @@ def _experiment(model_args, data_args, exp_args, training_args, run) -> dict[str
             url = push_outputs(weights, training_args, card_metadata)
             results["hub_commit_url"] = url
             print(f"Pushed the learned weights to {url}\n"
-                  f'Load them with: DataWeights.from_pretrained("{training_args.hub_model_id}")')
+                  f'Load them with: {type(weights).__name__}.from_pretrained("{training_args.hub_model_id}")')
     return results
 
 

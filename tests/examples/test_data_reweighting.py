@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import data_reweighting
-from hf_integration import DataWeights, hub
+from hf_integration import DataWeights, LossWeights, hub
 from text_classification import InputError
 
 from .script_utils import tiny_run_args, write_csv
@@ -29,7 +29,7 @@ def test_end_to_end_outputs(tiny_model_dir, tmp_path, capsys):
     import datasets
 
     out = tmp_path / "run"
-    results = data_reweighting.main(tiny_run_args(tiny_model_dir, out))
+    results = data_reweighting.main(tiny_run_args(tiny_model_dir, out, "--loss_filter_epochs", "0.4"))
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert METRIC_KEYS <= set(metrics)
@@ -46,16 +46,16 @@ def test_end_to_end_outputs(tiny_model_dir, tmp_path, capsys):
     assert metrics["cached_frozen_layers"] is True
     assert results["num_train"] == metrics["num_train"]
 
-    weights = DataWeights.from_pretrained(str(out), expected={"num_rows": 40, "id_column": "example_id"})
-    assert weights.num_examples == 40
+    weights = LossWeights.from_pretrained(str(out))  # the default --weighting loss
     assert weights.metadata["outer_steps"] == "2"
     assert (out / "adapter_model.safetensors").is_file()
 
     table = datasets.load_from_disk(str(out / "train_with_weights"))
     assert len(table) == 40 and {"text", "labels", "corrupted", "example_id", "weight"} <= set(table.column_names)
     assert sum(table["corrupted"]) == 12
-    expected = weights.weights().detach().numpy()[np.asarray(table["example_id"])]
-    np.testing.assert_allclose(table["weight"], expected, rtol=1e-6)
+    # each example's weight is the learned function at its loss under the trained model: a monotone ranking
+    w = np.asarray(table["weight"])
+    assert np.all((w > 0) & (w < 1))
 
     png = (out / "weights.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 1000
@@ -65,6 +65,19 @@ def test_end_to_end_outputs(tiny_model_dir, tmp_path, capsys):
     assert "AUC (low weight vs corrupted)" in printed and "AUC of the loss filter's ranking" in printed
     # the model is saved as its PEFT adapter (not the frozen-trunk wrapper's full state dict)
     assert not (out / "model.safetensors").exists()
+
+
+def test_per_example_weighting(tiny_model_dir, tmp_path):
+    """--weighting per_example learns one free weight per example (DataWeights), written in the table."""
+    import datasets
+
+    results = data_reweighting.main(tiny_run_args(tiny_model_dir, tmp_path, "--run_baseline", "False",
+                                                  "--weighting", "per_example"))
+    weights = DataWeights.from_pretrained(str(tmp_path), expected={"num_rows": 40, "id_column": "example_id"})
+    assert weights.num_examples == 40 and results["outer_steps"] == 2
+    table = datasets.load_from_disk(str(tmp_path / "train_with_weights"))
+    expected = weights.weights().detach().numpy()[np.asarray(table["example_id"])]
+    np.testing.assert_allclose(table["weight"], expected, rtol=1e-6)
 
 
 def test_uncached_run(tiny_model_dir, tmp_path):
@@ -97,11 +110,11 @@ def test_push_to_hub_uploads_weights_with_card(tiny_model_dir, tmp_path, capsys)
     assert uploaded["repo_id"] == "me/weights"
     assert {"outer_params.safetensors", "outer_config.json", "README.md"} <= set(uploaded["files"])
     assert "adapter_model.safetensors" not in uploaded["files"]
-    assert 'DataWeights.from_pretrained("me/weights")' in uploaded["card"]
+    assert 'LossWeights.from_pretrained("me/weights")' in uploaded["card"]
     assert "auc_low_weight_vs_corrupted" in uploaded["card"]
     assert results["hub_commit_url"] == "https://huggingface.co/me/weights/commit/1"
     assert results["baselines"] == {}
-    assert 'DataWeights.from_pretrained("me/weights")' in capsys.readouterr().out
+    assert 'LossWeights.from_pretrained("me/weights")' in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------- bad input: clear errors, before training
@@ -183,6 +196,12 @@ def test_bad_baseline_names_the_argument(tmp_path, no_training):
         data_reweighting.main(["--output_dir", str(tmp_path / "out"), "--baselines", "nope"])
 
 
+def test_loss_filter_after_the_end_of_training_is_refused(tiny_model_dir, tmp_path, no_training):
+    with pytest.raises(InputError, match=r"--loss_filter_epochs 2.0 puts the loss filter at inner step 10, but "
+                                         r"training has 6 steps"):
+        data_reweighting.main(tiny_run_args(tiny_model_dir, tmp_path))
+
+
 def test_bad_loss_filter_fraction(tmp_path, no_training):
     with pytest.raises(InputError, match=r"--loss_filter_fraction must be in \[0, 1\)"):
         data_reweighting.main(["--output_dir", str(tmp_path / "out"), "--loss_filter_fraction", "1.0"])
@@ -193,7 +212,7 @@ def test_help_lists_the_options(capsys):
         data_reweighting.main(["--help"])
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
-    for option in ("--noise_rate", "--noise_type", "--text_column", "--lora_layers", "--outer_learning_rate",
+    for option in ("--weighting", "--outer_patience_epochs", "--loss_filter_epochs", "--noise_rate", "--noise_type", "--text_column", "--lora_layers", "--outer_learning_rate",
                    "--run_baseline", "--baselines", "--loss_filter_fraction", "--cache_frozen_layers",
                    "--train_split"):
         assert option in printed

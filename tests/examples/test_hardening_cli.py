@@ -27,6 +27,13 @@ from text_classification import LOCK_NAME, InputError, RunError
 
 from .script_utils import tiny_run_args, write_csv
 
+
+def _per_example_args(model_dir, output_dir, *extra: str) -> list[str]:
+    """A tiny data-reweighting run with free per-example weights and Nyström hypergradients (the machinery the
+    hardening tests exercise: DataWeights files, exploding IHVPs, the solver state in checkpoints)."""
+    return tiny_run_args(model_dir, output_dir, "--weighting", "per_example", "--ihvp_method", "nystrom",
+                         "--baselines", "uniform", *extra)
+
 ROWS = [(f"a great movie number {i}", "pos") for i in range(12)] + [(f"a dull movie number {i}", "neg")
                                                                     for i in range(12)]
 
@@ -196,7 +203,7 @@ def _nan_loss_at(steps):
 def test_one_nan_batch_is_skipped_and_reported(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "run"
     with _nan_loss_at({3}):
-        results = data_reweighting.main(tiny_run_args(tiny_model_dir, out, "--run_baseline", "False"))
+        results = data_reweighting.main(_per_example_args(tiny_model_dir, out, "--run_baseline", "False"))
     assert results["inner_steps_skipped"] == 1 and results["outer_steps"] == 2
     weights = DataWeights.from_pretrained(str(out))  # refuses NaN/inf
     assert bool(torch.isfinite(weights.logits).all())
@@ -211,7 +218,7 @@ def test_persistent_nan_fails_and_leaves_the_previous_outputs_intact(tiny_model_
     (out / "metrics.json").write_text('{"previous": true}')
     (out / "outer_params.safetensors").write_bytes(b"previous")
     with _nan_loss_at("all"), pytest.raises(NonFiniteError, match=r"training stopped at inner step 5"):
-        data_reweighting.main(tiny_run_args(tiny_model_dir, out, "--max_steps", "8", "--resume_from_checkpoint",
+        data_reweighting.main(_per_example_args(tiny_model_dir, out, "--max_steps", "8", "--resume_from_checkpoint",
                                             "False", "--overwrite_output_dir"))
     assert not (out / "metrics.json").exists()  # the overwritten run's completion marker is gone ...
     assert (out / "outer_params.safetensors").read_bytes() == b"previous"  # ... and nothing new was written
@@ -224,7 +231,7 @@ def test_exploding_hypergradient_is_a_failed_run_not_a_silent_one(tiny_model_dir
     out = tmp_path / "run"
     with pytest.raises(RunError, match=r"no outer step could be applied: all 2 were skipped \(non-finite outer "
                                        r"optimizer state after the step: 2\)"):
-        data_reweighting.main(tiny_run_args(tiny_model_dir, out, "--run_baseline", "False", "--nystrom_rho", "1e-30"))
+        data_reweighting.main(_per_example_args(tiny_model_dir, out, "--run_baseline", "False", "--nystrom_rho", "1e-30"))
     assert os.listdir(out) == [LOCK_NAME]
 
 
@@ -243,7 +250,7 @@ def test_a_failed_push_says_where_the_outputs_are(tiny_model_dir, tmp_path):
         api_cls.return_value.upload_folder.side_effect = TimeoutError("timed out")
         with pytest.raises(HubError, match=r"uploading to the Hub repo 'me/w' failed: TimeoutError: timed out. The "
                                            r"run's outputs are saved in .*push_hyperparameters.py --outer_params_dir"):
-            data_reweighting.main(tiny_run_args(tiny_model_dir, out, "--run_baseline", "False", "--push_to_hub",
+            data_reweighting.main(_per_example_args(tiny_model_dir, out, "--run_baseline", "False", "--push_to_hub",
                                                 "--hub_model_id", "me/w", "--hub_token", "hf_x"))
     assert (out / "metrics.json").is_file() and DataWeights.from_pretrained(str(out)).num_examples == 40
 
@@ -254,13 +261,13 @@ def test_a_failed_push_says_where_the_outputs_are(tiny_model_dir, tmp_path):
 def test_resume_continues_exactly_and_refuses_foreign_or_incomplete_checkpoints(tiny_model_dir, tmp_path):
     full = tmp_path / "full"
     checkpoints = ("--save_strategy", "steps", "--save_steps", "2", "--run_baseline", "False")
-    data_reweighting.main(tiny_run_args(tiny_model_dir, full, *checkpoints))
+    data_reweighting.main(_per_example_args(tiny_model_dir, full, *checkpoints))
     interrupted = tmp_path / "interrupted"
     shutil.copytree(full, interrupted)
     shutil.rmtree(interrupted / "checkpoint-6")
     os.remove(interrupted / "checkpoint-4" / "trainer_state.json")  # killed while saving checkpoint-4
     os.remove(interrupted / "metrics.json")
-    results = data_reweighting.main(tiny_run_args(tiny_model_dir, interrupted, *checkpoints,
+    results = data_reweighting.main(_per_example_args(tiny_model_dir, interrupted, *checkpoints,
                                                   "--resume_from_checkpoint", "True"))
     assert results["resumed_from"] == str(interrupted / "checkpoint-2")
     for name in ("outer_params.safetensors", "adapter_model.safetensors"):
@@ -271,11 +278,11 @@ def test_resume_continues_exactly_and_refuses_foreign_or_incomplete_checkpoints(
     assert ours == json.loads((full / "metrics.json").read_text())["mean_weight_clean"]
 
     with pytest.raises(CheckpointError, match=r"fingerprint was saved as"):  # other data of the same size
-        data_reweighting.main(tiny_run_args(tiny_model_dir, interrupted, *checkpoints, "--dataset_seed", "7",
+        data_reweighting.main(_per_example_args(tiny_model_dir, interrupted, *checkpoints, "--dataset_seed", "7",
                                             "--resume_from_checkpoint", str(interrupted / "checkpoint-2")))
     os.remove(interrupted / "checkpoint-2" / "outer_optimizer.safetensors")
     with pytest.raises(InputError, match=r"checkpoint-2' has no outer_optimizer.safetensors"):
-        data_reweighting.main(tiny_run_args(tiny_model_dir, interrupted, *checkpoints,
+        data_reweighting.main(_per_example_args(tiny_model_dir, interrupted, *checkpoints,
                                             "--resume_from_checkpoint", str(interrupted / "checkpoint-2")))
 
 
