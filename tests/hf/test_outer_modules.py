@@ -258,17 +258,16 @@ def test_lora_summary_stats_and_config(tiny_lora_llama):
 
 # ------------------------------------------------------------------------------------------- LossWeights
 def test_loss_weights_forward_and_stop_gradient():
-    weights = LossWeights(init_bias=0.5, init_loss_scale=2.0)
+    weights = LossWeights(init_loss_scale=2.0).double()
     losses = torch.tensor([0.1, 0.7, 2.0, 3.5], dtype=torch.float64, requires_grad=True)
-    weights = weights.double()
-    w = torch.sigmoid(0.5 - 2.0 * losses.detach())
+    w = torch.sigmoid(-2.0 * losses.detach())
     out = weights(losses, {}, {})
     torch.testing.assert_close(out, (w * losses.detach()).sum() / w.sum())
     torch.testing.assert_close(weights.weights_for(losses), w)
     # no gradient flows through the losses inside the weights: d out / d l_i = w_i / sum_j w_j exactly
     (grad,) = torch.autograd.grad(out, losses)
     torch.testing.assert_close(grad, w / w.sum())
-    # the outer gradient: d out / d loss_scale = sum_i (dw_i/ds) (l_i - out) / sum_j w_j, dw_i/ds = -w_i(1-w_i) l_i
+    # the outer gradient: d out / d s = sum_i (dw_i/ds) (l_i - out) / sum_j w_j, with dw_i/ds = -w_i (1 - w_i) l_i
     (g_scale,) = torch.autograd.grad(weights(losses, {}, {}), weights.loss_scale)
     l = losses.detach()
     torch.testing.assert_close(g_scale, (-w * (1 - w) * l * (l - out.detach())).sum() / w.sum())
@@ -276,18 +275,18 @@ def test_loss_weights_forward_and_stop_gradient():
 
 
 def test_loss_weights_under_functional_call_jvp_and_vmap():
-    weights = LossWeights(init_loss_scale=1.0)
-    params = {"bias": torch.tensor(0.2), "loss_scale": torch.tensor(1.5)}
+    weights = LossWeights()
+    params = {"loss_scale": torch.tensor(1.5)}
     losses = torch.tensor([0.5, 1.0, 2.0])
 
     def objective(p, l):
         return functional_call(weights, p, (l, {}, {}))
 
-    grads = torch.func.grad(objective)(params, losses)
-    assert set(grads) == {"bias", "loss_scale"} and grads["loss_scale"] < 0  # raising the scale lowers the loss
+    grads = grad(objective)(params, losses)
+    assert set(grads) == {"loss_scale"} and grads["loss_scale"] < 0  # raising the scale lowers the loss
     tangents = torch.eye(3)
-    jvps = torch.vmap(lambda t: torch.func.jvp(lambda l: objective(params, l), (losses,), (t,))[1])(tangents)
-    w = torch.sigmoid(0.2 - 1.5 * losses)
+    jvps = vmap(lambda t: jvp(lambda l: objective(params, l), (losses,), (t,))[1])(tangents)
+    w = torch.sigmoid(-1.5 * losses)
     torch.testing.assert_close(jvps, w / w.sum())
 
 
@@ -296,20 +295,19 @@ def test_loss_weights_errors_stats_and_config():
         LossWeights(init_loss_scale=float("nan"))
     with pytest.raises(ValueError, match=r"per_example_loss must have shape \(batch_size,\)"):
         LossWeights()(torch.zeros(2, 3), {}, {})
-    weights = LossWeights(init_bias=1.0, init_loss_scale=-0.5)
-    assert weights.summary_stats() == {"bias": 1.0, "loss_scale": -0.5}
-    assert weights.config_dict() == {"kind": "loss_weights", "init_bias": 1.0, "init_loss_scale": -0.5}
-    assert weights.id_column is None  # no example ids needed in the batch
+    weights = LossWeights(init_loss_scale=-0.5)
+    assert weights.summary_stats() == {"loss_scale": -0.5}
+    assert weights.config_dict() == {"kind": "loss_weights", "init_loss_scale": -0.5}
+    assert weights.id_column is None and weights.stops_gradients  # no ids needed; exact HVP modes only
 
 
 def test_loss_weights_save_and_load(tmp_path):
     weights = LossWeights()
     with torch.no_grad():
         weights.loss_scale.fill_(2.5)
-        weights.bias.fill_(-0.25)
     weights.save_pretrained(str(tmp_path), metadata={"method": "identity"})
     loaded = OuterModule.from_pretrained(str(tmp_path))
     assert isinstance(loaded, LossWeights) and loaded.metadata["method"] == "identity"
-    assert float(loaded.loss_scale) == 2.5 and float(loaded.bias) == -0.25
+    assert float(loaded.loss_scale.detach()) == 2.5
     card = (tmp_path / "README.md").read_text()
-    assert "sigmoid(bias - loss_scale * l_i)" in card and "loss_scale = 2.5000" in card
+    assert "sigmoid(-loss_scale * l_i)" in card and "loss_scale = 2.5000" in card

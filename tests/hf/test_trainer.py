@@ -50,6 +50,29 @@ def test_data_weights_down_weight_corrupted_examples(tmp_path):
     assert trainer.hvp_mode in ("rev_rev", "fwd_rev")  # sdpa runs exact HVPs under the math backend
 
 
+def _core_nystrom(model, train_batch, eval_batch, phi, weights_of):
+    """The core Nyström hypergradient (rank 6, rho 0.05, seed 7, rev_rev) of the normalized weighted training
+    loss with weights ``weights_of(phi, per_example_losses)``, and the mean validation loss, written by hand."""
+    theta = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+    def logits(params, batch):
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        return functional_call(model, params, (), inputs, strict=False).logits
+
+    def inner(i, o):
+        losses = F.cross_entropy(logits(i, train_batch), train_batch["labels"], reduction="none")
+        w = weights_of(o, losses)
+        return (w * losses).sum() / w.sum()
+
+    def outer(i, o):
+        return F.cross_entropy(logits(i, eval_batch), eval_batch["labels"])
+
+    model.eval()
+    with sdpa_kernel(SDPBackend.MATH):
+        return approx_hypergrad.nystrom(inner, outer, theta, phi, rank=6, rho=0.05,
+                                        generator=torch.Generator().manual_seed(7), hvp_mode="rev_rev")
+
+
 def test_trainer_hypergradient_equals_core_function(tmp_path):
     train, val = datasets_with_ids(32, 16)
     model = tiny_classifier()
@@ -61,26 +84,8 @@ def test_trainer_hypergradient_equals_core_function(tmp_path):
     train_batch, eval_batch, _ = trainer._batches(step=3)
     ours = trainer.compute_hypergradient(train_batch, eval_batch, torch.Generator().manual_seed(7))
 
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    theta = {n: p.detach() for n, p in model.named_parameters() if n in names}
-    phi = {"logits": weights.logits.detach()}
-
-    def logits(params, batch):
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        return functional_call(model, params, (), inputs, strict=False).logits
-
-    def inner(i, o):
-        w = torch.sigmoid(o["logits"][train_batch["example_id"]])
-        losses = F.cross_entropy(logits(i, train_batch), train_batch["labels"], reduction="none")
-        return (w * losses).sum() / w.sum()
-
-    def outer(i, o):
-        return F.cross_entropy(logits(i, eval_batch), eval_batch["labels"])
-
-    model.eval()
-    with sdpa_kernel(SDPBackend.MATH):
-        core = approx_hypergrad.nystrom(inner, outer, theta, phi, rank=6, rho=0.05,
-                                        generator=torch.Generator().manual_seed(7), hvp_mode="rev_rev")
+    core = _core_nystrom(model, train_batch, eval_batch, {"logits": weights.logits.detach()},
+                         lambda o, losses: torch.sigmoid(o["logits"][train_batch["example_id"]]))
     assert list(ours) == ["outer_module.logits"]
     torch.testing.assert_close(ours["outer_module.logits"], core["logits"], rtol=1e-5, atol=1e-7)
     assert ours["outer_module.logits"].abs().sum() > 0
@@ -400,38 +405,20 @@ def test_gradient_checkpointing_model_trains_with_checked_hvps(tmp_path):
 
 
 def test_loss_weights_hypergradient_equals_core_function(tmp_path):
-    """LossWeights in the trainer: the hypergradient of (bias, loss_scale) is the core Nyström one of the
-    inner objective sum_i w_i l_i / sum_i w_i with w_i = sigmoid(bias - loss_scale * stop_grad(l_i))."""
+    """LossWeights in the trainer: the hypergradient of loss_scale is the core Nyström one of the inner
+    objective sum_i w_i l_i / sum_i w_i with w_i = sigmoid(-loss_scale * stop_grad(l_i))."""
     train, val = datasets_with_ids(32, 16)
     model = tiny_classifier()
-    weights = LossWeights(init_bias=0.3, init_loss_scale=0.8)
+    weights = LossWeights(init_loss_scale=0.8)
     args = bilevel_args(tmp_path, nystrom_rank=6, nystrom_rho=0.05, hvp_mode="rev_rev")
     trainer = BilevelTrainer(model=model, args=args, train_dataset=train, eval_dataset=val, outer_module=weights)
     train_batch, eval_batch, _ = trainer._batches(step=3)
     ours = trainer.compute_hypergradient(train_batch, eval_batch, torch.Generator().manual_seed(7))
 
-    theta = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-    phi = {"bias": weights.bias.detach(), "loss_scale": weights.loss_scale.detach()}
-
-    def logits(params, batch):
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        return functional_call(model, params, (), inputs, strict=False).logits
-
-    def inner(i, o):
-        losses = F.cross_entropy(logits(i, train_batch), train_batch["labels"], reduction="none")
-        w = torch.sigmoid(o["bias"] - o["loss_scale"] * losses.detach())
-        return (w * losses).sum() / w.sum()
-
-    def outer(i, o):
-        return F.cross_entropy(logits(i, eval_batch), eval_batch["labels"])
-
-    model.eval()
-    with sdpa_kernel(SDPBackend.MATH):
-        core = approx_hypergrad.nystrom(inner, outer, theta, phi, rank=6, rho=0.05,
-                                        generator=torch.Generator().manual_seed(7), hvp_mode="rev_rev")
-    assert sorted(ours) == ["outer_module.bias", "outer_module.loss_scale"]
-    for name in ("bias", "loss_scale"):
-        torch.testing.assert_close(ours[f"outer_module.{name}"], core[name], rtol=1e-5, atol=1e-8)
+    core = _core_nystrom(model, train_batch, eval_batch, {"loss_scale": weights.loss_scale.detach()},
+                         lambda o, losses: torch.sigmoid(-o["loss_scale"] * losses.detach()))
+    assert list(ours) == ["outer_module.loss_scale"]
+    torch.testing.assert_close(ours["outer_module.loss_scale"], core["loss_scale"], rtol=1e-5, atol=1e-8)
     assert ours["outer_module.loss_scale"].abs() > 0
 
 
@@ -449,3 +436,12 @@ def test_loss_weights_learn_to_down_weight_corrupted_examples(tmp_path):
                              reduction="none")
     w = weights.weights_for(losses).detach().numpy()
     assert roc_auc_score(np.array(train["corrupted"]), -w) > 0.9
+
+
+def test_loss_weights_refuse_finite_difference_products(tmp_path):
+    train, val = datasets_with_ids(32, 16)
+    args = bilevel_args(tmp_path, hvp_mode="finite_diff")
+    trainer = BilevelTrainer(model=tiny_classifier(), args=args, train_dataset=train, eval_dataset=val,
+                             outer_module=LossWeights())
+    with pytest.raises(ValueError, match="hvp_mode='finite_diff' cannot compute this objective's Hessian"):
+        trainer.resolve_hvp_mode()
