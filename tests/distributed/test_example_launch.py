@@ -32,6 +32,7 @@ def test_data_reweighting_under_accelerate_launch_with_two_processes(tmp_path, t
            "--outer_patience_steps", "0", "--max_train_samples", "64", "--max_eval_samples", "32",
            "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16",
            "--hypergrad_train_batch_size", "16", "--outer_batch_size", "16", "--run_baseline", "False",
+           "--weighting", "per_example", "--ihvp_method", "nystrom",
            "--use_cpu", "--report_to", "none", "--save_strategy", "no"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

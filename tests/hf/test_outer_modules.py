@@ -267,23 +267,26 @@ def test_loss_weights_forward_and_stop_gradient():
     # no gradient flows through the losses inside the weights: d out / d l_i = w_i / sum_j w_j exactly
     (grad,) = torch.autograd.grad(out, losses)
     torch.testing.assert_close(grad, w / w.sum())
-    # the outer gradient: d out / d s = sum_i (dw_i/ds) (l_i - out) / sum_j w_j, with dw_i/ds = -w_i (1 - w_i) l_i
-    (g_scale,) = torch.autograd.grad(weights(losses, {}, {}), weights.loss_scale)
+    # the outer gradient: d out / d s = sum_i (dw_i/ds) (l_i - out) / sum_j w_j, with dw_i/ds = -w_i (1 - w_i) l_i,
+    # times d s / d raw = sigmoid(raw) for s = softplus(raw)
+    (g_raw,) = torch.autograd.grad(weights(losses, {}, {}), weights.loss_scale_raw)
     l = losses.detach()
-    torch.testing.assert_close(g_scale, (-w * (1 - w) * l * (l - out.detach())).sum() / w.sum())
-    assert LossWeights()(torch.tensor([1.0, 3.0]), {}, {}).item() == pytest.approx(2.0)  # scale 0: the mean
+    expected = (-w * (1 - w) * l * (l - out.detach())).sum() / w.sum() * torch.sigmoid(weights.loss_scale_raw.detach())
+    torch.testing.assert_close(g_raw, expected)
+    assert float(weights.loss_scale.detach()) == pytest.approx(2.0)
+    assert LossWeights(init_loss_scale=1e-8)(torch.tensor([1.0, 3.0]), {}, {}).item() == pytest.approx(2.0)  # ~mean
 
 
 def test_loss_weights_under_functional_call_jvp_and_vmap():
     weights = LossWeights()
-    params = {"loss_scale": torch.tensor(1.5)}
+    params = {"loss_scale_raw": torch.tensor(math.log(math.expm1(1.5)))}
     losses = torch.tensor([0.5, 1.0, 2.0])
 
     def objective(p, l):
         return functional_call(weights, p, (l, {}, {}))
 
     grads = grad(objective)(params, losses)
-    assert set(grads) == {"loss_scale"} and grads["loss_scale"] < 0  # raising the scale lowers the loss
+    assert set(grads) == {"loss_scale_raw"} and grads["loss_scale_raw"] < 0  # raising the scale lowers the loss
     tangents = torch.eye(3)
     jvps = vmap(lambda t: jvp(lambda l: objective(params, l), (losses,), (t,))[1])(tangents)
     w = torch.sigmoid(-1.5 * losses)
@@ -291,23 +294,24 @@ def test_loss_weights_under_functional_call_jvp_and_vmap():
 
 
 def test_loss_weights_errors_stats_and_config():
-    with pytest.raises(ValueError, match="init_loss_scale must be a finite number"):
-        LossWeights(init_loss_scale=float("nan"))
+    for bad in (float("nan"), 0.0, -0.5):
+        with pytest.raises(ValueError, match="init_loss_scale must be a finite number > 0"):
+            LossWeights(init_loss_scale=bad)
     with pytest.raises(ValueError, match=r"per_example_loss must have shape \(batch_size,\)"):
         LossWeights()(torch.zeros(2, 3), {}, {})
-    weights = LossWeights(init_loss_scale=-0.5)
-    assert weights.summary_stats() == {"loss_scale": -0.5}
-    assert weights.config_dict() == {"kind": "loss_weights", "init_loss_scale": -0.5}
+    weights = LossWeights(init_loss_scale=0.5)
+    assert weights.summary_stats()["loss_scale"] == pytest.approx(0.5)
+    assert weights.config_dict() == {"kind": "loss_weights", "init_loss_scale": 0.5}
     assert weights.id_column is None and weights.stops_gradients  # no ids needed; exact HVP modes only
 
 
 def test_loss_weights_save_and_load(tmp_path):
     weights = LossWeights()
     with torch.no_grad():
-        weights.loss_scale.fill_(2.5)
+        weights.loss_scale_raw.fill_(math.log(math.expm1(2.5)))
     weights.save_pretrained(str(tmp_path), metadata={"method": "identity"})
     loaded = OuterModule.from_pretrained(str(tmp_path))
     assert isinstance(loaded, LossWeights) and loaded.metadata["method"] == "identity"
-    assert float(loaded.loss_scale.detach()) == 2.5
+    assert float(loaded.loss_scale.detach()) == pytest.approx(2.5)
     card = (tmp_path / "README.md").read_text()
     assert "sigmoid(-loss_scale * l_i)" in card and "loss_scale = 2.5000" in card

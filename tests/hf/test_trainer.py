@@ -406,7 +406,7 @@ def test_gradient_checkpointing_model_trains_with_checked_hvps(tmp_path):
 
 def test_loss_weights_hypergradient_equals_core_function(tmp_path):
     """LossWeights in the trainer: the hypergradient of loss_scale is the core Nyström one of the inner
-    objective sum_i w_i l_i / sum_i w_i with w_i = sigmoid(-loss_scale * stop_grad(l_i))."""
+    objective sum_i w_i l_i / sum_i w_i with w_i = sigmoid(-softplus(raw) * stop_grad(l_i))."""
     train, val = datasets_with_ids(32, 16)
     model = tiny_classifier()
     weights = LossWeights(init_loss_scale=0.8)
@@ -415,11 +415,11 @@ def test_loss_weights_hypergradient_equals_core_function(tmp_path):
     train_batch, eval_batch, _ = trainer._batches(step=3)
     ours = trainer.compute_hypergradient(train_batch, eval_batch, torch.Generator().manual_seed(7))
 
-    core = _core_nystrom(model, train_batch, eval_batch, {"loss_scale": weights.loss_scale.detach()},
-                         lambda o, losses: torch.sigmoid(-o["loss_scale"] * losses.detach()))
-    assert list(ours) == ["outer_module.loss_scale"]
-    torch.testing.assert_close(ours["outer_module.loss_scale"], core["loss_scale"], rtol=1e-5, atol=1e-8)
-    assert ours["outer_module.loss_scale"].abs() > 0
+    core = _core_nystrom(model, train_batch, eval_batch, {"raw": weights.loss_scale_raw.detach()},
+                         lambda o, losses: torch.sigmoid(-F.softplus(o["raw"]) * losses.detach()))
+    assert list(ours) == ["outer_module.loss_scale_raw"]
+    torch.testing.assert_close(ours["outer_module.loss_scale_raw"], core["raw"], rtol=1e-5, atol=1e-8)
+    assert ours["outer_module.loss_scale_raw"].abs() > 0
 
 
 def test_loss_weights_learn_to_down_weight_corrupted_examples(tmp_path):
@@ -430,7 +430,7 @@ def test_loss_weights_learn_to_down_weight_corrupted_examples(tmp_path):
     trainer = BilevelTrainer(model=tiny_classifier(), args=args, train_dataset=train, eval_dataset=val,
                              outer_module=weights)
     trainer.train()
-    assert float(weights.loss_scale.detach()) > 0  # high-loss examples are down-weighted
+    assert float(weights.loss_scale.detach()) > 0.5  # grew from 0.1: high-loss examples are down-weighted
     prediction = trainer.predict(train)
     losses = F.cross_entropy(torch.as_tensor(prediction.predictions), torch.as_tensor(prediction.label_ids),
                              reduction="none")
