@@ -6,16 +6,16 @@ training loss ``sum_i w_i l_i / sum_i w_i``; the outer problem tunes the weights
 does well on a clean validation set (`hf_integration.BilevelTrainer`). Two kinds of weights
 (``--weighting``):
 
-* ``loss`` (default, `hf_integration.LossWeights`): ``w_i = sigmoid(bias - loss_scale * l_i)`` of each
-  example's current loss, two outer parameters shared by all examples (Meta-Weight-Net's idea). Every outer step
-  moves every weight, and 150 validation examples cannot be fit example by example;
+* ``loss`` (default, `hf_integration.LossWeights`): ``w_i = sigmoid(-loss_scale * l_i)`` of each example's
+  current loss, one outer parameter ``loss_scale > 0`` shared by all examples (Meta-Weight-Net's idea). Every
+  outer step moves every weight, and 150 validation examples cannot be fit example by example;
 * ``per_example`` (`hf_integration.DataWeights`): one free weight per example, ``sigmoid(s_i)``.
 
 Default run (no download, CPU, under a minute): the embedded MiniLM-L6 encoder + LoRA on its last layer, on a
 generated sentiment-like dataset (``examples/synthetic_sentiment.py``) with 30% of the training labels
 flipped, a clean validation split (the outer objective) and a clean test split (evaluated once at the end);
-8 epochs, outer steps every 10 inner steps after half an epoch, first-order hypergradients (with two outer
-parameters and Adam they gave the same weights and accuracy as Nyström, for less time; see README)::
+8 epochs, outer steps every 10 inner steps after half an epoch, first-order hypergradients (measured with an
+earlier two-parameter form of the weighting, they gave the same accuracy as Nyström for less time; see README)::
 
     python examples/data_reweighting.py                          # = make demo
     python examples/data_reweighting.py --train_file train.jsonl --validation_file val.jsonl \\
@@ -70,7 +70,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling he
 
 from hf_integration.hub import atomic_write, atomic_write_dir  # noqa: E402
 from frozen_features import CachedTrunkClassifier, add_feature_rows  # noqa: E402
-from reweighting_baselines import BASELINES, train_baseline  # noqa: E402
+from reweighting_baselines import BASELINES, per_example_losses, train_baseline  # noqa: E402
 from text_classification import (  # noqa: E402
     InputError,
     DataArguments,
@@ -145,7 +145,7 @@ class ExperimentArguments:
     weighting: str = field(
         default="loss",
         metadata={"help": "What the outer problem learns: 'loss' = a weighting function of each example's current "
-                  "loss, w_i = sigmoid(bias - loss_scale * l_i), two numbers shared by all examples "
+                  "loss, w_i = sigmoid(-loss_scale * l_i), one number loss_scale > 0 shared by all examples "
                   "(hf_integration.LossWeights; cannot fit a small validation set example by example); "
                   "'per_example' = one free weight per example (hf_integration.DataWeights).",
                   "choices": WEIGHTINGS},
@@ -269,11 +269,11 @@ def _experiment(model_args, data_args, exp_args, training_args, run) -> dict[str
     check_batch_sizes(len(train_raw), len(splits.validation), training_args,
                       train_argument="--max_train_samples" if data_args.dataset_name is None
                       and data_args.train_file is None else splits.split_names["train"])
+    per_epoch = steps_per_epoch(training_args, len(train_raw))
     if exp_args.outer_patience_epochs is not None and training_args.outer_patience_steps == 0:
-        training_args.outer_patience_steps = int(round(exp_args.outer_patience_epochs
-                                                       * steps_per_epoch(training_args, len(train_raw))))
+        training_args.outer_patience_steps = int(round(exp_args.outer_patience_epochs * per_epoch))
     scheduled_outer_steps(training_args, len(train_raw))
-    filter_step = max(1, int(round(exp_args.loss_filter_epochs * steps_per_epoch(training_args, len(train_raw)))))
+    filter_step = max(1, int(round(exp_args.loss_filter_epochs * per_epoch)))
     total_steps = total_inner_steps(training_args, len(train_raw))
     if exp_args.run_baseline and "loss_filter" in exp_args.baselines and filter_step >= total_steps:
         raise InputError(f"--loss_filter_epochs {exp_args.loss_filter_epochs} puts the loss filter at inner step "
@@ -415,10 +415,7 @@ def learned_weights(trainer: Any, weights: Any, train_ds: Any) -> np.ndarray:
     """The learned weight of every training example, in the rows' order: ``sigmoid(s_i)`` of free weights, or
     the weighting function at each example's loss under the trained model (evaluation mode)."""
     if hasattr(weights, "weights_for"):
-        prediction = trainer.predict(train_ds, metric_key_prefix="weights")
-        logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
-        losses = torch.nn.functional.cross_entropy(torch.as_tensor(logits).float(),
-                                                   torch.as_tensor(prediction.label_ids), reduction="none")
+        losses = per_example_losses(trainer, train_ds, prefix="weights")
         return weights.weights_for(losses).detach().float().cpu().numpy()
     return weights.weights().detach().float().cpu().numpy()[np.asarray(train_ds["example_id"])]
 

@@ -41,6 +41,13 @@ def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return classifier, encoder
 
 
+def _mask(encoder: nn.Module, hidden: Tensor, attention_mask: Tensor) -> Any:
+    """The encoder's own attention mask for ``hidden`` (what its forward pass builds from ``attention_mask``)."""
+    from transformers.masking_utils import create_bidirectional_mask
+
+    return create_bidirectional_mask(config=encoder.config, inputs_embeds=hidden, attention_mask=attention_mask)
+
+
 def first_trainable_layer(model: nn.Module) -> int:
     """Index of the lowest encoder layer holding a trainable parameter (the number of layers when none does);
     ``ValueError`` when the embeddings are trainable (nothing can be cached then)."""
@@ -110,16 +117,10 @@ class CachedTrunkClassifier(nn.Module):
 
     def _trunk(self, encoder: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
         hidden = encoder.embeddings(input_ids=batch["input_ids"], token_type_ids=batch.get("token_type_ids"))
-        mask = self._mask(hidden, batch["attention_mask"])
+        mask = _mask(encoder, hidden, batch["attention_mask"])
         for layer in encoder.encoder.layer[: self.first_layer]:
             hidden = layer(hidden, mask)
         return hidden
-
-    def _mask(self, hidden: Tensor, attention_mask: Tensor) -> Any:
-        from transformers.masking_utils import create_bidirectional_mask
-
-        _, encoder = _parts(self.model)
-        return create_bidirectional_mask(config=encoder.config, inputs_embeds=hidden, attention_mask=attention_mask)
 
     def forward(self, attention_mask: Tensor, feature_row: Tensor, labels: Tensor | None = None,
                 input_ids: Tensor | None = None, token_type_ids: Tensor | None = None, **kwargs: Any) -> dict:
@@ -129,7 +130,7 @@ class CachedTrunkClassifier(nn.Module):
             raise RuntimeError("CachedTrunkClassifier: the feature table is empty; call cache_features first.")
         classifier, encoder = _parts(self.model)
         hidden = self.features[feature_row, : attention_mask.shape[1]]
-        mask = self._mask(hidden, attention_mask)
+        mask = _mask(encoder, hidden, attention_mask)
         for layer in encoder.encoder.layer[self.first_layer:]:
             hidden = layer(hidden, mask)
         pooled = encoder.pooler(hidden) if encoder.pooler is not None else hidden[:, 0]

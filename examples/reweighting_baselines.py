@@ -23,9 +23,18 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-__all__ = ["BASELINES", "LossFilterTrainer", "train_baseline"]
+__all__ = ["BASELINES", "WeightedTrainer", "LossFilterTrainer", "per_example_losses", "train_baseline"]
 
 BASELINES = ("uniform", "uniform_train_val", "loss_filter")
+
+
+def per_example_losses(trainer: Trainer, dataset: datasets.Dataset, prefix: str = "losses") -> torch.Tensor:
+    """Cross-entropy of every example of ``dataset`` (its rows' order) under ``trainer``'s model, in evaluation
+    mode (``trainer.predict``)."""
+    prediction = trainer.predict(dataset, metric_key_prefix=prefix)
+    logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+    return nn.functional.cross_entropy(torch.as_tensor(logits).float(), torch.as_tensor(prediction.label_ids),
+                                       reduction="none")
 
 
 class WeightedTrainer(Trainer):
@@ -79,11 +88,7 @@ class LossFilterTrainer(WeightedTrainer):
     def apply_filter(self) -> None:
         """Rank the training examples by their loss under the current model and drop the top ``fraction``."""
         dataset = self.train_dataset
-        prediction = self.predict(dataset, metric_key_prefix="filter")
-        logits = torch.as_tensor(prediction.predictions[0] if isinstance(prediction.predictions, tuple)
-                                 else prediction.predictions)
-        losses = nn.functional.cross_entropy(logits.float(), torch.as_tensor(prediction.label_ids),
-                                             reduction="none").numpy()
+        losses = per_example_losses(self, dataset, prefix="filter").numpy()
         ids = np.asarray(dataset[self.id_column])
         order = np.argsort(-losses, kind="stable")
         self.dropped = ids[order[: int(round(self.fraction * len(ids)))]]
