@@ -62,7 +62,7 @@ from torch.func import functional_call, grad, hessian
 from torch.nn import functional as F
 
 from hypergrad.approx_hypergrad import (DEFAULT_NYSTROM_SKETCH, conjugate_gradient, exact, identity,
-                                        implicit_hypergrad, neumann, nystrom, nystrom_pcg)
+                                        implicit_hypergrad, make_solver, neumann, nystrom, nystrom_pcg)
 from hypergrad.utils import batched_hvp, hvp, tree_flatten_vector, tree_unflatten_vector
 
 DTYPE = torch.float64
@@ -362,36 +362,68 @@ def run_method(problem: Problem, method: str, budget: int, lam_max: float,
 
 
 PCG_RANKS = (2, 5)
+REUSED_PCG_RANKS = (10, 30)  # preconditioners reused over outer steps: sketched once per refresh
+DRIFT = 0.05  # relative size of the step between the sketch's point and the current one
 
 
 PCG_BUDGETS = (10, 20)
 
 
+def drifted(params: tuple[Tensor, ...], scale: float, generator: torch.Generator) -> tuple[Tensor, ...]:
+    """Each tensor moved by Gaussian noise of norm ``scale * |t|``: the point of an earlier outer step."""
+    out = []
+    for t in params:
+        noise = torch.randn(t.shape, generator=generator, dtype=t.dtype)
+        out.append(t + noise * (scale * t.norm() / noise.norm().clamp_min(1e-30)))
+    return tuple(out)
+
+
+def reused_pcg(problem: Problem, rank: int, budget: int, rho: float, seed: int):
+    """Nyström-PCG whose preconditioner was sketched at an earlier point (``theta`` and ``phi``
+    each moved by :data:`DRIFT` of their norm), as the trainer reuses it between refreshes
+    (``nystrom_refresh_steps``): the current hypergradient spends ``budget`` CG products only."""
+    gen = torch.Generator().manual_seed(seed)
+    solver = make_solver("nystrom_pcg", rank=rank, num_iters=budget, rho=rho, refresh_steps=2, generator=gen)
+    earlier = (drifted(problem.in_params, DRIFT, gen), drifted(problem.out_params, DRIFT, gen))
+    implicit_hypergrad(problem.inner_obj, problem.outer_obj, *earlier, solver)  # sketches (rank + budget products)
+    return implicit_hypergrad(problem.inner_obj, problem.outer_obj, problem.in_params, problem.out_params,
+                              solver)  # reuses the factor: budget products
+
+
 def pcg_comparison(problem: Problem, budgets, seeds: int, lam_max: float, rho_rel: float) -> dict:
     """At equal product budgets: CG, Nyström-preconditioned CG (rank ``k`` sketch + ``budget - k``
-    CG steps, damping ``rho_rel * lam_max``, mean over seeds) and the first-order ``identity``
-    method (no HVP; ``scale = 1 / lam_max``)."""
+    CG steps, damping ``rho_rel * lam_max``, mean over seeds), the same with a preconditioner
+    reused from an earlier point (``budget`` CG steps; its sketch is amortized over the refresh
+    interval) and the first-order ``identity`` method (no HVP; ``scale = 1 / lam_max``)."""
     args = (problem.inner_obj, problem.outer_obj, problem.in_params, problem.out_params)
     p = sum(x.numel() for x in problem.in_params)
     out: dict = {"identity": dict(zip(("rel_err", "cos"), errors(identity(*args, scale=1.0 / lam_max),
                                                                      problem.true_hg)))}
+
+    def mean_errors(runs):
+        return {"rel_err": statistics.fmean(r for r, _ in runs), "cos": statistics.fmean(c for _, c in runs)}
+
     for budget in budgets:
         row = {"cg": dict(zip(("rel_err", "cos"), errors(run_method(problem, "cg", budget, lam_max),
                                                           problem.true_hg)))}
         for rank in PCG_RANKS:
             if rank >= budget or rank > p:
                 continue
-            runs = [errors(nystrom_pcg(*args, rank=rank, num_iters=budget - rank, rho=rho_rel * lam_max,
-                                       generator=torch.Generator().manual_seed(s)), problem.true_hg)
-                    for s in range(seeds)]
-            row[f"pcg-{rank}"] = {"rel_err": statistics.fmean(r for r, _ in runs),
-                                  "cos": statistics.fmean(c for _, c in runs)}
+            row[f"pcg-{rank}"] = mean_errors([errors(nystrom_pcg(*args, rank=rank, num_iters=budget - rank,
+                                                                 rho=rho_rel * lam_max,
+                                                                 generator=torch.Generator().manual_seed(s)),
+                                                     problem.true_hg) for s in range(seeds)])
+        for rank in REUSED_PCG_RANKS:
+            if rank > p:
+                continue
+            row[f"reused-{rank}"] = mean_errors([errors(reused_pcg(problem, rank, budget, rho_rel * lam_max, s),
+                                                        problem.true_hg) for s in range(seeds)])
         out[budget] = row
     return out
 
 
 def pcg_table(results: dict, budgets) -> str:
-    cols = ["cg"] + [f"pcg-{k}" for k in PCG_RANKS]
+    cols = ["cg"] + [f"pcg-{k}" for k in PCG_RANKS] + [f"reused-{k}" for k in REUSED_PCG_RANKS]
     lines = ["| problem | budget | " + " | ".join(cols) + " | identity (0 HVPs) |",
              "|---|---|" + "---|" * (len(cols) + 1)]
     for name, res in results.items():
@@ -667,7 +699,9 @@ def main() -> None:
         print()
     print("## Nyström-preconditioned CG vs CG at equal product budgets (relative error, cosine)\n")
     print(f"pcg-k: rank-k Gaussian sketch (ρ = the best fixed Nyström ρ) + (budget - k) CG steps, mean over {seeds} "
-          f"seeds; identity: first-order H^-1 ~ I/λmax, no HVP.\n")
+          f"seeds; reused-k: a rank-k preconditioner sketched at an earlier point (θ and φ moved by "
+          f"{DRIFT:.0%} of their norm) + budget CG steps, the sketch amortized over the refresh interval "
+          f"(k/refresh_steps products per step); identity: first-order H^-1 ~ I/λmax, no HVP.\n")
     print(pcg_table(results, PCG_BUDGETS))
     print()
     print("## Nyström sketches at equal ρ: relative error column / gaussian\n")

@@ -57,7 +57,9 @@ class BilevelTrainingArguments(TrainingArguments):
         metadata={"help": "Reuse one Nyström sketch for this many outer steps (1 = a fresh sketch every step). "
                   "Between refreshes an outer step needs no Hessian-vector product: one outer gradient and "
                   "one mixed product. Measured (benchmarks/amortized_nystrom.py): cosine 0.994 to a fresh "
-                  "sketch's hypergradient at 10, same AUC."},
+                  "sketch's hypergradient at 10, same AUC. With ihvp_method='nystrom_pcg' the sketch is the "
+                  "CG preconditioner, reused on the same schedule (a stale preconditioner slows CG but does "
+                  "not bias it)."},
     )
     ihvp_iters: int = field(default=10, metadata={"help": "Iterations (HVPs) of the CG, Neumann and nystrom_pcg "
                                                           "methods."})

@@ -41,6 +41,46 @@ def test_pcg_with_a_good_preconditioner_beats_cg_at_equal_steps():
     torch.testing.assert_close(u[0] @ u[0].T, torch.eye(len(lam), dtype=torch.float64))
 
 
+def test_reused_pcg_preconditioner_costs_no_product_and_stays_unbiased():
+    """A preconditioner sketched on a *different* Hessian (the previous outer step's) is reused:
+    the second call spends only its CG products, and CG run to ``p`` steps still solves the
+    current system exactly; with a few steps it beats unpreconditioned CG when the Hessian
+    drifted little."""
+    g = torch.Generator().manual_seed(1)
+    q, _ = torch.linalg.qr(torch.randn(40, 40, generator=g, dtype=torch.float64))
+    evals = torch.cat([torch.logspace(3, 1, 6, dtype=torch.float64), 0.5 + torch.rand(34, generator=g, dtype=torch.float64)])
+    a_old = (q * evals) @ q.T
+    drift = torch.randn(40, 40, generator=g, dtype=torch.float64) * 0.05
+    a_new = a_old + drift @ drift.T  # nearby SPD matrix
+    b = (torch.randn(40, generator=g, dtype=torch.float64),)
+    truth = torch.linalg.solve(a_new, b[0])
+    products = []
+
+    def products_of(a):
+        def mv(v):
+            products.append(1)
+            return (a @ v[0],)
+
+        def bmv(vs):
+            products.append(len(vs[0]))
+            return (vs[0] @ a,)
+        return mv, bmv
+
+    solver = METHODS["nystrom_pcg"].build(method_options("nystrom_pcg", rank=8, rho=1.0, num_iters=6,
+                                                          refresh_steps=2))
+    solver(*products_of(a_old), b, generator=g)  # call 0: sketch (8) + 6 CG products
+    assert sum(products) == 8 + 6
+    products.clear()
+    reused = solver(*products_of(a_new), b)[0]  # call 1: the old factor preconditions the new system
+    assert sum(products) == 6 and solver.calls == 2
+    cg = solve_pcg(lambda v: (a_new @ v[0],), b, 6, lambda r: r)[0]
+    assert rel_err(reused, truth) < 0.1 * rel_err(cg, truth)
+    stale = solver.factor.precondition
+    exact = solve_pcg(lambda v: (a_new @ v[0],), b, 40, stale)[0]
+    assert rel_err(exact, truth) < 1e-8  # unbiased: any SPD preconditioner converges to H^-1 b
+    assert solver.refresh_due  # call 2 sketches anew
+
+
 def test_identity_method_has_its_known_bias():
     """On the ridge problem ``H^{-1}`` is replaced by ``scale * I``: the result is
     ``-theta * scale * grad g`` in closed form (exact when ``H = I / scale``)."""
