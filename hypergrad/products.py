@@ -23,10 +23,13 @@ holding whatever can be shared between them:
 Batched products ``H V`` (``V`` with a leading dimension ``k``) are computed ``chunk_size``
 at a time: vectorized through the shared graph (``is_grads_batched``) for ``rev_rev``, by
 ``vmap`` for ``fwd_rev``, by a loop for finite differences. For ``rev_rev`` the default is
-one product at a time, or as many as a ``memory_budget`` allows: every product in flight
-needs about the memory of the tensors the graph saved (measured while it is built). On a
-2-core CPU a loop was as fast as the vectorized backward (50k-parameter MLP: 9.6 ms vs
-12.0 ms for 5 products), at a fifth of the activation memory.
+as many as a ``memory_budget`` allows (every product in flight needs about the memory of the
+tensors the graph saved, measured while it is built); without a budget, all at once for
+problems of at most :data:`VECTORIZE_MAX_PARAMS` inner parameters, whose products are
+dominated by per-call overhead (a 33-parameter logistic regression: rank-10 Nyström 1.6x
+faster vectorized), and one at a time above it, where each product is compute-bound (a
+50k-parameter MLP: the loop was as fast as the vectorized backward, 9.6 ms vs 12.0 ms for 5
+products, at a fifth of the activation memory).
 
 :func:`probe_hvp_mode` picks the fastest exact mode that is right for a given objective.
 """
@@ -58,6 +61,7 @@ from .utils import (
     tree_leaves,
     tree_map,
     tree_norm,
+    tree_numel,
     tree_unflatten,
 )
 
@@ -160,6 +164,11 @@ class _FiniteDifferences(_PerProduct):
         return one_at_a_time(forward_difference)(vs)
 
 
+VECTORIZE_MAX_PARAMS = 10_000
+"""``rev_rev`` without a chunk size or memory budget vectorizes the products of a batch when
+the inner parameters number at most this many (overhead-bound products, negligible memory)."""
+
+
 class _ReverseLinearization(InnerProducts):
     """``rev_rev``: one ``create_graph`` gradient, then one backward pass per product.
 
@@ -218,13 +227,14 @@ class _ReverseLinearization(InnerProducts):
 
     def _products_in_flight(self, k: int) -> int:
         """``chunk_size``; else as many as ``memory_budget`` bytes hold at ``graph_bytes``
-        each; else one."""
+        each; else all ``k`` for a small problem (at most :data:`VECTORIZE_MAX_PARAMS` inner
+        parameters) and one for a large one."""
         if self._chunk_size is not None:
             return self._chunk_size
         if self._memory_budget is not None:
             self._graph()
             return max(1, min(k, self._memory_budget // max(self.graph_bytes, 1)))
-        return 1
+        return k if tree_numel(self._theta) <= VECTORIZE_MAX_PARAMS else 1
 
     def _batched_chunk(self, chunk: list[Tensor]) -> ParamsLike:
         """One vectorized backward for the rows of ``chunk``; a loop when some kernel of the

@@ -80,6 +80,24 @@ def test_reverse_chunking_and_memory_budget_do_not_change_products(chunk_size, b
         assert products._products_in_flight(5) == (1 if budget == 1 else 5)
 
 
+def test_reverse_products_vectorize_by_default_only_on_small_problems(monkeypatch):
+    """Without a chunk size or budget: all products at once up to VECTORIZE_MAX_PARAMS inner
+    parameters (overhead-bound), one at a time above (compute-bound); same products either way."""
+    import hypergrad.products as products_module
+
+    inner, theta, phi = _mlp_problem("dict")
+    n = sum(x.numel() for x in theta.values())
+    g = torch.Generator().manual_seed(3)
+    vs = tree_map(lambda x: torch.randn(4, *x.shape, generator=g, dtype=x.dtype), theta)
+    small = linearize_inner(inner, theta, phi, "rev_rev")
+    assert n <= products_module.VECTORIZE_MAX_PARAMS and small._products_in_flight(4) == 4
+    monkeypatch.setattr(products_module, "VECTORIZE_MAX_PARAMS", n - 1)
+    large = linearize_inner(inner, theta, phi, "rev_rev")
+    assert large._products_in_flight(4) == 1
+    for a, b in zip(tree_leaves(small.batched_hvp(vs)), tree_leaves(large.batched_hvp(vs))):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_linearize_refuses_bad_chunking():
     inner, theta, phi = _mlp_problem("dict")
     with pytest.raises(ValueError, match="memory_budget"):
