@@ -2,16 +2,20 @@
 
 * :mod:`hf_integration.trainer`: :class:`BilevelTrainer`, a ``transformers.Trainer`` that learns outer parameters;
 * :mod:`hf_integration.arguments`: :class:`BilevelTrainingArguments`;
-* :mod:`hf_integration.outer_modules`: :class:`OuterModule`, :class:`DataWeights`, :class:`LossWeights`, :class:`LoraRegularization`;
+* :mod:`hf_integration.outer_modules`: :class:`OuterModule`, :class:`DataWeights`, :class:`LossWeights`, :class:`LoraRegularization`,
+  :class:`SourceWeights`, :class:`CombinedWeights`;
 * :mod:`hf_integration.serialization`: atomic writes, safetensors save/load/check of outer-parameter files;
 * :mod:`hf_integration.model_card`: model cards (``huggingface_hub.ModelCard``);
 * :mod:`hf_integration.optimizer_state`: optimizer state dicts without pickle;
 * :mod:`hf_integration.checkpoints`: complete-checkpoint checks for resuming;
 * :mod:`hf_integration.hub`: Hub upload, timeouts, reachability (re-exports the names above);
-* :mod:`hf_integration.data`: stable example ids and dataset fingerprint metadata.
+* :mod:`hf_integration.data`: stable example ids, source ids and mixture sampling, dataset fingerprint metadata;
+* :mod:`hf_integration.sft`: :class:`BilevelSFTTrainer` and :class:`BilevelSFTConfig` for TRL's ``SFTTrainer``
+  (optional dependency ``trl``: imported on first use of these names, never by ``import hf_integration``).
 """
 
 from .data import add_example_ids, dataset_fingerprint_metadata, num_example_ids
+from .data import MixtureSampler, add_source_ids, example_sampling_probabilities, mixture_sampler, source_counts
 from .serialization import (
     MODEL_CARD_NAME,
     OUTER_CONFIG_NAME,
@@ -23,6 +27,7 @@ from .serialization import (
 from .model_card import outer_params_card_section
 from .optimizer_state import load_optimizer_state, save_optimizer_state
 from .outer_modules import DataWeights, LoraRegularization, LossWeights, OuterModule, find_lora_modules, parse_layer_index
+from .outer_modules import CombinedWeights, SourceWeights
 from .arguments import BilevelTrainingArguments
 from .checkpoints import CheckpointError
 from .hub import HubError
@@ -43,10 +48,17 @@ __all__ = [
     "LossWeights",
     "find_lora_modules",
     "parse_layer_index",
+    "SourceWeights",
+    "CombinedWeights",
     # data
     "add_example_ids",
     "num_example_ids",
     "dataset_fingerprint_metadata",
+    "add_source_ids",
+    "source_counts",
+    "example_sampling_probabilities",
+    "MixtureSampler",
+    "mixture_sampler",
     # persistence
     "atomic_write",
     "atomic_write_text",
@@ -58,3 +70,18 @@ __all__ = [
     "OUTER_OPTIMIZER_NAME",
     "MODEL_CARD_NAME",
 ]
+
+_TRL_NAMES = ("BilevelSFTTrainer", "BilevelSFTConfig")  # not in __all__: a star import must not need TRL
+
+
+def __getattr__(name: str):
+    if name in _TRL_NAMES:
+        try:
+            from . import sft
+        except ModuleNotFoundError as err:
+            if err.name != "trl" and not (err.name or "").startswith("trl."):
+                raise
+            raise ModuleNotFoundError(f"hf_integration.{name} needs TRL: pip install 'hypergrad[trl]'.",
+                                      name=err.name) from err
+        return getattr(sft, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

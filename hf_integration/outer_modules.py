@@ -4,7 +4,7 @@ An :class:`OuterModule` turns the per-example losses of a training batch into th
 that the model's trainable (inner) parameters minimize. Its own parameters (the *outer* parameters) are
 tuned by implicit hypergradients so that the inner solution does well on held-out data.
 
-Three modules are provided:
+The modules provided:
 
 * :class:`DataWeights` -- one learned weight per training example (down-weights noisy or harmful
   examples); inner loss = ``sum_i w_i l_i / sum_i w_i`` over the batch.
@@ -12,6 +12,10 @@ Three modules are provided:
   inner loss = ``sum_i w_i l_i / sum_i w_i`` with ``w_i = sigmoid(-loss_scale * stop_grad(l_i))``.
 * :class:`LoraRegularization` -- one learned L2 strength per LoRA module (or per transformer layer);
   inner loss = ``mean_i l_i + sum_m 1/2 exp(s_m) (|A_m|^2 + |B_m|^2)``.
+* :class:`SourceWeights` -- one learned weight per data source (domain), ``w_s = S * softmax(a)_s``, each example
+  weighted by its source's weight; inner loss = ``sum_i w_s(i) l_i / sum_i w_s(i)``.
+* :class:`CombinedWeights` -- the product of several weightings (e.g. per-source times per-example weights);
+  inner loss = ``sum_i w_i l_i / sum_i w_i`` with ``w_i = prod_k w^(k)_i``.
 
 The trainer evaluates the module functionally::
 
@@ -33,7 +37,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -45,7 +49,8 @@ from .optimizer_state import load_optimizer_state, save_optimizer_state
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["OuterModule", "DataWeights", "LossWeights", "LoraRegularization", "find_lora_modules", "parse_layer_index"]
+__all__ = ["OuterModule", "DataWeights", "LossWeights", "LoraRegularization", "find_lora_modules", "parse_layer_index",
+           "SourceWeights", "CombinedWeights"]
 
 
 def _is_plain_tensor(t: Tensor) -> bool:
@@ -296,6 +301,69 @@ def _require(config: Mapping[str, Any], *keys: str) -> None:
         raise KeyError(f"config lacks {missing}")
 
 
+def _check_per_example_loss(per_example_loss: Tensor) -> None:
+    """Refuse anything but a non-empty 1-D tensor of per-example losses."""
+    if per_example_loss.dim() != 1 or per_example_loss.shape[0] == 0:
+        raise ValueError(
+            f"per_example_loss must have shape (batch_size,) with batch_size > 0, got "
+            f"{tuple(per_example_loss.shape)}; average per-token losses within each example first"
+        )
+
+
+def _normalized_weighted_mean(weights: Tensor, per_example_loss: Tensor) -> Tensor:
+    """``sum_i w_i l_i / sum_i w_i``: the inner objective of every data-weighting module.
+
+    The losses are moved to the weights' device and both are promoted to their common dtype first.
+    """
+    loss = per_example_loss.to(weights.device)
+    if loss.dtype != weights.dtype:
+        common = torch.promote_types(loss.dtype, weights.dtype)
+        loss, weights = loss.to(common), weights.to(common)
+    return (weights * loss).sum() / weights.sum()
+
+
+def _batch_index_column(
+    batch: Mapping[str, Tensor],
+    column: str,
+    *,
+    size: int,
+    batch_size: int | None,
+    check_range: bool,
+    what: str,
+    missing_message: Callable[[], str],
+    range_message: Callable[[int], str],
+) -> Tensor:
+    """The integer column ``column`` of ``batch`` as a 1-D LongTensor (not moved), validated.
+
+    Checks presence (``KeyError(missing_message())``), an integer dtype, one value per example, the length
+    ``batch_size`` and (when ``check_range`` and the tensor is not wrapped by a torch.func transform) the
+    range ``0 .. size - 1`` (``IndexError(range_message(bad_value))``). ``what`` names the values in messages,
+    e.g. ``"example id"``.
+    """
+    if column not in batch:
+        raise KeyError(missing_message())
+    ids = batch[column]
+    if not isinstance(ids, Tensor):
+        ids = torch.as_tensor(ids)
+    if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+        raise TypeError(f"batch[{column!r}] must hold integer {what}s, got dtype {ids.dtype}")
+    if ids.dim() > 1:
+        if ids.numel() != ids.shape[0]:
+            raise ValueError(f"batch[{column!r}] must have one {what} per example, got shape {tuple(ids.shape)}")
+        ids = ids.reshape(-1)
+    if ids.dim() == 0:
+        ids = ids.reshape(1)
+    if batch_size is not None and ids.shape[0] != batch_size:
+        raise ValueError(
+            f"batch[{column!r}] has {ids.shape[0]} ids but per_example_loss has {batch_size} entries"
+        )
+    if check_range and _is_plain_tensor(ids) and ids.numel() > 0:
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= size:
+            raise IndexError(range_message(lo if lo < 0 else hi))
+    return ids
+
+
 # ==================================================================================================
 # Data weights
 # ==================================================================================================
@@ -348,40 +416,29 @@ class DataWeights(OuterModule):
 
     def batch_ids(self, batch: Mapping[str, Tensor], batch_size: int | None = None) -> Tensor:
         """The example ids of ``batch`` as a 1-D LongTensor, validated (presence, dtype, length, range)."""
-        if self.id_column not in batch:
-            raise KeyError(
+        ids = _batch_index_column(
+            batch, self.id_column, size=self.num_examples, batch_size=batch_size, check_range=self.check_ids,
+            what="example id",
+            missing_message=lambda: (
                 f"DataWeights needs the example-id column {self.id_column!r} in the batch, but the batch has "
                 f"{sorted(batch)}. Add ids to the training dataset with hf_integration.add_example_ids(...) "
                 "before shuffling/filtering, and keep the column through the data collator "
                 "(e.g. remove_unused_columns must not drop it)."
-            )
-        ids = batch[self.id_column]
-        if not isinstance(ids, Tensor):
-            ids = torch.as_tensor(ids)
-        if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
-            raise TypeError(f"batch[{self.id_column!r}] must hold integer example ids, got dtype {ids.dtype}")
-        if ids.dim() > 1:
-            if ids.numel() != ids.shape[0]:
-                raise ValueError(
-                    f"batch[{self.id_column!r}] must have one id per example, got shape {tuple(ids.shape)}"
-                )
-            ids = ids.reshape(-1)
-        if ids.dim() == 0:
-            ids = ids.reshape(1)
-        if batch_size is not None and ids.shape[0] != batch_size:
-            raise ValueError(
-                f"batch[{self.id_column!r}] has {ids.shape[0]} ids but per_example_loss has {batch_size} entries"
-            )
-        if self.check_ids and _is_plain_tensor(ids) and ids.numel() > 0:
-            lo, hi = int(ids.min()), int(ids.max())
-            if lo < 0 or hi >= self.num_examples:
-                bad = lo if lo < 0 else hi
-                raise IndexError(
-                    f"example id {bad} in batch[{self.id_column!r}] is out of range for DataWeights with "
-                    f"num_examples={self.num_examples} (valid ids: 0..{self.num_examples - 1}); was the module "
-                    "built for another dataset, or were ids added after filtering/concatenation?"
-                )
+            ),
+            range_message=lambda bad: (
+                f"example id {bad} in batch[{self.id_column!r}] is out of range for DataWeights with "
+                f"num_examples={self.num_examples} (valid ids: 0..{self.num_examples - 1}); was the module "
+                "built for another dataset, or were ids added after filtering/concatenation?"
+            ),
+        )
         return ids.to(device=self.logits.device, dtype=torch.long)
+
+    def example_weights(self, per_example_loss: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
+        """Unnormalized weights ``w_i = sigmoid(s_{id_i})`` of the batch's examples, shape ``(batch_size,)``
+        (differentiable in ``logits``); ``per_example_loss`` only gives the batch size."""
+        _check_per_example_loss(per_example_loss)
+        ids = self.batch_ids(batch, per_example_loss.shape[0])
+        return torch.sigmoid(self.logits.index_select(0, ids))
 
     def forward(
         self, per_example_loss: Tensor, batch: Mapping[str, Tensor], inner_params: Mapping[str, Tensor]
@@ -391,20 +448,7 @@ class DataWeights(OuterModule):
         ``inner_params`` is unused (the weights depend on the example, not on the model).
         """
         del inner_params
-        if per_example_loss.dim() != 1:
-            raise ValueError(
-                f"per_example_loss must have shape (batch_size,), got {tuple(per_example_loss.shape)}; "
-                "average per-token losses within each example first"
-            )
-        if per_example_loss.shape[0] == 0:
-            raise ValueError("empty batch: per_example_loss has no entries")
-        ids = self.batch_ids(batch, per_example_loss.shape[0])
-        w = torch.sigmoid(self.logits.index_select(0, ids))
-        loss = per_example_loss.to(w.device)
-        if loss.dtype != w.dtype:
-            common = torch.promote_types(loss.dtype, w.dtype)
-            loss, w = loss.to(common), w.to(common)
-        return (w * loss).sum() / w.sum()
+        return _normalized_weighted_mean(self.example_weights(per_example_loss, batch), per_example_loss)
 
     @torch.no_grad()
     def summary_stats(self) -> dict[str, float]:
@@ -513,17 +557,19 @@ class LossWeights(OuterModule):
         """``sigmoid(-loss_scale * l)`` for the losses ``l`` (no gradient flows into ``l``)."""
         return torch.sigmoid(-self.loss_scale * per_example_loss.detach())
 
+    def example_weights(self, per_example_loss: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
+        """Unnormalized weights ``w_i = sigmoid(-loss_scale * stop_grad(l_i))`` of the batch's examples, shape
+        ``(batch_size,)`` (:meth:`weights_for`); ``batch`` is unused."""
+        del batch
+        _check_per_example_loss(per_example_loss)
+        return self.weights_for(per_example_loss.to(self.loss_scale_raw.device))
+
     def forward(
         self, per_example_loss: Tensor, batch: Mapping[str, Tensor], inner_params: Mapping[str, Tensor]
     ) -> Tensor:
         """Normalized weighted mean ``sum_i w_i l_i / sum_i w_i`` with ``w_i`` from :meth:`weights_for`."""
-        del batch, inner_params
-        if per_example_loss.dim() != 1 or per_example_loss.shape[0] == 0:
-            raise ValueError(f"per_example_loss must have shape (batch_size,) with batch_size > 0, got "
-                             f"{tuple(per_example_loss.shape)}")
-        loss = per_example_loss.to(self.loss_scale_raw.device)
-        w = self.weights_for(loss)
-        return (w * loss).sum() / w.sum()
+        del inner_params
+        return _normalized_weighted_mean(self.example_weights(per_example_loss, batch), per_example_loss)
 
     @torch.no_grad()
     def summary_stats(self) -> dict[str, float]:
@@ -819,3 +865,375 @@ def _sq_norm(t: Tensor) -> Tensor:
     if t.dtype in (torch.float16, torch.bfloat16):
         t = t.float()
     return t.pow(2).sum()
+
+
+# ==================================================================================================
+# Per-source (per-domain) weights, and products of weightings
+# ==================================================================================================
+
+_MAX_SOURCES_IN_STATS = 64
+
+
+class SourceWeights(OuterModule):
+    """One learned weight per data source (domain): the setting of DoReMi (Xie et al., NeurIPS 2023) and ScaleBiO
+    (Pan et al., 2024), where a training set mixes several sources (tasks, domains, languages, ...).
+
+    The ``S`` sources (the values of a source column, mapped to ids ``0 .. S-1`` by
+    :func:`hf_integration.data.add_source_ids`) have logits ``a_s`` (the parameter ``logits``, shape ``(S,)``) and
+    weights::
+
+        w_s = S * softmax(a)_s = S exp(a_s) / sum_t exp(a_t)          (so mean_s w_s = 1)
+
+    Example ``i`` of source ``s(i)`` gets the weight ``w_{s(i)}``, and the inner loss of a batch is the normalized
+    weighted mean, exactly as for :class:`DataWeights`::
+
+        L = sum_i w_{s(i)} l_i / sum_i w_{s(i)}
+
+    With the default init every ``w_s = 1`` and ``L`` is the plain batch mean. Only ratios of weights matter
+    (normalization), and the softmax removes the one redundant direction (adding a constant to every logit).
+
+    **As a mixture.** ``softmax(a) = w / S`` sums to one. On batches drawn uniformly from a training set where
+    source ``s`` has ``n_s`` examples, the weighting puts the share ``q_s = n_s w_s / sum_t n_t w_t`` of the
+    objective on source ``s``; drawing source ``s`` with probability ``q_s`` (each of its examples with
+    ``q_s / n_s``) and weighting uniformly gives the same expected objective. :meth:`mixture` returns ``q`` given
+    the counts ``n`` (``softmax(a)`` without them, which equals ``q`` when the sources are equally large);
+    :meth:`sampling_weights` and :func:`hf_integration.data.mixture_sampler` give the per-example probabilities.
+
+    The batch must hold the integer source-id column ``id_column`` (one id per example); the trainer keeps it
+    through its column removal, the data collator must keep it too.
+
+    Args:
+        source_names: The sources in id order (``names`` of :func:`~hf_integration.data.add_source_ids`); stored
+            as strings in the config, so saved weights say which source is which.
+        id_column: Name of the source-id entry of the batch.
+        init_weights: Initial weights ``w_s`` (positive; rescaled to mean 1), e.g. ``N / (S n_s)`` to start from
+            a mixture balanced over sources; default all 1 (the plain mean loss).
+    """
+
+    kind: ClassVar[str] = "source_weights"
+
+    def __init__(
+        self,
+        source_names: Sequence[str],
+        id_column: str = "source_id",
+        init_weights: Sequence[float] | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(source_names, (str, bytes)) or not isinstance(source_names, Sequence):
+            raise TypeError(f"source_names must be a list of source names, got {type(source_names).__name__}")
+        names = [str(n) for n in source_names]
+        if not names:
+            raise ValueError("source_names is empty: there are no sources to weight")
+        if len(set(names)) != len(names):
+            raise ValueError(f"source_names has duplicates: {names}")
+        if not isinstance(id_column, str) or not id_column:
+            raise ValueError(f"id_column must be a non-empty str, got {id_column!r}")
+        self.source_names: list[str] = names
+        self.id_column = id_column
+        self.init_weights: list[float] | None = None
+        logits = [0.0] * len(names)
+        if init_weights is not None:
+            values = [float(v) for v in init_weights]
+            if len(values) != len(names) or not all(math.isfinite(v) and v > 0 for v in values):
+                raise ValueError(f"init_weights must hold {len(names)} finite positive numbers (one per source), "
+                                 f"got {list(init_weights)}")
+            mean = sum(values) / len(values)
+            self.init_weights = [v / mean for v in values]
+            logits = [math.log(v) for v in self.init_weights]
+        self.check_ids = True  # set False to skip the (host-syncing) range check in forward
+        self.logits = nn.Parameter(torch.tensor(logits, dtype=torch.get_default_dtype()))
+
+    def extra_repr(self) -> str:
+        return f"num_sources={self.num_sources}, id_column={self.id_column!r}"
+
+    @property
+    def num_sources(self) -> int:
+        """``S``, the number of sources."""
+        return len(self.source_names)
+
+    def weights(self) -> Tensor:
+        """All source weights ``w = S * softmax(logits)``, shape ``(S,)``, indexed by source id (differentiable)."""
+        return self.num_sources * torch.softmax(self.logits, dim=0)
+
+    def mixture(self, source_counts: Sequence[int] | Tensor | None = None) -> Tensor:
+        """Source proportions, shape ``(S,)``, summing to one (differentiable).
+
+        Args:
+            source_counts: ``n_s``, the number of training examples of each source (a sequence, tensor or
+                array; :func:`hf_integration.data.source_counts`). Given, the result is the training mix that the
+                learned weighting realises, ``q_s = n_s w_s / sum_t n_t w_t``: sample sources in these proportions
+                (examples uniformly within a source) to train on the same expected objective without weights.
+                Omitted, it is ``softmax(logits) = w / S``, which is ``q`` when all sources are equally large.
+        """
+        if source_counts is None:
+            return torch.softmax(self.logits, dim=0)
+        counts = torch.as_tensor(source_counts).reshape(-1).to(self.logits.device)
+        if counts.numel() != self.num_sources or bool((counts < 0).any()) or float(counts.sum()) <= 0:
+            raise ValueError(f"source_counts must hold {self.num_sources} non-negative counts with a positive sum, "
+                             f"got {counts.tolist()}")
+        mass = counts.to(self.logits.dtype) * self.weights()
+        return mass / mass.sum()
+
+    @torch.no_grad()
+    def sampling_weights(self, source_ids: Sequence[int] | Tensor) -> Tensor:
+        """Per-example sampling probabilities that realise the learned mixture on a dataset, shape ``(N,)``.
+
+        ``source_ids`` are the source ids of the dataset's ``N`` examples; with ``n_s`` counted among them and
+        ``q = mixture(n)``, example ``i`` gets ``q_{s(i)} / n_{s(i)} = w_{s(i)} / sum_j w_{s(j)}`` (float64, summing
+        to one; e.g. for ``torch.utils.data.WeightedRandomSampler``, or use
+        :func:`hf_integration.data.mixture_sampler`).
+        """
+        from .data import example_sampling_probabilities
+
+        ids = torch.as_tensor(source_ids).reshape(-1)
+        if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+            raise TypeError(f"source_ids must be integers, got dtype {ids.dtype}")
+        if ids.numel() == 0:
+            raise ValueError("source_ids is empty")
+        if int(ids.min()) < 0 or int(ids.max()) >= self.num_sources:
+            raise IndexError(f"source ids must lie in 0..{self.num_sources - 1} ({self.num_sources} sources), got "
+                             f"{int(ids.min())}..{int(ids.max())}")
+        counts = torch.bincount(ids.to("cpu", torch.long), minlength=self.num_sources)
+        return example_sampling_probabilities(ids.cpu(), self.mixture(counts).cpu())
+
+    def batch_ids(self, batch: Mapping[str, Tensor], batch_size: int | None = None) -> Tensor:
+        """The source ids of ``batch`` as a 1-D LongTensor, validated (presence, dtype, length, range)."""
+        ids = _batch_index_column(
+            batch, self.id_column, size=self.num_sources, batch_size=batch_size, check_range=self.check_ids,
+            what="source id",
+            missing_message=lambda: (
+                f"SourceWeights needs the source-id column {self.id_column!r} in the batch, but the batch has "
+                f"{sorted(batch)}. Add it to the training dataset with hf_integration.add_source_ids(dataset, "
+                f"source_column, id_column={self.id_column!r}), and keep the column through the data collator "
+                "(e.g. remove_unused_columns must not drop it)."
+            ),
+            range_message=lambda bad: (
+                f"source id {bad} in batch[{self.id_column!r}] is out of range for SourceWeights with "
+                f"{self.num_sources} sources {_names_preview(self.source_names)} (valid ids: "
+                f"0..{self.num_sources - 1}); were the ids made by add_source_ids with other names?"
+            ),
+        )
+        return ids.to(device=self.logits.device, dtype=torch.long)
+
+    def example_weights(self, per_example_loss: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
+        """Unnormalized weights ``w_{s(i)}`` of the batch's examples, shape ``(batch_size,)`` (differentiable in
+        ``logits``); ``per_example_loss`` only gives the batch size."""
+        _check_per_example_loss(per_example_loss)
+        ids = self.batch_ids(batch, per_example_loss.shape[0])
+        return self.weights().index_select(0, ids)
+
+    def forward(
+        self, per_example_loss: Tensor, batch: Mapping[str, Tensor], inner_params: Mapping[str, Tensor]
+    ) -> Tensor:
+        """Normalized weighted mean ``sum_i w_{s(i)} l_i / sum_i w_{s(i)}``; ``inner_params`` is unused."""
+        del inner_params
+        return _normalized_weighted_mean(self.example_weights(per_example_loss, batch), per_example_loss)
+
+    @torch.no_grad()
+    def summary_stats(self) -> dict[str, float]:
+        """``weight_min``, ``weight_max``, ``mixture_entropy`` (of ``softmax(logits)``, in nats; ``log S`` when
+        uniform) and ``weight[<source name>]`` per source (for at most 64 sources)."""
+        w = self.weights().detach().double()
+        p = w / w.sum()
+        stats = {
+            "weight_min": float(w.min()),
+            "weight_max": float(w.max()),
+            "mixture_entropy": float(-(p * p.clamp_min(1e-300).log()).sum()),
+        }
+        if self.num_sources <= _MAX_SOURCES_IN_STATS:
+            for name, value in zip(self.source_names, w.tolist()):
+                stats[f"weight[{name}]"] = float(value)
+        return stats
+
+    def config_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "source_names": list(self.source_names), "id_column": self.id_column,
+                "init_weights": None if self.init_weights is None else list(self.init_weights)}
+
+    @classmethod
+    def _from_config(cls, config: Mapping[str, Any]) -> SourceWeights:
+        _require(config, "source_names")
+        return cls(source_names=config["source_names"], id_column=config.get("id_column", "source_id"),
+                   init_weights=config.get("init_weights"))
+
+    def card_text(self) -> CardText:
+        w = self.weights().detach().double().tolist()
+        table = ""
+        if self.num_sources <= _MAX_SOURCES_IN_STATS:
+            rows = "\n".join(f"| {k} | `{name.replace('|', '/')}` | {value:.4f} | {value / self.num_sources:.4f} |"
+                             for k, (name, value) in enumerate(zip(self.source_names, w)))
+            table = f"\n\n| id | source | weight `w_s` | `softmax(a)_s` |\n|---|---|---|---|\n{rows}"
+        return CardText(
+            title="Learned data-source weights",
+            description=(
+                "learned per-source **data weights** (data mixing, as in DoReMi and ScaleBiO): one logit `a_s` per "
+                "data source (domain), weight `w_s = S * softmax(a)_s` (mean 1 over the `S` sources), each example "
+                "weighted by its source's weight, and the inner (training) loss is the normalized weighted mean "
+                "`sum_i w_s(i) l_i / sum_i w_s(i)` over each batch. The weights were tuned by bilevel optimization "
+                "so that training on the weighted data minimizes a held-out (outer) loss; on a training set where "
+                "source `s` has `n_s` examples they amount to the mixture `q_s = n_s w_s / sum_t n_t w_t`."
+            ),
+            details=(
+                f"There are {self.num_sources} sources, indexed by the integer source-id column `{self.id_column}` "
+                "of the training dataset (added with `hf_integration.add_source_ids`, in the order below)." + table
+            ),
+            usage=(
+                "w = outer.weights()  # shape (num_sources,): w[source_id], mean 1\n"
+                "print(dict(zip(outer.source_names, w.tolist())))\n\n"
+                "# A training mix that realises the learned weighting (train_dataset holds the source column)\n"
+                "from hf_integration import add_source_ids, mixture_sampler\n"
+                'train_dataset, _ = add_source_ids(train_dataset, "<source column>", names=outer.source_names)\n'
+                "mixed = train_dataset.select(list(mixture_sampler(train_dataset, outer)))"
+            ),
+        )
+
+
+def _names_preview(names: Sequence[str], limit: int = 8) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return f"[{shown}{', ...' if len(names) > limit else ''}]"
+
+
+class CombinedWeights(OuterModule):
+    """Per-example data weights that are the product of several weightings, e.g. per-source weights times
+    per-example weights (``CombinedWeights([SourceWeights(names), DataWeights(n)])``) or times loss-based weights
+    (``CombinedWeights([SourceWeights(names), LossWeights()])``).
+
+    Each part ``k`` gives unnormalized weights ``w^(k)_i`` of the batch's examples (its ``example_weights``);
+    the combined weight and the inner loss are::
+
+        w_i = prod_k w^(k)_i,        L = sum_i w_i l_i / sum_i w_i
+
+    (so with a single part this is that part's own objective). The parameters of part ``k`` are named
+    ``parts.<k>.<name>`` (e.g. ``parts.0.logits``); the saved config nests the parts' configs. The combination
+    stops gradients where any part does (``stops_gradients``: e.g. with :class:`LossWeights`, exact HVP modes
+    only).
+
+    The batch must hold every part's column (:attr:`id_columns`, e.g. ``("source_id", "example_id")``), so the
+    data collator must keep them all; :class:`~hf_integration.BilevelTrainer` keeps them out of the model's inputs
+    and through its column removal. ``id_column`` is the first of them (``None`` if no part reads a column).
+
+    Args:
+        parts: The weighting modules, each with an ``example_weights(per_example_loss, batch)`` method
+            (:class:`DataWeights`, :class:`LossWeights`, :class:`SourceWeights`, another ``CombinedWeights``).
+    """
+
+    kind: ClassVar[str] = "combined_weights"
+
+    def __init__(self, parts: Sequence[OuterModule]) -> None:
+        super().__init__()
+        if isinstance(parts, (OuterModule, str)) or not hasattr(parts, "__iter__"):
+            raise TypeError("parts must be a list of outer modules, e.g. [SourceWeights(...), DataWeights(...)]")
+        parts = list(parts)
+        if not parts:
+            raise ValueError("parts is empty: there are no weights to combine")
+        for part in parts:
+            if not isinstance(part, OuterModule) or not callable(getattr(part, "example_weights", None)):
+                raise TypeError(
+                    f"{type(part).__name__} cannot be a part of CombinedWeights: it must be an OuterModule that "
+                    "weights examples (with an example_weights(per_example_loss, batch) method, like DataWeights, "
+                    "LossWeights, SourceWeights)"
+                )
+        if len({id(p) for p in parts}) != len(parts):
+            raise ValueError("parts holds the same module twice")
+        self.parts = nn.ModuleList(parts)
+
+    def extra_repr(self) -> str:
+        return f"kinds={[p.kind for p in self.parts]}"
+
+    @property
+    def id_columns(self) -> tuple[str, ...]:
+        """The batch columns that the parts read, in part order, without repeats."""
+        columns: list[str] = []
+        for part in self.parts:
+            part_columns = getattr(part, "id_columns", None)
+            if part_columns is None:
+                column = getattr(part, "id_column", None)
+                part_columns = () if column is None else (column,)
+            columns += [c for c in part_columns if c not in columns]
+        return tuple(columns)
+
+    @property
+    def id_column(self) -> str | None:
+        """The first of :attr:`id_columns` (``None`` when no part reads a column)."""
+        columns = self.id_columns
+        return columns[0] if columns else None
+
+    @property
+    def stops_gradients(self) -> bool:  # type: ignore[override]
+        """True when any part stops gradients (its weights are constants for the Hessian)."""
+        return any(bool(getattr(part, "stops_gradients", False)) for part in self.parts)
+
+    def example_weights(self, per_example_loss: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
+        """Unnormalized weights ``prod_k w^(k)_i`` of the batch's examples, shape ``(batch_size,)``."""
+        _check_per_example_loss(per_example_loss)
+        weights = None
+        for part in self.parts:
+            w = part.example_weights(per_example_loss, batch)
+            if weights is None:
+                weights = w
+                continue
+            w = w.to(weights.device)
+            if w.dtype != weights.dtype:
+                common = torch.promote_types(w.dtype, weights.dtype)
+                w, weights = w.to(common), weights.to(common)
+            weights = weights * w
+        return weights
+
+    def forward(
+        self, per_example_loss: Tensor, batch: Mapping[str, Tensor], inner_params: Mapping[str, Tensor]
+    ) -> Tensor:
+        """Normalized weighted mean ``sum_i w_i l_i / sum_i w_i`` with ``w_i = prod_k w^(k)_i``."""
+        del inner_params
+        return _normalized_weighted_mean(self.example_weights(per_example_loss, batch), per_example_loss)
+
+    def _part_prefixes(self) -> list[str]:
+        kinds = [part.kind for part in self.parts]
+        return [kind if kinds.count(kind) == 1 else f"{kind}.{k}" for k, kind in enumerate(kinds)]
+
+    @torch.no_grad()
+    def summary_stats(self) -> dict[str, float]:
+        """The parts' statistics, as ``<kind>/<statistic>`` (``<kind>.<k>/<statistic>`` for a repeated kind)."""
+        stats: dict[str, float] = {}
+        for prefix, part in zip(self._part_prefixes(), self.parts):
+            stats.update({f"{prefix}/{key}": float(value) for key, value in part.summary_stats().items()})
+        return stats
+
+    def config_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "parts": [part.config_dict() for part in self.parts]}
+
+    @classmethod
+    def _from_config(cls, config: Mapping[str, Any]) -> CombinedWeights:
+        _require(config, "parts")
+        part_configs = config["parts"]
+        if not isinstance(part_configs, list):
+            raise TypeError(f"config 'parts' must be a list of part configs, got {type(part_configs).__name__}")
+        parts = []
+        for part_config in part_configs:
+            if not isinstance(part_config, Mapping) or "kind" not in part_config:
+                raise ValueError(f"each entry of config 'parts' must be a config with a 'kind', got {part_config!r}")
+            target = OuterModule._registry.get(part_config["kind"])
+            if target is None:
+                raise ValueError(f"unknown part kind {part_config['kind']!r} (known kinds: "
+                                 f"{sorted(OuterModule._registry)})")
+            parts.append(target._from_config(part_config))
+        return cls(parts)
+
+    def card_text(self) -> CardText:
+        sections = []
+        for k, part in enumerate(self.parts):
+            text = part.card_text()
+            body = f"**Part {k}** (`{type(part).__name__}`, parameters `parts.{k}.*`): {text.title}: {text.description}"
+            if text.details:
+                body += " " + text.details
+            sections.append(body)
+        return CardText(
+            title="Learned combined data weights",
+            description=(
+                f"per-example **data weights** that are the product `w_i = prod_k w_i^(k)` of {len(self.parts)} "
+                "learned weightings (listed below), and the inner (training) loss is the normalized weighted mean "
+                "`sum_i w_i l_i / sum_i w_i` over each batch. The weights were tuned by bilevel optimization so that "
+                "training on the weighted data minimizes a held-out (outer) loss."
+            ),
+            details="\n\n".join(sections),
+            usage=("w = outer.example_weights(per_example_loss, batch)  # prod_k of the parts' weights, (batch_size,)\n"
+                   "parts = list(outer.parts)  # the weighting modules, e.g. parts[0].weights()"),
+        )

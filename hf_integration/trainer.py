@@ -52,7 +52,7 @@ from .serialization import (DATA_METADATA_KEYS, MODEL_CARD_NAME, OUTER_OPTIMIZER
                             atomic_write_text)
 from .outer_modules import OuterModule
 
-__all__ = ["BilevelTrainer", "OUTER_OPTIMIZER_NAME"]
+__all__ = ["BilevelTrainer", "OUTER_OPTIMIZER_NAME", "outer_batch_columns"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +74,27 @@ class _OuterStepCallback(TrainerCallback):
         if is_outer_step(iteration, args.unroll_steps, args.outer_patience_steps):
             self.trainer.outer_update()
         return control
+
+
+def outer_batch_columns(module: nn.Module | None) -> list[str]:
+    """The batch columns an outer module reads besides the model's inputs: its ``id_column``, ``id_columns``
+    and ``source_column`` attributes and those of its ``parts`` (a combined module), in order, without repeats."""
+    found: list[str] = []
+
+    def visit(part) -> None:
+        columns = getattr(part, "id_columns", None)
+        columns = [columns] if isinstance(columns, str) else list(columns or ())
+        columns += [getattr(part, "id_column", None), getattr(part, "source_column", None)]
+        for column in columns:
+            if isinstance(column, str) and column and column not in found:
+                found.append(column)
+        parts = getattr(part, "parts", None) or ()
+        for child in (parts.values() if hasattr(parts, "values") else parts):
+            visit(child)
+
+    if module is not None:
+        visit(module)
+    return found
 
 
 def _on_any_process(flag: bool, device: torch.device) -> bool:
@@ -200,6 +221,7 @@ class BilevelTrainer(Trainer):
         self._check_inputs(model, args, train_dataset, eval_dataset, outer_module, outer_param_patterns)
         self.outer_module = outer_module
         self.id_column = getattr(outer_module, "id_column", None)
+        self.outer_columns = outer_batch_columns(outer_module)  # kept through collation, never model inputs
         self.dataset_name = dataset_name
         self.dataset_split = dataset_split
         self.outer_model_param_names = self._select_outer_model_params(model, outer_param_patterns or ())
@@ -254,12 +276,18 @@ class BilevelTrainer(Trainer):
             if not any(True for _ in outer_module.parameters()):
                 raise ValueError("`outer_module` has no parameters: there is nothing to learn.")
             id_column = getattr(outer_module, "id_column", None)
-            if id_column is not None and id_column not in train_dataset.column_names:
-                raise ValueError(
-                    f"`train_dataset` has no column {id_column!r} holding example ids, which "
-                    f"{type(outer_module).__name__} needs. Add it with "
-                    f"`hf_integration.add_example_ids(dataset, column={id_column!r})` before shuffling or filtering."
-                )
+            names = train_dataset.column_names  # None for an IterableDataset of unknown features
+            for column in outer_batch_columns(outer_module):
+                if names is None or column in names:
+                    continue
+                if column == id_column:
+                    raise ValueError(
+                        f"`train_dataset` has no column {id_column!r} holding example ids, which "
+                        f"{type(outer_module).__name__} needs. Add it with `hf_integration.add_example_ids("
+                        f"dataset, column={id_column!r})` before shuffling or filtering."
+                    )
+                raise ValueError(f"`train_dataset` has no column {column!r}, which {type(outer_module).__name__} "
+                                 "reads from every training batch.")
         for pattern in patterns or ():
             re.compile(pattern)
 
@@ -322,8 +350,9 @@ class BilevelTrainer(Trainer):
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
-        if self.id_column is not None and self.id_column not in self._signature_columns:
-            self._signature_columns.append(self.id_column)
+        for column in self.outer_columns:
+            if column not in self._signature_columns:
+                self._signature_columns.append(column)
 
     # ------------------------------------------------------------------ objectives
     def _objective(self, model: nn.Module, in_params: Mapping[str, Tensor] | None,
@@ -335,7 +364,9 @@ class BilevelTrainer(Trainer):
         ``in_params`` and the model part of ``out_params``. ``weighted`` selects the inner
         objective (through the outer module) instead of the plain mean loss."""
         self._check_batch_columns(batch, weighted)
-        inputs = {k: v for k, v in batch.items() if k not in ("labels", self.id_column)}
+        inputs = {k: v for k, v in batch.items() if k != "labels" and k not in self.outer_columns}
+        if self._causal_lm:
+            inputs.setdefault("use_cache", False)  # no key/value cache in training or in the products
         model_outer = {k[len(_MODEL_PREFIX):]: v for k, v in out_params.items() if k.startswith(_MODEL_PREFIX)}
         if in_params is None:
             outputs = model(**inputs)
@@ -354,12 +385,21 @@ class BilevelTrainer(Trainer):
     def _check_batch_columns(self, batch: Mapping[str, Any], weighted: bool) -> None:
         if "labels" not in batch:
             raise ValueError("The batch has no `labels`; the data collator must produce them.")
-        if weighted and self.id_column is not None and self.id_column not in batch:
-            raise ValueError(
-                f"The training batch has no {self.id_column!r} column (example ids), which "
-                f"{type(self.outer_module).__name__} needs. The data collator dropped it (TRL's collators do) or "
-                f"`remove_unused_columns` removed it: use a collator that keeps it, e.g. "
-                f"`DataCollatorForSeq2Seq`/`DataCollatorWithPadding`, or set `remove_unused_columns=False`.")
+        missing = [c for c in self.outer_columns if c not in batch] if weighted else []
+        if not missing:
+            return
+        column = missing[0]
+        if column in (getattr(self.train_dataset, "column_names", None) or (column,)):
+            cause = ("the training dataset has it, so the data collator dropped it (TRL's and most collators keep "
+                     "only model inputs; BilevelSFTTrainer puts it back for TRL's own, a collator you pass must keep "
+                     "it) or `remove_unused_columns` removed it")
+        else:
+            cause = ("the prepared training dataset has no such column: its preparation dropped it (TRL's packing "
+                     "keeps only input_ids and labels; so does a `map` with `remove_columns`)")
+        raise ValueError(
+            f"The training batch has no {column!r} column, which {type(self.outer_module).__name__} needs: {cause}. "
+            "Use a collator that keeps it (e.g. `DataCollatorForSeq2Seq`/`DataCollatorWithPadding`) or set "
+            "`remove_unused_columns=False`.")
 
     def inner_forward(self, in_params: Mapping[str, Tensor], out_params: Mapping[str, Tensor],
                       batch: Mapping[str, Any]) -> Tensor:
@@ -509,6 +549,8 @@ class BilevelTrainer(Trainer):
         :func:`hypergrad.distributed.sharded_hypergrad`, finite-difference products taken in
         place on the shards. Every process returns the same hypergradient."""
         self.resolve_hvp_mode()
+        self._check_batch_columns(train_batch, weighted=True)
+        self._check_batch_columns(eval_batch, weighted=False)
         solve = self._solver(generator if generator is not None else torch.Generator().manual_seed(self.args.seed))
         phi = {k: v.detach() for k, v in self._outer_param_tree().items()}
         with self._second_order_context():
@@ -521,12 +563,34 @@ class BilevelTrainer(Trainer):
                     phi, solve)
             data_parallel = DataParallel() if self.args.world_size > 1 else None
             budget = self.args.hvp_memory_budget_mb
-            grads, outer_value = implicit_hypergrad(
-                lambda i, o: self.inner_forward(i, o, train_batch), lambda i, o: self.outer_forward(i, o, eval_batch),
-                self._theta(), phi, solve, self.hvp_mode, data_parallel, self.args.hvp_chunk_size,
-                hvp_memory_budget=None if budget is None else int(budget * 2**20), return_outer_value=True)
+            try:
+                grads, outer_value = implicit_hypergrad(
+                    lambda i, o: self.inner_forward(i, o, train_batch),
+                    lambda i, o: self.outer_forward(i, o, eval_batch),
+                    self._theta(), phi, solve, self.hvp_mode, data_parallel, self.args.hvp_chunk_size,
+                    hvp_memory_budget=None if budget is None else int(budget * 2**20), return_outer_value=True)
+            except (torch.cuda.OutOfMemoryError, NonFiniteError):
+                raise
+            except Exception as err:
+                if self.args.hvp_mode == "auto" or not self._gradient_runs(phi, train_batch):
+                    raise  # the probe vouched for the mode, or the error is not the products' (data, model)
+                raise ValueError(
+                    f"hvp_mode={self.hvp_mode!r} cannot run on this model ({type(err).__name__}: {err}); its "
+                    "plain gradient runs. Use hvp_mode='auto' (probes the model, falls back to finite "
+                    "differences) or 'finite_diff'.") from err
             self._last_outer_loss = float(outer_value)  # this process's validation loss at the current weights
             return grads
+
+    def _gradient_runs(self, phi: Mapping[str, Tensor], batch: Mapping[str, Any]) -> bool:
+        """Whether a plain first-order gradient of the inner objective on ``batch`` runs (an explicit HVP mode
+        that failed is then to blame)."""
+        try:
+            with torch.enable_grad():
+                theta = {k: v.detach().requires_grad_(True) for k, v in self._theta().items()}
+                torch.autograd.grad(self.inner_forward(theta, phi, batch), list(theta.values()), allow_unused=True)
+        except Exception:  # noqa: BLE001 - any failure means the products are not the (only) problem
+            return False
+        return True
 
     def outer_update(self) -> dict[str, float]:
         """One outer step: hypergradient on fresh batches, outer optimizer step, metrics logged."""
@@ -571,11 +635,11 @@ class BilevelTrainer(Trainer):
         return metrics
 
     def resolve_hvp_mode(self) -> str:
-        """Pick (``hvp_mode="auto"``) or check the Hessian-vector-product mode on a 2-example
-        batch with :func:`hypergrad.products.probe_hvp_mode`: ``auto`` takes the fastest exact
-        mode that agrees with an independent product, else finite differences; an explicit
-        mode takes one product, checked the same way, so a model that cannot run it, or on
-        which it is wrong, fails before training."""
+        """The Hessian-vector-product mode. ``hvp_mode="auto"`` runs :func:`hypergrad.products.probe_hvp_mode`
+        on a 2-example training batch: the fastest exact mode that agrees with an independent product, else
+        finite differences. An explicit mode is taken as given, without any product: a model that cannot run
+        it fails at the first hypergradient, with a message naming the mode. Either way a training batch
+        lacking a column the outer module reads (example ids) fails here, before training, naming it."""
         if self._hvp_mode_checked:
             return self.hvp_mode
         requested = self.args.hvp_mode
@@ -594,10 +658,13 @@ class BilevelTrainer(Trainer):
             phi = {k: v.detach() for k, v in self._outer_param_tree().items()}
             with torch.no_grad():  # a missing column is a data error, not an HVP-mode one: check it first
                 self._check_batch_columns(batch, weighted=True)
-            with self._second_order_context():
-                mode = probe_hvp_mode(lambda t: self.inner_forward(t, phi, batch), self._theta(), requested,
-                                      self._low_precision, generator, self.args.hvp_max_memory_ratio,
-                                      exact_only=exact_only)
+            if requested in ("rev_rev", "fwd_rev"):
+                mode = requested  # explicit: no probe
+            else:  # "finite_diff" takes no product either, only the check that the objective allows it
+                with self._second_order_context():
+                    mode = probe_hvp_mode(lambda t: self.inner_forward(t, phi, batch), self._theta(), requested,
+                                          self._low_precision, generator, self.args.hvp_max_memory_ratio,
+                                          exact_only=exact_only)
         self.hvp_mode, self._hvp_mode_checked = mode, True
         logger.info("Hessian-vector products: hvp_mode=%s (requested %s).", mode, requested)
         return mode

@@ -18,9 +18,11 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers import default_data_collator
 
-from hf_integration import (BilevelTrainer, DataWeights, LoraRegularization, LossWeights,
-                            dataset_fingerprint_metadata)
+from hf_integration import (BilevelTrainer, CombinedWeights, DataWeights, LoraRegularization, LossWeights,
+                            SourceWeights, dataset_fingerprint_metadata)
+from hf_integration.trainer import outer_batch_columns
 from hypergrad import approx_hypergrad
 from hypergrad.utils import tree_flatten_vector, tree_unflatten_vector
 
@@ -350,15 +352,49 @@ def _model_without_torch_func_support():
     return model
 
 
-def test_hvp_mode_the_model_cannot_run_is_refused_before_training(tmp_path):
+def test_explicit_hvp_mode_is_not_probed_and_one_the_model_cannot_run_fails_at_the_first_hypergradient(tmp_path):
+    """fwd_rev has no forward-mode rule to run here. (rev_rev runs, silently dropping the op's second-order
+    part: only hvp_mode='auto', which checks each mode against an independent product, would notice.)"""
+    mode = "fwd_rev"
     train, val = datasets_with_ids(32, 16)
     weights = DataWeights(len(train))
-    trainer = BilevelTrainer(model=_model_without_torch_func_support(), args=bilevel_args(tmp_path, hvp_mode="fwd_rev"),
+    trainer = BilevelTrainer(model=_model_without_torch_func_support(),
+                             args=bilevel_args(tmp_path, hvp_mode=mode, max_steps=4, unroll_steps=2),
                              train_dataset=train, eval_dataset=val, outer_module=weights)
-    with pytest.raises(ValueError, match="hvp_mode='fwd_rev' cannot run"):
-        trainer.train()
-    assert trainer.state.global_step == 0
+    with mock.patch("hf_integration.trainer.probe_hvp_mode", side_effect=AssertionError("probed")):
+        assert trainer.resolve_hvp_mode() == mode
+        with pytest.raises(ValueError, match=rf"hvp_mode='{mode}' cannot run on this model \(.*\); its plain gradient"):
+            trainer.train()
+    assert trainer.state.global_step == 3 and trainer.outer_step == 0  # the first outer step (after step 3) failed
     assert torch.equal(weights.logits, torch.zeros(len(train)))
+
+
+def test_explicit_hvp_mode_reports_a_missing_id_column_before_training(tmp_path):
+    train, val = datasets_with_ids(32, 16)
+    weights = DataWeights(len(train))
+    trainer = BilevelTrainer(model=tiny_classifier(), args=bilevel_args(tmp_path, hvp_mode="rev_rev"),
+                             train_dataset=train, eval_dataset=val, outer_module=weights,
+                             data_collator=lambda rows: {k: v for k, v in default_data_collator(rows).items()
+                                                         if k != "example_id"})  # keeps only model inputs
+    with pytest.raises(ValueError, match=r"no 'example_id' column.*data collator dropped it") as error:
+        trainer.train()
+    assert "hvp_mode" not in str(error.value) and trainer.state.global_step == 0
+
+
+def test_outer_batch_columns_of_a_module_and_its_parts():
+    class Source(nn.Module):
+        source_column = "source"
+
+    class Combined(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.parts = nn.ModuleList([DataWeights(3), Source(), DataWeights(3)])
+
+    assert outer_batch_columns(Combined()) == ["example_id", "source"]
+    assert outer_batch_columns(CombinedWeights([DataWeights(3), SourceWeights(["a", "b"])])) == ["example_id",
+                                                                                                "source_id"]
+    assert outer_batch_columns(DataWeights(3, id_column="row")) == ["row"]
+    assert outer_batch_columns(LossWeights()) == [] and outer_batch_columns(None) == []
 
 
 def test_auto_hvp_mode_falls_back_to_finite_differences(tmp_path):
