@@ -27,7 +27,7 @@ from .serialization import (
 from .model_card import outer_params_card_section
 from .optimizer_state import load_optimizer_state, save_optimizer_state
 from .outer_modules import DataWeights, LoraRegularization, LossWeights, OuterModule, find_lora_modules, parse_layer_index
-from .outer_modules import CombinedWeights, SourceWeights
+from .outer_modules import CombinedWeights, ExampleWeighting, SourceWeights
 from .arguments import BilevelTrainingArguments
 from .checkpoints import CheckpointError
 from .hub import HubError
@@ -50,6 +50,7 @@ __all__ = [
     "parse_layer_index",
     "SourceWeights",
     "CombinedWeights",
+    "ExampleWeighting",
     # data
     "add_example_ids",
     "num_example_ids",

@@ -322,6 +322,24 @@ def _normalized_weighted_mean(weights: Tensor, per_example_loss: Tensor) -> Tens
     return (weights * loss).sum() / weights.sum()
 
 
+class ExampleWeighting(OuterModule):
+    """An outer module that weights the training examples: subclasses give each example of a batch a weight
+    ``w_i > 0`` (:meth:`example_weights`, differentiable in the outer parameters) and the inner objective is the
+    normalized weighted mean ``sum_i w_i l_i / sum_i w_i`` of the per-example losses."""
+
+    def example_weights(self, per_example_loss: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
+        """Unnormalized weights of the batch's examples, shape ``(batch_size,)``."""
+        raise NotImplementedError
+
+    def forward(
+        self, per_example_loss: Tensor, batch: Mapping[str, Tensor], inner_params: Mapping[str, Tensor]
+    ) -> Tensor:
+        """``sum_i w_i l_i / sum_i w_i`` with ``w_i`` from :meth:`example_weights`; ``inner_params`` is unused
+        (the weights depend on the example and its loss, not on the model's parameters)."""
+        del inner_params
+        return _normalized_weighted_mean(self.example_weights(per_example_loss, batch), per_example_loss)
+
+
 def _batch_index_column(
     batch: Mapping[str, Tensor],
     column: str,
@@ -369,7 +387,7 @@ def _batch_index_column(
 # ==================================================================================================
 
 
-class DataWeights(OuterModule):
+class DataWeights(ExampleWeighting):
     """One learned weight per training example.
 
     Each example ``i`` has a logit ``s_i`` (the parameter ``logits``, shape ``(num_examples,)``) and weight
@@ -440,15 +458,6 @@ class DataWeights(OuterModule):
         ids = self.batch_ids(batch, per_example_loss.shape[0])
         return torch.sigmoid(self.logits.index_select(0, ids))
 
-    def forward(
-        self, per_example_loss: Tensor, batch: Mapping[str, Tensor], inner_params: Mapping[str, Tensor]
-    ) -> Tensor:
-        """Normalized weighted mean ``sum_i w_i l_i / sum_i w_i`` of the batch's per-example losses.
-
-        ``inner_params`` is unused (the weights depend on the example, not on the model).
-        """
-        del inner_params
-        return _normalized_weighted_mean(self.example_weights(per_example_loss, batch), per_example_loss)
 
     @torch.no_grad()
     def summary_stats(self) -> dict[str, float]:
@@ -499,7 +508,7 @@ class DataWeights(OuterModule):
         )
 
 
-class LossWeights(OuterModule):
+class LossWeights(ExampleWeighting):
     """Data weights as a learned function of each example's current loss (the idea of Meta-Weight-Net, Shu et
     al., NeurIPS 2019, with one parameter).
 
@@ -564,12 +573,6 @@ class LossWeights(OuterModule):
         _check_per_example_loss(per_example_loss)
         return self.weights_for(per_example_loss.to(self.loss_scale_raw.device))
 
-    def forward(
-        self, per_example_loss: Tensor, batch: Mapping[str, Tensor], inner_params: Mapping[str, Tensor]
-    ) -> Tensor:
-        """Normalized weighted mean ``sum_i w_i l_i / sum_i w_i`` with ``w_i`` from :meth:`weights_for`."""
-        del inner_params
-        return _normalized_weighted_mean(self.example_weights(per_example_loss, batch), per_example_loss)
 
     @torch.no_grad()
     def summary_stats(self) -> dict[str, float]:
@@ -874,7 +877,7 @@ def _sq_norm(t: Tensor) -> Tensor:
 _MAX_SOURCES_IN_STATS = 64
 
 
-class SourceWeights(OuterModule):
+class SourceWeights(ExampleWeighting):
     """One learned weight per data source (domain): the setting of DoReMi (Xie et al., NeurIPS 2023) and ScaleBiO
     (Pan et al., 2024), where a training set mixes several sources (tasks, domains, languages, ...).
 
@@ -1022,12 +1025,6 @@ class SourceWeights(OuterModule):
         ids = self.batch_ids(batch, per_example_loss.shape[0])
         return self.weights().index_select(0, ids)
 
-    def forward(
-        self, per_example_loss: Tensor, batch: Mapping[str, Tensor], inner_params: Mapping[str, Tensor]
-    ) -> Tensor:
-        """Normalized weighted mean ``sum_i w_{s(i)} l_i / sum_i w_{s(i)}``; ``inner_params`` is unused."""
-        del inner_params
-        return _normalized_weighted_mean(self.example_weights(per_example_loss, batch), per_example_loss)
 
     @torch.no_grad()
     def summary_stats(self) -> dict[str, float]:
@@ -1092,7 +1089,7 @@ def _names_preview(names: Sequence[str], limit: int = 8) -> str:
     return f"[{shown}{', ...' if len(names) > limit else ''}]"
 
 
-class CombinedWeights(OuterModule):
+class CombinedWeights(ExampleWeighting):
     """Per-example data weights that are the product of several weightings, e.g. per-source weights times
     per-example weights (``CombinedWeights([SourceWeights(names), DataWeights(n)])``) or times loss-based weights
     (``CombinedWeights([SourceWeights(names), LossWeights()])``).
@@ -1126,7 +1123,7 @@ class CombinedWeights(OuterModule):
         if not parts:
             raise ValueError("parts is empty: there are no weights to combine")
         for part in parts:
-            if not isinstance(part, OuterModule) or not callable(getattr(part, "example_weights", None)):
+            if not isinstance(part, ExampleWeighting):
                 raise TypeError(
                     f"{type(part).__name__} cannot be a part of CombinedWeights: it must be an OuterModule that "
                     "weights examples (with an example_weights(per_example_loss, batch) method, like DataWeights, "
@@ -1178,12 +1175,6 @@ class CombinedWeights(OuterModule):
             weights = weights * w
         return weights
 
-    def forward(
-        self, per_example_loss: Tensor, batch: Mapping[str, Tensor], inner_params: Mapping[str, Tensor]
-    ) -> Tensor:
-        """Normalized weighted mean ``sum_i w_i l_i / sum_i w_i`` with ``w_i = prod_k w^(k)_i``."""
-        del inner_params
-        return _normalized_weighted_mean(self.example_weights(per_example_loss, batch), per_example_loss)
 
     def _part_prefixes(self) -> list[str]:
         kinds = [part.kind for part in self.parts]
