@@ -70,7 +70,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling he
 
 from hf_integration.hub import atomic_write, atomic_write_dir  # noqa: E402
 from frozen_features import CachedTrunkClassifier, add_feature_rows  # noqa: E402
-from reweighting_baselines import BASELINES, per_example_losses, train_baseline  # noqa: E402
+from reweighting_baselines import BASELINES, per_example_losses, train_baseline, train_plus_validation  # noqa: E402
 from text_classification import (  # noqa: E402
     InputError,
     DataArguments,
@@ -178,6 +178,16 @@ class ExperimentArguments:
         metadata={"help": "Epochs of uniform training before the loss filter ranks and drops examples (measured on "
                   "the real-text sets of benchmarks/reweighting_outcome.py: 2 beat 0.5 and 1)."},
     )
+    train_on_validation: bool | None = field(
+        default=None,
+        metadata={"help": "Inner problem on training + validation examples (the validation ones weighted by the same "
+                  "learned function of their loss); the outer objective stays the validation loss. The fair rival, "
+                  "uniform training on train + validation, learns from the validation examples too; this lets "
+                  "the bilevel model do the same. Default: on with --weighting loss (one shared parameter, which "
+                  "cannot memorize the validation set; measured in benchmarks/reweighting_outcome.py), off with "
+                  "per_example, where it is refused (free weights of validation examples would fit the set they "
+                  "are scored on)."},
+    )
     cache_frozen_layers: bool = field(
         default=True,
         metadata={"help": "Run the frozen embeddings and layers below the lowest LoRA layer once per example "
@@ -196,6 +206,11 @@ class ExperimentArguments:
             raise InputError(f"--outer_patience_epochs must be >= 0, got {self.outer_patience_epochs}.")
         if not (math.isfinite(self.loss_filter_epochs) and self.loss_filter_epochs > 0):
             raise InputError(f"--loss_filter_epochs must be > 0, got {self.loss_filter_epochs}.")
+        if self.train_on_validation is None:
+            self.train_on_validation = self.weighting == "loss"
+        if self.train_on_validation and self.weighting != "loss":
+            raise InputError("--train_on_validation needs --weighting loss: per-example weights of validation "
+                             "examples would let the outer problem fit the set it is scored on.")
         if self.loss_filter_fraction is not None and not 0.0 <= self.loss_filter_fraction < 1.0:
             raise InputError(f"--loss_filter_fraction must be in [0, 1), got {self.loss_filter_fraction}.")
 
@@ -314,8 +329,9 @@ def _experiment(model_args, data_args, exp_args, training_args, run) -> dict[str
     # ---------------------------------------------------------------- bilevel training
     model = build_model()
     weights = LossWeights() if exp_args.weighting == "loss" else DataWeights(num_example_ids(train_ds))
+    inner_ds = train_plus_validation(train_ds, val_ds) if exp_args.train_on_validation else train_ds
     trainer = BilevelTrainer(
-        model=model, args=training_args, train_dataset=train_ds, eval_dataset=val_ds, outer_module=weights,
+        model=model, args=training_args, train_dataset=inner_ds, eval_dataset=val_ds, outer_module=weights,
         dataset_name=data_args.source, dataset_split=splits.split_names["train"], processing_class=tokenizer,
         compute_metrics=accuracy_metrics,
     )
@@ -380,6 +396,7 @@ def _experiment(model_args, data_args, exp_args, training_args, run) -> dict[str
         **steps,
         "hvp_mode": trainer.hvp_mode,
         "cached_frozen_layers": exp_args.cache_frozen_layers,
+        "train_on_validation": exp_args.train_on_validation,
         "resumed_from": run.resume,
         "wall_time_bilevel_s": bilevel_time,
         "wall_time_baselines_s": {name: b["wall_time_s"] for name, b in baselines.items()},
@@ -421,10 +438,11 @@ def learned_weights(trainer: Any, weights: Any, train_ds: Any) -> np.ndarray:
 
 
 def save_model(trainer: Any, output_dir: str) -> None:
-    """``trainer.save_model``; a model that runs from cached frozen-layer outputs is saved as the model it
-    wraps (the PEFT adapter), not as the wrapper's full state dict."""
+    """``trainer.save_model``; a model that runs from cached frozen-layer outputs (`CachedTrunkClassifier`,
+    `frozen_decoder.CachedTrunkCausalLM`: they have ``cache_features``) is saved as the model it wraps (the PEFT
+    adapter), not as the wrapper's full state dict."""
     model = trainer.model
-    if isinstance(model, CachedTrunkClassifier):
+    if hasattr(model, "cache_features"):
         trainer.model = model.model
         try:
             trainer.save_model(output_dir)  # refuses NaN/inf (BilevelTrainer._save)

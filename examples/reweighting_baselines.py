@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
+from hf_integration.losses import per_example_loss
+
 __all__ = ["BASELINES", "WeightedTrainer", "LossFilterTrainer", "per_example_losses", "train_baseline"]
 
 BASELINES = ("uniform", "uniform_train_val", "loss_filter")
@@ -57,7 +59,9 @@ class WeightedTrainer(Trainer):
         ids = inputs.pop(self.id_column, None)
         labels = inputs.pop("labels")
         outputs = model(**inputs)
-        losses = nn.functional.cross_entropy(outputs["logits"], labels, reduction="none")
+        # cross-entropy of class logits; for token logits aligned with their labels (frozen_decoder's response
+        # window), each example's mean over its labelled tokens
+        losses = per_example_loss(outputs["logits"], labels, causal_lm=False)
         if ids is None or not model.training:
             loss = losses.mean()
         else:
@@ -109,6 +113,14 @@ class _FilterAt(TrainerCallback):
                 model.train(was_training)
 
 
+def train_plus_validation(train_dataset: datasets.Dataset, validation_dataset: datasets.Dataset) -> datasets.Dataset:
+    """The training examples (without their ``example_id``) followed by the validation examples, on the
+    training set's columns and features."""
+    data = train_dataset.remove_columns("example_id")
+    extra = validation_dataset.select_columns([c for c in data.column_names if c in validation_dataset.column_names])
+    return datasets.concatenate_datasets([data, extra.cast(data.features)])
+
+
 def train_baseline(name: str, build_model: Callable[[], nn.Module], training_args: Any,
                    train_dataset: datasets.Dataset, validation_dataset: datasets.Dataset, *,
                    filter_fraction: float, filter_step: int, callbacks: list | None = None,
@@ -125,11 +137,8 @@ def train_baseline(name: str, build_model: Callable[[], nn.Module], training_arg
         trainer: Trainer = LossFilterTrainer(train_dataset=train_dataset, fraction=filter_fraction,
                                              filter_step=filter_step, **common)
     else:
-        data = train_dataset.remove_columns("example_id")
-        if name == "uniform_train_val":
-            extra = validation_dataset.select_columns([c for c in data.column_names
-                                                       if c in validation_dataset.column_names])
-            data = datasets.concatenate_datasets([data, extra.cast(data.features)])
+        data = (train_plus_validation(train_dataset, validation_dataset) if name == "uniform_train_val"
+                else train_dataset.remove_columns("example_id"))
         trainer = Trainer(train_dataset=data, **common)
     tic = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume)

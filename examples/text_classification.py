@@ -47,6 +47,7 @@ from synthetic_sentiment import make_splits
 
 __all__ = [
     "InputError", "ModelArguments", "DataArguments", "TextSplits", "default_model_path", "load_splits",
+    "check_source_arguments", "source_name", "lora_layer_indices",
     "flip_labels", "check_batch_sizes", "tokenize_splits", "build_lora_model", "load_tokenizer", "accuracy_metrics",
     "format_table", "write_json", "evaluate_splits", "RunArguments", "RunContext", "RunError", "start_run",
     "steps_per_epoch", "total_inner_steps", "scheduled_outer_steps", "check_outer_steps", "describe_steps", "resume_point",
@@ -204,30 +205,44 @@ class DataArguments:
     )
 
     def __post_init__(self) -> None:
-        if self.dataset_name is not None and self.train_file is not None:
-            raise InputError("Pass either --dataset_name or --train_file, not both.")
-        if self.train_file is not None and self.validation_file is None:
-            raise InputError("--validation_file is required with --train_file (the outer objective needs "
-                             "held-out data).")
-        if self.train_file is None and (self.validation_file is not None or self.test_file is not None):
-            raise InputError("--validation_file / --test_file need --train_file.")
-        if not 0.0 <= self.noise_rate < 1.0:  # NaN fails too
-            raise InputError(f"--noise_rate must be in [0, 1), got {self.noise_rate}.")
+        check_source_arguments(self)
         if self.noise_type not in NOISE_TYPES:
             raise InputError(f"--noise_type must be one of {NOISE_TYPES}, got {self.noise_type!r}.")
-        for name in ("max_train_samples", "max_eval_samples", "max_seq_length"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise InputError(f"--{name} must be >= 1, got {value}.")
 
     @property
     def source(self) -> str:
         """Human-readable name of the data source (recorded in metrics and metadata)."""
-        if self.dataset_name is not None:
-            return self.dataset_name + (f" ({self.dataset_config_name})" if self.dataset_config_name else "")
-        if self.train_file is not None:
-            return self.train_file
-        return EMBEDDED_NAME
+        return source_name(self, EMBEDDED_NAME)
+
+
+def check_source_arguments(data_args: Any) -> None:
+    """The checks of every data-argument dataclass (duck-typed: ``dataset_name``, ``train_file``,
+    ``validation_file``, ``test_file``, ``noise_rate``, ``max_train_samples``, ``max_eval_samples``,
+    ``max_seq_length``): one source, held-out data with training files, a rate in [0, 1), positive sizes."""
+    if data_args.dataset_name is not None and data_args.train_file is not None:
+        raise InputError("Pass either --dataset_name or --train_file, not both.")
+    if data_args.train_file is not None and data_args.validation_file is None:
+        raise InputError("--validation_file is required with --train_file (the outer objective needs "
+                         "held-out data).")
+    if data_args.train_file is None and (data_args.validation_file is not None or data_args.test_file is not None):
+        raise InputError("--validation_file / --test_file need --train_file.")
+    if not 0.0 <= data_args.noise_rate < 1.0:  # NaN fails too
+        raise InputError(f"--noise_rate must be in [0, 1), got {data_args.noise_rate}.")
+    for name in ("max_train_samples", "max_eval_samples", "max_seq_length"):
+        value = getattr(data_args, name)
+        if value is not None and value < 1:
+            raise InputError(f"--{name} must be >= 1, got {value}.")
+
+
+def source_name(data_args: Any, embedded_name: str) -> str:
+    """Human-readable name of the data source of ``data_args`` (see :func:`check_source_arguments`):
+    the Hub dataset (and its configuration), the training file, or ``embedded_name``."""
+    if data_args.dataset_name is not None:
+        return data_args.dataset_name + (f" ({data_args.dataset_config_name})" if data_args.dataset_config_name
+                                         else "")
+    if data_args.train_file is not None:
+        return data_args.train_file
+    return embedded_name
 
 
 @dataclass
@@ -491,14 +506,7 @@ def build_lora_model(model_args: ModelArguments, label_names: Sequence[str], see
         )
     if tokenizer is not None and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    layers = None
-    if model_args.lora_layers is not None:
-        num_layers = getattr(model.config, "num_hidden_layers", None)
-        if num_layers is None and any(i < 0 for i in model_args.lora_layers):
-            raise InputError("--lora_layers: negative indices need a config with `num_hidden_layers`.")
-        layers = sorted({i % num_layers if i < 0 else i for i in model_args.lora_layers})
-        if num_layers is not None and (max(layers) >= num_layers or min(model_args.lora_layers) < -num_layers):
-            raise InputError(f"--lora_layers {model_args.lora_layers}: the model has {num_layers} layers.")
+    layers = lora_layer_indices(model_args.lora_layers, model.config)
     # TaskType.SEQ_CLS makes PEFT train the head in full (and overrides a LoRA target on it); a task-less
     # PeftModel leaves the head to the LoRA targets.
     task_type = TaskType.SEQ_CLS if model_args.train_head else None
@@ -506,6 +514,20 @@ def build_lora_model(model_args: ModelArguments, label_names: Sequence[str], see
                         lora_dropout=model_args.lora_dropout, target_modules=model_args.lora_target_modules,
                         layers_to_transform=layers)
     return get_peft_model(model, config)
+
+
+def lora_layer_indices(lora_layers: Sequence[int] | None, config: Any) -> list[int] | None:
+    """``--lora_layers`` as sorted non-negative layer indices of a model with ``config`` (negative ones count from
+    the top: ``-1`` is layer ``num_hidden_layers - 1``); ``None`` (all layers) stays ``None``."""
+    if lora_layers is None:
+        return None
+    num_layers = getattr(config, "num_hidden_layers", None)
+    if num_layers is None and any(i < 0 for i in lora_layers):
+        raise InputError("--lora_layers: negative indices need a config with `num_hidden_layers`.")
+    layers = sorted({i % num_layers if i < 0 else i for i in lora_layers})
+    if num_layers is not None and (max(layers) >= num_layers or min(lora_layers) < -num_layers):
+        raise InputError(f"--lora_layers {list(lora_layers)}: the model has {num_layers} layers.")
+    return layers
 
 
 def load_tokenizer(model_args: ModelArguments) -> Any:

@@ -32,6 +32,7 @@ from .arguments import BilevelTrainingArguments
 from .checkpoints import CheckpointError
 from .hub import HubError
 from .trainer import BilevelTrainer, NonFiniteGuard
+from .weights_dataset import push_weights_dataset, render_weights_card, save_weights_dataset, weight_summary  # noqa: F401
 
 __all__ = [
     # trainer

@@ -66,9 +66,10 @@ def ensure_hub_timeout(seconds: float | None = None) -> None:
 
 
 def check_hub_repo(repo_id: str, *, token: str | bool | None = None, private: bool | None = None,
-                   endpoint: str | None = None) -> str:
+                   endpoint: str | None = None, repo_type: str | None = None) -> str:
     """Check credentials and reachability before a long job: create ``repo_id`` if needed (``exist_ok``, as
     ``Trainer`` does at start with ``push_to_hub``), with timeouts. Returns the resolved repo id.
+    ``repo_type``: ``None``/``"model"`` (outer parameters), ``"dataset"`` (e.g. a weighted training set).
 
     Raises:
         HubError: no token, the Hub unreachable or slow, no permission; one line, in seconds.
@@ -79,9 +80,12 @@ def check_hub_repo(repo_id: str, *, token: str | bool | None = None, private: bo
                        "HF_TOKEN, or pass a token (--hub_token)")
     api = HfApi(token=token, endpoint=endpoint)
     try:
-        url = api.create_repo(repo_id, token=token, private=private, exist_ok=True)
+        kwargs = {} if repo_type in (None, "model") else {"repo_type": repo_type}
+        url = api.create_repo(repo_id, token=token, private=private, exist_ok=True, **kwargs)
     except Exception as err:
-        raise HubError(f"cannot create or reach the Hub repo {repo_id!r} at {api.endpoint}: {error_line(err)}") from err
+        what = "" if repo_type in (None, "model") else f"{repo_type} "
+        raise HubError(f"cannot create or reach the Hub {what}repo {repo_id!r} at {api.endpoint}: "
+                       f"{error_line(err)}") from err
     resolved = getattr(url, "repo_id", None)
     return resolved if isinstance(resolved, str) and resolved else repo_id
 

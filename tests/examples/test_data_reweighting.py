@@ -44,6 +44,7 @@ def test_end_to_end_outputs(tiny_model_dir, tmp_path, capsys):
     loss_filter = metrics["baselines"]["loss_filter"]
     assert 0.0 <= loss_filter["auc_high_loss_vs_corrupted"] <= 1.0 and loss_filter["fraction_dropped"] == 0.3
     assert metrics["cached_frozen_layers"] is True
+    assert metrics["train_on_validation"] is True  # the default with --weighting loss
     assert results["num_train"] == metrics["num_train"]
 
     weights = LossWeights.from_pretrained(str(out))  # the default --weighting loss
@@ -75,6 +76,7 @@ def test_per_example_weighting(tiny_model_dir, tmp_path):
                                                   "--weighting", "per_example"))
     weights = DataWeights.from_pretrained(str(tmp_path), expected={"num_rows": 40, "id_column": "example_id"})
     assert weights.num_examples == 40 and results["outer_steps"] == 2
+    assert results["train_on_validation"] is False  # free per-example weights never train on validation
     table = datasets.load_from_disk(str(tmp_path / "train_with_weights"))
     expected = weights.weights().detach().numpy()[np.asarray(table["example_id"])]
     np.testing.assert_allclose(table["weight"], expected, rtol=1e-6)
@@ -179,6 +181,12 @@ def test_single_class_training_split(tmp_path, no_training):
     args = _files(tmp_path, TRAIN_ROWS[:10], TRAIN_ROWS[:4])
     with pytest.raises(InputError, match=r"--label_column 'label': the training split has only"):
         data_reweighting.main(["--output_dir", str(tmp_path / "out"), *args])
+
+
+def test_train_on_validation_needs_loss_weighting(tmp_path, no_training):
+    with pytest.raises(InputError, match=r"--train_on_validation needs --weighting loss"):
+        data_reweighting.main(["--output_dir", str(tmp_path / "out"), "--weighting", "per_example",
+                               "--train_on_validation", "True"])
 
 
 def test_push_needs_hub_model_id(tmp_path, no_training):
