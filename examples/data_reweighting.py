@@ -72,6 +72,7 @@ from hf_integration.hub import atomic_write, atomic_write_dir  # noqa: E402
 from frozen_features import CachedTrunkClassifier, add_feature_rows  # noqa: E402
 from reweighting_baselines import BASELINES, per_example_losses, train_baseline, train_plus_validation  # noqa: E402
 from text_classification import (  # noqa: E402
+    check_experiment_arguments,
     InputError,
     DataArguments,
     ModelArguments,
@@ -196,14 +197,7 @@ class ExperimentArguments:
     )
 
     def __post_init__(self) -> None:
-        if self.weighting not in WEIGHTINGS:
-            raise InputError(f"--weighting must be one of {WEIGHTINGS}, got {self.weighting!r}.")
-        unknown = [b for b in self.baselines if b not in BASELINES]
-        if unknown:
-            raise InputError(f"--baselines: unknown {unknown}; choose from {list(BASELINES)}.")
-        if self.outer_patience_epochs is not None and not (math.isfinite(self.outer_patience_epochs)
-                                                           and self.outer_patience_epochs >= 0):
-            raise InputError(f"--outer_patience_epochs must be >= 0, got {self.outer_patience_epochs}.")
+        check_experiment_arguments(self, WEIGHTINGS, BASELINES)
         if not (math.isfinite(self.loss_filter_epochs) and self.loss_filter_epochs > 0):
             raise InputError(f"--loss_filter_epochs must be > 0, got {self.loss_filter_epochs}.")
         if self.train_on_validation is None:
@@ -211,8 +205,6 @@ class ExperimentArguments:
         if self.train_on_validation and self.weighting != "loss":
             raise InputError("--train_on_validation needs --weighting loss: per-example weights of validation "
                              "examples would let the outer problem fit the set it is scored on.")
-        if self.loss_filter_fraction is not None and not 0.0 <= self.loss_filter_fraction < 1.0:
-            raise InputError(f"--loss_filter_fraction must be in [0, 1), got {self.loss_filter_fraction}.")
 
 
 def parse_args(args: list[str] | None = None):

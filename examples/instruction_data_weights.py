@@ -96,6 +96,7 @@ from instruction_data import CORRUPTIONS, FEATURES, corrupt_responses, make_inst
 from reweighting_baselines import WeightedTrainer, train_baseline  # noqa: E402
 from smollm2 import HUB_ID as SMOLLM2_HUB_ID, load_smollm2  # noqa: E402
 from text_classification import (  # noqa: E402
+    check_experiment_arguments,
     InputError,
     ModelArguments,
     RunArguments,
@@ -323,16 +324,7 @@ class ExperimentArguments:
         default=None, metadata={"help": "Hub dataset repo of --push_weights_to_hub, 'user/name'."})
 
     def __post_init__(self) -> None:
-        if self.weighting not in WEIGHTINGS:
-            raise InputError(f"--weighting must be one of {WEIGHTINGS}, got {self.weighting!r}.")
-        unknown = [b for b in self.baselines if b not in BASELINES]
-        if unknown:
-            raise InputError(f"--baselines: unknown {unknown}; choose from {list(BASELINES)}.")
-        if self.outer_patience_epochs is not None and not (math.isfinite(self.outer_patience_epochs)
-                                                           and self.outer_patience_epochs >= 0):
-            raise InputError(f"--outer_patience_epochs must be >= 0, got {self.outer_patience_epochs}.")
-        if self.loss_filter_fraction is not None and not 0.0 <= self.loss_filter_fraction < 1.0:
-            raise InputError(f"--loss_filter_fraction must be in [0, 1), got {self.loss_filter_fraction}.")
+        check_experiment_arguments(self, WEIGHTINGS, BASELINES)
         if self.export_top_fraction is not None and not 0.0 < self.export_top_fraction <= 1.0:
             raise InputError(f"--export_top_fraction must be in (0, 1], got {self.export_top_fraction}.")
         if not (math.isfinite(self.init_loss_scale) and self.init_loss_scale > 0):

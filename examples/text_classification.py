@@ -66,6 +66,21 @@ class InputError(ValueError):
     training; the message names the argument to fix."""
 
 
+def check_experiment_arguments(args, weightings, baselines) -> None:
+    """The checks every weighting script's experiment arguments share: ``--weighting`` among ``weightings``,
+    ``--baselines`` among ``baselines``, ``--outer_patience_epochs >= 0``, ``--loss_filter_fraction`` in [0, 1)."""
+    if args.weighting not in weightings:
+        raise InputError(f"--weighting must be one of {weightings}, got {args.weighting!r}.")
+    unknown = [b for b in args.baselines if b not in baselines]
+    if unknown:
+        raise InputError(f"--baselines: unknown {unknown}; choose from {list(baselines)}.")
+    if args.outer_patience_epochs is not None and not (math.isfinite(args.outer_patience_epochs)
+                                                       and args.outer_patience_epochs >= 0):
+        raise InputError(f"--outer_patience_epochs must be >= 0, got {args.outer_patience_epochs}.")
+    if args.loss_filter_fraction is not None and not 0.0 <= args.loss_filter_fraction < 1.0:
+        raise InputError(f"--loss_filter_fraction must be in [0, 1), got {args.loss_filter_fraction}.")
+
+
 class RunError(RuntimeError):
     """The run could not train (e.g. no outer step could be applied); nothing was written."""
 
