@@ -108,6 +108,7 @@ from text_classification import (  # noqa: E402
     check_outer_steps,
     check_source_arguments,
     describe_steps,
+    embedded_split_sizes,
     format_table,
     lora_layer_indices,
     load_tokenizer,
@@ -411,11 +412,7 @@ def load_instruction_splits(data_args: InstructionDataArguments) -> InstructionS
     """Load, check and normalize the train / validation (/ test) splits (:class:`InputError` on bad input,
     naming the argument); corrupt ``--noise_rate`` of the training responses."""
     if data_args.dataset_name is None and data_args.train_file is None:
-        sizes = dict(EMBEDDED_SIZES)
-        if data_args.max_train_samples is not None:
-            sizes["train"] = data_args.max_train_samples
-        if data_args.max_eval_samples is not None:
-            sizes["validation"] = sizes["test"] = data_args.max_eval_samples
+        sizes = embedded_split_sizes(EMBEDDED_SIZES, data_args)
         generated = make_instruction_splits(sizes["train"], sizes["validation"], sizes["test"],
                                             noise_rate=0.0, seed=data_args.dataset_seed)
         raw = {role: (generated[role], f"embedded {role} split") for role in ("train", "validation", "test")}

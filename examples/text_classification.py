@@ -66,6 +66,17 @@ class InputError(ValueError):
     training; the message names the argument to fix."""
 
 
+def embedded_split_sizes(defaults: dict[str, int], data_args) -> dict[str, int]:
+    """Sizes of a generated data set's train / validation / test splits: ``defaults``, with
+    ``--max_train_samples`` replacing the training size and ``--max_eval_samples`` the other two."""
+    sizes = dict(defaults)
+    if data_args.max_train_samples is not None:
+        sizes["train"] = data_args.max_train_samples
+    if data_args.max_eval_samples is not None:
+        sizes["validation"] = sizes["test"] = data_args.max_eval_samples
+    return sizes
+
+
 def check_experiment_arguments(args, weightings, baselines) -> None:
     """The checks every weighting script's experiment arguments share: ``--weighting`` among ``weightings``,
     ``--baselines`` among ``baselines``, ``--outer_patience_epochs >= 0``, ``--loss_filter_fraction`` in [0, 1)."""
@@ -336,11 +347,7 @@ def load_splits(data_args: DataArguments) -> TextSplits:
     have one when ``--test_split`` / ``--test_file`` is given.
     """
     if data_args.dataset_name is None and data_args.train_file is None:
-        sizes = dict(EMBEDDED_SIZES)
-        if data_args.max_train_samples is not None:
-            sizes["train"] = data_args.max_train_samples
-        if data_args.max_eval_samples is not None:
-            sizes["validation"] = sizes["test"] = data_args.max_eval_samples
+        sizes = embedded_split_sizes(EMBEDDED_SIZES, data_args)
         generated = make_splits(sizes["train"], sizes["validation"], sizes["test"], seed=data_args.dataset_seed)
         raw = {role: (generated[role], f"embedded {role} split") for role in ("train", "validation", "test")}
         if data_args.text_column != "text" or data_args.label_column != "label":
