@@ -108,6 +108,8 @@ BASELINE_DESCRIPTIONS = {
                    "training set (under the model of that step) is dropped",
 }
 WEIGHTINGS = ("loss", "per_example")
+# with --train_on_validation, flags the validation rows of the inner problem (LossWeights gives them weight 1/2)
+TRUSTED_COLUMN = "trusted"
 # std/mean of the learned weights below which they are reported as carrying no signal
 NO_SIGNAL_SPREAD = 0.05
 
@@ -181,8 +183,10 @@ class ExperimentArguments:
     )
     train_on_validation: bool | None = field(
         default=None,
-        metadata={"help": "Inner problem on training + validation examples (the validation ones weighted by the same "
-                  "learned function of their loss); the outer objective stays the validation loss. The fair rival, "
+        metadata={"help": "Inner problem on training + validation examples; the outer objective stays the validation "
+                  "loss. The validation rows are flagged trusted and get the largest weight, that of a zero loss "
+                  "(LossWeights' trusted_column), so the learned function only decides how much the training "
+                  "examples count next to them. The fair rival, "
                   "uniform training on train + validation, learns from the validation examples too; this lets "
                   "the bilevel model do the same. Default: on with --weighting loss (one shared parameter, which "
                   "cannot memorize the validation set; measured in benchmarks/reweighting_outcome.py), off with "
@@ -320,8 +324,10 @@ def _experiment(model_args, data_args, exp_args, training_args, run) -> dict[str
 
     # ---------------------------------------------------------------- bilevel training
     model = build_model()
-    weights = LossWeights() if exp_args.weighting == "loss" else DataWeights(num_example_ids(train_ds))
-    inner_ds = train_plus_validation(train_ds, val_ds) if exp_args.train_on_validation else train_ds
+    trusted = TRUSTED_COLUMN if exp_args.train_on_validation else None
+    weights = (LossWeights(trusted_column=trusted) if exp_args.weighting == "loss"
+               else DataWeights(num_example_ids(train_ds)))
+    inner_ds = train_plus_validation(train_ds, val_ds, trusted) if exp_args.train_on_validation else train_ds
     trainer = BilevelTrainer(
         model=model, args=training_args, train_dataset=inner_ds, eval_dataset=val_ds, outer_module=weights,
         dataset_name=data_args.source, dataset_split=splits.split_names["train"], processing_class=tokenizer,

@@ -113,12 +113,17 @@ class _FilterAt(TrainerCallback):
                 model.train(was_training)
 
 
-def train_plus_validation(train_dataset: datasets.Dataset, validation_dataset: datasets.Dataset) -> datasets.Dataset:
+def train_plus_validation(train_dataset: datasets.Dataset, validation_dataset: datasets.Dataset,
+                          trusted_column: str | None = None) -> datasets.Dataset:
     """The training examples (without their ``example_id``) followed by the validation examples, on the
-    training set's columns and features."""
+    training set's columns and features; with ``trusted_column``, that column flags the validation rows (1) and
+    the training rows (0) (`hf_integration.LossWeights`' ``trusted_column``)."""
     data = train_dataset.remove_columns("example_id")
     extra = validation_dataset.select_columns([c for c in data.column_names if c in validation_dataset.column_names])
-    return datasets.concatenate_datasets([data, extra.cast(data.features)])
+    joined = datasets.concatenate_datasets([data, extra.cast(data.features)])
+    if trusted_column is None:
+        return joined
+    return joined.add_column(trusted_column, [0] * len(data) + [1] * len(extra))
 
 
 def train_baseline(name: str, build_model: Callable[[], nn.Module], training_args: Any,

@@ -530,6 +530,14 @@ class LossWeights(ExampleWeighting):
     negative, up-weighting the noisy examples, in 5 of 27 runs of ``benchmarks/reweighting_outcome.py``; the
     worst a positive one can do is stay near uniform).
 
+    Trusted rows (``trusted_column``): when the inner problem also trains on the clean validation examples (the
+    data-weighting script's ``--train_on_validation``), a true value in that batch column marks them, and they
+    get the weight of a zero-loss example, ``sigmoid(0) = 1/2``, the largest there is, whatever their loss. The
+    learned function then only decides how much the *training* examples count next to data known to be clean;
+    weighting the validation examples by their loss too let the outer problem prefer keeping its own hard
+    examples, and ``loss_scale`` drifted back to uniform (measured in ``benchmarks/reweighting_outcome.py``:
+    scipy_docs with 30% pairwise noise, AUC 0.86 -> 0.94 at seed 0).
+
     As in Meta-Weight-Net, the weights are inputs to the inner step, not functions it differentiates: the
     inner gradient is ``sum_i w_i grad l_i / sum_i w_i`` and the Hessian of the hypergradient is that of the
     weighted loss with the weights held at their current values (``stops_gradients``). Exact HVP modes compute
@@ -538,22 +546,27 @@ class LossWeights(ExampleWeighting):
     (Differentiating through the weights instead makes the loss a redescending robust loss; measured on the
     real-text sets it learned worse weights and, on one set, the opposite sign.)
 
-    No example ids are needed (``id_column`` is ``None``), so any collator works.
+    No example ids are needed (``id_column`` is ``None``), so any collator works (one that keeps
+    ``trusted_column`` when it is set).
 
     Args:
         init_loss_scale: Initial ``loss_scale`` (> 0; the default 0.1 is nearly uniform).
+        trusted_column: Optional batch column of 0/1 flags; rows flagged 1 get the weight 1/2 (see above).
     """
 
     kind: ClassVar[str] = "loss_weights"
     stops_gradients: ClassVar[bool] = True
     id_column = None
 
-    def __init__(self, init_loss_scale: float = 0.1) -> None:
+    def __init__(self, init_loss_scale: float = 0.1, trusted_column: str | None = None) -> None:
         super().__init__()
         if (isinstance(init_loss_scale, bool) or not isinstance(init_loss_scale, (int, float))
                 or not math.isfinite(init_loss_scale) or init_loss_scale <= 0):
             raise ValueError(f"init_loss_scale must be a finite number > 0, got {init_loss_scale!r}")
+        if trusted_column is not None and (not isinstance(trusted_column, str) or not trusted_column):
+            raise ValueError(f"trusted_column must be a column name or None, got {trusted_column!r}")
         self.init_loss_scale = float(init_loss_scale)
+        self.trusted_column = trusted_column
         # softplus^-1(s) = log(expm1(s))
         self.loss_scale_raw = nn.Parameter(torch.tensor(math.log(math.expm1(self.init_loss_scale))))
 
@@ -568,10 +581,17 @@ class LossWeights(ExampleWeighting):
 
     def example_weights(self, per_example_loss: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
         """Unnormalized weights ``w_i = sigmoid(-loss_scale * stop_grad(l_i))`` of the batch's examples, shape
-        ``(batch_size,)`` (:meth:`weights_for`); ``batch`` is unused."""
-        del batch
+        ``(batch_size,)`` (:meth:`weights_for`); the rows that ``batch[trusted_column]`` flags get ``1/2``."""
         _check_per_example_loss(per_example_loss)
-        return self.weights_for(per_example_loss.to(self.loss_scale_raw.device))
+        losses = per_example_loss.to(self.loss_scale_raw.device)
+        if self.trusted_column is not None:
+            flags = _batch_index_column(
+                batch, self.trusted_column, size=2, batch_size=losses.shape[0], check_range=True, what="0/1 flag",
+                missing_message=lambda: (f"batch has no {self.trusted_column!r} column (LossWeights' trusted_column): "
+                                         "keep it through the data collator, or build LossWeights without it"),
+                range_message=lambda bad: f"batch[{self.trusted_column!r}] holds {bad}; trusted flags are 0 or 1")
+            losses = torch.where(flags.to(losses.device).bool(), torch.zeros_like(losses), losses)
+        return self.weights_for(losses)
 
 
     @torch.no_grad()
@@ -580,11 +600,11 @@ class LossWeights(ExampleWeighting):
         return {"loss_scale": float(self.loss_scale)}
 
     def config_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "init_loss_scale": self.init_loss_scale}
+        return {"kind": self.kind, "init_loss_scale": self.init_loss_scale, "trusted_column": self.trusted_column}
 
     @classmethod
     def _from_config(cls, config: Mapping[str, Any]) -> LossWeights:
-        return cls(init_loss_scale=config.get("init_loss_scale", 0.1))
+        return cls(init_loss_scale=config.get("init_loss_scale", 0.1), trusted_column=config.get("trusted_column"))
 
     def card_text(self) -> CardText:
         return CardText(

@@ -77,14 +77,15 @@ class _OuterStepCallback(TrainerCallback):
 
 
 def outer_batch_columns(module: nn.Module | None) -> list[str]:
-    """The batch columns an outer module reads besides the model's inputs: its ``id_column``, ``id_columns``
-    and ``source_column`` attributes and those of its ``parts`` (a combined module), in order, without repeats."""
+    """The batch columns an outer module reads besides the model's inputs: its ``id_column``, ``id_columns``,
+    ``source_column`` and ``trusted_column`` attributes and those of its ``parts`` (a combined module), in order,
+    without repeats."""
     found: list[str] = []
 
     def visit(part) -> None:
         columns = getattr(part, "id_columns", None)
         columns = [columns] if isinstance(columns, str) else list(columns or ())
-        columns += [getattr(part, "id_column", None), getattr(part, "source_column", None)]
+        columns += [getattr(part, name, None) for name in ("id_column", "source_column", "trusted_column")]
         for column in columns:
             if isinstance(column, str) and column and column not in found:
                 found.append(column)

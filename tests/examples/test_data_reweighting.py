@@ -49,6 +49,7 @@ def test_end_to_end_outputs(tiny_model_dir, tmp_path, capsys):
 
     weights = LossWeights.from_pretrained(str(out))  # the default --weighting loss
     assert weights.metadata["outer_steps"] == "2"
+    assert weights.trusted_column == "trusted"  # the validation rows of the inner problem keep weight 1/2
     assert (out / "adapter_model.safetensors").is_file()
 
     table = datasets.load_from_disk(str(out / "train_with_weights"))

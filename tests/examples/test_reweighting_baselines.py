@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers import TrainingArguments
 
-from reweighting_baselines import BASELINES, LossFilterTrainer, WeightedTrainer, train_baseline
+from reweighting_baselines import BASELINES, LossFilterTrainer, WeightedTrainer, train_baseline, train_plus_validation
 
 
 class Linear(nn.Module):
@@ -81,3 +81,12 @@ def test_train_baseline_runs_each_rival_in_its_own_folder(name, tmp_path):
     assert len(trainer.train_dataset) == expected
     with pytest.raises(ValueError, match="unknown baseline"):
         train_baseline("nope", Linear, _args(tmp_path, 1), data, validation, filter_fraction=0.2, filter_step=1)
+
+
+def test_train_plus_validation_flags_the_validation_rows():
+    train, val = _data(6), _data(4).remove_columns("example_id")
+    joined = train_plus_validation(train, val)
+    assert len(joined) == 10 and "example_id" not in joined.column_names
+    flagged = train_plus_validation(train, val, trusted_column="trusted")
+    assert list(flagged["trusted"]) == [0] * 6 + [1] * 4
+    assert list(flagged["labels"]) == list(train["labels"]) + list(val["labels"])

@@ -301,8 +301,29 @@ def test_loss_weights_errors_stats_and_config():
         LossWeights()(torch.zeros(2, 3), {}, {})
     weights = LossWeights(init_loss_scale=0.5)
     assert weights.summary_stats()["loss_scale"] == pytest.approx(0.5)
-    assert weights.config_dict() == {"kind": "loss_weights", "init_loss_scale": 0.5}
+    assert weights.config_dict() == {"kind": "loss_weights", "init_loss_scale": 0.5, "trusted_column": None}
     assert weights.id_column is None and weights.stops_gradients  # no ids needed; exact HVP modes only
+
+
+def test_loss_weights_give_trusted_rows_the_weight_of_a_zero_loss():
+    weights = LossWeights(init_loss_scale=1.5, trusted_column="trusted").double()
+    losses = torch.tensor([0.2, 3.0, 2.5, 0.9], dtype=torch.float64)
+    batch = {"trusted": torch.tensor([0, 1, 0, 1])}
+    w = torch.sigmoid(-1.5 * losses)
+    w[1] = w[3] = 0.5  # sigmoid(-s * 0), the largest weight, whatever the row's loss
+    torch.testing.assert_close(weights.example_weights(losses, batch), w)
+    torch.testing.assert_close(weights(losses, batch, {}), (w * losses).sum() / w.sum())
+    # the trusted rows' weights do not move with loss_scale: the outer gradient comes from the others only
+    (g_raw,) = torch.autograd.grad(weights.example_weights(losses, batch).sum(), weights.loss_scale_raw)
+    s_prime = torch.sigmoid(weights.loss_scale_raw.detach())
+    expected = sum(-w[i] * (1 - w[i]) * losses[i] for i in (0, 2)) * s_prime
+    torch.testing.assert_close(g_raw, expected)
+    with pytest.raises(KeyError, match="batch has no 'trusted' column .*trusted_column"):
+        weights(losses, {}, {})
+    with pytest.raises(IndexError, match="holds 2; trusted flags are 0 or 1"):
+        weights(losses, {"trusted": torch.tensor([0, 2, 0, 1])}, {})
+    with pytest.raises(ValueError, match="trusted_column must be a column name or None"):
+        LossWeights(trusted_column="")
 
 
 def test_loss_weights_save_and_load(tmp_path):
@@ -312,6 +333,8 @@ def test_loss_weights_save_and_load(tmp_path):
     weights.save_pretrained(str(tmp_path), metadata={"method": "identity"})
     loaded = OuterModule.from_pretrained(str(tmp_path))
     assert isinstance(loaded, LossWeights) and loaded.metadata["method"] == "identity"
-    assert float(loaded.loss_scale.detach()) == pytest.approx(2.5)
+    assert float(loaded.loss_scale.detach()) == pytest.approx(2.5) and loaded.trusted_column is None
+    LossWeights(trusted_column="is_validation").save_pretrained(str(tmp_path / "trusted"))
+    assert OuterModule.from_pretrained(str(tmp_path / "trusted")).trusted_column == "is_validation"
     card = (tmp_path / "README.md").read_text()
     assert "sigmoid(-loss_scale * l_i)" in card and "loss_scale = 2.5000" in card

@@ -395,6 +395,7 @@ def test_outer_batch_columns_of_a_module_and_its_parts():
                                                                                                 "source_id"]
     assert outer_batch_columns(DataWeights(3, id_column="row")) == ["row"]
     assert outer_batch_columns(LossWeights()) == [] and outer_batch_columns(None) == []
+    assert outer_batch_columns(LossWeights(trusted_column="trusted")) == ["trusted"]
 
 
 def test_auto_hvp_mode_falls_back_to_finite_differences(tmp_path):
@@ -456,6 +457,30 @@ def test_loss_weights_hypergradient_equals_core_function(tmp_path):
     assert list(ours) == ["outer_module.loss_scale_raw"]
     torch.testing.assert_close(ours["outer_module.loss_scale_raw"], core["raw"], rtol=1e-5, atol=1e-8)
     assert ours["outer_module.loss_scale_raw"].abs() > 0
+
+
+def test_trusted_rows_keep_their_column_and_weight_in_the_hypergradient(tmp_path):
+    """Validation rows added to the inner problem, flagged in LossWeights' trusted_column: the column survives
+    collation into the hypergradient's batch, and the hypergradient is the core one with those rows' weights
+    fixed at 1/2."""
+    train, val = datasets_with_ids(32, 16)
+    train = train.remove_columns("example_id")
+    flags = [0] * 24 + [1] * 8
+    train = train.add_column("trusted", flags)
+    model = tiny_classifier()
+    weights = LossWeights(init_loss_scale=0.8, trusted_column="trusted")
+    args = bilevel_args(tmp_path, nystrom_rank=6, nystrom_rho=0.05, hvp_mode="rev_rev")
+    trainer = BilevelTrainer(model=model, args=args, train_dataset=train, eval_dataset=val, outer_module=weights)
+    train_batch, eval_batch, _ = trainer._batches(step=3)
+    trusted = train_batch["trusted"].bool()
+    assert trusted.any() and not trusted.all()
+    ours = trainer.compute_hypergradient(train_batch, eval_batch, torch.Generator().manual_seed(7))
+    core = _core_nystrom(model, train_batch, eval_batch, {"raw": weights.loss_scale_raw.detach()},
+                         lambda o, losses: torch.where(trusted, torch.full_like(losses, 0.5),
+                                                       torch.sigmoid(-F.softplus(o["raw"]) * losses.detach())))
+    torch.testing.assert_close(ours["outer_module.loss_scale_raw"], core["raw"], rtol=1e-5, atol=1e-8)
+    trainer.train()  # the default collator keeps the column through inner steps too
+    assert trainer.state.global_step == args.max_steps
 
 
 def test_loss_weights_learn_to_down_weight_corrupted_examples(tmp_path):
