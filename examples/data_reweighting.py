@@ -72,6 +72,8 @@ from hf_integration.hub import atomic_write, atomic_write_dir  # noqa: E402
 from frozen_features import CachedTrunkClassifier, add_feature_rows  # noqa: E402
 from reweighting_baselines import BASELINES, per_example_losses, train_baseline, train_plus_validation  # noqa: E402
 from text_classification import (  # noqa: E402
+    TRAIN_ON_VALIDATION_HELP,
+    TRUSTED_COLUMN,
     check_experiment_arguments,
     InputError,
     DataArguments,
@@ -108,8 +110,6 @@ BASELINE_DESCRIPTIONS = {
                    "training set (under the model of that step) is dropped",
 }
 WEIGHTINGS = ("loss", "per_example")
-# with --train_on_validation, flags the validation rows of the inner problem (LossWeights gives them weight 1/2)
-TRUSTED_COLUMN = "trusted"
 # std/mean of the learned weights below which they are reported as carrying no signal
 NO_SIGNAL_SPREAD = 0.05
 
@@ -136,8 +136,8 @@ DEMO_DEFAULTS: dict[str, Any] = {
     "ihvp_method": "identity",
     "nystrom_rank": 5,
     "nystrom_rho": 0.1,
-    "hypergrad_train_batch_size": 64,
-    "outer_batch_size": 64,
+    "hypergrad_train_batch_size": 32,
+    "outer_batch_size": 32,
 }
 
 
@@ -181,18 +181,7 @@ class ExperimentArguments:
         metadata={"help": "Epochs of uniform training before the loss filter ranks and drops examples (measured on "
                   "the real-text sets of benchmarks/reweighting_outcome.py: 2 beat 0.5 and 1)."},
     )
-    train_on_validation: bool | None = field(
-        default=None,
-        metadata={"help": "Inner problem on training + validation examples; the outer objective stays the validation "
-                  "loss. The validation rows are flagged trusted and get the largest weight, that of a zero loss "
-                  "(LossWeights' trusted_column), so the learned function only decides how much the training "
-                  "examples count next to them. The fair rival, "
-                  "uniform training on train + validation, learns from the validation examples too; this lets "
-                  "the bilevel model do the same. Default: on with --weighting loss (one shared parameter, which "
-                  "cannot memorize the validation set; measured in benchmarks/reweighting_outcome.py), off with "
-                  "per_example, where it is refused (free weights of validation examples would fit the set they "
-                  "are scored on)."},
-    )
+    train_on_validation: bool | None = field(default=None, metadata={"help": TRAIN_ON_VALIDATION_HELP})
     cache_frozen_layers: bool = field(
         default=True,
         metadata={"help": "Run the frozen embeddings and layers below the lowest LoRA layer once per example "
@@ -204,11 +193,6 @@ class ExperimentArguments:
         check_experiment_arguments(self, WEIGHTINGS, BASELINES)
         if not (math.isfinite(self.loss_filter_epochs) and self.loss_filter_epochs > 0):
             raise InputError(f"--loss_filter_epochs must be > 0, got {self.loss_filter_epochs}.")
-        if self.train_on_validation is None:
-            self.train_on_validation = self.weighting == "loss"
-        if self.train_on_validation and self.weighting != "loss":
-            raise InputError("--train_on_validation needs --weighting loss: per-example weights of validation "
-                             "examples would let the outer problem fit the set it is scored on.")
 
 
 def parse_args(args: list[str] | None = None):

@@ -43,10 +43,15 @@ The embeddings and the frozen layers below the first LoRA layer run once per exa
 (``--cache_frozen_layers``, exact; `frozen_decoder.py`), and logits are computed only where a response token is
 predicted.
 
+With ``loss`` weighting the inner problem also trains on the validation examples (``--train_on_validation``, the
+default there): they are flagged trusted and keep the largest weight, that of a zero loss, while the learned
+function weights the training examples; the outer objective stays the validation loss.
+
 Rivals, with the same model initialisation, seed, data order, optimizer, schedule and number of inner steps
 (``--baselines``): ``uniform`` (plain SFT), ``loss_filter`` (rank the training examples by the *initial*
 model's loss -- one forward pass -- drop the highest-loss fraction, the true noise rate by default, and train
-uniformly on the rest) and, optionally, ``uniform_train_val`` (plain SFT on training + validation data).
+uniformly on the rest) and ``uniform_train_val`` (plain SFT on training + validation data, the fair rival of a
+run that learns from the validation set).
 Evaluation: the token-mean loss of validation and test responses (sum of the response tokens' cross-entropies
 / number of response tokens, what SFT tools report) and the exact-match accuracy of greedy answers on the test
 tasks (generated with the chat template; the stripped answer must equal the reference).
@@ -93,9 +98,11 @@ from frozen_decoder import FEATURE_ROW, CachedTrunkCausalLM, ResponseCollator, a
 from hf_integration.hub import HubError, atomic_write_text  # noqa: E402
 from hf_integration.losses import IGNORE_INDEX  # noqa: E402
 from instruction_data import CORRUPTIONS, FEATURES, corrupt_responses, make_instruction_splits  # noqa: E402
-from reweighting_baselines import WeightedTrainer, train_baseline  # noqa: E402
+from reweighting_baselines import WeightedTrainer, train_baseline, train_plus_validation  # noqa: E402
 from smollm2 import HUB_ID as SMOLLM2_HUB_ID, load_smollm2  # noqa: E402
 from text_classification import (  # noqa: E402
+    TRAIN_ON_VALIDATION_HELP,
+    TRUSTED_COLUMN,
     check_experiment_arguments,
     InputError,
     ModelArguments,
@@ -288,7 +295,7 @@ class ExperimentArguments:
         default=True, metadata={"help": "Also train the --baselines (same model initialisation, seed, data order, "
                                         "optimizer, schedule and number of inner steps as the bilevel run)."})
     baselines: list[str] = field(
-        default_factory=lambda: ["uniform", "loss_filter"],
+        default_factory=lambda: list(BASELINES),
         metadata={"help": "Rivals: " + "; ".join(f"'{k}' = {v}" for k, v in BASELINE_DESCRIPTIONS.items()) + ".",
                   "nargs": "+", "choices": BASELINES},
     )
@@ -300,6 +307,7 @@ class ExperimentArguments:
         default=0.5,
         metadata={"help": "No outer step during the first this many epochs (unless --outer_patience_steps > 0): "
                   "the model first learns the tasks' format, then the weights learn which examples disagree."})
+    train_on_validation: bool | None = field(default=None, metadata={"help": TRAIN_ON_VALIDATION_HELP})
     cache_frozen_layers: bool = field(
         default=True,
         metadata={"help": "Run the embeddings and frozen layers below the lowest LoRA layer once per example and "
@@ -632,11 +640,13 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
         return _experiment(model_args, data_args, exp_args, training_args, run)
 
 
-def _outer_module(weighting: str, train_ds: Any, source_names: list[str], init_loss_scale: float = 0.1) -> Any:
-    """The outer module of ``--weighting`` (see `ExperimentArguments.weighting`)."""
+def _outer_module(weighting: str, train_ds: Any, source_names: list[str], init_loss_scale: float = 0.1,
+                  trusted_column: str | None = None) -> Any:
+    """The outer module of ``--weighting`` (see `ExperimentArguments.weighting`); ``trusted_column`` is
+    `LossWeights`' (``--train_on_validation``)."""
     from hf_integration import DataWeights, LossWeights, num_example_ids
 
-    parts = {"loss": lambda: LossWeights(init_loss_scale=init_loss_scale),
+    parts = {"loss": lambda: LossWeights(init_loss_scale=init_loss_scale, trusted_column=trusted_column),
              "per_example": lambda: DataWeights(num_example_ids(train_ds))}
     if weighting in parts:
         return parts[weighting]()
@@ -653,6 +663,8 @@ def learned_weights(module: Any, train_ds: Any, final_losses: np.ndarray) -> np.
     the trained model -- ``sigmoid(-loss_scale * l_i)`` (``LossWeights``), ``sigmoid(s_i)`` (``DataWeights``),
     ``w_s(i)`` (``SourceWeights``), the product of the parts' (``CombinedWeights``)."""
     batch = {c: torch.as_tensor(train_ds[c]) for c in ("example_id", "source_id") if c in train_ds.column_names}
+    if getattr(module, "trusted_column", None):  # no training example is a trusted (validation) row
+        batch[module.trusted_column] = torch.zeros(len(train_ds), dtype=torch.long)
     losses = torch.as_tensor(final_losses, dtype=torch.float32)
     if hasattr(module, "example_weights"):
         return module.example_weights(losses, batch).float().cpu().numpy()
@@ -694,7 +706,7 @@ def _experiment(model_args, data_args, exp_args, training_args, run) -> dict[str
         tokenized = add_feature_rows(tokenized)
     train_ds, val_ds = tokenized["train"], tokenized["validation"]
     eval_sets = {role: tokenized[role] for role in ("validation", "test") if role in tokenized}
-    collator = ResponseCollator(tokenizer.pad_token_id)
+    collator = ResponseCollator(tokenizer.pad_token_id, keep=(*ResponseCollator.keep, TRUSTED_COLUMN))
     corrupted = np.asarray(train_raw["corrupted"], dtype=bool)
     known = bool(corrupted.any()) and not corrupted.all()
     logger.info("Data: %s; %d training examples (%d corrupted: %s), %d validation, %s test; sources %s",
@@ -734,9 +746,11 @@ def _experiment(model_args, data_args, exp_args, training_args, run) -> dict[str
     tic = time.perf_counter()
     initial_losses, _, _ = response_losses(model, train_ds, collator, training_args.per_device_eval_batch_size)
     ranking_time = time.perf_counter() - tic  # the loss filter's one forward pass, with the initial model
-    weights = _outer_module(exp_args.weighting, train_ds, source_names, exp_args.init_loss_scale)
+    trusted = TRUSTED_COLUMN if exp_args.train_on_validation else None
+    weights = _outer_module(exp_args.weighting, train_ds, source_names, exp_args.init_loss_scale, trusted)
+    inner_ds = train_plus_validation(train_ds, val_ds, trusted) if exp_args.train_on_validation else train_ds
     trainer = BilevelTrainer(
-        model=model, args=training_args, train_dataset=train_ds, eval_dataset=val_ds, outer_module=weights,
+        model=model, args=training_args, train_dataset=inner_ds, eval_dataset=val_ds, outer_module=weights,
         dataset_name=data_args.source, dataset_split=splits.split_names["train"], processing_class=tokenizer,
         data_collator=collator,
     )
@@ -817,6 +831,7 @@ def _experiment(model_args, data_args, exp_args, training_args, run) -> dict[str
         "ihvp_method": training_args.ihvp_method,
         "hvp_mode": trainer.hvp_mode,
         "cached_frozen_layers": exp_args.cache_frozen_layers,
+        "train_on_validation": exp_args.train_on_validation,
         "resumed_from": run.resume,
         "wall_time_cache_s": cache_time[0],
         "wall_time_bilevel_s": bilevel_time,

@@ -79,7 +79,8 @@ def embedded_split_sizes(defaults: dict[str, int], data_args) -> dict[str, int]:
 
 def check_experiment_arguments(args, weightings, baselines) -> None:
     """The checks every weighting script's experiment arguments share: ``--weighting`` among ``weightings``,
-    ``--baselines`` among ``baselines``, ``--outer_patience_epochs >= 0``, ``--loss_filter_fraction`` in [0, 1)."""
+    ``--baselines`` among ``baselines``, ``--outer_patience_epochs >= 0``, ``--loss_filter_fraction`` in [0, 1),
+    and ``--train_on_validation`` resolved (default: on with ``--weighting loss``, refused with any other)."""
     if args.weighting not in weightings:
         raise InputError(f"--weighting must be one of {weightings}, got {args.weighting!r}.")
     unknown = [b for b in args.baselines if b not in baselines]
@@ -90,6 +91,23 @@ def check_experiment_arguments(args, weightings, baselines) -> None:
         raise InputError(f"--outer_patience_epochs must be >= 0, got {args.outer_patience_epochs}.")
     if args.loss_filter_fraction is not None and not 0.0 <= args.loss_filter_fraction < 1.0:
         raise InputError(f"--loss_filter_fraction must be in [0, 1), got {args.loss_filter_fraction}.")
+    if args.train_on_validation is None:
+        args.train_on_validation = args.weighting == "loss"
+    if args.train_on_validation and args.weighting != "loss":
+        raise InputError("--train_on_validation needs --weighting loss: per-example or per-source weights of "
+                         "validation examples would let the outer problem fit the set it is scored on.")
+
+
+TRAIN_ON_VALIDATION_HELP = (
+    "Inner problem on training + validation examples; the outer objective stays the validation loss. The "
+    "validation rows are flagged trusted and get the largest weight, that of a zero loss (LossWeights' "
+    "trusted_column), so the learned function only decides how much the training examples count next to them. "
+    "The fair rival, uniform training on train + validation, learns from the validation examples too; this lets "
+    "the bilevel model do the same. Default: on with --weighting loss (one shared parameter, which cannot memorize "
+    "the validation set; measured in benchmarks/reweighting_outcome.py), refused with the other weightings (free "
+    "weights of validation examples would fit the set they are scored on).")
+# the column that flags the validation rows of the inner problem under --train_on_validation
+TRUSTED_COLUMN = "trusted"
 
 
 class RunError(RuntimeError):

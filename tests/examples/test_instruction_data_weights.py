@@ -94,7 +94,7 @@ def test_end_to_end_outputs(tiny_chat_dir, tmp_path, capsys):
     assert metrics["inner_steps"] == 4 and metrics["outer_steps"] == 2
     assert 0.0 <= metrics["auc_low_weight_vs_corrupted"] <= 1.0
     assert SPLIT_METRICS <= set(metrics["reweighted"])
-    assert set(metrics["baselines"]) == {"uniform", "loss_filter"}
+    assert set(metrics["baselines"]) == {"uniform", "loss_filter", "uniform_train_val"}
     for name, baseline in metrics["baselines"].items():
         assert SPLIT_METRICS <= set(baseline) and baseline["wall_time_s"] > 0
         assert metrics["wall_time_baselines_s"][name] == baseline["wall_time_s"]
@@ -102,9 +102,11 @@ def test_end_to_end_outputs(tiny_chat_dir, tmp_path, capsys):
     loss_filter = metrics["baselines"]["loss_filter"]
     assert 0.0 <= loss_filter["auc_high_loss_vs_corrupted"] <= 1.0 and loss_filter["fraction_dropped"] == 0.3
     assert metrics["cached_frozen_layers"] is True
+    assert metrics["train_on_validation"] is True  # the default with --weighting loss
 
     weights = LossWeights.from_pretrained(str(out))
     assert weights.metadata["outer_steps"] == "2"
+    assert weights.trusted_column == "trusted"  # the validation rows of the inner problem keep weight 1/2
     assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
 
     table = datasets.load_from_disk(str(out / "train_with_weights"))
