@@ -70,10 +70,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling he
 
 from hf_integration.hub import atomic_write, atomic_write_dir  # noqa: E402
 from frozen_features import CachedTrunkClassifier, add_feature_rows  # noqa: E402
-from reweighting_baselines import BASELINES, per_example_losses, train_baseline, train_plus_validation  # noqa: E402
+from reweighting_baselines import BASELINES, inner_training_set, per_example_losses, train_baseline  # noqa: E402
 from text_classification import (  # noqa: E402
     TRAIN_ON_VALIDATION_HELP,
-    TRUSTED_COLUMN,
     check_experiment_arguments,
     InputError,
     DataArguments,
@@ -308,10 +307,9 @@ def _experiment(model_args, data_args, exp_args, training_args, run) -> dict[str
 
     # ---------------------------------------------------------------- bilevel training
     model = build_model()
-    trusted = TRUSTED_COLUMN if exp_args.train_on_validation else None
+    inner_ds, trusted = inner_training_set(train_ds, val_ds, exp_args.train_on_validation)
     weights = (LossWeights(trusted_column=trusted) if exp_args.weighting == "loss"
                else DataWeights(num_example_ids(train_ds)))
-    inner_ds = train_plus_validation(train_ds, val_ds, trusted) if exp_args.train_on_validation else train_ds
     trainer = BilevelTrainer(
         model=model, args=training_args, train_dataset=inner_ds, eval_dataset=val_ds, outer_module=weights,
         dataset_name=data_args.source, dataset_split=splits.split_names["train"], processing_class=tokenizer,

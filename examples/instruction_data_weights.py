@@ -100,11 +100,10 @@ from frozen_decoder import FEATURE_ROW, CachedTrunkCausalLM, ResponseCollator, a
 from hf_integration.hub import HubError, atomic_write_text  # noqa: E402
 from hf_integration.losses import IGNORE_INDEX  # noqa: E402
 from instruction_data import CORRUPTIONS, FEATURES, corrupt_responses, make_instruction_splits  # noqa: E402
-from reweighting_baselines import WeightedTrainer, train_baseline, train_plus_validation  # noqa: E402
+from reweighting_baselines import TRUSTED_COLUMN, WeightedTrainer, inner_training_set, train_baseline  # noqa: E402
 from smollm2 import HUB_ID as SMOLLM2_HUB_ID, load_smollm2  # noqa: E402
 from text_classification import (  # noqa: E402
     TRAIN_ON_VALIDATION_HELP,
-    TRUSTED_COLUMN,
     check_experiment_arguments,
     InputError,
     ModelArguments,
@@ -748,9 +747,8 @@ def _experiment(model_args, data_args, exp_args, training_args, run) -> dict[str
     tic = time.perf_counter()
     initial_losses, _, _ = response_losses(model, train_ds, collator, training_args.per_device_eval_batch_size)
     ranking_time = time.perf_counter() - tic  # the loss filter's one forward pass, with the initial model
-    trusted = TRUSTED_COLUMN if exp_args.train_on_validation else None
+    inner_ds, trusted = inner_training_set(train_ds, val_ds, exp_args.train_on_validation)
     weights = _outer_module(exp_args.weighting, train_ds, source_names, exp_args.init_loss_scale, trusted)
-    inner_ds = train_plus_validation(train_ds, val_ds, trusted) if exp_args.train_on_validation else train_ds
     trainer = BilevelTrainer(
         model=model, args=training_args, train_dataset=inner_ds, eval_dataset=val_ds, outer_module=weights,
         dataset_name=data_args.source, dataset_split=splits.split_names["train"], processing_class=tokenizer,

@@ -25,9 +25,12 @@ from transformers import Trainer, TrainerCallback
 
 from hf_integration.losses import per_example_loss
 
-__all__ = ["BASELINES", "WeightedTrainer", "LossFilterTrainer", "per_example_losses", "train_baseline"]
+__all__ = ["BASELINES", "TRUSTED_COLUMN", "WeightedTrainer", "LossFilterTrainer", "inner_training_set",
+           "per_example_losses", "train_baseline", "train_plus_validation"]
 
 BASELINES = ("uniform", "uniform_train_val", "loss_filter")
+# the column that flags the validation rows of the bilevel run's inner problem under --train_on_validation
+TRUSTED_COLUMN = "trusted"
 
 
 def per_example_losses(trainer: Trainer, dataset: datasets.Dataset, prefix: str = "losses") -> torch.Tensor:
@@ -124,6 +127,16 @@ def train_plus_validation(train_dataset: datasets.Dataset, validation_dataset: d
     if trusted_column is None:
         return joined
     return joined.add_column(trusted_column, [0] * len(data) + [1] * len(extra))
+
+
+def inner_training_set(train_dataset: datasets.Dataset, validation_dataset: datasets.Dataset,
+                       train_on_validation: bool) -> tuple[datasets.Dataset, str | None]:
+    """The bilevel run's inner training data and the column flagging its trusted rows: with
+    ``train_on_validation``, :func:`train_plus_validation` with the validation rows flagged in
+    :data:`TRUSTED_COLUMN`; else the training set as it is and ``None``."""
+    if not train_on_validation:
+        return train_dataset, None
+    return train_plus_validation(train_dataset, validation_dataset, TRUSTED_COLUMN), TRUSTED_COLUMN
 
 
 def train_baseline(name: str, build_model: Callable[[], nn.Module], training_args: Any,

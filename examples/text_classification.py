@@ -106,8 +106,6 @@ TRAIN_ON_VALIDATION_HELP = (
     "the bilevel model do the same. Default: on with --weighting loss (one shared parameter, which cannot memorize "
     "the validation set; measured in benchmarks/reweighting_outcome.py), refused with the other weightings (free "
     "weights of validation examples would fit the set they are scored on).")
-# the column that flags the validation rows of the inner problem under --train_on_validation
-TRUSTED_COLUMN = "trusted"
 
 
 class RunError(RuntimeError):

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 from transformers import TrainingArguments
 
-from reweighting_baselines import BASELINES, LossFilterTrainer, WeightedTrainer, train_baseline, train_plus_validation
+from reweighting_baselines import (BASELINES, TRUSTED_COLUMN, LossFilterTrainer, WeightedTrainer, inner_training_set,
+                                   train_baseline, train_plus_validation)
 
 
 class Linear(nn.Module):
@@ -90,3 +91,7 @@ def test_train_plus_validation_flags_the_validation_rows():
     flagged = train_plus_validation(train, val, trusted_column="trusted")
     assert list(flagged["trusted"]) == [0] * 6 + [1] * 4
     assert list(flagged["labels"]) == list(train["labels"]) + list(val["labels"])
+    # the bilevel run's inner data: flagged train + validation, or the training set untouched
+    inner, column = inner_training_set(train, val, train_on_validation=True)
+    assert column == TRUSTED_COLUMN and list(inner[column]) == [0] * 6 + [1] * 4
+    assert inner_training_set(train, val, train_on_validation=False) == (train, None)
