@@ -25,6 +25,15 @@ Compared (float32, CPU):
   inner gradient, the Woodbury solve of ``(rho I + C^T M^-1 C) x = b`` with a ``k x k``
   system, and the mixed term by ``jvp`` of ``grad_phi f`` (a second linearization). The
   requirement checked is ours >= 2x faster than the seed.
+* **Nyström over a run** (``nystrom_amortized``): ``REFRESH_STEPS`` (10) consecutive points of a bilevel
+  run (built untimed: each outer step moves ``phi`` against the hypergradient, at most 0.1 per
+  parameter, then 20 warm-started Adam steps follow ``theta``), one hypergradient at each. Ours with
+  one :class:`hypergrad.methods.NystromSolver` (``refresh_steps=10``, the trainer's default
+  ``nystrom_refresh_steps``: one sketch, then only the stored factor), ours with a fresh sketch at
+  every point, and the seed's formula at every point (it has no reuse). Reported per hypergradient,
+  with the cosine of each amortized hypergradient to the fresh one at the same point; two references
+  for that cosine: our fresh sketch against the seed's (other random directions at the same point)
+  and the first point's hypergradient against the last's (how far the run moves).
 
 How products are counted: a product is one application of ``v -> H v`` inside the linear
 solver (the outer gradient and the final mixed product, one each in every implementation,
@@ -90,6 +99,7 @@ from torch.nn import functional as F
 
 from hypergrad.approx_hypergrad import conjugate_gradient, implicit_hypergrad, make_solver, neumann, nystrom
 from hypergrad.linear_solvers import nystrom_sketch
+from hypergrad.methods import NystromSolver
 
 try:
     import torchopt
@@ -103,6 +113,8 @@ DTYPE = torch.float32
 PRODUCTS = (10, 20)
 NYSTROM_RANKS = (5, 10)
 NYSTROM_RHO = 0.1
+REFRESH_STEPS = 10  # the trainer's default nystrom_refresh_steps
+OUTER_STEP = 0.1  # largest change of an outer parameter per step of the amortized trajectory
 Params = tuple[Tensor, ...]
 
 # torchopt 0.7.3 calls the deprecated ``functorch.vjp`` on every backward.
@@ -396,39 +408,116 @@ def bench_nystrom(problem: Problem, repeats: int, seed: int = 0) -> list[dict]:
     return rows
 
 
-def solver_table(problem: Problem, rows: list[dict]) -> str:
-    lines = [
-        f"### {problem.name}: {problem.description} ({problem.num_inner} inner parameters)",
-        "",
-        "| method | products (ours / TorchOpt) | ours s | ours (rev_rev) s | TorchOpt s "
-        "| ratio TorchOpt/ours | ratio TorchOpt/ours (rev_rev) | rel. diff |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['method']} | {r['products_ours']} / {r['products_torchopt']} | {r['ours_s']:.4f} "
-            f"| {r['ours_rev_rev_s']:.4f} | {r['torchopt_s']:.4f} | {r['ratio_torchopt_over_ours']:.2f} "
-            f"| {r['ratio_torchopt_over_ours_rev_rev']:.2f} | {r['rel_diff']:.1e} |"
-        )
+def outer_trajectory(problem: Problem, steps: int, rank: int, inner_steps: int = 20) -> list[tuple[Params, Params]]:
+    """``steps`` consecutive points ``(theta_j, phi_j)`` of a bilevel run (built untimed): from the problem's
+    point, each outer step moves ``phi`` against the hypergradient (the seed's Nyström, at most ``OUTER_STEP``
+    per parameter) and ``inner_steps`` warm-started Adam steps follow ``theta`` to the new inner problem."""
+    theta, phi = tuple(problem.theta), tuple(problem.phi)
+    points = [(theta, phi)]
+    for _ in range(steps - 1):
+        h = seed_nystrom(Problem(problem.name, "", problem.inner, problem.outer, theta, phi), rank, NYSTROM_RHO)
+        scale = OUTER_STEP / max(float(_flat(h).abs().max()), 1e-30)
+        phi = tuple(p - scale * g for p, g in zip(phi, h))
+        theta = _minimize(lambda t, phi=phi: problem.inner(t, phi), theta, "adam", steps=inner_steps)
+        points.append((theta, phi))
+    return points
+
+
+def cosine(a: Params, b: Params) -> float:
+    fa, fb = _flat(a).double(), _flat(b).double()
+    return float(fa @ fb / (fa.norm() * fb.norm()).clamp_min(1e-300))
+
+
+def bench_nystrom_amortized(problem: Problem, repeats: int, refresh: int = REFRESH_STEPS) -> list[dict]:
+    """Time per hypergradient over ``refresh`` consecutive outer steps: ours with one
+    :class:`NystromSolver` that sketches at the first and reuses its factor for the others (the trainer's
+    default), ours sketching anew at each, and the seed's formula at each (it has no reuse). Also the cosine of
+    every amortized hypergradient to the fresh-sketch one at the same point, with two references: the cosine
+    between our fresh sketch and the seed's (other random directions, same point) and between the first and the
+    last point's hypergradients (how far the trajectory moves)."""
+    points = outer_trajectory(problem, refresh, max(NYSTROM_RANKS))
+    rows = []
+    for rank in NYSTROM_RANKS:
+        indices = [torch.randperm(problem.num_inner, generator=torch.Generator().manual_seed(j))[:rank]
+                   for j in range(refresh)]
+        generator = lambda j: torch.Generator().manual_seed(j)  # noqa: E731
+
+        def amortized() -> list[Params]:
+            solver = NystromSolver(rank, NYSTROM_RHO, refresh_steps=refresh)
+            torch.manual_seed(0)
+            return [implicit_hypergrad(problem.inner, problem.outer, t, p, solver) for t, p in points]
+
+        def fresh() -> list[Params]:
+            return [nystrom(problem.inner, problem.outer, t, p, rank=rank, rho=NYSTROM_RHO, generator=generator(j))
+                    for j, (t, p) in enumerate(points)]
+
+        def seed() -> list[Params]:
+            return [seed_nystrom(Problem(problem.name, "", problem.inner, problem.outer, t, p), rank, NYSTROM_RHO,
+                                 indices[j]) for j, (t, p) in enumerate(points)]
+
+        best, res = time_interleaved({"amortized": amortized, "fresh": fresh, "seed": seed}, repeats)
+        cosines = [cosine(a, f) for a, f in zip(res["amortized"], res["fresh"])]
+        sketch_to_sketch = [cosine(f, b) for f, b in zip(res["fresh"], res["seed"])]
+        rows.append({
+            "rank": rank, "rho": NYSTROM_RHO, "refresh_steps": refresh, "outer_steps": len(points),
+            "sketches": -(-len(points) // refresh),
+            "ours_amortized_s": best["amortized"] / len(points), "ours_fresh_s": best["fresh"] / len(points),
+            "seed_s": best["seed"] / len(points),
+            "speedup_seed_over_ours_amortized": best["seed"] / best["amortized"],
+            "speedup_seed_over_ours_fresh": best["seed"] / best["fresh"],
+            "at_least_2x": best["seed"] / best["amortized"] >= 2.0,
+            "cosine_amortized_vs_fresh_mean": sum(cosines) / len(cosines),
+            "cosine_amortized_vs_fresh_min": min(cosines),
+            # references: two independent sketches at the same point, and how far the run moved
+            "cosine_fresh_vs_seed_mean": sum(sketch_to_sketch) / len(sketch_to_sketch),
+            "cosine_first_vs_last_fresh": cosine(res["fresh"][0], res["fresh"][-1]),
+        })
+    return rows
+
+
+def markdown(heading: list[str], columns: list[str], rows: list[list[str]]) -> str:
+    """``heading`` lines, a blank line, then a markdown table with ``columns`` and one line per row of cells."""
+    lines = [*heading, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
     return "\n".join(lines)
+
+
+def solver_table(problem: Problem, rows: list[dict]) -> str:
+    return markdown(
+        [f"### {problem.name}: {problem.description} ({problem.num_inner} inner parameters)"],
+        ["method", "products (ours / TorchOpt)", "ours s", "ours (rev_rev) s", "TorchOpt s", "ratio TorchOpt/ours",
+         "ratio TorchOpt/ours (rev_rev)", "rel. diff"],
+        [[r["method"], f"{r['products_ours']} / {r['products_torchopt']}", f"{r['ours_s']:.4f}",
+          f"{r['ours_rev_rev_s']:.4f}", f"{r['torchopt_s']:.4f}", f"{r['ratio_torchopt_over_ours']:.2f}",
+          f"{r['ratio_torchopt_over_ours_rev_rev']:.2f}", f"{r['rel_diff']:.1e}"] for r in rows])
 
 
 def nystrom_table(results: dict) -> str:
-    lines = [
-        f"### Nyström (rho = {NYSTROM_RHO}): ours vs the seed library's formula",
-        "",
-        "| problem | rank = products | ours s | ours (column) s | seed s | seed/ours | >= 2x "
-        "| seed/ours (column) | rel. diff (column, same indices) |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for name, entry in results.items():
-        for r in entry["nystrom"]:
-            lines.append(
-                f"| {name} | {r['rank']} | {r['ours_s']:.4f} | {r['ours_column_s']:.4f} | {r['seed_s']:.4f} "
-                f"| {r['speedup_seed_over_ours']:.2f} | {'yes' if r['at_least_2x'] else 'NO'} "
-                f"| {r['speedup_seed_over_ours_column']:.2f} | {r['rel_diff_column_vs_seed']:.1e} |"
-            )
-    return "\n".join(lines)
+    return markdown(
+        [f"### Nyström (rho = {NYSTROM_RHO}): ours vs the seed library's formula"],
+        ["problem", "rank = products", "ours s", "ours (column) s", "seed s", "seed/ours", ">= 2x",
+         "seed/ours (column)", "rel. diff (column, same indices)"],
+        [[name, str(r["rank"]), f"{r['ours_s']:.4f}", f"{r['ours_column_s']:.4f}", f"{r['seed_s']:.4f}",
+          f"{r['speedup_seed_over_ours']:.2f}", "yes" if r["at_least_2x"] else "NO",
+          f"{r['speedup_seed_over_ours_column']:.2f}", f"{r['rel_diff_column_vs_seed']:.1e}"]
+         for name, entry in results.items() for r in entry["nystrom"]])
+
+
+def amortized_table(results: dict) -> str:
+    return markdown(
+        [f"### Nyström over {REFRESH_STEPS} consecutive outer steps (rho = {NYSTROM_RHO}): seconds per "
+         "hypergradient", "",
+         "Ours sketches once and reuses the factor (`nystrom_refresh_steps`, the trainer's default); the seed's "
+         "formula has no reuse."],
+        ["problem", "rank", "sketches", "ours amortized s", "ours fresh s", "seed s", "seed/ours amortized",
+         ">= 2x", "seed/ours fresh", "cosine amortized vs fresh (mean, min)", "cosine fresh vs seed",
+         "cosine first vs last"],
+        [[name, str(r["rank"]), str(r["sketches"]), f"{r['ours_amortized_s']:.4f}", f"{r['ours_fresh_s']:.4f}",
+          f"{r['seed_s']:.4f}", f"{r['speedup_seed_over_ours_amortized']:.2f}", "yes" if r["at_least_2x"] else "NO",
+          f"{r['speedup_seed_over_ours_fresh']:.2f}",
+          f"{r['cosine_amortized_vs_fresh_mean']:.4f}, {r['cosine_amortized_vs_fresh_min']:.4f}",
+          f"{r['cosine_fresh_vs_seed_mean']:.4f}", f"{r['cosine_first_vs_last_fresh']:.4f}"]
+         for name, entry in results.items() for r in entry["nystrom_amortized"]])
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -467,9 +556,11 @@ def main() -> None:
             "neumann_lr": problem.neumann_lr,
             "solvers": bench_solvers(problem, args.repeats),
             "nystrom": bench_nystrom(problem, args.repeats),
+            "nystrom_amortized": bench_nystrom_amortized(problem, args.repeats),
         }
         print(solver_table(problem, results[problem.name]["solvers"]) + "\n", flush=True)
-    print(nystrom_table(results))
+    print(nystrom_table(results) + "\n")
+    print(amortized_table(results))
 
     write_json(args.out, {"meta": meta, "problems": results})
     print(f"\nwrote {args.out}")

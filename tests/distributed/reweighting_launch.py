@@ -1,19 +1,20 @@
-"""Runs `examples/data_reweighting.py` unchanged under `accelerate launch`, then checks that
-every process holds the same learned weights (rank 0 writes the gathered weights)."""
+"""Runs an example script unchanged under `accelerate launch` -- `examples/data_reweighting.py`, or the module
+named by ``REWEIGHTING_SCRIPT`` (e.g. ``instruction_data_weights``) -- then gathers every process's learned outer
+parameters (flattened) so that the test can check they agree; rank 0 writes them to ``REWEIGHTING_GATHER_OUT``."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
+from torch.nn.utils import parameters_to_vector
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "examples")]
-
-import data_reweighting  # noqa: E402
 
 from hf_integration import BilevelTrainer  # noqa: E402
 
@@ -29,11 +30,12 @@ def _capture(self, *args, **kwargs):
 def main() -> None:
     out = os.environ["REWEIGHTING_GATHER_OUT"]
     BilevelTrainer.train = _capture
-    data_reweighting.main(sys.argv[1:])
+    script = importlib.import_module(os.environ.get("REWEIGHTING_SCRIPT", "data_reweighting"))
+    script.main(sys.argv[1:])
     (trainer,) = trainers
-    logits = trainer.outer_module.logits.detach().contiguous()
-    gathered = [torch.zeros_like(logits) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, logits)
+    outer_params = parameters_to_vector(trainer.outer_module.parameters()).detach().contiguous()
+    gathered = [torch.zeros_like(outer_params) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, outer_params)
     if dist.get_rank() == 0:
         save_file({f"rank{i}": t for i, t in enumerate(gathered)} | {
             "outer_steps": torch.tensor([trainer.outer_step]), "world": torch.tensor([dist.get_world_size()])}, out)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import string
 import subprocess
 import sys
 from unittest import mock
@@ -23,43 +22,6 @@ from hf_integration import weights_dataset
 from hf_integration.losses import per_example_loss
 from instruction_data import CORRUPTIONS, make_instruction_splits
 from text_classification import InputError
-
-CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
-          "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-
-
-def char_tokenizer():
-    """A character-level fast tokenizer with ChatML special tokens and chat template (no download)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = ["<unk>", "<|im_start|>", "<|im_end|>"] + list(string.ascii_letters + string.digits
-                                                            + string.punctuation + " \n")
-    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(vocab)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|im_end|>",
-                                   pad_token="<|im_end|>", additional_special_tokens=["<|im_start|>"])
-    fast.chat_template = CHATML
-    return fast
-
-
-@pytest.fixture(scope="session")
-def tiny_chat_dir(tmp_path_factory) -> str:
-    """A 3-layer, hidden-32 Llama (random weights) and the character tokenizer, saved to a folder."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    path = tmp_path_factory.mktemp("tiny_chat_llama")
-    tokenizer = char_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
-                         tie_word_embeddings=True)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
 
 def tiny_args(model_dir: str, output_dir, *extra: str) -> list[str]:
     """A few-second run: 24 training examples, 4 inner steps, outer steps after the 3rd and the 4th."""
@@ -166,8 +128,8 @@ def test_generated_data_is_deterministic_and_corrupted_as_described():
     assert len(set(a["train"]["source"])) >= 5
 
 
-def test_prompt_tokens_are_masked_by_hand():
-    tokenizer = char_tokenizer()
+def test_prompt_tokens_are_masked_by_hand(chat_tokenizer):
+    tokenizer = chat_tokenizer
     messages = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5"}]
     encoded = script.encode_conversation(tokenizer, messages, max_length=512)
     prompt = "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n"
@@ -194,13 +156,13 @@ def test_response_collator_compacts_the_labels():
 
 
 @pytest.mark.parametrize("cache", [True, False])
-def test_cached_decoder_matches_the_full_model(tiny_chat_dir, cache):
+def test_cached_decoder_matches_the_full_model(tiny_chat_dir, chat_tokenizer, cache):
     """Per-example response losses and LoRA gradients of the wrapper (from the cached trunk, or recomputing it)
     equal those of the full PEFT model with its usual shifted loss, on a right-padded batch."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    tokenizer = char_tokenizer()
+    tokenizer = chat_tokenizer
     base = AutoModelForCausalLM.from_pretrained(tiny_chat_dir)
     model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], layers_to_transform=[1, 2]))
     with torch.no_grad():
