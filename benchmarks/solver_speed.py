@@ -88,7 +88,7 @@ import os
 import platform
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -415,7 +415,7 @@ def outer_trajectory(problem: Problem, steps: int, rank: int, inner_steps: int =
     theta, phi = tuple(problem.theta), tuple(problem.phi)
     points = [(theta, phi)]
     for _ in range(steps - 1):
-        h = seed_nystrom(Problem(problem.name, "", problem.inner, problem.outer, theta, phi), rank, NYSTROM_RHO)
+        h = seed_nystrom(replace(problem, theta=theta, phi=phi), rank, NYSTROM_RHO)
         scale = OUTER_STEP / max(float(_flat(h).abs().max()), 1e-30)
         phi = tuple(p - scale * g for p, g in zip(phi, h))
         theta = _minimize(lambda t, phi=phi: problem.inner(t, phi), theta, "adam", steps=inner_steps)
@@ -440,7 +440,6 @@ def bench_nystrom_amortized(problem: Problem, repeats: int, refresh: int = REFRE
     for rank in NYSTROM_RANKS:
         indices = [torch.randperm(problem.num_inner, generator=torch.Generator().manual_seed(j))[:rank]
                    for j in range(refresh)]
-        generator = lambda j: torch.Generator().manual_seed(j)  # noqa: E731
 
         def amortized() -> list[Params]:
             solver = NystromSolver(rank, NYSTROM_RHO, refresh_steps=refresh)
@@ -448,12 +447,13 @@ def bench_nystrom_amortized(problem: Problem, repeats: int, refresh: int = REFRE
             return [implicit_hypergrad(problem.inner, problem.outer, t, p, solver) for t, p in points]
 
         def fresh() -> list[Params]:
-            return [nystrom(problem.inner, problem.outer, t, p, rank=rank, rho=NYSTROM_RHO, generator=generator(j))
+            return [nystrom(problem.inner, problem.outer, t, p, rank=rank, rho=NYSTROM_RHO,
+                            generator=torch.Generator().manual_seed(j))
                     for j, (t, p) in enumerate(points)]
 
         def seed() -> list[Params]:
-            return [seed_nystrom(Problem(problem.name, "", problem.inner, problem.outer, t, p), rank, NYSTROM_RHO,
-                                 indices[j]) for j, (t, p) in enumerate(points)]
+            return [seed_nystrom(replace(problem, theta=t, phi=p), rank, NYSTROM_RHO, indices[j])
+                    for j, (t, p) in enumerate(points)]
 
         best, res = time_interleaved({"amortized": amortized, "fresh": fresh, "seed": seed}, repeats)
         cosines = [cosine(a, f) for a, f in zip(res["amortized"], res["fresh"])]

@@ -27,7 +27,6 @@ def tiny_model_dir(tmp_path_factory) -> str:
     return str(path)
 
 
-
 def _char_tokenizer():
     """A character-level fast tokenizer with ChatML special tokens and chat template (no download)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
