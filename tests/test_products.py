@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from hypergrad.products import linearize_inner, probe_hvp_mode
+from hypergrad.products import linearize_inner, mixed_reverse_over_forward, probe_hvp_mode
 from hypergrad.utils import HVP_MODES, hvp, mixed_vjp, tree_leaves, tree_map
 
 
@@ -132,14 +132,37 @@ def test_probe_picks_an_exact_mode_that_runs_and_falls_back_otherwise():
         probe_hvp_mode(broken, theta, "rev_rev")
 
 
-def test_mixed_product_without_a_graph_is_reverse_over_forward_and_exact():
+@pytest.mark.parametrize("kind", ["dict", "tuple"])
+def test_reverse_over_forward_mixed_product_matches_the_graph(kind):
+    inner, theta, phi = _mlp_problem(kind)
+    v = tree_map(lambda x: torch.randn_like(x), theta)
+    lean = mixed_reverse_over_forward(inner, theta, phi, v)
+    exact = mixed_vjp(inner, theta, phi, v, "rev_rev")
+    for a, b in zip(tree_leaves(lean), tree_leaves(exact)):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
+
+
+def test_reverse_over_forward_mixed_product_is_zero_where_phi_does_not_reach_the_slope():
     inner, theta, phi = _mlp_problem("dict")
     v = tree_map(lambda x: torch.randn_like(x), theta)
-    products = linearize_inner(inner, theta, phi, "rev_rev")
-    lean = products.mixed(v)  # no HVP taken yet: reverse over forward, no create_graph gradient
-    assert products._grads is None
-    products.hvp(v)
-    through_graph = products.mixed(v)
+    # phi only shifts f by a constant: the slope along v does not depend on it
+    out = mixed_reverse_over_forward(lambda t, p: inner(t, tree_map(torch.zeros_like, p)) + sum(
+        x.sum() for x in tree_leaves(p)), theta, phi, v)
+    assert all(torch.equal(x, torch.zeros_like(x)) for x in tree_leaves(out))
+
+
+def test_mixed_product_without_a_graph_is_reverse_over_forward_above_the_vectorize_size(monkeypatch):
+    import hypergrad.products as products_module
+
+    inner, theta, phi = _mlp_problem("dict")
+    v = tree_map(lambda x: torch.randn_like(x), theta)
+    small = linearize_inner(inner, theta, phi, "rev_rev")
+    through_graph = small.mixed(v)  # a small problem: the graph, overhead-bound otherwise
+    assert small._grads is not None
+    monkeypatch.setattr(products_module, "VECTORIZE_MAX_PARAMS", 0)
+    large = linearize_inner(inner, theta, phi, "rev_rev")
+    lean = large.mixed(v)  # no HVP taken yet: reverse over forward, no create_graph gradient
+    assert large._grads is None
     for a, b in zip(tree_leaves(lean), tree_leaves(through_graph)):
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
 
