@@ -113,6 +113,18 @@ class OuterModule(nn.Module):
         """Statistics for logging (e.g. mean/std/min/max of the weights or strengths)."""
         raise NotImplementedError
 
+    def set_inner_step(self, step: int) -> None:
+        """Tell this module and the outer modules inside it (the parts of a combined one) that training has
+        taken ``step`` inner optimizer steps; `BilevelTrainer` calls it before every inner step, so outer
+        updates see the value of the inner step they follow. Modules with a schedule (`LossWeights`'
+        ``warmup_steps``) override :meth:`_on_inner_step`; the others ignore it."""
+        for module in self.modules():
+            if isinstance(module, OuterModule):
+                module._on_inner_step(step)
+
+    def _on_inner_step(self, step: int) -> None:
+        """This module's own reaction to :meth:`set_inner_step` (default: none)."""
+
     def config_dict(self) -> dict[str, Any]:
         """JSON-serializable config that :meth:`from_pretrained` needs to rebuild the module (includes ``kind``)."""
         raise NotImplementedError
@@ -525,6 +537,14 @@ class LossWeights(ExampleWeighting):
     hypergradient's batch. :meth:`weights_for` evaluates the weights of given losses (e.g. the training set's
     under the final model).
 
+    Warm-up (``warmup_steps``): over the first ``warmup_steps`` inner steps the tilt grows linearly from none,
+    ``w_i = sigmoid(-r * loss_scale * stop_grad(l_i))`` with ``r = min(1, step / warmup_steps)`` (the step as told
+    by :meth:`set_inner_step`; `BilevelTrainer` does this), so that the model first learns every kind of
+    example, the hard but clean ones included, at nearly uniform weights. Measured on the instruction job
+    (SmolLM2, 3 seeds, from ``loss_scale = 1``): a warm-up over half the run lowered the test loss where a tilt
+    from the start had hurt it most (seed 0: 0.929 vs 0.971) and left the mean unchanged (0.739 vs 0.740), at
+    a slightly lower AUC (0.920 vs 0.927); that job does not use it by default.
+
     Two measured choices: no offset (with ``sigmoid(bias - ...)`` the outer problem drove ``bias`` up until every
     weight saturated near 1 and the weighting switched itself off) and a positive scale (a signed one went
     negative, up-weighting the noisy examples, in 5 of 27 runs of ``benchmarks/reweighting_outcome.py``; the
@@ -552,21 +572,27 @@ class LossWeights(ExampleWeighting):
     Args:
         init_loss_scale: Initial ``loss_scale`` (> 0; the default 0.1 is nearly uniform).
         trusted_column: Optional batch column of 0/1 flags; rows flagged 1 get the weight 1/2 (see above).
+        warmup_steps: Inner steps over which the tilt grows linearly to full strength (0: none; see above).
     """
 
     kind: ClassVar[str] = "loss_weights"
     stops_gradients: ClassVar[bool] = True
     id_column = None
 
-    def __init__(self, init_loss_scale: float = 0.1, trusted_column: str | None = None) -> None:
+    def __init__(self, init_loss_scale: float = 0.1, trusted_column: str | None = None,
+                 warmup_steps: int = 0) -> None:
         super().__init__()
         if (isinstance(init_loss_scale, bool) or not isinstance(init_loss_scale, (int, float))
                 or not math.isfinite(init_loss_scale) or init_loss_scale <= 0):
             raise ValueError(f"init_loss_scale must be a finite number > 0, got {init_loss_scale!r}")
         if trusted_column is not None and (not isinstance(trusted_column, str) or not trusted_column):
             raise ValueError(f"trusted_column must be a column name or None, got {trusted_column!r}")
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an integer >= 0 (0: no warm-up), got {warmup_steps!r}")
         self.init_loss_scale = float(init_loss_scale)
         self.trusted_column = trusted_column
+        self.warmup_steps = warmup_steps
+        self.warmup_factor = 1.0  # r of the warm-up; 1 outside training (a loaded module weights at full tilt)
         # softplus^-1(s) = log(expm1(s))
         self.loss_scale_raw = nn.Parameter(torch.tensor(math.log(math.expm1(self.init_loss_scale))))
 
@@ -575,9 +601,13 @@ class LossWeights(ExampleWeighting):
         """``softplus(loss_scale_raw)``, differentiable."""
         return nn.functional.softplus(self.loss_scale_raw)
 
+    def _on_inner_step(self, step: int) -> None:
+        self.warmup_factor = min(1.0, step / self.warmup_steps) if self.warmup_steps else 1.0
+
     def weights_for(self, per_example_loss: Tensor) -> Tensor:
-        """``sigmoid(-loss_scale * l)`` for the losses ``l`` (no gradient flows into ``l``)."""
-        return torch.sigmoid(-self.loss_scale * per_example_loss.detach())
+        """``sigmoid(-r * loss_scale * l)`` for the losses ``l`` (no gradient flows into ``l``), ``r`` the
+        warm-up factor (1 after the warm-up and outside training)."""
+        return torch.sigmoid(-self.warmup_factor * self.loss_scale * per_example_loss.detach())
 
     def example_weights(self, per_example_loss: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
         """Unnormalized weights ``w_i = sigmoid(-loss_scale * stop_grad(l_i))`` of the batch's examples, shape
@@ -596,15 +626,20 @@ class LossWeights(ExampleWeighting):
 
     @torch.no_grad()
     def summary_stats(self) -> dict[str, float]:
-        """``loss_scale``."""
-        return {"loss_scale": float(self.loss_scale)}
+        """``loss_scale``, and the warm-up factor while it is below 1."""
+        stats = {"loss_scale": float(self.loss_scale)}
+        if self.warmup_factor < 1.0:
+            stats["warmup_factor"] = self.warmup_factor
+        return stats
 
     def config_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "init_loss_scale": self.init_loss_scale, "trusted_column": self.trusted_column}
+        return {"kind": self.kind, "init_loss_scale": self.init_loss_scale, "trusted_column": self.trusted_column,
+                "warmup_steps": self.warmup_steps}
 
     @classmethod
     def _from_config(cls, config: Mapping[str, Any]) -> LossWeights:
-        return cls(init_loss_scale=config.get("init_loss_scale", 0.1), trusted_column=config.get("trusted_column"))
+        return cls(init_loss_scale=config.get("init_loss_scale", 0.1), trusted_column=config.get("trusted_column"),
+                   warmup_steps=config.get("warmup_steps", 0))
 
     def card_text(self) -> CardText:
         return CardText(
@@ -616,7 +651,9 @@ class LossWeights(ExampleWeighting):
                 "bilevel optimization so that training on the weighted data minimizes a held-out (outer) loss; "
                 "`loss_scale` (> 0) sets how strongly high-loss examples (e.g. noisy labels) are down-weighted."
             ),
-            details=f"Learned value: loss_scale = {float(self.loss_scale.detach()):.4f}.",
+            details=f"Learned value: loss_scale = {float(self.loss_scale.detach()):.4f}."
+                    + (f" During training the tilt grew linearly to full strength over the first {self.warmup_steps} "
+                       "inner steps (`warmup_steps`)." if self.warmup_steps else ""),
             usage=("w = outer.weights_for(per_example_loss)  # weights of examples with these losses under a model\n"
                    "# e.g. the losses of the training set under the fine-tuned model, to rank or filter it"),
         )

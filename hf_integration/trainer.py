@@ -424,6 +424,8 @@ class BilevelTrainer(Trainer):
         return super().training_step(model, inputs, num_items_in_batch)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.outer_module is not None and hasattr(self.outer_module, "set_inner_step"):
+            self.outer_module.set_inner_step(self.state.global_step)  # schedules, e.g. LossWeights' warm-up
         loss = self.inner_update(model, inputs, num_items_in_batch)
         self.nonfinite_guard.note_loss(loss)
         return loss

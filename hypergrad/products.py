@@ -84,7 +84,7 @@ def mixed_reverse_over_forward(inner: Objective, in_params: ParamsLike, out_para
     recorded for that backward pass (for data weights: the per-example losses' tangents), so no
     graph of ``grad_theta f`` is ever built. Dual tensors of ``torch.autograd.forward_ad`` rather
     than ``torch.func.jvp`` inside ``torch.func.grad``: the same numbers at half the per-call
-    overhead (a 50k-parameter MLP: 4.4 ms vs 8.4 ms)."""
+    overhead (a 50k-parameter MLP, side by side: 4.4 ms vs 8.4 ms)."""
     phi = tree_map(lambda x: x.detach().requires_grad_(True), out_params)
     with torch.enable_grad(), forward_ad.dual_level():
         theta = tree_map(lambda x, t: forward_ad.make_dual(x.detach(), t.to(x.dtype)), in_params, v)

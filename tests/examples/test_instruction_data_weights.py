@@ -40,7 +40,8 @@ METRIC_KEYS = {
     "outer_steps", "wall_time_bilevel_s", "wall_time_baselines_s", "wall_time_total_s", "cached_frozen_layers",
     "export_top_fraction", "num_exported", "weighting", "model", "data",
 }
-SPLIT_METRICS = {"validation_loss", "test_loss", "test_exact_match", "test_exact_match_by_source"}
+SPLIT_METRICS = {"validation_loss", "test_loss", "test_loss_by_source", "test_exact_match",
+                 "test_exact_match_by_source"}
 
 
 def test_end_to_end_outputs(tiny_chat_dir, tmp_path, capsys):
@@ -56,6 +57,9 @@ def test_end_to_end_outputs(tiny_chat_dir, tmp_path, capsys):
     assert metrics["inner_steps"] == 4 and metrics["outer_steps"] == 2
     assert 0.0 <= metrics["auc_low_weight_vs_corrupted"] <= 1.0
     assert SPLIT_METRICS <= set(metrics["reweighted"])
+    by_source = metrics["reweighted"]["test_loss_by_source"]
+    assert set(by_source) == set(metrics["reweighted"]["test_exact_match_by_source"])
+    assert min(by_source.values()) <= metrics["reweighted"]["test_loss"] <= max(by_source.values())
     assert set(metrics["baselines"]) == {"uniform", "loss_filter", "uniform_train_val"}
     for name, baseline in metrics["baselines"].items():
         assert SPLIT_METRICS <= set(baseline) and baseline["wall_time_s"] > 0
@@ -285,6 +289,11 @@ def test_conversation_without_a_response_is_refused(tmp_path, no_model):
     data = _jsonl(tmp_path / "d.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}] * 4)
     with pytest.raises(InputError, match=r"row 0: the conversation must end with an assistant message"):
         script.main(["--output_dir", str(tmp_path / "o"), "--train_file", data, "--validation_file", data])
+
+
+def test_negative_loss_warmup_is_refused(tmp_path, no_model):
+    with pytest.raises(InputError, match=r"--loss_warmup_epochs must be >= 0, got -1.0"):
+        script.main(["--output_dir", str(tmp_path / "o"), "--loss_warmup_epochs", "-1"])
 
 
 def test_push_without_repo_id(tmp_path, no_model):

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch.func import functional_call, grad, jvp, vmap
 
-from hf_integration import (DataWeights, LoraRegularization, LossWeights, OuterModule, find_lora_modules,
-                            parse_layer_index)
+from hf_integration import (CombinedWeights, DataWeights, LoraRegularization, LossWeights, OuterModule, SourceWeights,
+                            find_lora_modules, parse_layer_index)
 
 PREFIX = "base_model.model.model.layers"
 EXPECTED_MODULES = [
@@ -301,7 +301,11 @@ def test_loss_weights_errors_stats_and_config():
         LossWeights()(torch.zeros(2, 3), {}, {})
     weights = LossWeights(init_loss_scale=0.5)
     assert weights.summary_stats()["loss_scale"] == pytest.approx(0.5)
-    assert weights.config_dict() == {"kind": "loss_weights", "init_loss_scale": 0.5, "trusted_column": None}
+    assert weights.config_dict() == {"kind": "loss_weights", "init_loss_scale": 0.5, "trusted_column": None,
+                                     "warmup_steps": 0}
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="warmup_steps must be an integer >= 0"):
+            LossWeights(warmup_steps=bad)
     assert weights.id_column is None and weights.stops_gradients  # no ids needed; exact HVP modes only
 
 
@@ -326,6 +330,27 @@ def test_loss_weights_give_trusted_rows_the_weight_of_a_zero_loss():
         LossWeights(trusted_column="")
 
 
+def test_loss_weights_warm_up_the_tilt_linearly():
+    weights = LossWeights(init_loss_scale=2.0, warmup_steps=4).double()
+    losses = torch.tensor([0.1, 0.7, 2.0], dtype=torch.float64)
+    torch.testing.assert_close(weights.weights_for(losses), torch.sigmoid(-2.0 * losses))  # untold: full tilt
+    for step, r in ((0, 0.0), (1, 0.25), (3, 0.75), (4, 1.0), (9, 1.0)):
+        weights.set_inner_step(step)
+        assert weights.warmup_factor == r
+        torch.testing.assert_close(weights.weights_for(losses), torch.sigmoid(-r * 2.0 * losses))
+        assert ("warmup_factor" in weights.summary_stats()) == (r < 1)
+    weights.set_inner_step(0)  # no tilt: uniform weights, and the outer gradient vanishes
+    (g_raw,) = torch.autograd.grad(weights(losses, {}, {}), weights.loss_scale_raw)
+    assert float(g_raw) == 0.0
+    no_warmup = LossWeights(init_loss_scale=2.0)
+    no_warmup.set_inner_step(0)
+    assert no_warmup.warmup_factor == 1.0
+    # a combined module passes the step on to its parts
+    combined = CombinedWeights([SourceWeights(["a", "b"]), LossWeights(warmup_steps=10)])
+    combined.set_inner_step(5)
+    assert combined.parts[1].warmup_factor == 0.5
+
+
 def test_loss_weights_save_and_load(tmp_path):
     weights = LossWeights()
     with torch.no_grad():
@@ -336,5 +361,9 @@ def test_loss_weights_save_and_load(tmp_path):
     assert float(loaded.loss_scale.detach()) == pytest.approx(2.5) and loaded.trusted_column is None
     LossWeights(trusted_column="is_validation").save_pretrained(str(tmp_path / "trusted"))
     assert OuterModule.from_pretrained(str(tmp_path / "trusted")).trusted_column == "is_validation"
+    LossWeights(warmup_steps=30).save_pretrained(str(tmp_path / "warmup"))
+    loaded = OuterModule.from_pretrained(str(tmp_path / "warmup"))
+    assert loaded.warmup_steps == 30 and loaded.warmup_factor == 1.0  # a loaded module weights at full tilt
+    assert "first 30 inner steps" in (tmp_path / "warmup" / "README.md").read_text()
     card = (tmp_path / "README.md").read_text()
     assert "sigmoid(-loss_scale * l_i)" in card and "loss_scale = 2.5000" in card

@@ -459,6 +459,27 @@ def test_loss_weights_hypergradient_equals_core_function(tmp_path):
     assert ours["outer_module.loss_scale_raw"].abs() > 0
 
 
+def test_loss_weights_warm_up_with_the_trainers_inner_steps(tmp_path):
+    """The trainer tells LossWeights its inner step before each one: during the warm-up the inner objective and
+    the hypergradient use the tilt r * loss_scale, r = step / warmup_steps."""
+    train, val = datasets_with_ids(32, 16)
+    model = tiny_classifier()
+    weights = LossWeights(init_loss_scale=0.8, warmup_steps=20)
+    args = bilevel_args(tmp_path, max_steps=6, unroll_steps=2, nystrom_rank=6, nystrom_rho=0.05, hvp_mode="rev_rev")
+    trainer = BilevelTrainer(model=model, args=args, train_dataset=train, eval_dataset=val, outer_module=weights)
+    weights.set_inner_step(5)
+    train_batch, eval_batch, _ = trainer._batches(step=5)
+    ours = trainer.compute_hypergradient(train_batch, eval_batch, torch.Generator().manual_seed(7))
+    core = _core_nystrom(model, train_batch, eval_batch, {"raw": weights.loss_scale_raw.detach()},
+                         lambda o, losses: torch.sigmoid(-0.25 * F.softplus(o["raw"]) * losses.detach()))
+    torch.testing.assert_close(ours["outer_module.loss_scale_raw"], core["raw"], rtol=1e-5, atol=1e-8)
+    told = []
+    weights._on_inner_step = lambda step: (told.append(step), LossWeights._on_inner_step(weights, step))
+    trainer.train()
+    assert told == list(range(6))  # before every inner step, the steps taken so far
+    assert weights.warmup_factor == pytest.approx(5 / 20)
+
+
 def test_trusted_rows_keep_their_column_and_weight_in_the_hypergradient(tmp_path):
     """Validation rows added to the inner problem, flagged in LossWeights' trusted_column: the column survives
     collation into the hypergradient's batch, and the hypergradient is the core one with those rows' weights
