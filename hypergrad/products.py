@@ -244,7 +244,12 @@ class _ReverseLinearization(InnerProducts):
         if self._memory_budget is not None:
             self._graph()
             return max(1, min(k, self._memory_budget // max(self.graph_bytes, 1)))
-        return k if tree_numel(self._theta) <= VECTORIZE_MAX_PARAMS else 1
+        return k if self._overhead_bound() else 1
+
+    def _overhead_bound(self) -> bool:
+        """At most :data:`VECTORIZE_MAX_PARAMS` inner parameters: per-call overhead, not compute or memory,
+        sets the cost of a product here."""
+        return tree_numel(self._theta) <= VECTORIZE_MAX_PARAMS
 
     def _batched_chunk(self, chunk: list[Tensor]) -> ParamsLike:
         """One vectorized backward for the rows of ``chunk``; a loop when some kernel of the
@@ -266,7 +271,7 @@ class _ReverseLinearization(InnerProducts):
         reaches ``phi`` (shallow for data weights and penalty strengths), instead of a
         ``create_graph`` gradient and a double backward through the model. Falls back to the
         graph where forward-mode AD cannot run."""
-        if self._grads is None and self._forward_mixed and tree_numel(self._theta) > VECTORIZE_MAX_PARAMS:
+        if self._grads is None and self._forward_mixed and not self._overhead_bound():
             try:
                 return mixed_reverse_over_forward(self._inner, self._theta_in, self._phi_in, v)
             except Exception as err:  # a kernel without a forward-mode rule
