@@ -424,8 +424,7 @@ def outer_trajectory(problem: Problem, steps: int, rank: int, inner_steps: int =
 
 
 def cosine(a: Params, b: Params) -> float:
-    fa, fb = _flat(a).double(), _flat(b).double()
-    return float(fa @ fb / (fa.norm() * fb.norm()).clamp_min(1e-300))
+    return float(F.cosine_similarity(_flat(a).double(), _flat(b).double(), dim=0))
 
 
 def bench_nystrom_amortized(problem: Problem, repeats: int, refresh: int = REFRESH_STEPS) -> list[dict]:
