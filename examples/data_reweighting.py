@@ -73,6 +73,8 @@ from frozen_features import CachedTrunkClassifier, add_feature_rows  # noqa: E40
 from reweighting_baselines import BASELINES, inner_training_set, per_example_losses, train_baseline  # noqa: E402
 from text_classification import (  # noqa: E402
     TRAIN_ON_VALIDATION_HELP,
+    TRUSTED_SHARE_HELP,
+    TRUSTED_SHARES,
     check_experiment_arguments,
     InputError,
     DataArguments,
@@ -181,6 +183,7 @@ class ExperimentArguments:
                   "the real-text sets of benchmarks/reweighting_outcome.py: 2 beat 0.5 and 1)."},
     )
     train_on_validation: bool | None = field(default=None, metadata={"help": TRAIN_ON_VALIDATION_HELP})
+    trusted_share: str = field(default="max_weight", metadata={"help": TRUSTED_SHARE_HELP, "choices": TRUSTED_SHARES})
     cache_frozen_layers: bool = field(
         default=True,
         metadata={"help": "Run the frozen embeddings and layers below the lowest LoRA layer once per example "
@@ -295,6 +298,7 @@ def _experiment(model_args, data_args, exp_args, training_args, run) -> dict[str
             cached = CachedTrunkClassifier(model)
         except ValueError as err:
             raise InputError(str(err)) from err
+        cached.to(training_args.device)  # the frozen layers run where the training will (Trainer would move it)
         if not features:
             tic = time.perf_counter()
             cached.cache_features(tokenized, DataCollatorWithPadding(tokenizer),
@@ -308,8 +312,8 @@ def _experiment(model_args, data_args, exp_args, training_args, run) -> dict[str
     # ---------------------------------------------------------------- bilevel training
     model = build_model()
     inner_ds, trusted = inner_training_set(train_ds, val_ds, exp_args.train_on_validation)
-    weights = (LossWeights(trusted_column=trusted) if exp_args.weighting == "loss"
-               else DataWeights(num_example_ids(train_ds)))
+    weights = (LossWeights(trusted_column=trusted, trusted_share=exp_args.trusted_share if trusted else "max_weight")
+               if exp_args.weighting == "loss" else DataWeights(num_example_ids(train_ds)))
     trainer = BilevelTrainer(
         model=model, args=training_args, train_dataset=inner_ds, eval_dataset=val_ds, outer_module=weights,
         dataset_name=data_args.source, dataset_split=splits.split_names["train"], processing_class=tokenizer,
@@ -377,6 +381,7 @@ def _experiment(model_args, data_args, exp_args, training_args, run) -> dict[str
         "hvp_mode": trainer.hvp_mode,
         "cached_frozen_layers": exp_args.cache_frozen_layers,
         "train_on_validation": exp_args.train_on_validation,
+        "trusted_share": getattr(weights, "trusted_share", None),
         "resumed_from": run.resume,
         "wall_time_bilevel_s": bilevel_time,
         "wall_time_baselines_s": {name: b["wall_time_s"] for name, b in baselines.items()},

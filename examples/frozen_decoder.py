@@ -27,6 +27,7 @@ exactly the response-token mean of the full model's shifted loss. The wrapper is
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +42,22 @@ from hf_integration.losses import IGNORE_INDEX, per_example_loss
 __all__ = ["FEATURE_ROW", "add_feature_rows", "ResponseCollator", "CachedTrunkCausalLM", "first_trainable_layer"]
 
 RESPONSE_POSITIONS = "response_positions"
+
+
+def _causal_mask(config: Any, hidden: Tensor, attention_mask: Tensor | None, position_ids: Tensor) -> Any:
+    """The decoder's own causal (+ padding) attention mask for ``hidden`` without a KV cache, through
+    ``transformers.masking_utils.create_causal_mask``, whose argument names differ across releases: the
+    embeddings are ``inputs_embeds`` (``input_embeds`` in 4.x), the cache is ``past_key_values`` (5.17) or
+    ``cache`` (5.24), and 4.x also requires ``cache_position``."""
+    from transformers.masking_utils import create_causal_mask
+
+    params = inspect.signature(create_causal_mask).parameters
+    kwargs: dict[str, Any] = {"config": config, "attention_mask": attention_mask, "position_ids": position_ids,
+                              "inputs_embeds" if "inputs_embeds" in params else "input_embeds": hidden}
+    kwargs.update({name: None for name in ("cache", "past_key_values") if name in params})
+    if "cache_position" in params:
+        kwargs["cache_position"] = torch.arange(hidden.shape[1], device=hidden.device)
+    return create_causal_mask(**kwargs)
 
 
 @dataclass
@@ -134,11 +151,8 @@ class CachedTrunkCausalLM(nn.Module):
 
     def _run_layers(self, decoder: nn.Module, hidden: Tensor, attention_mask: Tensor | None,
                     layers: Sequence[nn.Module]) -> Tensor:
-        from transformers.masking_utils import create_causal_mask
-
         position_ids = self._positions(hidden)
-        mask = create_causal_mask(config=decoder.config, inputs_embeds=hidden, attention_mask=attention_mask,
-                                  cache=None, position_ids=position_ids)
+        mask = _causal_mask(decoder.config, hidden, attention_mask, position_ids)
         embeddings = decoder.rotary_emb(hidden, position_ids=position_ids)
         for layer in layers:
             hidden = layer(hidden, attention_mask=mask, position_embeddings=embeddings, position_ids=position_ids)
@@ -152,6 +166,7 @@ class CachedTrunkCausalLM(nn.Module):
         if not self.cache:
             return
         _, decoder = _parts(self.model)
+        device = decoder.embed_tokens.weight.device
         was_training = decoder.training
         decoder.eval()
         rows, states = [], []
@@ -162,7 +177,8 @@ class CachedTrunkCausalLM(nn.Module):
                 lengths = [len(ids) for ids in dataset["input_ids"]]
                 order = sorted(range(len(dataset)), key=lengths.__getitem__)
                 for start in range(0, len(order), batch_size):
-                    batch = collator([dataset[i] for i in order[start: start + batch_size]])
+                    batch = {key: value.to(device) for key, value in
+                             collator([dataset[i] for i in order[start: start + batch_size]]).items()}
                     rows.append(batch[FEATURE_ROW])
                     hidden = decoder.embed_tokens(batch["input_ids"])
                     states.append(self._run_layers(decoder, hidden, batch["attention_mask"],

@@ -95,6 +95,7 @@ class CachedTrunkClassifier(nn.Module):
         the embeddings and layers ``0 .. first_layer - 1`` in evaluation mode, padded with zeros to the longest
         example."""
         _, encoder = _parts(self.model)
+        device = next(encoder.parameters()).device
         was_training = encoder.training
         encoder.eval()
         rows, states = [], []
@@ -104,7 +105,8 @@ class CachedTrunkClassifier(nn.Module):
                            if c in dataset.column_names]
                 dataset = dataset.select_columns(columns)
                 for start in range(0, len(dataset), batch_size):
-                    batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+                    batch = {key: value.to(device) for key, value in
+                             collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]).items()}
                     rows.append(batch.pop(FEATURE_ROW))
                     states.append(self._trunk(encoder, batch))
         finally:

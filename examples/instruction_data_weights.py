@@ -16,10 +16,13 @@ clean validation set (`hf_integration.BilevelTrainer`, implicit hypergradients).
 Default setup, chosen by measurement on SmolLM2 (3 seeds, 2 shared CPU cores): ``loss`` weighting with
 first-order hypergradients (``--ihvp_method identity``: ``H^-1 ~ I``), ``loss_scale`` starting at 1
 (``--init_loss_scale``), an outer step every 8 inner steps after half an epoch, 9 epochs at learning rate 1e-2,
-the validation examples trained on as trusted rows. Over 3 seeds its ranking found the corrupted responses
-with AUC 0.927 (the loss filter's: 0.69; from ``loss_scale = 0.1``: 0.895), and the model beat uniform SFT and
-the loss filter on exact match in every seed and on token-mean test loss in the mean, though not at seed 0,
-where the stronger down-weighting made the model more confident on unseen words (README).
+the validation examples trained on as trusted rows at their uniform share of each batch (``--trusted_share
+uniform``: the weights only divide the rest among the training rows). Over 3 seeds its ranking found the
+corrupted responses with AUC 0.910 (the loss filter's: 0.69), and the model beat uniform SFT and the loss
+filter on exact match and token-mean test loss in every seed (README). With the trusted rows at the largest
+weight instead (``--trusted_share max_weight``), down-weighting also moved mass onto the validation rows that
+the outer loss scores: AUC 0.927, but a model more confident on unseen words, behind uniform SFT on test loss
+at seed 0.
 In shorter exploratory runs, free per-example weights (each in one or two hypergradient batches within the
 budget) stayed near chance (AUC 0.54), and source x loss weights swung from one task family to another (the noise
 is spread evenly over the families).
@@ -106,6 +109,8 @@ from reweighting_baselines import TRUSTED_COLUMN, WeightedTrainer, inner_trainin
 from smollm2 import HUB_ID as SMOLLM2_HUB_ID, load_smollm2  # noqa: E402
 from text_classification import (  # noqa: E402
     TRAIN_ON_VALIDATION_HELP,
+    TRUSTED_SHARE_HELP,
+    TRUSTED_SHARES,
     check_experiment_arguments,
     InputError,
     ModelArguments,
@@ -299,6 +304,7 @@ class ExperimentArguments:
         metadata={"help": "--weighting loss: the tilt w_i = sigmoid(-r * loss_scale * l_i) grows linearly from r = 0 "
                   "to 1 over this many epochs of the inner data (LossWeights' warmup_steps; 0: full tilt from the "
                   "start), so that the hard clean examples are learned before high losses are down-weighted."})
+    trusted_share: str = field(default="uniform", metadata={"help": TRUSTED_SHARE_HELP, "choices": TRUSTED_SHARES})
     run_baseline: bool = field(
         default=True, metadata={"help": "Also train the --baselines (same model initialisation, seed, data order, "
                                         "optimizer, schedule and number of inner steps as the bilevel run)."})
@@ -552,19 +558,21 @@ def response_losses(model: torch.nn.Module, dataset: Any, collator: ResponseColl
     and the numbers of response tokens ``n_i`` (rows' order)."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     data = dataset.select_columns([c for c in ("input_ids", "labels", FEATURE_ROW) if c in dataset.column_names])
     means, counts = [], []
     try:
         for start in range(0, len(data), batch_size):
             batch = collator([data[i] for i in range(start, min(start + batch_size, len(data)))])
+            batch = {key: value.to(device) for key, value in batch.items()}
             logits = model(**batch).logits.float()
             labels = batch["labels"]
             ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
                                                    reduction="none").view(labels.shape)
             mask = labels != IGNORE_INDEX
             tokens = mask.sum(1)
-            means.append(((ce * mask).sum(1) / tokens.clamp(min=1)).double().numpy())
-            counts.append(tokens.numpy())
+            means.append(((ce * mask).sum(1) / tokens.clamp(min=1)).double().cpu().numpy())
+            counts.append(tokens.cpu().numpy())
     finally:
         model.train(was_training)
     return np.concatenate(means), np.concatenate(counts)
@@ -585,6 +593,7 @@ def greedy_answers(lm: torch.nn.Module, tokenizer: Any, prompts: Sequence[Sequen
     answers: list[str] = [""] * len(prompts)
     was_training = lm.training
     lm.eval()
+    device = next(lm.parameters()).device
     try:
         for start in range(0, len(order), batch_size):
             chunk = order[start: start + batch_size]
@@ -594,8 +603,8 @@ def greedy_answers(lm: torch.nn.Module, tokenizer: Any, prompts: Sequence[Sequen
             for row, i in enumerate(chunk):
                 ids[row, width - len(prompts[i]):] = torch.as_tensor(prompts[i])
                 mask[row, width - len(prompts[i]):] = 1
-            output = lm.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-            for row, text in zip(chunk, tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)):
+            output = lm.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
+            for row, text in zip(chunk, tokenizer.batch_decode(output[:, width:].cpu(), skip_special_tokens=True)):
                 answers[row] = text.strip()
     finally:
         lm.train(was_training)
@@ -657,13 +666,15 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
 
 
 def _outer_module(weighting: str, train_ds: Any, source_names: list[str], init_loss_scale: float = 0.1,
-                  trusted_column: str | None = None, warmup_steps: int = 0) -> Any:
+                  trusted_column: str | None = None, warmup_steps: int = 0, trusted_share: str = "uniform") -> Any:
     """The outer module of ``--weighting`` (see `ExperimentArguments.weighting`); ``trusted_column`` is
-    `LossWeights`' (``--train_on_validation``), and so is ``warmup_steps`` (``--loss_warmup_epochs``)."""
+    `LossWeights`' (``--train_on_validation``), and so are ``warmup_steps`` (``--loss_warmup_epochs``) and
+    ``trusted_share`` (``--trusted_share``; it only applies with a trusted column)."""
     from hf_integration import DataWeights, LossWeights, num_example_ids
 
     parts = {"loss": lambda: LossWeights(init_loss_scale=init_loss_scale, trusted_column=trusted_column,
-                                         warmup_steps=warmup_steps),
+                                         warmup_steps=warmup_steps,
+                                         trusted_share=trusted_share if trusted_column else "max_weight"),
              "per_example": lambda: DataWeights(num_example_ids(train_ds))}
     if weighting in parts:
         return parts[weighting]()
@@ -679,15 +690,17 @@ def learned_weights(module: Any, train_ds: Any, final_losses: np.ndarray) -> np.
     the example as the inner loss uses it, ``w_i`` of ``sum_i w_i l_i / sum_i w_i``, with ``l_i`` its loss under
     the trained model -- ``sigmoid(-loss_scale * l_i)`` (``LossWeights``), ``sigmoid(s_i)`` (``DataWeights``),
     ``w_s(i)`` (``SourceWeights``), the product of the parts' (``CombinedWeights``)."""
-    batch = {c: torch.as_tensor(train_ds[c]) for c in ("example_id", "source_id") if c in train_ds.column_names}
+    device = next(module.parameters()).device
+    batch = {c: torch.as_tensor(train_ds[c], device=device) for c in ("example_id", "source_id")
+             if c in train_ds.column_names}
     if getattr(module, "trusted_column", None):  # no training example is a trusted (validation) row
-        batch[module.trusted_column] = torch.zeros(len(train_ds), dtype=torch.long)
-    losses = torch.as_tensor(final_losses, dtype=torch.float32)
+        batch[module.trusted_column] = torch.zeros(len(train_ds), dtype=torch.long, device=device)
+    losses = torch.as_tensor(final_losses, dtype=torch.float32, device=device)
     if hasattr(module, "example_weights"):
         return module.example_weights(losses, batch).float().cpu().numpy()
     if hasattr(module, "weights_for"):  # hf_integration without ExampleWeighting
         return module.weights_for(losses).float().cpu().numpy()
-    return module.weights().float().cpu().numpy()[batch[module.id_column].numpy()]
+    return module.weights().float().cpu().numpy()[batch[module.id_column].cpu().numpy()]
 
 
 def _experiment(model_args, data_args, exp_args, training_args, run) -> dict[str, Any]:
@@ -740,6 +753,7 @@ def _experiment(model_args, data_args, exp_args, training_args, run) -> dict[str
                                         cache=exp_args.cache_frozen_layers)
         except ValueError as err:
             raise InputError(str(err)) from err
+        model.to(training_args.device)  # the frozen layers run where the training will (Trainer would move it)
         if model.cache:
             if not features:
                 tic = time.perf_counter()
@@ -765,7 +779,8 @@ def _experiment(model_args, data_args, exp_args, training_args, run) -> dict[str
     ranking_time = time.perf_counter() - tic  # the loss filter's one forward pass, with the initial model
     inner_ds, trusted = inner_training_set(train_ds, val_ds, exp_args.train_on_validation)
     warmup_steps = int(round(exp_args.loss_warmup_epochs * steps_per_epoch(training_args, len(inner_ds))))
-    weights = _outer_module(exp_args.weighting, train_ds, source_names, exp_args.init_loss_scale, trusted, warmup_steps)
+    weights = _outer_module(exp_args.weighting, train_ds, source_names, exp_args.init_loss_scale, trusted, warmup_steps,
+                            exp_args.trusted_share)
     trainer = BilevelTrainer(
         model=model, args=training_args, train_dataset=inner_ds, eval_dataset=val_ds, outer_module=weights,
         dataset_name=data_args.source, dataset_split=splits.split_names["train"], processing_class=tokenizer,
@@ -849,6 +864,7 @@ def _experiment(model_args, data_args, exp_args, training_args, run) -> dict[str
         "hvp_mode": trainer.hvp_mode,
         "cached_frozen_layers": exp_args.cache_frozen_layers,
         "train_on_validation": exp_args.train_on_validation,
+        "trusted_share": getattr(weights, "trusted_share", None),
         "loss_warmup_steps": getattr(weights, "warmup_steps", None),
         "resumed_from": run.resume,
         "wall_time_cache_s": cache_time[0],

@@ -100,12 +100,21 @@ def check_experiment_arguments(args, weightings, baselines) -> None:
 
 TRAIN_ON_VALIDATION_HELP = (
     "Inner problem on training + validation examples; the outer objective stays the validation loss. The "
-    "validation rows are flagged trusted and get the largest weight, that of a zero loss (LossWeights' "
-    "trusted_column), so the learned function only decides how much the training examples count next to them. "
+    "validation rows are flagged trusted and are not weighted by their loss (LossWeights' trusted_column; "
+    "--trusted_share sets how much they count), so the learned function only decides how much the training "
+    "examples count next to them. "
     "The fair rival, uniform training on train + validation, learns from the validation examples too; this lets "
     "the bilevel model do the same. Default: on with --weighting loss (one shared parameter, which cannot memorize "
     "the validation set; measured in benchmarks/reweighting_outcome.py), refused with the other weightings (free "
     "weights of validation examples would fit the set they are scored on).")
+
+
+TRUSTED_SHARES = ("max_weight", "uniform")
+TRUSTED_SHARE_HELP = (
+    "--weighting loss with --train_on_validation: how much the trusted (validation) rows count in the inner loss "
+    "(LossWeights' trusted_share): 'max_weight' = the weight 1/2 of a zero-loss example, normalized with the rest "
+    "(down-weighting then also shifts the batch's mass onto the outer objective's own rows); 'uniform' = their "
+    "uniform share of each batch, the weights only divide the rest among the training rows.")
 
 
 class RunError(RuntimeError):

@@ -50,6 +50,7 @@ def test_end_to_end_outputs(tiny_model_dir, tmp_path, capsys):
     weights = LossWeights.from_pretrained(str(out))  # the default --weighting loss
     assert weights.metadata["outer_steps"] == "2"
     assert weights.trusted_column == "trusted"  # the validation rows of the inner problem keep weight 1/2
+    assert weights.trusted_share == metrics["trusted_share"] == "max_weight"  # this job's default
     assert (out / "adapter_model.safetensors").is_file()
 
     table = datasets.load_from_disk(str(out / "train_with_weights"))
@@ -89,6 +90,14 @@ def test_uncached_run(tiny_model_dir, tmp_path):
                                                   "--cache_frozen_layers", "False"))
     assert results["cached_frozen_layers"] is False and results["outer_steps"] == 2
     assert (tmp_path / "adapter_model.safetensors").is_file()
+
+
+def test_trusted_rows_at_their_uniform_share(tiny_model_dir, tmp_path):
+    """--trusted_share uniform reaches LossWeights, its saved config and metrics.json."""
+    results = data_reweighting.main(tiny_run_args(tiny_model_dir, tmp_path, "--run_baseline", "False",
+                                                  "--trusted_share", "uniform"))
+    assert results["trusted_share"] == "uniform" and results["outer_steps"] == 2
+    assert LossWeights.from_pretrained(str(tmp_path)).trusted_share == "uniform"
 
 
 def test_push_to_hub_uploads_weights_with_card(tiny_model_dir, tmp_path, capsys):

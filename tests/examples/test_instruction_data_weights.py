@@ -72,7 +72,8 @@ def test_end_to_end_outputs(tiny_chat_dir, tmp_path, capsys):
 
     weights = LossWeights.from_pretrained(str(out))
     assert weights.metadata["outer_steps"] == "2"
-    assert weights.trusted_column == "trusted"  # the validation rows of the inner problem keep weight 1/2
+    assert weights.trusted_column == "trusted"  # the validation rows of the inner problem, not loss-weighted
+    assert weights.trusted_share == "uniform"  # ... and at their uniform share of each batch (--trusted_share)
     assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
 
     table = datasets.load_from_disk(str(out / "train_with_weights"))
@@ -93,6 +94,20 @@ def test_end_to_end_outputs(tiny_chat_dir, tmp_path, capsys):
     assert "| learned data weights (loss, bilevel)" in printed and "| uniform weights (plain SFT) |" in printed
     assert "| loss filter (initial model) |" in printed and "AUC of the loss filter's ranking" in printed
     assert "test exact match" in printed and "AUC by corruption kind" in printed
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("weighting", ["loss", "source+per_example"])
+def test_end_to_end_on_cuda(tiny_chat_dir, tmp_path, weighting):
+    """The one-GPU line: the frozen trunk is cached on the GPU, and the loss rankings, the learned weights and
+    the greedy answers take their batches to the model's device (each once failed with a device mismatch)."""
+    out = tmp_path / "run"
+    script.main(tiny_args(tiny_chat_dir, out, "--use_cpu", "False", "--weighting", weighting))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["cached_frozen_layers"] is True and metrics["outer_steps"] == 2
+    for result in (metrics["reweighted"], *metrics["baselines"].values()):
+        assert np.isfinite(result["test_loss"]) and 0.0 <= result["test_exact_match"] <= 1.0
+    assert 0.0 <= metrics["auc_low_weight_vs_corrupted"] <= 1.0
 
 
 @pytest.mark.skipif("source+per_example" not in script.WEIGHTINGS, reason="hf_integration lacks SourceWeights")

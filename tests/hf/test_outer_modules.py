@@ -302,7 +302,11 @@ def test_loss_weights_errors_stats_and_config():
     weights = LossWeights(init_loss_scale=0.5)
     assert weights.summary_stats()["loss_scale"] == pytest.approx(0.5)
     assert weights.config_dict() == {"kind": "loss_weights", "init_loss_scale": 0.5, "trusted_column": None,
-                                     "warmup_steps": 0}
+                                     "warmup_steps": 0, "trusted_share": "max_weight"}
+    with pytest.raises(ValueError, match=r"trusted_share must be one of \['max_weight', 'uniform'\]"):
+        LossWeights(trusted_column="trusted", trusted_share="fixed")
+    with pytest.raises(ValueError, match="trusted_share='uniform' needs trusted_column"):
+        LossWeights(trusted_share="uniform")
     for bad in (-1, 2.5, True):
         with pytest.raises(ValueError, match="warmup_steps must be an integer >= 0"):
             LossWeights(warmup_steps=bad)
@@ -328,6 +332,58 @@ def test_loss_weights_give_trusted_rows_the_weight_of_a_zero_loss():
         weights(losses, {"trusted": torch.tensor([0, 2, 0, 1])}, {})
     with pytest.raises(ValueError, match="trusted_column must be a column name or None"):
         LossWeights(trusted_column="")
+
+
+def test_loss_weights_keep_the_trusted_rows_uniform_share():
+    """trusted_share="uniform": L = (sum_F l_i + |R| sum_R w_i l_i / sum_R w_i) / n, F the trusted rows."""
+    weights = LossWeights(init_loss_scale=1.5, trusted_column="trusted", trusted_share="uniform").double()
+    losses = torch.tensor([0.2, 3.0, 2.5, 0.9, 1.7], dtype=torch.float64)
+    flags = torch.tensor([0, 1, 0, 1, 0])
+    batch = {"trusted": flags}
+
+    def closed_form(s):
+        w = torch.sigmoid(-s * losses)
+        rest = flags == 0
+        return (losses[~rest].sum() + rest.sum() * (w[rest] * losses[rest]).sum() / w[rest].sum()) / len(losses)
+
+    torch.testing.assert_close(weights(losses, batch, {}), closed_form(1.5))
+    # the reported weights are those of "max_weight": the trusted rows at 1/2, the others sigmoid(-s l)
+    w = torch.sigmoid(-1.5 * losses)
+    w[1] = w[3] = 0.5
+    torch.testing.assert_close(weights.example_weights(losses, batch), w)
+    # whatever loss_scale, the trusted rows carry 2/5 of the batch: a larger scale moves mass among the others only
+    for s in (0.01, 1.5, 40.0):
+        with torch.no_grad():
+            weights.loss_scale_raw.fill_(math.log(math.expm1(s)))
+        shifted = losses + torch.tensor([0.0, 1.0, 0.0, 1.0, 0.0], dtype=torch.float64)
+        torch.testing.assert_close(weights(shifted, batch, {}) - weights(losses, batch, {}),
+                                   torch.tensor(2 / 5, dtype=torch.float64))
+    # the outer gradient against a central finite difference of the closed form in loss_scale_raw
+    with torch.no_grad():
+        weights.loss_scale_raw.fill_(0.3)
+    (g_raw,) = torch.autograd.grad(weights(losses, batch, {}), weights.loss_scale_raw)
+    eps = 1e-6
+    softplus = torch.nn.functional.softplus
+    fd = (closed_form(softplus(torch.tensor(0.3 + eps, dtype=torch.float64)))
+          - closed_form(softplus(torch.tensor(0.3 - eps, dtype=torch.float64)))) / (2 * eps)
+    torch.testing.assert_close(g_raw, fd, rtol=1e-7, atol=1e-10)
+    # only trusted rows: their plain mean; no trusted row: the normalized weighted mean of "max_weight"
+    torch.testing.assert_close(weights(losses, {"trusted": torch.ones(5, dtype=torch.long)}, {}), losses.mean())
+    zeros = {"trusted": torch.zeros(5, dtype=torch.long)}
+    w = torch.sigmoid(-softplus(torch.tensor(0.3, dtype=torch.float64)) * losses)
+    torch.testing.assert_close(weights(losses, zeros, {}), (w * losses).sum() / w.sum())
+    # inside CombinedWeights, the trusted rows keep their share of the product weighting
+    sources = SourceWeights(["a", "b"]).double()
+    with torch.no_grad():
+        sources.logits.copy_(torch.tensor([0.4, -0.4], dtype=torch.float64))
+    combined = CombinedWeights([sources, weights])
+    batch = {"trusted": flags, "source_id": torch.tensor([0, 1, 1, 0, 1])}
+    w = combined.example_weights(losses, batch)
+    rest = flags == 0
+    expected = (losses[~rest].sum() + rest.sum() * (w[rest] * losses[rest]).sum() / w[rest].sum()) / len(losses)
+    torch.testing.assert_close(combined(losses, batch, {}), expected)
+    assert combined.fixed_share_rows(batch, 5).tolist() == [False, True, False, True, False]
+    assert CombinedWeights([SourceWeights(["a", "b"]), LossWeights()]).fixed_share_rows(batch, 5) is None
 
 
 def test_loss_weights_warm_up_the_tilt_linearly():
@@ -361,6 +417,10 @@ def test_loss_weights_save_and_load(tmp_path):
     assert float(loaded.loss_scale.detach()) == pytest.approx(2.5) and loaded.trusted_column is None
     LossWeights(trusted_column="is_validation").save_pretrained(str(tmp_path / "trusted"))
     assert OuterModule.from_pretrained(str(tmp_path / "trusted")).trusted_column == "is_validation"
+    LossWeights(trusted_column="trusted", trusted_share="uniform").save_pretrained(str(tmp_path / "share"))
+    loaded = OuterModule.from_pretrained(str(tmp_path / "share"))
+    assert loaded.trusted_share == "uniform" and "uniform share of each batch" in (
+        tmp_path / "share" / "README.md").read_text()
     LossWeights(warmup_steps=30).save_pretrained(str(tmp_path / "warmup"))
     loaded = OuterModule.from_pretrained(str(tmp_path / "warmup"))
     assert loaded.warmup_steps == 30 and loaded.warmup_factor == 1.0  # a loaded module weights at full tilt
