@@ -100,7 +100,8 @@ def test_end_to_end_outputs(tiny_chat_dir, tmp_path, capsys):
 @pytest.mark.parametrize("weighting", ["loss", "source+per_example"])
 def test_end_to_end_on_cuda(tiny_chat_dir, tmp_path, weighting):
     """The one-GPU line: the frozen trunk is cached on the GPU, and the loss rankings, the learned weights and
-    the greedy answers take their batches to the model's device (each once failed with a device mismatch)."""
+    the greedy answers take their tensors to the model's device (the ranking of the trained model once failed
+    there with a device mismatch)."""
     out = tmp_path / "run"
     script.main(tiny_args(tiny_chat_dir, out, "--use_cpu", "False", "--weighting", weighting))
     metrics = json.loads((out / "metrics.json").read_text())
