@@ -19,7 +19,8 @@ first-order hypergradients (``--ihvp_method identity``: ``H^-1 ~ I``), ``loss_sc
 the validation examples trained on as trusted rows at their uniform share of each batch (``--trusted_share
 uniform``: the weights only divide the rest among the training rows). Over 3 seeds its ranking found the
 corrupted responses with AUC 0.910 (the loss filter's: 0.69), and the model beat uniform SFT and the loss
-filter on exact match and token-mean test loss in every seed (README). With the trusted rows at the largest
+filter on exact match and token-mean test loss in every seed (README; at a held-out fourth seed the AUC was
+0.876 and exact match tied the loss filter's). With the trusted rows at the largest
 weight instead (``--trusted_share max_weight``), down-weighting also moved mass onto the validation rows that
 the outer loss scores: AUC 0.927, but a model more confident on unseen words, behind uniform SFT on test loss
 at seed 0.
