@@ -685,6 +685,12 @@ def _outer_module(weighting: str, train_ds: Any, source_names: list[str], init_l
     return sources if weighting == "source" else CombinedWeights([sources, parts[weighting.split("+")[1]]()])
 
 
+def trusted_share_of(module: Any) -> str | None:
+    """The ``trusted_share`` of the `LossWeights` in ``module`` (itself or a part of a `CombinedWeights`), or
+    ``None`` when no part weights by loss."""
+    return next((m.trusted_share for m in module.modules() if hasattr(m, "trusted_share")), None)
+
+
 @torch.no_grad()
 def learned_weights(module: Any, train_ds: Any, final_losses: np.ndarray) -> np.ndarray:
     """The learned weight of every training example, in the rows' order: the module's (unnormalized) weight of
@@ -865,7 +871,7 @@ def _experiment(model_args, data_args, exp_args, training_args, run) -> dict[str
         "hvp_mode": trainer.hvp_mode,
         "cached_frozen_layers": exp_args.cache_frozen_layers,
         "train_on_validation": exp_args.train_on_validation,
-        "trusted_share": getattr(weights, "trusted_share", None),
+        "trusted_share": trusted_share_of(weights),
         "loss_warmup_steps": getattr(weights, "warmup_steps", None),
         "resumed_from": run.resume,
         "wall_time_cache_s": cache_time[0],

@@ -131,6 +131,15 @@ def test_source_times_per_example_weights(tiny_chat_dir, tmp_path):
 
 
 # ------------------------------------------------------------------------- pieces
+def test_trusted_share_is_found_inside_combined_weights():
+    from hf_integration import CombinedWeights, DataWeights, SourceWeights
+
+    share = LossWeights(trusted_column="trusted", trusted_share="uniform")
+    assert script.trusted_share_of(share) == "uniform"
+    assert script.trusted_share_of(CombinedWeights([SourceWeights(["a", "b"]), share])) == "uniform"
+    assert script.trusted_share_of(CombinedWeights([SourceWeights(["a", "b"]), DataWeights(4)])) is None
+
+
 def test_generated_data_is_deterministic_and_corrupted_as_described():
     a = make_instruction_splits(40, 10, 10, noise_rate=0.3, seed=3)
     b = make_instruction_splits(40, 10, 10, noise_rate=0.3, seed=3)
