@@ -27,6 +27,7 @@ exactly the response-token mean of the full model's shifted loss. The wrapper is
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from typing import Any
 
 import datasets
 import torch
+from accelerate.utils import send_to_device
 from torch import Tensor, nn
 
 from frozen_features import FEATURE_ROW, add_feature_rows
@@ -44,6 +46,12 @@ __all__ = ["FEATURE_ROW", "add_feature_rows", "ResponseCollator", "CachedTrunkCa
 RESPONSE_POSITIONS = "response_positions"
 
 
+@functools.cache
+def _parameter_names(function: Any) -> frozenset[str]:
+    """The names of ``function``'s parameters (read once per function: the mask is built at every forward)."""
+    return frozenset(inspect.signature(function).parameters)
+
+
 def _causal_mask(config: Any, hidden: Tensor, attention_mask: Tensor | None, position_ids: Tensor) -> Any:
     """The decoder's own causal (+ padding) attention mask for ``hidden`` without a KV cache, through
     ``transformers.masking_utils.create_causal_mask``, whose argument names differ across releases: the
@@ -51,7 +59,7 @@ def _causal_mask(config: Any, hidden: Tensor, attention_mask: Tensor | None, pos
     ``cache`` (5.24), and 4.x also requires ``cache_position``."""
     from transformers.masking_utils import create_causal_mask
 
-    params = inspect.signature(create_causal_mask).parameters
+    params = _parameter_names(create_causal_mask)
     kwargs: dict[str, Any] = {"config": config, "attention_mask": attention_mask, "position_ids": position_ids,
                               "inputs_embeds" if "inputs_embeds" in params else "input_embeds": hidden}
     kwargs.update({name: None for name in ("cache", "past_key_values") if name in params})
@@ -177,8 +185,7 @@ class CachedTrunkCausalLM(nn.Module):
                 lengths = [len(ids) for ids in dataset["input_ids"]]
                 order = sorted(range(len(dataset)), key=lengths.__getitem__)
                 for start in range(0, len(order), batch_size):
-                    batch = {key: value.to(device) for key, value in
-                             collator([dataset[i] for i in order[start: start + batch_size]]).items()}
+                    batch = send_to_device(collator([dataset[i] for i in order[start: start + batch_size]]), device)
                     rows.append(batch[FEATURE_ROW])
                     hidden = decoder.embed_tokens(batch["input_ids"])
                     states.append(self._run_layers(decoder, hidden, batch["attention_mask"],

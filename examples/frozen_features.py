@@ -20,6 +20,7 @@ from typing import Any
 
 import datasets
 import torch
+from accelerate.utils import send_to_device
 from torch import Tensor, nn
 
 __all__ = ["FEATURE_ROW", "CachedTrunkClassifier", "first_trainable_layer", "add_feature_rows"]
@@ -105,8 +106,8 @@ class CachedTrunkClassifier(nn.Module):
                            if c in dataset.column_names]
                 dataset = dataset.select_columns(columns)
                 for start in range(0, len(dataset), batch_size):
-                    batch = {key: value.to(device) for key, value in
-                             collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]).items()}
+                    batch = send_to_device(
+                        collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]), device)
                     rows.append(batch.pop(FEATURE_ROW))
                     states.append(self._trunk(encoder, batch))
         finally:

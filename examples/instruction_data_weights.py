@@ -98,6 +98,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate.utils import send_to_device
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling helper modules
 
@@ -565,7 +566,7 @@ def response_losses(model: torch.nn.Module, dataset: Any, collator: ResponseColl
     try:
         for start in range(0, len(data), batch_size):
             batch = collator([data[i] for i in range(start, min(start + batch_size, len(data)))])
-            batch = {key: value.to(device) for key, value in batch.items()}
+            batch = send_to_device(batch, device)
             logits = model(**batch).logits.float()
             labels = batch["labels"]
             ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,

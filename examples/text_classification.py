@@ -37,6 +37,7 @@ import datasets
 import numpy as np
 import torch
 
+from hf_integration import LossWeights
 from hf_integration.hub import (BILEVEL_CHECKPOINT_FILES, CheckpointError, HubError, atomic_write_text,
                                 check_hub_repo, checkpoint_problem, error_line, last_checkpoint,
                                 looks_like_local_path)
@@ -109,7 +110,7 @@ TRAIN_ON_VALIDATION_HELP = (
     "weights of validation examples would fit the set they are scored on).")
 
 
-TRUSTED_SHARES = ("max_weight", "uniform")
+TRUSTED_SHARES = LossWeights.TRUSTED_SHARES
 TRUSTED_SHARE_HELP = (
     "--weighting loss with --train_on_validation: how much the trusted (validation) rows count in the inner loss "
     "(LossWeights' trusted_share): 'max_weight' = the weight 1/2 of a zero-loss example, normalized with the rest "

@@ -340,12 +340,10 @@ def _normalized_weighted_mean(weights: Tensor, per_example_loss: Tensor, fixed_s
         loss, weights = loss.to(common), weights.to(common)
     if fixed_share is not None:
         fixed = fixed_share.to(weights.device).bool()
-        rest = ~fixed
-        if bool(rest.any()):
-            scale = rest.sum() / weights[rest].sum()
-            weights = torch.where(fixed, torch.ones_like(weights), weights * scale)
-        else:
-            weights = torch.ones_like(weights)
+        rest = (~fixed).to(weights.dtype)
+        # |R| / sum_R w; when R is empty every row is fixed and the scale is never used
+        scale = rest.sum() / (weights * rest).sum().clamp_min(torch.finfo(weights.dtype).tiny)
+        weights = torch.where(fixed, torch.ones_like(weights), weights * scale)
     return (weights * loss).sum() / weights.sum()
 
 
