@@ -5,19 +5,21 @@ For Llama-architecture causal LMs with LoRA adapters and per-example `DataWeight
 
 * one inner step (`training_step` forward/backward + optimizer step). This is also the cost of one plain LoRA
   fine-tuning step: `training_step` is `Trainer`'s, with the per-example losses weighted;
+* plain fine-tuning: `FINETUNE_STEPS` (10) such steps in a row on fresh batches, a second memory baseline (a real
+  run's peak also holds what the allocator keeps between steps);
 * one hypergradient (`compute_hypergradient`: Nyström IHVP with batched HVPs + mixed term), for each requested
   `--hvp-mode` on the same weights and batches;
 
 reporting the wall time (minimum over `--repeats`), the peak memory above what was resident before the phase
-(maximum over repeats) and the ratios hypergradient / inner step. Memory: CUDA `max_memory_allocated` minus
-`memory_allocated`; on CPU the process RSS sampled every 2 ms by a background thread, minus the RSS just before
-the phase (after `gc.collect()` and glibc `malloc_trim`, so that freed-but-cached heap does not hide a peak).
-With its default settings glibc keeps freed blocks of up to 32 MiB cached inside the process, so that RSS peak
-also counts freed tensors whose memory was not reused (SmolLM2 + LoRA, finite-difference hypergradient: 1.46x and
-1.70x an inner step in two runs, while the profiler's live tensors peaked at 1.11x). `--return-freed-memory`
-sets glibc's mmap threshold to 128 KiB, so every larger block goes back to the OS when it is freed and the RSS
-peak tracks live tensors (run to run within 1%); allocation then costs page faults, so take times from a run
-without it. The memory ratio is between two phases of one run either way.
+(maximum over repeats) and the ratios hypergradient / inner step (and / fine-tuning for memory). Memory: CUDA
+`max_memory_allocated` minus `memory_allocated`; on CPU the process RSS sampled every 2 ms by a background thread,
+minus the RSS just before the phase (after `gc.collect()` and glibc `malloc_trim`, so that freed-but-cached heap
+does not hide a peak). With its default settings glibc keeps freed blocks of up to 32 MiB cached inside the process,
+so that RSS peak also counts freed tensors whose memory was not reused (SmolLM2 + LoRA, finite-difference
+hypergradient: 1.46x to 1.76x an inner step over five runs, while the profiler's live tensors peaked at 1.11x).
+`--return-freed-memory` sets glibc's mmap threshold to 128 KiB, so every larger block goes back to the OS when it is
+freed and the RSS peak tracks live tensors (1.13x and 1.20x in two runs); allocation then costs page faults, so take
+times from a run without it. The memory ratio is between two phases of one run either way.
 Prints a markdown table and writes it (.md) with JSON, atomically.
 
 Models: tiny Llamas built from configs (random weights and tokens, no download) and `smollm2`, the real
@@ -65,6 +67,7 @@ PRESETS = {"cpu": ["llama-0.2M", "llama-1.3M", "llama-6.5M"], "gpu": ["llama-56M
 DEFAULTS = {"batch_size": 4, "seq_len": 128, "rank": 5, "lora_rank": 16, "lora_targets": "q_proj,k_proj,v_proj,o_proj"}
 MODEL_DEFAULTS = {"smollm2": {"seq_len": 64, "lora_rank": 8, "lora_targets": "q_proj,v_proj"}}
 SETTINGS = tuple(DEFAULTS)
+FINETUNE_STEPS = 10  # the plain fine-tuning stretch measured beside one inner step (the default refresh interval)
 
 
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
@@ -216,15 +219,19 @@ def measure(name: str, settings: dict, args, device: torch.device) -> list[dict]
     with tempfile.TemporaryDirectory() as tmp:
         trainer = make_trainer(model, tokens, settings, args, device, tmp, args.hvp_mode[0])
 
-        def inner_step():
+        def inner_step(batch=None):
             model.train()
-            trainer.training_step(model, train_batch)
+            trainer.training_step(model, train_batch if batch is None else batch)
             trainer.optimizer.step()
             trainer.optimizer.zero_grad(set_to_none=True)
 
         train_batch, eval_batch, sketch = trainer._batches(step=1)
         inner_step()  # warm-up (creates the optimizer state)
         inner = timed(inner_step, args.repeats, device)
+        # plain fine-tuning for one refresh interval (fresh batches): its peak includes what an allocator keeps
+        # between steps, as a real run's does
+        stretch = [trainer._batches(step=1 + i)[0] for i in range(FINETUNE_STEPS)]
+        finetune = timed(lambda: [inner_step(batch) for batch in stretch], args.repeats, device)
         for i, mode in enumerate(args.hvp_mode):
             if i:  # same model, weights and batches; a fresh trainer resolves the new mode
                 del trainer
@@ -256,6 +263,8 @@ def measure(name: str, settings: dict, args, device: torch.device) -> list[dict]
                 "reuse_time_ratio": reuse["seconds"] / inner["seconds"],
                 "amortized_time_ratio": amortized / inner["seconds"],
                 "memory_ratio": peak / inner["peak_mb"] if inner["peak_mb"] > 0 else None,
+                "finetune_steps": FINETUNE_STEPS, "finetune_peak_mb": finetune["peak_mb"],
+                "memory_ratio_finetune": peak / finetune["peak_mb"] if finetune["peak_mb"] > 0 else None,
                 "resident_mb": inner["resident_mb"], "inner_all_s": inner["all_seconds"],
                 "hypergrad_all_s": hyper["all_seconds"], "reuse_all_s": reuse["all_seconds"],
             })
@@ -276,8 +285,8 @@ def markdown(results: list[dict], header_line: str) -> str:
     lines = [header_line, "",
              "| model | params | LoRA params | batch | hvp_mode | inner step s | hypergrad s (fresh sketch) "
              "| reused factor s | refresh every | amortized ratio | fresh ratio | inner peak MB "
-             "| hypergrad peak MB | memory ratio | resident MB |",
-             "|---" * 15 + "|"]
+             "| hypergrad peak MB | memory ratio | fine-tuning peak MB | memory ratio to fine-tuning | resident MB |",
+             "|---" * 17 + "|"]
     for r in results:
         mode = r["hvp_mode"] if r["hvp_mode_requested"] == r["hvp_mode"] else f"{r['hvp_mode_requested']}→{r['hvp_mode']}"
         lines.append(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['inner_params'] / 1e6:.2f}M "
@@ -285,12 +294,14 @@ def markdown(results: list[dict], header_line: str) -> str:
                      f"| {r['reuse_s']:.3f} | {r['refresh_steps']} | {ratio(r['amortized_time_ratio'])} "
                      f"| {ratio(r['time_ratio'])} | {r['inner_peak_mb']:.0f} "
                      f"| {max(r['hypergrad_peak_mb'], r['reuse_peak_mb']):.0f} "
-                     f"| {ratio(r['memory_ratio'])} | {r['resident_mb']:.0f} |")
+                     f"| {ratio(r['memory_ratio'])} | {r['finetune_peak_mb']:.0f} | {ratio(r['memory_ratio_finetune'])} "
+                     f"| {r['resident_mb']:.0f} |")
     lines += ["", "inner step = one plain (LoRA) fine-tuning step: forward/backward + optimizer step. Hypergradient "
               "(fresh sketch) = a Nyström refresh (rank HVPs); reused factor = the other outer steps (outer gradient + "
               "mixed product); amortized = their mean over one refresh interval. Peaks are above the resident memory "
               "before the phase (CUDA allocator, or CPU RSS sampled every 2 ms); the hypergradient peak is the larger of "
-              "the two kinds."]
+              f"the two kinds. Fine-tuning = {FINETUNE_STEPS} plain inner steps in a row on fresh batches (one refresh "
+              "interval): its peak also counts what the allocator keeps between steps, as a real run's does."]
     return "\n".join(lines)
 
 
