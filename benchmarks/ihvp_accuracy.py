@@ -391,12 +391,30 @@ def reused_pcg(problem: Problem, rank: int, budget: int, rho: float, seed: int):
                               solver)  # reuses the factor: budget products
 
 
+def warm_chain(problem: Problem, method: str, seed: int, **options):
+    """The solver ``method`` (``warm_start=True``) carried through the ``REFRESH_STEPS`` outer steps of one
+    refresh interval, ending at the problem's point: a walk back from it by ``DRIFT / REFRESH_STEPS`` per step
+    (so the first point is about :data:`DRIFT` away, as for ``reused_pcg``), solved in order, each solve
+    starting from the previous solution (and, for ``nystrom_pcg``, the preconditioner sketched at the first
+    point). The last hypergradient is returned; each step costs ``num_iters`` products after the sketch."""
+    gen = torch.Generator().manual_seed(seed)
+    points = [(problem.in_params, problem.out_params)]
+    for _ in range(REFRESH_STEPS - 1):
+        theta, phi = points[-1]
+        points.append((drifted(theta, DRIFT / REFRESH_STEPS, gen), drifted(phi, DRIFT / REFRESH_STEPS, gen)))
+    solver = make_solver(method, warm_start=True, generator=gen, **options)
+    for theta, phi in reversed(points):
+        out = implicit_hypergrad(problem.inner_obj, problem.outer_obj, theta, phi, solver)
+    return out
+
+
 def pcg_comparison(problem: Problem, budgets, seeds: int, lam_max: float, rho_rel: float) -> dict:
     """At equal product budgets: CG, Nyström-preconditioned CG (rank ``k`` sketch + ``budget - k``
     CG steps, damping ``rho_rel * lam_max``, mean over seeds), the same with a preconditioner
     reused from an earlier point (``budget`` CG steps; its sketch is amortized over the refresh
     interval), that reused one with ``budget - ceil(k / REFRESH_STEPS)`` CG steps (its amortized sketch
-    counted in the budget) and the first-order ``identity`` method (no HVP; ``scale = 1 / lam_max``)."""
+    counted in the budget), CG and that in-budget PCG warm-started along a refresh interval
+    (:func:`warm_chain`) and the first-order ``identity`` method (no HVP; ``scale = 1 / lam_max``)."""
     args = (problem.inner_obj, problem.outer_obj, problem.in_params, problem.out_params)
     p = sum(x.numel() for x in problem.in_params)
     out: dict = {"identity": dict(zip(("rel_err", "cos"), errors(identity(*args, scale=1.0 / lam_max),
@@ -424,13 +442,19 @@ def pcg_comparison(problem: Problem, budgets, seeds: int, lam_max: float, rho_re
             iters = budget - math.ceil(rank / REFRESH_STEPS)
             row[f"reused-{rank} in budget"] = mean_errors([errors(reused_pcg(problem, rank, iters, rho_rel * lam_max, s),
                                                                   problem.true_hg) for s in range(seeds)])
+            row[f"reused-{rank} in budget, warm"] = mean_errors([errors(
+                warm_chain(problem, "nystrom_pcg", s, rank=rank, num_iters=iters, rho=rho_rel * lam_max,
+                           refresh_steps=REFRESH_STEPS), problem.true_hg) for s in range(seeds)])
+        row["cg warm"] = mean_errors([errors(warm_chain(problem, "cg", s, num_iters=budget), problem.true_hg)
+                                      for s in range(seeds)])
         out[budget] = row
     return out
 
 
 def pcg_table(results: dict, budgets) -> str:
     cols = (["cg"] + [f"pcg-{k}" for k in PCG_RANKS] + [f"reused-{k}" for k in REUSED_PCG_RANKS]
-            + [f"reused-{k} in budget" for k in REUSED_PCG_RANKS])
+            + [f"reused-{k} in budget" for k in REUSED_PCG_RANKS] + ["cg warm"]
+            + [f"reused-{k} in budget, warm" for k in REUSED_PCG_RANKS])
     lines = ["| problem | budget | " + " | ".join(cols) + " | identity (0 HVPs) |",
              "|---|---|" + "---|" * (len(cols) + 1)]
     for name, res in results.items():
@@ -709,7 +733,10 @@ def main() -> None:
           f"seeds; reused-k: a rank-k preconditioner sketched at an earlier point (θ and φ moved by "
           f"{DRIFT:.0%} of their norm) + budget CG steps, the sketch amortized over the refresh interval "
           f"(k/refresh_steps products per step); reused-k in budget: the same with budget - k/{REFRESH_STEPS} CG "
-          f"steps, so that the amortized sketch is inside the budget; identity: first-order H^-1 ~ I/λmax, no HVP.\n")
+          f"steps, so that the amortized sketch is inside the budget; warm: the solver carried through the "
+          f"{REFRESH_STEPS} outer steps of one refresh interval (a walk of {DRIFT:.0%} in all), each solve started "
+          f"from the previous solution (its residual one of the budget's products), error at the last step; "
+          f"identity: first-order H^-1 ~ I/λmax, no HVP.\n")
     print(pcg_table(results, PCG_BUDGETS))
     print()
     print("## Nyström sketches at equal ρ: relative error column / gaussian\n")

@@ -63,6 +63,11 @@ class BilevelTrainingArguments(TrainingArguments):
     )
     ihvp_iters: int = field(default=10, metadata={"help": "Iterations (HVPs) of the CG, Neumann and nystrom_pcg "
                                                           "methods."})
+    ihvp_warm_start: bool = field(
+        default=False,
+        metadata={"help": "ihvp_method='cg' or 'nystrom_pcg': start each solve from the previous outer step's "
+                  "solution instead of 0 (its residual costs one of the ihvp_iters products). Consecutive outer "
+                  "steps solve nearby systems, so the products go to the change; saved with checkpoints."})
     identity_scale: float = field(
         default=1.0, metadata={"help": "ihvp_method='identity': the scale s of the first-order approximation H^-1 ~ s I."})
     neumann_lr: float = field(default=0.01, metadata={"help": "Step size of the Neumann series (< 2 / lambda_max)."})
@@ -151,3 +156,6 @@ class BilevelTrainingArguments(TrainingArguments):
                 raise ValueError(f"`{name}` must be one of {allowed}, got {getattr(self, name)!r}.")
         # the chosen method's own options (rank, rho, iterations, ...), validated by the method table
         options_from_arguments(self.ihvp_method, self)
+        if self.ihvp_warm_start is True and self.ihvp_method not in ("cg", "nystrom_pcg"):
+            raise ValueError(f"`ihvp_warm_start` only applies to iterative solves: use ihvp_method='cg' or "
+                             f"'nystrom_pcg', or leave it off (ihvp_method={self.ihvp_method!r}).")

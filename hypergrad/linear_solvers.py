@@ -59,23 +59,25 @@ def solve_cg(
     lr: float = 1.0,
     tol: float = 0.0,
     reduce: Reduce = identity,
+    x0: ParamsLike | None = None,
 ) -> ParamsLike:
     """Textbook conjugate gradient for a symmetric positive-definite ``A``.
 
     Solves ``(lr A) x = lr b`` (the same ``x``; ``lr`` only rescales the products, which
-    helps keep them in a comfortable floating-point range) starting from ``x = 0``. The new
-    search direction is built from the *new* residual, ``p <- r_new + beta p`` with
+    helps keep them in a comfortable floating-point range) starting from ``x = 0``, or from
+    ``x0`` (a warm start: the residual ``b - A x0`` costs one of the ``num_iters`` products).
+    The new search direction is built from the *new* residual, ``p <- r_new + beta p`` with
     ``beta = |r_new|^2 / |r|^2``. Stops after ``num_iters`` products or when
     ``|r| <= tol |b|``.
     """
     check_positive_int(num_iters, "num_iters")
     check_positive_float(lr, "lr")
-    x = tree_map(torch.zeros_like, b)
-    r = tree_scale(b, lr)
+    x, r, iters = _initial_iterate(matvec, b, x0, num_iters, reduce)
+    r = tree_scale(r, lr)
     p = r
     rs = reduce(tree_dot(r, r))
-    stop = (tol**2) * rs
-    for _ in range(num_iters):
+    stop = (tol**2) * (rs if x0 is None else lr**2 * reduce(tree_dot(b, b)))
+    for _ in range(iters):
         if rs == 0 or rs <= stop:
             break
         ap = tree_scale(matvec(p), lr)
@@ -86,6 +88,24 @@ def solve_cg(
         p = tree_axpy(rs_new / rs, p, r)
         rs = rs_new
     return x
+
+
+def _initial_iterate(matvec: Matvec, b: ParamsLike, x0: ParamsLike | None, num_iters: int,
+                     reduce: Reduce) -> tuple[ParamsLike, ParamsLike, int]:
+    """The first iterate, its residual ``b - A x`` and the products left: ``(0, b, num_iters)``
+    cold; warm, ``(a x0, b - a A x0, num_iters - 1)`` with ``a = <b, x0> / <x0, A x0>``, the
+    multiple of ``x0`` closest to ``A^{-1} b`` in the ``A``-norm that CG minimises (so the start
+    is never worse than 0 in that norm; ``a = 1`` when ``x0`` is the solution), or
+    ``(0, b, num_iters - 1)`` when ``<x0, A x0> <= 0``."""
+    zero = tree_map(torch.zeros_like, b)
+    if x0 is None:
+        return zero, b, num_iters
+    ax0 = matvec(x0)
+    curvature = reduce(tree_dot(x0, ax0))
+    if not curvature > 0:
+        return zero, b, num_iters - 1
+    alpha = reduce(tree_dot(b, x0)) / curvature
+    return tree_scale(x0, alpha), tree_axpy(-alpha, ax0, b), num_iters - 1
 
 
 def solve_neumann(
@@ -334,20 +354,21 @@ def solve_pcg(
     precondition: Matvec,
     tol: float = 0.0,
     reduce: Reduce = identity,
+    x0: ParamsLike | None = None,
 ) -> ParamsLike:
-    """Preconditioned conjugate gradient for ``A x = b`` from ``x = 0``, with
+    """Preconditioned conjugate gradient for ``A x = b`` from ``x = 0`` (or from ``x0``, whose
+    residual costs one of the ``num_iters`` products), with
     ``precondition(r) ~ A^{-1} r`` symmetric positive definite: ``z = P^{-1} r``,
     ``alpha = <r, z> / <p, A p>``, ``p <- z_new + (<r_new, z_new> / <r, z>) p``. Stops after
     ``num_iters`` products or when ``|r| <= tol |b|``."""
     check_positive_int(num_iters, "num_iters")
     check_positive_float(tol, "tol", allow_zero=True)
-    x = tree_map(torch.zeros_like, b)
-    r = b
+    x, r, iters = _initial_iterate(matvec, b, x0, num_iters, reduce)
     z = precondition(r)
     p = z
     rz = reduce(tree_dot(r, z))
     stop = (tol**2) * reduce(tree_dot(b, b))
-    for _ in range(num_iters):
+    for _ in range(iters):
         if rz == 0 or reduce(tree_dot(r, r)) <= stop:
             break
         ap = matvec(p)

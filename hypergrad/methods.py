@@ -32,7 +32,7 @@ from .linear_solvers import (
     solve_neumann,
     solve_pcg,
 )
-from .utils import ParamsLike, identity, one_at_a_time, tree_leaves, tree_scale
+from .utils import ParamsLike, identity, one_at_a_time, tree_leaves, tree_scale, tree_unflatten
 
 __all__ = [
     "IHVPMethod",
@@ -45,6 +45,8 @@ __all__ = [
     "ExactOptions",
     "IdentityOptions",
     "NystromSolver",
+    "CGSolver",
+    "WarmStart",
     "get_method",
     "method_options",
     "options_from_arguments",
@@ -69,16 +71,19 @@ def _arg(argument: str, key: str | None = None) -> dict[str, str]:
 @dataclass(frozen=True)
 class CGOptions:
     """Conjugate gradient: ``num_iters`` products; ``lr`` rescales ``H`` (not the solution);
-    stop early once ``|r| <= tol |b|``."""
+    stop early once ``|r| <= tol |b|``; ``warm_start``: start from the previous call's
+    solution (see :class:`WarmStart`)."""
 
     num_iters: int = field(default=10, metadata=_arg("ihvp_iters", "iters"))
     lr: float = 1.0
     tol: float = 0.0
+    warm_start: bool = field(default=False, metadata=_arg("ihvp_warm_start", "warm_start"))
 
     def __post_init__(self) -> None:
         check_positive_int(self.num_iters, "num_iters")
         check_positive_float(self.lr, "lr")
         check_positive_float(self.tol, "tol", allow_zero=True)
+        _check_flag(self.warm_start, "warm_start")
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,11 @@ class NeumannOptions:
     def __post_init__(self) -> None:
         check_positive_int(self.num_iters, "num_iters")
         check_positive_float(self.lr, "lr")
+
+
+def _check_flag(value: Any, name: str) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"`{name}` must be True or False, got {value!r}.")
 
 
 def _check_sketch(sketch: str) -> None:
@@ -121,7 +131,8 @@ class NystromPCGOptions:
     then ``num_iters`` CG products on ``H x = b``; ``rank + num_iters`` products when the
     preconditioner is sketched, ``num_iters`` when it is reused. The preconditioner is reused
     for ``refresh_steps`` consecutive hypergradients: a stale one only slows CG, it does not
-    bias the solution (PCG converges to ``H^{-1} b`` for any SPD preconditioner)."""
+    bias the solution (PCG converges to ``H^{-1} b`` for any SPD preconditioner).
+    ``warm_start``: start from the previous call's solution (see :class:`WarmStart`)."""
 
     rank: int = field(default=5, metadata=_arg("nystrom_rank", "rank"))
     rho: float = field(default=0.1, metadata=_arg("nystrom_rho", "rho"))
@@ -129,6 +140,7 @@ class NystromPCGOptions:
     sketch: str = field(default=DEFAULT_NYSTROM_SKETCH, metadata=_arg("nystrom_sketch", "sketch"))
     tol: float = 0.0
     refresh_steps: int = field(default=1, metadata=_arg("nystrom_refresh_steps", "refresh_steps"))
+    warm_start: bool = field(default=False, metadata=_arg("ihvp_warm_start", "warm_start"))
 
     def __post_init__(self) -> None:
         check_positive_int(self.rank, "rank")
@@ -137,6 +149,7 @@ class NystromPCGOptions:
         _check_sketch(self.sketch)
         check_positive_float(self.tol, "tol", allow_zero=True)
         check_positive_int(self.refresh_steps, "refresh_steps")
+        _check_flag(self.warm_start, "warm_start")
 
 
 @dataclass(frozen=True)
@@ -154,6 +167,70 @@ class IdentityOptions:
         check_positive_float(self.scale, "scale")
 
 
+class WarmStart:
+    """The last solution of ``H x = b``, kept to start the next solve from it.
+
+    Consecutive hypergradients of a run solve nearby systems (``theta`` and ``phi`` move a little
+    per outer step), so the previous ``x`` starts CG much closer to the new solution than 0 does
+    and its products go to the change (warm-started CG, as in HOAG, Pedregosa 2016, and amortized
+    implicit differentiation, Arbel & Mairal 2022). Its residual ``b - H x0`` costs one product of
+    the budget. Disabled, it keeps nothing. A non-finite solution is never kept; a stored one of
+    other shapes is ignored."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.previous: list[Tensor] | None = None
+
+    def start(self, b: ParamsLike) -> ParamsLike | None:
+        """The first iterate for right-hand side ``b``: the previous solution, or ``None`` (start at 0)."""
+        leaves = tree_leaves(b)
+        if self.previous is None or [x.shape for x in self.previous] != [x.shape for x in leaves]:
+            return None
+        return tree_unflatten(b, [x.to(device=y.device, dtype=y.dtype) for x, y in zip(self.previous, leaves)])
+
+    def remember(self, x: ParamsLike) -> None:
+        if self.enabled:
+            leaves = [t.detach() for t in tree_leaves(x)]
+            self.previous = leaves if all(bool(torch.isfinite(t).all()) for t in leaves) else None
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {} if self.previous is None else {f"warm_start.{i}": x for i, x in enumerate(self.previous)}
+
+    def load_state_dict(self, state: Mapping[str, Tensor], like: ParamsLike | None = None) -> None:
+        """Restore from :meth:`state_dict` (other entries of a solver's state are ignored); with ``like``, a
+        parameter tree of the inner parameters, a solution of other shapes is refused."""
+        count = sum(1 for key in state if key.startswith("warm_start."))
+        previous = [state[f"warm_start.{i}"] for i in range(count)] if count and self.enabled else None
+        if previous is not None and like is not None:
+            shapes = [tuple(x.shape) for x in tree_leaves(like)]
+            if [tuple(x.shape) for x in previous] != shapes:
+                raise ValueError(f"warm-start state has tensors of shapes {[tuple(x.shape) for x in previous]} where "
+                                 f"the parameters have {shapes}: it belongs to another model.")
+        self.previous = previous
+
+
+class CGSolver:
+    """Conjugate gradient (:func:`solve_cg`) as a solver; with ``warm_start`` each call starts
+    from the previous call's solution, carried by ``state_dict`` for an exact resume."""
+
+    def __init__(self, num_iters: int, lr: float = 1.0, tol: float = 0.0, warm_start: bool = False) -> None:
+        self.num_iters, self.lr, self.tol = num_iters, lr, tol
+        self.warm = WarmStart(warm_start)
+
+    def __call__(self, matvec, batched_matvec, b: ParamsLike, reduce=identity,
+                 generator: torch.Generator | None = None) -> ParamsLike:
+        x = solve_cg(matvec, b, self.num_iters, self.lr, self.tol, reduce, x0=self.warm.start(b))
+        self.warm.remember(x)
+        return x
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return self.warm.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Tensor], like: ParamsLike | None = None, reduce=identity) -> None:
+        """Restore from :meth:`state_dict`; ``like``: a parameter tree of the inner parameters (shape check)."""
+        self.warm.load_state_dict(state, like)
+
+
 class NystromSolver:
     """Nyström IHVP ``(H_nys + rho I)^{-1} b`` whose factor is reused for
     ``refresh_steps`` calls: call ``n`` sketches anew when ``n % refresh_steps == 0`` and
@@ -163,15 +240,16 @@ class NystromSolver:
     (Frangella, Tropp & Udell, 2023), on the same refresh schedule: a reused preconditioner
     costs no product and leaves the CG solution unbiased.
 
-    ``state_dict``/``load_state_dict`` carry the factor and the call count, so a resumed
-    run continues the refresh schedule exactly."""
+    ``state_dict``/``load_state_dict`` carry the factor and the call count (and the last PCG
+    solution with ``warm_start``), so a resumed run continues the refresh schedule exactly."""
 
     def __init__(self, rank: int, rho: float, sketch: str = DEFAULT_NYSTROM_SKETCH, refresh_steps: int = 1,
-                 pcg_iters: int | None = None, tol: float = 0.0) -> None:
+                 pcg_iters: int | None = None, tol: float = 0.0, warm_start: bool = False) -> None:
         self.rank, self.rho, self.sketch = rank, rho, sketch
         self.refresh_steps, self.pcg_iters, self.tol = refresh_steps, pcg_iters, tol
         self.factor: NystromFactor | None = None
         self.calls = 0
+        self.warm = WarmStart(warm_start and pcg_iters is not None)
 
     @property
     def refresh_due(self) -> bool:
@@ -188,10 +266,12 @@ class NystromSolver:
             self.factor = None  # never reuse a poisoned factor: sketch anew at the next call
         if self.pcg_iters is None:
             return factor.solve(b)
-        return solve_pcg(matvec, b, self.pcg_iters, factor.precondition, self.tol, reduce)
+        x = solve_pcg(matvec, b, self.pcg_iters, factor.precondition, self.tol, reduce, x0=self.warm.start(b))
+        self.warm.remember(x)
+        return x
 
     def state_dict(self) -> dict[str, Tensor]:
-        state = {"calls": torch.tensor(self.calls, dtype=torch.int64)}
+        state = {"calls": torch.tensor(self.calls, dtype=torch.int64), **self.warm.state_dict()}
         if self.factor is not None:
             state.update(self.factor.state_dict())
         return state
@@ -202,7 +282,8 @@ class NystromSolver:
         if "calls" not in state:
             raise ValueError("Nyström solver state has no 'calls' entry.")
         self.calls = int(state["calls"])
-        factor_state = {k: v for k, v in state.items() if k != "calls"}
+        self.warm.load_state_dict(state, like)
+        factor_state = {k: v for k, v in state.items() if k != "calls" and not k.startswith("warm_start.")}
         self.factor = NystromFactor.from_state_dict(factor_state, like, self.rho, reduce) if factor_state else None
 
 
@@ -210,7 +291,7 @@ Solve = Callable[..., ParamsLike]
 
 
 def _cg(o: CGOptions) -> Solve:
-    return lambda mv, bmv, b, reduce=identity, generator=None: solve_cg(mv, b, o.num_iters, o.lr, o.tol, reduce)
+    return CGSolver(o.num_iters, o.lr, o.tol, o.warm_start)
 
 
 def _neumann(o: NeumannOptions) -> Solve:
@@ -222,7 +303,8 @@ def _nystrom(o: NystromOptions) -> Solve:
 
 
 def _nystrom_pcg(o: NystromPCGOptions) -> Solve:
-    return NystromSolver(o.rank, o.rho, o.sketch, o.refresh_steps, pcg_iters=o.num_iters, tol=o.tol)
+    return NystromSolver(o.rank, o.rho, o.sketch, o.refresh_steps, pcg_iters=o.num_iters, tol=o.tol,
+                         warm_start=o.warm_start)
 
 
 def _exact(o: ExactOptions) -> Solve:

@@ -13,12 +13,14 @@ import torch
 
 from hypergrad.linear_solvers import (
     NYSTROM_SKETCHES,
+    _initial_iterate,
     _sample_indices,
     nystrom_sketch,
     solve_cg,
     solve_dense,
     solve_neumann,
     solve_nystrom,
+    solve_pcg,
 )
 from hypergrad.utils import tree_flatten_vector, tree_leaves, tree_unflatten, tree_unflatten_vector
 
@@ -82,6 +84,66 @@ def test_cg_exact_after_n_iterations(kind, lr):
     truth = torch.linalg.solve(a, tree_flatten_vector(b))
     assert rel_err(tree_flatten_vector(x), truth) < 1e-10
     assert sys.products == N
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("solver", ["cg", "pcg"])
+def test_warm_start_is_cold_cg_on_the_residual_system_within_the_same_products(kind, solver):
+    """From ``x0``, CG is ``a x0 + CG(A, b - a A x0)`` with one product fewer (the residual takes
+    it), so the budget stays ``num_iters`` products; ``a = <b, x0> / <x0, A x0>`` minimises the
+    A-norm error of ``a x0``; from the exact solution nothing moves."""
+    like = like_tree(kind)
+    a = spd(N, torch.logspace(0, 2, N))
+    b, x0 = random_rhs(like, seed=1), random_rhs(like, seed=2)
+    flat_b, flat_x0 = tree_flatten_vector(b), tree_flatten_vector(x0)
+    scale = (flat_b @ flat_x0) / (flat_x0 @ a @ flat_x0)
+    residual = tree_unflatten_vector(flat_b - scale * (a @ flat_x0), like)
+    precondition = (lambda r: r) if solver == "cg" else (
+        lambda r: tree_unflatten_vector(torch.linalg.solve(a + torch.eye(N, dtype=a.dtype), tree_flatten_vector(r)),
+                                        like))
+
+    def solve(system, rhs, iters, start=None):
+        if solver == "cg":
+            return solve_cg(system.matvec, rhs, iters, x0=start)
+        return solve_pcg(system.matvec, rhs, iters, precondition, x0=start)
+
+    warm_system = System(a, like)
+    warm = solve(warm_system, b, 5, x0)
+    assert type(warm) is type(b) and warm_system.products == 5
+    shifted = tree_flatten_vector(solve(System(a, like), residual, 4))
+    torch.testing.assert_close(tree_flatten_vector(warm), scale * flat_x0 + shifted, rtol=1e-12, atol=1e-12)
+    truth = torch.linalg.solve(a, flat_b)
+
+    def energy_error(x):
+        return float((x - truth) @ a @ (x - truth))
+
+    assert energy_error(scale * flat_x0) <= min(energy_error(flat_x0), energy_error(torch.zeros_like(truth)))
+    flipped = tree_unflatten_vector(-flat_x0 if flat_b @ flat_x0 > 0 else flat_x0, like)  # points away
+    start, _, left = _initial_iterate(System(a, like).matvec, b, flipped, 5, lambda t: t)
+    assert left == 4 and float(tree_flatten_vector(start) @ flat_b) >= 0
+    exact_start = tree_unflatten_vector(truth, like)
+    torch.testing.assert_close(tree_flatten_vector(solve(System(a, like), b, 3, exact_start)), truth,
+                               rtol=1e-10, atol=1e-10)
+
+
+def test_warm_start_without_positive_curvature_starts_at_zero():
+    like = (torch.zeros(3, dtype=torch.float64),)
+    a = torch.diag(torch.tensor([-1.0, 2.0, 3.0], dtype=torch.float64))  # not SPD along x0
+    b, x0 = (torch.ones(3, dtype=torch.float64),), (torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64),)
+    start, residual, left = _initial_iterate(System(a, like).matvec, b, x0, 3, lambda t: t)
+    assert left == 2 and torch.equal(start[0], torch.zeros(3, dtype=torch.float64)) and torch.equal(residual[0], b[0])
+
+
+def test_warm_start_near_the_solution_beats_a_cold_start_at_equal_products():
+    like = (torch.zeros(N, dtype=torch.float64),)
+    a = spd(N, torch.logspace(0, 3, N), seed=5)
+    b = random_rhs(like, seed=6)
+    truth = torch.linalg.solve(a, b[0])
+    near = (truth + 1e-3 * truth.norm() * torch.randn(N, generator=torch.Generator().manual_seed(7),
+                                                      dtype=torch.float64) / N**0.5,)
+    cold = solve_cg(System(a, like).matvec, b, 4)[0]
+    warm = solve_cg(System(a, like).matvec, b, 4, x0=near)[0]
+    assert rel_err(warm, truth) < 1e-3 < rel_err(cold, truth)
 
 
 def _cg_old_residual(matvec_flat, b, num_iters):

@@ -13,7 +13,9 @@ def test_parses_outer_options_from_the_command_line(tmp_path):
         "--output_dir", str(tmp_path), "--ihvp_method", "cg", "--ihvp_iters", "7", "--hvp_mode", "finite_diff",
         "--unroll_steps", "3", "--outer_patience_steps", "12", "--outer_learning_rate", "0.05",
         "--outer_optim", "sgd", "--nystrom_sketch", "column", "--hvp_chunk_size", "2", "--use_cpu",
+        "--ihvp_warm_start",
     ])
+    assert args.ihvp_warm_start is True
     assert (args.ihvp_method, args.ihvp_iters, args.hvp_mode) == ("cg", 7, "finite_diff")
     assert (args.unroll_steps, args.outer_patience_steps, args.outer_learning_rate) == (3, 12, 0.05)
     assert (args.outer_optim, args.nystrom_sketch, args.hvp_chunk_size) == ("sgd", "column", 2)
@@ -33,6 +35,8 @@ def test_help_documents_every_outer_option(capsys):
     ({"ihvp_method": "lanczos"}, "ihvp_method"), ({"nystrom_rank": 0}, "nystrom_rank"),
     ({"nystrom_rho": 0.0}, "nystrom_rho"), ({"outer_patience_steps": -1}, "outer_patience_steps"),
     ({"outer_optim": "lbfgs"}, "outer_optim"), ({"hvp_chunk_size": 0}, "hvp_chunk_size"),
+    ({"ihvp_warm_start": True}, "ihvp_warm_start.*'cg' or 'nystrom_pcg'"),  # the default method is nystrom
+    ({"ihvp_method": "cg", "ihvp_warm_start": "yes"}, "ihvp_warm_start"),
 ])
 def test_bad_values_name_the_argument(tmp_path, bad, match):
     with pytest.raises(ValueError, match=match):

@@ -248,6 +248,19 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path, refresh_steps):
                                full.outer_optimizer.state_dict()["state"][0]["exp_avg"], rtol=1e-5, atol=1e-6)
 
 
+def test_resume_with_warm_started_cg_continues_exactly(tmp_path):
+    """The last CG solution travels with the checkpoint: the resumed run's first solve starts where the
+    uninterrupted run's did, not at 0."""
+    options = {"ihvp_method": "cg", "ihvp_iters": 3, "ihvp_warm_start": True}
+    full, full_weights = _resumable_run(tmp_path / "full", **options)
+    resumed, resumed_weights = _resumable_run(tmp_path / "resumed", resume_from=str(tmp_path / "full" / "checkpoint-6"),
+                                              **options)
+    assert resumed.ihvp_solver.warm.previous is not None
+    torch.testing.assert_close(resumed_weights.logits, full_weights.logits, rtol=1e-5, atol=1e-6)
+    cold, cold_weights = _resumable_run(tmp_path / "cold", **{**options, "ihvp_warm_start": False})
+    assert not torch.allclose(cold_weights.logits, full_weights.logits, rtol=1e-5, atol=1e-6)  # it matters
+
+
 def test_push_to_hub_uploads_outer_params_and_card(tmp_path):
     train, val = datasets_with_ids(32, 16)
     args = bilevel_args(tmp_path / "run", max_steps=2, unroll_steps=1)
