@@ -173,8 +173,9 @@ class WarmStart:
     Consecutive hypergradients of a run solve nearby systems (``theta`` and ``phi`` move a little
     per outer step), so the previous ``x`` starts CG much closer to the new solution than 0 does
     and its products go to the change (warm-started CG, as in HOAG, Pedregosa 2016, and amortized
-    implicit differentiation, Arbel & Mairal 2022). Its residual ``b - H x0`` costs one product of
-    the budget. Disabled, it keeps nothing. A non-finite solution is never kept; a stored one of
+    implicit differentiation, Arbel & Mairal 2022). The solver starts at the multiple of it closest
+    to the new solution in the H-norm (:func:`hypergrad.linear_solvers.solve_cg`), whose residual
+    costs one product of the budget. Disabled, it keeps nothing. A non-finite solution is never kept; a stored one of
     other shapes is ignored."""
 
     def __init__(self, enabled: bool) -> None:
