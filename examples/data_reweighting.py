@@ -76,6 +76,7 @@ from text_classification import (  # noqa: E402
     TRUSTED_SHARE_HELP,
     TRUSTED_SHARES,
     check_experiment_arguments,
+    loss_weights,
     InputError,
     DataArguments,
     ModelArguments,
@@ -252,7 +253,7 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
 def _experiment(model_args, data_args, exp_args, training_args, run) -> dict[str, Any]:
     from transformers import DataCollatorWithPadding
 
-    from hf_integration import BilevelTrainer, DataWeights, LossWeights, add_example_ids, num_example_ids
+    from hf_integration import BilevelTrainer, DataWeights, add_example_ids, num_example_ids
     from hf_integration.trainer import NonFiniteGuard
 
     start = time.perf_counter()
@@ -312,8 +313,8 @@ def _experiment(model_args, data_args, exp_args, training_args, run) -> dict[str
     # ---------------------------------------------------------------- bilevel training
     model = build_model()
     inner_ds, trusted = inner_training_set(train_ds, val_ds, exp_args.train_on_validation)
-    weights = (LossWeights(trusted_column=trusted, trusted_share=exp_args.trusted_share if trusted else "max_weight")
-               if exp_args.weighting == "loss" else DataWeights(num_example_ids(train_ds)))
+    weights = (loss_weights(trusted, exp_args.trusted_share) if exp_args.weighting == "loss"
+               else DataWeights(num_example_ids(train_ds)))
     trainer = BilevelTrainer(
         model=model, args=training_args, train_dataset=inner_ds, eval_dataset=val_ds, outer_module=weights,
         dataset_name=data_args.source, dataset_split=splits.split_names["train"], processing_class=tokenizer,

@@ -114,6 +114,7 @@ from text_classification import (  # noqa: E402
     TRUSTED_SHARE_HELP,
     TRUSTED_SHARES,
     check_experiment_arguments,
+    loss_weights,
     InputError,
     ModelArguments,
     RunArguments,
@@ -672,11 +673,10 @@ def _outer_module(weighting: str, train_ds: Any, source_names: list[str], init_l
     """The outer module of ``--weighting`` (see `ExperimentArguments.weighting`); ``trusted_column`` is
     `LossWeights`' (``--train_on_validation``), and so are ``warmup_steps`` (``--loss_warmup_epochs``) and
     ``trusted_share`` (``--trusted_share``; it only applies with a trusted column)."""
-    from hf_integration import DataWeights, LossWeights, num_example_ids
+    from hf_integration import DataWeights, num_example_ids
 
-    parts = {"loss": lambda: LossWeights(init_loss_scale=init_loss_scale, trusted_column=trusted_column,
-                                         warmup_steps=warmup_steps,
-                                         trusted_share=trusted_share if trusted_column else "max_weight"),
+    parts = {"loss": lambda: loss_weights(trusted_column, trusted_share, init_loss_scale=init_loss_scale,
+                                          warmup_steps=warmup_steps),
              "per_example": lambda: DataWeights(num_example_ids(train_ds))}
     if weighting in parts:
         return parts[weighting]()

@@ -111,6 +111,17 @@ TRAIN_ON_VALIDATION_HELP = (
 
 
 TRUSTED_SHARES = LossWeights.TRUSTED_SHARES
+
+
+def loss_weights(trusted_column: str | None, trusted_share: str, **options) -> LossWeights:
+    """`LossWeights` for the scripts' ``--trusted_share``, which only applies to trusted rows: without a
+    ``trusted_column`` (no ``--train_on_validation``) there are none, and `LossWeights` keeps its default share
+    (it refuses ``"uniform"`` without the column). ``options``: its other arguments."""
+    if trusted_column is not None:
+        options["trusted_share"] = trusted_share
+    return LossWeights(trusted_column=trusted_column, **options)
+
+
 TRUSTED_SHARE_HELP = (
     "--weighting loss with --train_on_validation: how much the trusted (validation) rows count in the inner loss "
     "(LossWeights' trusted_share): 'max_weight' = the weight 1/2 of a zero-loss example, normalized with the rest "

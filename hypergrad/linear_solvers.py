@@ -97,13 +97,12 @@ def _initial_iterate(matvec: Matvec, b: ParamsLike, x0: ParamsLike | None, num_i
     multiple of ``x0`` closest to ``A^{-1} b`` in the ``A``-norm that CG minimises (so the start
     is never worse than 0 in that norm; ``a = 1`` when ``x0`` is the solution), or
     ``(0, b, num_iters - 1)`` when ``<x0, A x0> <= 0``."""
-    zero = tree_map(torch.zeros_like, b)
     if x0 is None:
-        return zero, b, num_iters
+        return tree_map(torch.zeros_like, b), b, num_iters
     ax0 = matvec(x0)
     curvature = reduce(tree_dot(x0, ax0))
     if not curvature > 0:
-        return zero, b, num_iters - 1
+        return tree_map(torch.zeros_like, b), b, num_iters - 1
     alpha = reduce(tree_dot(b, x0)) / curvature
     return tree_scale(x0, alpha), tree_axpy(-alpha, ax0, b), num_iters - 1
 
