@@ -43,7 +43,7 @@ from hf_integration.hub import (BILEVEL_CHECKPOINT_FILES, CheckpointError, HubEr
                                 looks_like_local_path)
 from hypergrad.distributed import all_reduce_sum, is_distributed
 from hypergrad.outer_step import NonFiniteError
-from hypergrad.solver import is_outer_step
+from hypergrad.solver import count_outer_steps
 from synthetic_sentiment import make_splits
 
 __all__ = [
@@ -810,8 +810,7 @@ def total_inner_steps(training_args: Any, num_train: int) -> int:
 def scheduled_outer_steps(training_args: Any, num_train: int) -> int:
     """How many outer steps the schedule (``unroll_steps``, ``outer_patience_steps``) holds; refuses none."""
     total = total_inner_steps(training_args, num_train)
-    count = sum(1 for i in range(total)
-                if is_outer_step(i, training_args.unroll_steps, training_args.outer_patience_steps))
+    count = count_outer_steps(total, training_args.unroll_steps, training_args.outer_patience_steps)
     if count == 0:
         raise InputError(f"no outer step would run: {total} inner steps, but the first outer step follows inner step "
                          f"max(--outer_patience_steps {training_args.outer_patience_steps}, --unroll_steps "

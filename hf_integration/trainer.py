@@ -25,6 +25,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import datasets
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -34,9 +36,9 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from hypergrad.approx_hypergrad import implicit_hypergrad
 from hypergrad.methods import check_problem_size, get_method, options_from_arguments, options_metadata
-from hypergrad.products import probe_hvp_mode
+from hypergrad.products import EXACT_MODES, probe_hvp_mode
 from hypergrad.distributed import DataParallel, broadcast_tree, sharded_hypergrad
-from hypergrad.solver import is_outer_step
+from hypergrad.solver import count_outer_steps, is_outer_step
 from hypergrad.distributed import all_reduce_sum, is_distributed
 from hypergrad.outer_step import NonFiniteError, OuterStepHistory, apply_outer_update, first_non_finite
 
@@ -45,11 +47,11 @@ from .losses import per_example_loss
 from .data import dataset_fingerprint_metadata
 from .checkpoints import CheckpointError, checkpoint_problem, last_checkpoint
 from .hub import error_line
-from .model_card import (hub_model_id, outer_params_card_section, render_model_card, render_model_tensors_card,
+from .model_card import (outer_params_card_section, render_model_card, render_model_tensors_card,
                          with_hub_base_model)
 from .optimizer_state import load_optimizer_state, save_optimizer_state
 from .serialization import (DATA_METADATA_KEYS, MODEL_CARD_NAME, OUTER_OPTIMIZER_NAME, OUTER_PARAMS_NAME,
-                            atomic_write_text)
+                            atomic_write_text, hub_model_id, public_name)
 from .outer_modules import OuterModule
 
 __all__ = ["BilevelTrainer", "OUTER_OPTIMIZER_NAME", "outer_batch_columns"]
@@ -223,7 +225,7 @@ class BilevelTrainer(Trainer):
         self.outer_module = outer_module
         self.id_column = getattr(outer_module, "id_column", None)
         self.outer_columns = outer_batch_columns(outer_module)  # kept through collation, never model inputs
-        self.dataset_name = dataset_name
+        self.dataset_name = public_name(dataset_name) if dataset_name else dataset_name  # never a machine path
         self.dataset_split = dataset_split
         self.outer_model_param_names = self._select_outer_model_params(model, outer_param_patterns or ())
         if outer_module is None and not self.outer_model_param_names:
@@ -252,6 +254,7 @@ class BilevelTrainer(Trainer):
         self.outer_optimizer = self._create_outer_optimizer()
         self.hvp_mode: str | None = None if args.hvp_mode == "auto" else args.hvp_mode
         self._hvp_mode_checked = False
+        self._recorded_hvp_mode: str | None = None  # the mode of the checkpoint resumed from (hvp_mode="auto")
         self.outer_step = 0
         self._causal_lm = self._is_causal_lm(self._unwrapped)
         self.add_callback(_OuterStepCallback(self))
@@ -267,6 +270,12 @@ class BilevelTrainer(Trainer):
             raise ValueError("`eval_dataset` is required: it is the validation set of the outer objective.")
         if isinstance(eval_dataset, Mapping):
             raise ValueError("`eval_dataset` must be a single dataset (the outer validation set), not a dict.")
+        for name, data in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
+            if isinstance(data, torch.utils.data.IterableDataset) or not (hasattr(data, "__getitem__")
+                                                                           and hasattr(data, "__len__")):
+                raise TypeError(f"`{name}` must be a map-style dataset (a datasets.Dataset, or a torch Dataset with "
+                                f"__len__ and __getitem__), got {type(data).__name__}: the outer problem draws random "
+                                "batches by index. Load it without streaming=True.")
         if len(eval_dataset) == 0:
             raise ValueError("`eval_dataset` is empty.")
         if len(train_dataset) == 0:
@@ -309,6 +318,19 @@ class BilevelTrainer(Trainer):
         if self.id_column is None:
             return
         ids = self.train_dataset[self.id_column]
+        for part in self.outer_module.modules():
+            if getattr(part, "kind", None) != "data_weights":
+                continue
+            values, first, counts = np.unique(np.asarray(self.train_dataset[part.id_column]), return_index=True,
+                                              return_counts=True)
+            shared = np.flatnonzero(counts > 1)
+            if shared.size:
+                i = shared[0]
+                raise ValueError(
+                    f"`train_dataset` column {part.id_column!r} gives {int((counts[shared] - 1).sum())} row(s) the "
+                    f"id of another row (id {values[i]} is shared by {counts[i]} rows, the first at row {first[i]}): "
+                    "per-example weights need one id per example. Add them with "
+                    "`hf_integration.add_example_ids(dataset)` before shuffling, filtering or concatenating.")
         num = getattr(self.outer_module, "num_examples", None)
         if num is not None and len(ids) and max(ids) >= num:
             raise ValueError(
@@ -639,10 +661,12 @@ class BilevelTrainer(Trainer):
 
     def resolve_hvp_mode(self) -> str:
         """The Hessian-vector-product mode. ``hvp_mode="auto"`` runs :func:`hypergrad.products.probe_hvp_mode`
-        on a 2-example training batch: the fastest exact mode that agrees with an independent product, else
-        finite differences. An explicit mode is taken as given, without any product: a model that cannot run
-        it fails at the first hypergradient, with a message naming the mode. Either way a training batch
-        lacking a column the outer module reads (example ids) fails here, before training, naming it."""
+        on a 2-example training batch: the first exact mode (``rev_rev``, then ``fwd_rev``) that agrees with an
+        independent product and fits ``hvp_max_memory_ratio``, else finite differences; a run resumed from a
+        checkpoint takes the mode that checkpoint recorded, without probing. An explicit mode is taken as given,
+        without any product: a model that cannot run it fails at the first hypergradient, with a message naming
+        the mode. Either way a training batch lacking a column the outer module reads (example ids) fails here,
+        before training, naming it."""
         if self._hvp_mode_checked:
             return self.hvp_mode
         requested = self.args.hvp_mode
@@ -663,6 +687,8 @@ class BilevelTrainer(Trainer):
                 self._check_batch_columns(batch, weighted=True)
             if requested in ("rev_rev", "fwd_rev"):
                 mode = requested  # explicit: no probe
+            elif requested == "auto" and self._recorded_hvp_mode is not None:
+                mode = self._recorded_hvp_mode  # the run being resumed chose it: the same products as before
             else:  # "finite_diff" takes no product either, only the check that the objective allows it
                 with self._second_order_context():
                     mode = probe_hvp_mode(lambda t: self.inner_forward(t, phi, batch), self._theta(), requested,
@@ -681,9 +707,24 @@ class BilevelTrainer(Trainer):
         must be a complete checkpoint (:func:`~hf_integration.hub.checkpoint_problem`); otherwise
         :class:`~hf_integration.hub.CheckpointError`. Installs the :class:`NonFiniteGuard`."""
         resume_from_checkpoint = self._checkpoint_to_resume(resume_from_checkpoint)
+        if resume_from_checkpoint is not None and not self._hvp_mode_checked:
+            self._recorded_hvp_mode = self._checkpoint_hvp_mode(resume_from_checkpoint)
         self.resolve_hvp_mode()
         self.nonfinite_guard  # noqa: B018 (installs the callback)
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    @staticmethod
+    def _checkpoint_hvp_mode(checkpoint: str) -> str | None:
+        """The HVP mode the run that wrote ``checkpoint`` used (``None`` for a checkpoint that did not record it)."""
+        path = os.path.join(checkpoint, OUTER_OPTIMIZER_NAME)
+        try:
+            mode = load_optimizer_state(path).get(_COUNTERS_KEY, {}).get("hvp_mode")
+        except (OSError, ValueError, KeyError, RecursionError) as err:
+            raise CheckpointError(f"cannot resume from {checkpoint!r}: {error_line(err)}") from err
+        if mode is not None and mode not in EXACT_MODES + ("finite_diff",):
+            raise CheckpointError(f"cannot resume from {checkpoint!r}: {OUTER_OPTIMIZER_NAME} records an unknown "
+                                  f"hvp_mode {mode!r:.60}; the file is corrupt")
+        return mode
 
     def _checkpoint_files(self) -> tuple[str, ...]:
         """The outer files a checkpoint of this trainer must hold."""
@@ -718,7 +759,7 @@ class BilevelTrainer(Trainer):
             "outer_learning_rate": str(args.outer_learning_rate),
             "base_model": hub_model_id(getattr(config, "_name_or_path", None)) or "",  # never a local path
         }
-        if self.id_column is not None:
+        if isinstance(self.train_dataset, datasets.Dataset):  # what the outer parameters were learned on
             meta.update(dataset_fingerprint_metadata(self.train_dataset, dataset_name=self.dataset_name,
                                                      split=self.dataset_split, id_column=self.id_column))
         return {k: v for k, v in meta.items() if v != ""}
@@ -743,7 +784,7 @@ class BilevelTrainer(Trainer):
         ``base_model`` is the local path of a model loaded from a folder) by our card."""
         path = os.path.join(output_dir, MODEL_CARD_NAME)
         adapter = hasattr(self._unwrapped, "peft_config")
-        note = (f"The fine-tuned model is saved in the same folder"
+        note = ("The fine-tuned model is saved in the same folder"
                 + (" as a PEFT adapter: `peft.AutoPeftModel.from_pretrained(folder)`" if adapter else
                    ": `transformers.AutoModel.from_pretrained(folder)`")
                 + " loads it (with the base model named above).")
@@ -760,13 +801,26 @@ class BilevelTrainer(Trainer):
         super()._save_optimizer_and_scheduler(output_dir)
         if self.args.should_save:
             counters = {"outer_history": self.outer_history.state_dict(),
-                        "skipped_inner_steps": self.nonfinite_guard.skipped}
+                        "skipped_inner_steps": self.nonfinite_guard.skipped,
+                        "hvp_mode": self.hvp_mode}
             if hasattr(self.ihvp_solver, "state_dict") and not self.is_fsdp_enabled:
                 # a reused Nyström factor and its refresh count (the same on every data-parallel process;
                 # under FSDP each process holds its own shards, so a resumed run sketches anew)
                 counters["ihvp_solver"] = self.ihvp_solver.state_dict()
             save_optimizer_state({**self.outer_optimizer.state_dict(), _COUNTERS_KEY: counters},
                                  os.path.join(output_dir, OUTER_OPTIMIZER_NAME))
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        """`Trainer`'s, except that a checkpoint without this process's random-number states is refused (`Trainer`
+        logs and goes on with fresh states: a run that no longer continues the interrupted one)."""
+        if checkpoint is not None:
+            name = f"rng_state_{self.args.process_index}.pth" if self.args.world_size > 1 else "rng_state.pth"
+            if not os.path.isfile(os.path.join(checkpoint, name)):
+                present = sorted(f for f in os.listdir(checkpoint) if f.startswith("rng_state"))
+                raise CheckpointError(
+                    f"cannot resume from {checkpoint!r}: it has no {name} for {self.args.world_size} process(es) "
+                    f"(it holds {present}); resume with as many processes as the run that saved it")
+        super()._load_rng_state(checkpoint)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         """`Trainer`'s states, then the outer ones. Refused with a :class:`CheckpointError` naming the file:
@@ -800,10 +854,8 @@ class BilevelTrainer(Trainer):
         elif hasattr(self.ihvp_solver, "calls"):  # no saved factor (FSDP): sketch at the next outer step
             self.ihvp_solver.factor, self.ihvp_solver.calls = None, 0
         self.nonfinite_guard.skipped = int(counters.get("skipped_inner_steps", 0))
-        self.outer_step = sum(
-            1 for i in range(self.state.global_step)
-            if is_outer_step(i, self.args.unroll_steps, self.args.outer_patience_steps)
-        )
+        self.outer_step = count_outer_steps(self.state.global_step, self.args.unroll_steps,
+                                            self.args.outer_patience_steps)
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
         """`Trainer`'s card (``base_model`` a Hub id, never a local path) plus a section on the outer parameters."""

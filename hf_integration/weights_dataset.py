@@ -31,8 +31,7 @@ import numpy as np
 from huggingface_hub import DatasetCard, DatasetCardData, HfApi
 
 from .hub import HubError, check_hub_repo, ensure_hub_timeout, error_line
-from .model_card import hub_model_id
-from .serialization import MODEL_CARD_NAME, atomic_write_dir, looks_like_local_path
+from .serialization import MODEL_CARD_NAME, atomic_write_dir, hub_model_id, looks_like_local_path, public_name
 
 __all__ = ["WEIGHT_COLUMN", "weight_summary", "render_weights_card", "check_weights_repo", "push_weights_dataset",
            "save_weights_dataset"]
@@ -102,16 +101,17 @@ def render_weights_card(dataset: datasets.Dataset, *, repo_id: str, description:
         description: Completes "The weights are ...": how a weight is defined (e.g. the outer module's
             ``card_text().description``).
         how: Training facts (base model, weighting, hypergradient method, steps, validation data, ...);
-            a ``base_model`` that is a local path is dropped (:func:`hub_model_id`).
+            a ``base_model`` that is a local path is dropped (:func:`hub_model_id`), any other local path is
+            reduced to its last component (:func:`~hf_integration.serialization.public_name`).
         figures: Extra results, e.g. the AUC of "low weight vs corrupted" or evaluation metrics.
         source_datasets: Hub ids of the data the set comes from (front matter).
     """
     summary = weight_summary(dataset, weight_column, source_column=source_column, corrupted_column=corrupted_column)
     how = {k: v for k, v in (how or {}).items() if v is not None and v != ""}
-    if "base_model" in how:
-        base = hub_model_id(str(how.pop("base_model")))
-        if base:
-            how["base_model"] = base
+    base = hub_model_id(str(how.pop("base_model"))) if "base_model" in how else None
+    how = {k: public_name(v) if isinstance(v, str) else v for k, v in how.items()}  # no machine path in a card
+    if base:
+        how["base_model"] = base
     data = DatasetCardData(
         pretty_name=pretty_name or f"{repo_id.split('/')[-1]} (learned data weights)",
         tags=["hypergrad", "data-weights", "bilevel-optimization"],
@@ -126,7 +126,7 @@ def render_weights_card(dataset: datasets.Dataset, *, repo_id: str, description:
         f"This dataset is a training set of {len(dataset)} examples with a learned per-example "
         f"**`{weight_column}`** column. The weights are {description.rstrip('.')}.", "",
         "They were learned by bilevel optimization (hypergrad's `hf_integration.BilevelTrainer`): the inner "
-        f"problem fine-tunes a model on the weighted loss `sum_i w_i l_i / sum_i w_i`, the outer problem moves the "
+        "problem fine-tunes a model on the weighted loss `sum_i w_i l_i / sum_i w_i`, the outer problem moves the "
         "weights so that the fine-tuned model does well on clean held-out data, with implicit hypergradients. "
         "Only ratios of weights matter; a low weight flags an example that hurt held-out performance "
         "(a wrong, truncated, swapped or off-task response, for instance).", "",

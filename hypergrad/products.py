@@ -31,7 +31,8 @@ faster vectorized), and one at a time above it, where each product is compute-bo
 50k-parameter MLP: the loop was as fast as the vectorized backward, 9.6 ms vs 12.0 ms for 5
 products, at a fifth of the activation memory).
 
-:func:`probe_hvp_mode` picks the fastest exact mode that is right for a given objective.
+:func:`probe_hvp_mode` picks an exact mode that is right for a given objective and fits a memory limit
+(deterministically: the same model and batch shapes always give the same mode).
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ from collections.abc import Callable
 
 import contextlib
 import logging
-import time
 
 import torch
 from torch import Tensor
@@ -340,11 +340,13 @@ def probe_hvp_mode(
     differences are too noisy, the other exact mode). This matters: plain-autograd ``rev_rev``
     silently drops what an op marked ``once_differentiable`` contributes to the Hessian, and only
     the comparison shows it. An explicit mode that fails to run or disagrees raises here, before
-    training, naming the mode. For ``auto``, a correct mode is also timed over two products of one
-    linearization (what a solve pays per product) and its memory estimated as the bytes autograd
-    saves for its products, relative to those of one gradient (an inner step); the fastest
-    correct mode within ``max_memory_ratio`` wins, else ``"finite_diff"`` (about one gradient's
-    memory).
+    training, naming the mode. For ``auto``, the memory of a correct mode is estimated as the bytes
+    autograd saves for its products, relative to those of one gradient (an inner step), and the first
+    correct mode of :data:`EXACT_MODES` within ``max_memory_ratio`` wins (``rev_rev``, whose products
+    share one linearization and cost one backward pass each, before ``fwd_rev``, whose every product is
+    a forward-mode pass through a gradient), else ``"finite_diff"`` (about one gradient's memory). The
+    choice depends only on the model, the batch's shapes and the limit, never on wall-clock timing, so
+    two runs of the same seed (and a resumed run) choose the same mode.
 
     ``exact_only``: ``f`` holds a stop-gradient (its Hessian treats that value as a constant, which
     finite differences of gradients cannot), so ``"finite_diff"`` is refused, exact modes are checked
@@ -365,7 +367,6 @@ def probe_hvp_mode(
         f(tree_map(lambda x: x.detach().requires_grad_(True), primal))
     candidates = EXACT_MODES if auto else (requested,)
     products: dict[str, object] = {}
-    seconds: dict[str, float] = {}
     memory: dict[str, float] = {}
     for mode in candidates:
         try:
@@ -375,11 +376,6 @@ def probe_hvp_mode(
             # (torch.func refuses saved-tensor hooks): a jvp of a gradient carries a tangent
             # for every saved activation, about twice a gradient's memory.
             memory[mode] = linear.graph_bytes / max(step_bytes[0], 1) if mode == "rev_rev" else 2.0
-            if auto:
-                start = time.perf_counter()
-                for _ in range(2):
-                    linear.hvp(tangent)
-                seconds[mode] = time.perf_counter() - start
         except Exception as err:  # a kernel without the needed derivative
             if not auto:
                 raise ValueError(f"hvp_mode={mode!r} cannot run on this model ({type(err).__name__}: {err}). "
@@ -439,7 +435,7 @@ def probe_hvp_mode(
             raise ValueError("no exact hvp_mode runs correctly on this model, and finite differences cannot compute "
                              "this objective's Hessian (it holds a stop-gradient): use ihvp_method='identity'.")
         return "finite_diff"
-    best = min(fitting, key=lambda m: seconds[m])
+    best = fitting[0]  # candidates keep the order of EXACT_MODES
     logger.info("hvp_mode probe: %s; using %s.", ", ".join(
-        f"{m} {seconds[m] * 1e3:.1f} ms/2 products, ~{memory[m]:.1f}x a gradient's memory" for m in fitting), best)
+        f"{m} ~{memory[m]:.1f}x a gradient's memory" for m in fitting), best)
     return best

@@ -42,6 +42,7 @@ __all__ = [
     "MetricsRecorder",
     "InfiniteLoader",
     "is_outer_step",
+    "count_outer_steps",
     "accumulate_outer_grad",
 ]
 
@@ -107,6 +108,16 @@ def is_outer_step(iteration: int, unroll_steps: int, outer_patience_iters: int) 
     (0-based) when ``iteration > 0``, ``iteration >= outer_patience_iters`` and
     ``iteration % unroll_steps == 0``. Shared by every driver of the bilevel loop."""
     return iteration > 0 and iteration >= outer_patience_iters and iteration % unroll_steps == 0
+
+
+def count_outer_steps(num_iters: int, unroll_steps: int, outer_patience_iters: int) -> int:
+    """How many of the inner iterations ``0 .. num_iters - 1`` :func:`is_outer_step` names, in O(1): the
+    multiples of ``unroll_steps`` in ``[max(1, outer_patience_iters), num_iters - 1]``."""
+    first = max(1, outer_patience_iters)
+    last = num_iters - 1
+    if last < first:
+        return 0
+    return last // unroll_steps - (first - 1) // unroll_steps
 
 
 def accumulate_outer_grad(params: ParamsLike, grads: ParamsLike) -> bool:

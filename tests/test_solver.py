@@ -22,7 +22,7 @@ from torch.optim import SGD
 from torch.utils.data import DataLoader, TensorDataset
 
 from hypergrad.approx_hypergrad import conjugate_gradient
-from hypergrad.solver import BaseImplicitSolver, BaseSolver
+from hypergrad.solver import BaseImplicitSolver, BaseSolver, count_outer_steps, is_outer_step
 
 # ---------------------------------------------------------------------------------------
 # The spec's example, AS WRITTEN in seed-solver.md (imports included).
@@ -595,3 +595,12 @@ def test_step_counters_have_the_original_library_meaning():
     assert solver.seen == [("inner", 0, 0, 0), ("inner", 1, 0, 1), ("inner", 2, 0, 2), ("outer", 3, 0, 2),
                            ("inner", 3, 1, 3), ("inner", 4, 1, 4), ("outer", 5, 1, 4)]
     assert (solver.inner_step, solver.outer_step, solver.global_step) == (5, 2, 5)
+
+
+@pytest.mark.parametrize("unroll_steps", [1, 2, 3, 7])
+@pytest.mark.parametrize("patience", [0, 1, 4, 9, 30])
+def test_count_outer_steps_is_the_schedule_counted(unroll_steps, patience):
+    for num_iters in range(0, 40):
+        brute = sum(is_outer_step(i, unroll_steps, patience) for i in range(num_iters))
+        assert count_outer_steps(num_iters, unroll_steps, patience) == brute
+    assert count_outer_steps(10**12, unroll_steps, patience) > 0  # O(1): no loop over the steps

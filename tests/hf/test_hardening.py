@@ -239,3 +239,96 @@ def test_resume_restores_the_skip_counts(checkpointed, tmp_path):
     resumed = _trainer(out, train, val, max_steps=4)
     resumed.train(resume_from_checkpoint=str(out / "checkpoint-2"))
     assert resumed.nonfinite_guard.skipped == 1
+
+
+def test_resume_refuses_a_checkpoint_without_random_states(checkpointed, tmp_path):
+    """Without rng_state.pth Trainer would resume with fresh random states (a run that differs by 1e-3)."""
+    out = _copy(checkpointed, tmp_path)
+    os.remove(out / "checkpoint-2" / "rng_state.pth")
+    with pytest.raises(CheckpointError, match=r"checkpoint-2' has no rng_state.pth"):
+        _trainer(out, *checkpointed[1:], max_steps=4).train(resume_from_checkpoint=str(out / "checkpoint-2"))
+    trainer = _trainer(out, *checkpointed[1:], max_steps=4)
+    (out / "checkpoint-4" / "rng_state.pth").rename(out / "checkpoint-4" / "rng_state_0.pth")  # two processes saved
+    shutil.copy(out / "checkpoint-4" / "rng_state_0.pth", out / "checkpoint-4" / "rng_state_1.pth")
+    with pytest.raises(CheckpointError, match=r"no rng_state.pth for 1 process\(es\) \(it holds \['rng_state_0.pth', "
+                                              r"'rng_state_1.pth'\]\); resume with as many processes"):
+        trainer._load_rng_state(str(out / "checkpoint-4"))
+
+
+@pytest.mark.parametrize("lr, message", [(math.nan, "learning rate nan"), (math.inf, "learning rate inf"),
+                                         ("0.3", "learning rate '0.3'")])
+def test_resume_refuses_a_poisoned_outer_learning_rate(checkpointed, tmp_path, lr, message):
+    """A NaN outer learning rate used to roll back every later outer step and exit 0 (and re-save NaN)."""
+    from hf_integration import load_optimizer_state, save_optimizer_state
+
+    out = _copy(checkpointed, tmp_path)
+    path = out / "checkpoint-2" / OUTER_OPTIMIZER_NAME
+    state = load_optimizer_state(path)
+    state["param_groups"][0]["lr"] = lr
+    save_optimizer_state(state, path)
+    with pytest.raises(CheckpointError, match=rf"checkpoint-2.*parameter group 0 has {message}.*corrupt"):
+        _trainer(out, *checkpointed[1:], max_steps=4).train(resume_from_checkpoint=str(out / "checkpoint-2"))
+
+
+@pytest.mark.parametrize("step, message", [(-5, "global_step=-5, not an integer >= 0"),
+                                           (10**12, "but the folder is the checkpoint of step 2")])
+def test_resume_refuses_an_impossible_step(checkpointed, tmp_path, step, message):
+    """global_step -5 used to train from step -5 and write checkpoint--2; 1e12 hung recounting outer steps."""
+    import json
+
+    out = _copy(checkpointed, tmp_path)
+    path = out / "checkpoint-2" / "trainer_state.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "global_step": step}))
+    with pytest.raises(CheckpointError, match=message):
+        _trainer(out, *checkpointed[1:], max_steps=4).train(resume_from_checkpoint=str(out / "checkpoint-2"))
+
+
+def test_resume_with_loss_weights_refuses_other_data(tmp_path):
+    """LossWeights index no examples, but what they learned depends on the data: the fingerprint is checked."""
+    from hf_integration import LossWeights
+
+    def trainer(out, train, val):
+        args = bilevel_args(out, max_steps=4, unroll_steps=2, per_device_train_batch_size=8, save_strategy="steps",
+                            save_steps=2, hvp_mode="rev_rev")
+        return BilevelTrainer(model=tiny_classifier(), args=args, train_dataset=train, eval_dataset=val,
+                              outer_module=LossWeights())
+
+    train, val = datasets_with_ids(32, 16)
+    trainer(tmp_path, train, val).train()
+    other, _ = datasets_with_ids(32, 16, seed=5)
+    with pytest.raises(CheckpointError, match=r"fingerprint was saved as '\w+' but '\w+' is expected"):
+        trainer(tmp_path, other, val).train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    trainer(tmp_path, train, val).train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))  # the same data
+
+
+def test_data_weights_refuse_shared_example_ids(tmp_path):
+    """Every row with the same id used to share one weight, silently."""
+    train, val = datasets_with_ids(32, 16)
+    same = train.remove_columns("example_id").add_column("example_id", [0] * len(train))
+    with pytest.raises(ValueError, match=r"gives 31 row\(s\) the id of another row \(id 0 is shared by 32 rows, the "
+                                         r"first at row 0\).*add_example_ids"):
+        BilevelTrainer(model=tiny_classifier(), args=bilevel_args(tmp_path), train_dataset=same, eval_dataset=val,
+                       outer_module=DataWeights(32))
+
+
+def test_saved_metadata_never_holds_a_local_path(tmp_path):
+    """A training file's absolute path used to reach the safetensors header, outer_config.json and the card."""
+    train, val = datasets_with_ids(32, 16)
+    secret = str(tmp_path / "home" / "alice" / "private" / "train.csv")
+    args = bilevel_args(tmp_path / "run", max_steps=2, unroll_steps=1, per_device_train_batch_size=8)
+    trainer = BilevelTrainer(model=tiny_classifier(), args=args, train_dataset=train, eval_dataset=val,
+                             outer_module=DataWeights(len(train)), dataset_name=secret)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "saved"))
+    for name in ("outer_params.safetensors", "outer_config.json", "README.md"):  # Trainer's own files aside
+        data = (tmp_path / "saved" / name).read_bytes()
+        assert b"alice" not in data and str(tmp_path).encode() not in data, name
+    assert DataWeights.from_pretrained(str(tmp_path / "saved")).metadata["dataset_name"] == "train.csv"
+
+
+def test_an_iterable_dataset_is_refused_in_one_line(tmp_path):
+    train, val = datasets_with_ids(32, 16)
+    with pytest.raises(TypeError, match=r"`train_dataset` must be a map-style dataset .* got IterableDataset: the outer "
+                                        r"problem draws random batches by index"):
+        BilevelTrainer(model=tiny_classifier(), args=bilevel_args(tmp_path), train_dataset=train.to_iterable_dataset(),
+                       eval_dataset=val, outer_module=DataWeights(32))

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import pickle
+import re
 from unittest import mock
 
 import pytest
@@ -132,7 +133,7 @@ def test_model_card(tmp_path, trained_weights, trained_reg):
 
 
 def test_model_card_base_model_is_a_hub_id_never_a_local_path(tmp_path, trained_weights):
-    from hf_integration.model_card import hub_model_id
+    from hf_integration.serialization import hub_model_id
 
     local = tmp_path / "local_model"
     local.mkdir()
@@ -347,10 +348,19 @@ def test_optimizer_state_via_save_pretrained_and_special_values(tmp_path, traine
     assert (tmp_path / OUTER_OPTIMIZER_NAME).is_file()
     _assert_state_equal(load_optimizer_state(str(tmp_path / OUTER_OPTIMIZER_NAME)), opt.state_dict())
 
-    odd = {"state": {}, "param_groups": [{"params": [], "x": float("inf"), "y": float("nan"), "z": None,
-                                          "t": (1, (2.5, "a")), "empty": torch.zeros(0, dtype=torch.int64)}]}
+    # non-finite floats round-trip where a state may hold them (e.g. a plateau scheduler's best = inf) ...
+    odd = {"state": {"best": float("inf"), "last": float("nan")},
+           "param_groups": [{"params": [], "lr": 0.5, "z": None, "t": (1, (2.5, "a")),
+                             "empty": torch.zeros(0, dtype=torch.int64)}]}
     save_optimizer_state(odd, str(tmp_path / "odd.safetensors"))
     _assert_state_equal(load_optimizer_state(str(tmp_path / "odd.safetensors")), odd)
+    # ... but not as the hyperparameters of a parameter group, where every later step would be poisoned
+    for group, message in (({"lr": float("nan")}, "learning rate nan, not a finite number >= 0"),
+                           ({"lr": float("inf")}, "learning rate inf"), ({"lr": "0.1"}, "learning rate '0.1'"),
+                           ({"lr": -1.0}, "learning rate -1.0"), ({"lr": 0.1, "eps": float("nan")}, "eps=nan")):
+        save_optimizer_state({"state": {}, "param_groups": [{"params": [0], **group}]}, str(tmp_path / "g.safetensors"))
+        with pytest.raises(ValueError, match=rf"parameter group 0 has {re.escape(message)}.*corrupt"):
+            load_optimizer_state(str(tmp_path / "g.safetensors"))
     with pytest.raises(TypeError, match="without pickle"):
         save_optimizer_state({"state": {"f": object()}}, str(tmp_path / "bad.safetensors"))
     assert not (tmp_path / "bad.safetensors").exists()
@@ -607,14 +617,23 @@ def test_atomic_write_dir_replaces_whole_folders(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["table"]  # no temporary or old folder left
 
 
-def _fake_checkpoint(folder, *, state=True, weights=True, outer=(OUTER_OPTIMIZER_NAME, OUTER_PARAMS_NAME)):
+def _fake_checkpoint(folder, *, state=True, weights=True, outer=(OUTER_OPTIMIZER_NAME, OUTER_PARAMS_NAME), rng=True):
+    """A checkpoint folder whose files are well formed (valid JSON, safetensors headers, RNG states)."""
+    import random
+
+    import numpy as np
+
     folder.mkdir(parents=True)
+    step = int(folder.name.split("-")[-1]) if folder.name.startswith("checkpoint-") else 0
     if state:
-        (folder / "trainer_state.json").write_text("{}")
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": step, "max_steps": 100}))
     if weights:
-        (folder / "adapter_model.safetensors").write_bytes(b"")
+        save_file({"w": torch.zeros(2)}, str(folder / "adapter_model.safetensors"))
     for name in outer:
-        (folder / name).write_bytes(b"")
+        save_file({"t": torch.zeros(1)}, str(folder / name))
+    if rng:
+        torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.get_rng_state()},
+                   folder / "rng_state.pth")
     return str(folder)
 
 
@@ -636,6 +655,41 @@ def test_checkpoint_problems_and_last_complete_checkpoint(tmp_path, caplog):
     plain = _fake_checkpoint(tmp_path / "plain" / "checkpoint-3", outer=())
     assert hub.last_checkpoint(tmp_path / "plain") is None
     assert hub.last_checkpoint(tmp_path / "plain", outer_files=()) == plain
+
+
+def _damage(folder, name, content):
+    path = os.path.join(folder, name)
+    if content is None:
+        os.remove(path)
+    else:
+        with open(path, "wb" if isinstance(content, bytes) else "w") as handle:
+            handle.write(content)
+    return folder
+
+
+CHECKPOINT_DAMAGE = {
+    # a checkpoint Trainer would resume from with fresh random states: a run that differs from the interrupted one
+    "no_rng_state": ("rng_state.pth", None, r"has no rng_state.pth: without the random-number states"),
+    "corrupt_rng_state": ("rng_state.pth", b"PK\x03\x04 not a zip", r"rng_state.pth is corrupt \("),
+    "negative_step": ("trainer_state.json", '{"global_step": -5}', r"global_step=-5, not an integer >= 0"),
+    "float_step": ("trainer_state.json", '{"global_step": 1e12}', r"global_step=1000000000000.0, not an integer"),
+    "other_step": ("trainer_state.json", '{"global_step": 1000000000000}',
+                   r"global_step=1000000000000, but the folder is the checkpoint of step 6"),
+    "beyond_max_steps": ("trainer_state.json", '{"global_step": 6, "max_steps": 4}', r"beyond its max_steps=4"),
+    "not_an_object": ("trainer_state.json", "[6]", r"trainer_state.json is not a JSON object"),
+    "deep_json": ("trainer_state.json", "[" * 100_000 + "]" * 100_000, r"trainer_state.json is unreadable \(Recursion"),
+    "corrupt_weights": ("adapter_model.safetensors", b"\x10\x00garbage", r"adapter_model.safetensors is corrupt"),
+    "truncated_outer": (OUTER_OPTIMIZER_NAME, b"", rf"{OUTER_OPTIMIZER_NAME} is corrupt"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CHECKPOINT_DAMAGE))
+def test_a_damaged_checkpoint_is_refused_in_one_line(tmp_path, case):
+    name, content, message = CHECKPOINT_DAMAGE[case]
+    folder = _damage(_fake_checkpoint(tmp_path / "checkpoint-6"), name, content)
+    problem = hub.checkpoint_problem(folder)
+    assert problem is not None and re.search(message, problem) and "\n" not in problem
+    assert hub.last_checkpoint(tmp_path) is None  # never resumed from, explicitly or by resume_from_checkpoint=True
 
 
 # ---------------------------------------------------------------------------------------- hardening: Hub
@@ -693,3 +747,15 @@ def test_hub_failures_are_one_line_errors(default_hub_client):
         api_cls.return_value.upload_folder.side_effect = RuntimeError("403 Forbidden\nrequest id ...")
         with pytest.raises(hub.HubError, match=r"^uploading to the Hub repo 'me/x' failed: RuntimeError: 403 Forbidden"):
             DataWeights(3).push_to_hub("me/x", token="hf_x")
+
+
+def test_loaded_tensors_own_aligned_memory(tmp_path):
+    """Tensors read from a safetensors file are copies in torch's own (64-byte aligned) memory, not views at
+    their file offset: BLAS rounds differently on unaligned data, so a product of a loaded tensor would differ
+    from the same product before the save, and a resumed run from an uninterrupted one."""
+    path = str(tmp_path / "t.safetensors")
+    save_file({"a": torch.randn(3), "b": torch.randn(5, 7), "c": torch.randn(2)}, path, metadata={"x": "y" * 13})
+    with safe_open(path, framework="pt") as handle:  # the raw offsets are not all aligned: the case matters
+        assert any(handle.get_tensor(name).data_ptr() % 64 for name in handle.keys())
+    loaded = serialization.load_tensors(path)
+    assert all(t.data_ptr() % 64 == 0 for t in loaded.values())
