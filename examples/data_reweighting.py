@@ -69,7 +69,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling helper modules
 
 from hf_integration.hub import atomic_write, atomic_write_dir  # noqa: E402
-from frozen_features import CachedTrunkClassifier, add_feature_rows  # noqa: E402
+from frozen_features import CachedTrunkBilevelTrainer, CachedTrunkClassifier, add_feature_rows  # noqa: E402
 from reweighting_baselines import BASELINES, inner_training_set, per_example_losses, train_baseline  # noqa: E402
 from text_classification import (  # noqa: E402
     TRAIN_ON_VALIDATION_HELP,
@@ -78,12 +78,16 @@ from text_classification import (  # noqa: E402
     check_experiment_arguments,
     loss_weights,
     InputError,
+    OutputWriter,
     DataArguments,
     ModelArguments,
     RunArguments,
     accuracy_metrics,
     build_lora_model,
     check_batch_sizes,
+    check_cache_options,
+    check_sequence_length,
+    configuring,
     check_outer_steps,
     describe_steps,
     evaluate_splits,
@@ -92,6 +96,7 @@ from text_classification import (  # noqa: E402
     load_splits,
     load_tokenizer,
     parse_arguments,
+    resolve_noise_rate,
     push_outputs,
     resume_point,
     run_main,
@@ -117,9 +122,11 @@ NO_SIGNAL_SPREAD = 0.05
 
 # Defaults of the demo (tuned so that `make demo` finishes in a few minutes on a 2-core CPU, see README).
 # They override `BilevelTrainingArguments`' own defaults; any of them can be given on the command line.
+# --noise_rate on the embedded generated data (the demo's controlled experiment); the user's own data is never
+# corrupted unless --noise_rate says so.
+EMBEDDED_NOISE_RATE = 0.3
 DEMO_DEFAULTS: dict[str, Any] = {
     "output_dir": "outputs/data_reweighting",
-    "noise_rate": 0.3,
     "lora_layers": [-1],
     "hvp_mode": "rev_rev",
     "max_steps": -1,
@@ -202,8 +209,10 @@ def parse_args(args: list[str] | None = None):
     """Parse the command line (``args=None``: ``sys.argv``) into the five argument dataclasses."""
     from hf_integration import BilevelTrainingArguments
 
-    return parse_arguments((ModelArguments, DataArguments, ExperimentArguments, RunArguments,
+    parsed = parse_arguments((ModelArguments, DataArguments, ExperimentArguments, RunArguments,
                             BilevelTrainingArguments), DEMO_DEFAULTS, __doc__.split("\n\n")[0], args)
+    resolve_noise_rate(parsed[1], EMBEDDED_NOISE_RATE)
+    return parsed
 
 
 def weights_auc(weights: np.ndarray, corrupted: np.ndarray) -> float:
@@ -253,12 +262,13 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
 def _experiment(model_args, data_args, exp_args, training_args, run) -> dict[str, Any]:
     from transformers import DataCollatorWithPadding
 
-    from hf_integration import BilevelTrainer, DataWeights, add_example_ids, num_example_ids
+    from hf_integration import DataWeights, add_example_ids, num_example_ids
     from hf_integration.trainer import NonFiniteGuard
 
     start = time.perf_counter()
 
     # ---------------------------------------------------------------- data (all checks before training)
+    check_cache_options(exp_args.cache_frozen_layers, training_args)
     splits = load_splits(data_args)
     num_labels = len(splits.label_names)
     train_raw = flip_labels(splits.train, data_args.noise_rate, num_labels, data_args.dataset_seed,
@@ -293,6 +303,7 @@ def _experiment(model_args, data_args, exp_args, training_args, run) -> dict[str
 
     def build_model() -> torch.nn.Module:
         model = build_lora_model(model_args, splits.label_names, training_args.seed, tokenizer=tokenizer)
+        check_sequence_length(model.config, data_args.max_seq_length)
         if not exp_args.cache_frozen_layers:
             return model
         try:
@@ -315,11 +326,12 @@ def _experiment(model_args, data_args, exp_args, training_args, run) -> dict[str
     inner_ds, trusted = inner_training_set(train_ds, val_ds, exp_args.train_on_validation)
     weights = (loss_weights(trusted, exp_args.trusted_share) if exp_args.weighting == "loss"
                else DataWeights(num_example_ids(train_ds)))
-    trainer = BilevelTrainer(
-        model=model, args=training_args, train_dataset=inner_ds, eval_dataset=val_ds, outer_module=weights,
-        dataset_name=data_args.source, dataset_split=splits.split_names["train"], processing_class=tokenizer,
-        compute_metrics=accuracy_metrics,
-    )
+    with configuring():
+        trainer = CachedTrunkBilevelTrainer(
+            model=model, args=training_args, train_dataset=inner_ds, eval_dataset=val_ds, outer_module=weights,
+            dataset_name=data_args.source, dataset_split=splits.split_names["train"], processing_class=tokenizer,
+            compute_metrics=accuracy_metrics,
+        )
     tic = time.perf_counter()
     trainer.train(resume_from_checkpoint=run.resume)
     bilevel_time = time.perf_counter() - tic
@@ -394,14 +406,19 @@ def _experiment(model_args, data_args, exp_args, training_args, run) -> dict[str
                        "Train longer (--num_train_epochs), start outer steps later (--outer_patience_steps) or "
                        "raise --outer_learning_rate.", results["weight_spread"], NO_SIGNAL_SPREAD)
     out_dir = training_args.output_dir
-    save_model(trainer, out_dir)
+    write = OutputWriter(out_dir, ["the model and outer parameters", "train_with_weights/", "weights.png",
+                                   "metrics.json"])
+    run.commit()  # from here on the outputs are this run's (a previous run's, moved aside, are deleted)
+    # refuses NaN/inf; a cached-trunk model saves its adapter
+    write("the model and outer parameters", lambda: trainer.save_model(out_dir))
     if trainer.is_world_process_zero():
-        atomic_write_dir(os.path.join(out_dir, "train_with_weights"),
-                         train_raw.add_column("weight", w.tolist()).save_to_disk)
-        plot_weights(w, corrupted if known else None, os.path.join(out_dir, "weights.png"),
-                     f"Learned data weights (AUC {auc:.3f})" if known else "Learned data weights")
+        write("train_with_weights/", lambda: atomic_write_dir(os.path.join(out_dir, "train_with_weights"),
+                                                              train_raw.add_column("weight", w.tolist()).save_to_disk))
+        write("weights.png", lambda: plot_weights(
+            w, corrupted if known else None, os.path.join(out_dir, "weights.png"),
+            f"Learned data weights (AUC {auc:.3f})" if known else "Learned data weights"))
         results["wall_time_total_s"] = time.perf_counter() - start
-        write_json(os.path.join(out_dir, "metrics.json"), results)  # last: marks a complete run
+        write("metrics.json", lambda: write_json(os.path.join(out_dir, "metrics.json"), results))  # marks completion
         print_summary(results)
         if run.push:
             card_metadata = {**metadata, "auc_low_weight_vs_corrupted": f"{auc:.4f}",
@@ -421,21 +438,6 @@ def learned_weights(trainer: Any, weights: Any, train_ds: Any) -> np.ndarray:
         losses = per_example_losses(trainer, train_ds, prefix="weights")
         return weights.weights_for(losses).detach().float().cpu().numpy()
     return weights.weights().detach().float().cpu().numpy()[np.asarray(train_ds["example_id"])]
-
-
-def save_model(trainer: Any, output_dir: str) -> None:
-    """``trainer.save_model``; a model that runs from cached frozen-layer outputs (`CachedTrunkClassifier`,
-    `frozen_decoder.CachedTrunkCausalLM`: they have ``cache_features``) is saved as the model it wraps (the PEFT
-    adapter), not as the wrapper's full state dict."""
-    model = trainer.model
-    if hasattr(model, "cache_features"):
-        trainer.model = model.model
-        try:
-            trainer.save_model(output_dir)  # refuses NaN/inf (BilevelTrainer._save)
-        finally:
-            trainer.model = model
-    else:
-        trainer.save_model(output_dir)
 
 
 BASELINE_LABELS = {"uniform": "uniform weights", "uniform_train_val": "uniform on train + validation",

@@ -276,8 +276,8 @@ def main() -> None:
     print(f"\ntest accuracy of a fresh {args.model} model trained to convergence (L-BFGS, weight decay "
           f"{args.weight_decay:g}) on each set; mean ± std over {args.eval_inits} initialisations "
           f"(over the 10 draws for the random real images):")
-    print(f"| training data | images | test accuracy |")
-    print(f"|---|---|---|")
+    print("| training data | images | test accuracy |")
+    print("|---|---|---|")
     print(f"| distilled images | {10 * args.ipc} | {fmt(acc_distilled)} |")
     print(f"| random real images (the distilled set's initialisation) | {10 * args.ipc} | {fmt(acc_init)} |")
     print(f"| random real images (10 other draws) | {10 * args.ipc} | {fmt(acc_random)} |")

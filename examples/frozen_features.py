@@ -23,7 +23,10 @@ import torch
 from accelerate.utils import send_to_device
 from torch import Tensor, nn
 
-__all__ = ["FEATURE_ROW", "CachedTrunkClassifier", "first_trainable_layer", "add_feature_rows"]
+from hf_integration import BilevelTrainer
+
+__all__ = ["FEATURE_ROW", "CachedTrunkClassifier", "WrappedModelCheckpoints", "CachedTrunkBilevelTrainer",
+           "first_trainable_layer", "add_feature_rows"]
 
 FEATURE_ROW = "feature_row"
 
@@ -140,3 +143,51 @@ class CachedTrunkClassifier(nn.Module):
         logits = classifier.classifier(classifier.dropout(pooled))
         loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
         return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+class WrappedModelCheckpoints:
+    """A `transformers.Trainer` mixin for models that wrap a `PreTrainedModel` or PEFT model in ``.model`` (the
+    cached-trunk wrappers here and in `frozen_decoder.py`): checkpoints, final saves and the best-model reload go
+    through the wrapped model, as `Trainer` does for the model itself.
+
+    `Trainer` saves a model that is neither a `PreTrainedModel` nor a `PeftModel` as its whole state dict with
+    ``safetensors.torch.save_file``, which refuses tensors that share memory (the tied input and output embeddings
+    of SmolLM2 and most decoders: the first checkpoint of such a run died) and would store every frozen weight
+    of the base model in each checkpoint; it cannot resume from a folder of PEFT adapter files either. With this
+    mixin a checkpoint holds the adapter (and the trained head), like a plain PEFT run's, and resumes into the
+    wrapped model; the feature table is rebuilt from the data, never saved."""
+
+    def _wrapped(self) -> nn.Module | None:
+        model = getattr(self, "model", None)
+        return model.model if hasattr(model, "cache_features") else None
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        inner = self._wrapped()
+        if inner is None:
+            return super()._save(output_dir, state_dict)
+        wrapper = self.model
+        self.model = inner
+        try:
+            super()._save(output_dir, None)  # the wrapper's state dict would name the wrapped tensors "model.*"
+        finally:
+            self.model = wrapper
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        model = self.model if model is None else model
+        super()._load_from_checkpoint(resume_from_checkpoint, model=model.model if hasattr(model, "cache_features")
+                                      else model)
+
+    def _load_best_model(self) -> None:
+        inner = self._wrapped()
+        if inner is None:
+            return super()._load_best_model()
+        wrapper = self.model
+        self.model = inner
+        try:
+            super()._load_best_model()
+        finally:
+            self.model = wrapper
+
+
+class CachedTrunkBilevelTrainer(WrappedModelCheckpoints, BilevelTrainer):
+    """`BilevelTrainer` whose checkpoints and saves of a cached-trunk model hold the wrapped adapter."""

@@ -102,8 +102,9 @@ from accelerate.utils import send_to_device
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling helper modules
 
-from data_reweighting import plot_weights, save_model, weights_auc  # noqa: E402
+from data_reweighting import plot_weights, weights_auc  # noqa: E402
 from frozen_decoder import FEATURE_ROW, CachedTrunkCausalLM, ResponseCollator, add_feature_rows  # noqa: E402
+from frozen_features import CachedTrunkBilevelTrainer  # noqa: E402
 from hf_integration.hub import HubError, atomic_write_text  # noqa: E402
 from hf_integration.losses import IGNORE_INDEX  # noqa: E402
 from instruction_data import CORRUPTIONS, FEATURES, corrupt_responses, make_instruction_splits  # noqa: E402
@@ -116,6 +117,7 @@ from text_classification import (  # noqa: E402
     check_experiment_arguments,
     loss_weights,
     InputError,
+    OutputWriter,
     ModelArguments,
     RunArguments,
     _agree,
@@ -123,6 +125,9 @@ from text_classification import (  # noqa: E402
     _loading,
     _subset,
     check_batch_sizes,
+    check_cache_options,
+    check_sequence_length,
+    configuring,
     check_outer_steps,
     check_source_arguments,
     describe_steps,
@@ -131,6 +136,8 @@ from text_classification import (  # noqa: E402
     lora_layer_indices,
     load_tokenizer,
     parse_arguments,
+    parse_flags,
+    resolve_noise_rate,
     push_outputs,
     resume_point,
     run_main,
@@ -161,9 +168,11 @@ NO_SIGNAL_SPREAD = 0.05  # std/mean of the learned weights below which they are 
 
 # Defaults of the demo (chosen by measurement so that bilevel training + both rivals finish in < 10 minutes on a
 # 2-core CPU, see README). They override `BilevelTrainingArguments`' own defaults.
+# --noise_rate on the embedded generated data (the demo's controlled experiment); the user's own data is never
+# corrupted unless --noise_rate says so.
+EMBEDDED_NOISE_RATE = 0.3
 DEMO_DEFAULTS: dict[str, Any] = {
     "output_dir": "outputs/instruction_data_weights",
-    "noise_rate": 0.3,
     "lora_layers": [-2, -1],
     "lora_target_modules": ["q_proj", "v_proj"],
     "hvp_mode": "rev_rev",
@@ -247,10 +256,12 @@ class InstructionDataArguments:
         default="validation",
         metadata={"help": "Validation split of --dataset_name: the outer objective's data (e.g. 'train[90%%:]')."})
     test_split: str | None = field(default=None, metadata={"help": "Optional test split of --dataset_name."})
-    noise_rate: float = field(
-        default=0.0,
+    noise_rate: float | None = field(
+        default=None,
         metadata={"help": "Fraction of training responses to corrupt on purpose (a controlled experiment), marked "
-                  "in `corrupted` / `corruption` columns; 0 keeps the data (and its own `corrupted` column)."})
+                  "in `corrupted` / `corruption` columns; 0 keeps the data (and its own `corrupted` column). "
+                  f"Default: {EMBEDDED_NOISE_RATE} on the embedded generated set, 0 on your own data (--train_file, "
+                  "--dataset_name): data you pass is never corrupted unless you ask."})
     corruption_kinds: list[str] = field(
         default_factory=lambda: list(CORRUPTIONS),
         metadata={"help": "Kinds of corruption, shared evenly: 'wrong_answer' (a plausible wrong answer; for "
@@ -271,6 +282,7 @@ class InstructionDataArguments:
 
     def __post_init__(self) -> None:
         check_source_arguments(self)
+        resolve_noise_rate(self, EMBEDDED_NOISE_RATE)
         if (self.prompt_column is None) != (self.completion_column is None):
             raise InputError("--prompt_column and --completion_column go together (prompt/completion format); "
                              "pass both, or neither for --messages_column.")
@@ -371,6 +383,7 @@ def parse_args(args: list[str] | None = None):
                             BilevelTrainingArguments), DEMO_DEFAULTS, __doc__.split("\n\n")[0], args)
 
 
+
 # ==================================================================================================== data
 @dataclass
 class InstructionSplits:
@@ -408,6 +421,11 @@ def to_messages(dataset: Any, data_args: InstructionDataArguments, where: str) -
                              f"{dataset.column_names}.")
     rows: dict[str, list] = {"messages": [], "source": [], "corrupted": [], "corruption": []}
     has_source = data_args.source_column in dataset.column_names
+    if "corrupted" in dataset.column_names:  # the data's own ground truth of wrong responses
+        flags = parse_flags(dataset["corrupted"], "corrupted", where)
+    else:  # or the kinds alone: a row with a kind is a corrupted one
+        flags = [bool(kind) for kind in (dataset["corruption"] if "corruption" in dataset.column_names
+                                         else [None] * len(dataset))]
     for i, row in enumerate(dataset):
         if data_args.prompt_column is not None:
             messages = (_conversation(row[data_args.prompt_column], "user", "--prompt_column", where, i)
@@ -430,8 +448,9 @@ def to_messages(dataset: Any, data_args: InstructionDataArguments, where: str) -
                              "must not be empty.")
         rows["messages"].append(messages)
         rows["source"].append(str(row[data_args.source_column]) if has_source else "all")
-        rows["corrupted"].append(bool(row.get("corrupted", False)))
-        rows["corruption"].append(str(row.get("corruption") or ("corrupted" if row.get("corrupted") else "")))
+        rows["corrupted"].append(flags[i])
+        kind = row.get("corruption")
+        rows["corruption"].append((str(kind) if kind else "corrupted") if flags[i] else "")
     return datasets.Dataset.from_dict(rows, features=FEATURES)
 
 
@@ -712,11 +731,12 @@ def learned_weights(module: Any, train_ds: Any, final_losses: np.ndarray) -> np.
 
 
 def _experiment(model_args, data_args, exp_args, training_args, run) -> dict[str, Any]:
-    from hf_integration import BilevelTrainer, add_example_ids
+    from hf_integration import add_example_ids
     from hf_integration.trainer import NonFiniteGuard
 
     start = time.perf_counter()
     # ---------------------------------------------------------------- data (all checks before training)
+    check_cache_options(exp_args.cache_frozen_layers, training_args)
     splits = load_instruction_splits(data_args)
     train_raw = add_example_ids(splits.train)  # stable ids, before the trainer shuffles
     source_names: list[str] = sorted(set(train_raw["source"]))
@@ -736,6 +756,7 @@ def _experiment(model_args, data_args, exp_args, training_args, run) -> dict[str
         training_args.outer_patience_steps = int(round(exp_args.outer_patience_epochs * per_epoch))
     scheduled_outer_steps(training_args, len(train_raw))
     base_model, tokenizer = load_base_model(model_args)
+    check_sequence_length(base_model.config, data_args.max_seq_length)
     raw = {"train": train_raw, "validation": splits.validation}
     if splits.test is not None:
         raw["test"] = splits.test
@@ -789,11 +810,12 @@ def _experiment(model_args, data_args, exp_args, training_args, run) -> dict[str
     warmup_steps = int(round(exp_args.loss_warmup_epochs * steps_per_epoch(training_args, len(inner_ds))))
     weights = _outer_module(exp_args.weighting, train_ds, source_names, exp_args.init_loss_scale, trusted, warmup_steps,
                             exp_args.trusted_share)
-    trainer = BilevelTrainer(
-        model=model, args=training_args, train_dataset=inner_ds, eval_dataset=val_ds, outer_module=weights,
-        dataset_name=data_args.source, dataset_split=splits.split_names["train"], processing_class=tokenizer,
-        data_collator=collator,
-    )
+    with configuring():
+        trainer = CachedTrunkBilevelTrainer(
+            model=model, args=training_args, train_dataset=inner_ds, eval_dataset=val_ds, outer_module=weights,
+            dataset_name=data_args.source, dataset_split=splits.split_names["train"], processing_class=tokenizer,
+            data_collator=collator,
+        )
     tic = time.perf_counter()
     trainer.train(resume_from_checkpoint=run.resume)
     bilevel_time = time.perf_counter() - tic
@@ -885,10 +907,15 @@ def _experiment(model_args, data_args, exp_args, training_args, run) -> dict[str
         logger.warning("The learned weights are nearly uniform (std/mean %.3f < %.2f): they carry little signal. "
                        "Train longer (--num_train_epochs) or raise --outer_learning_rate.", spread, NO_SIGNAL_SPREAD)
     out_dir = training_args.output_dir
-    save_model(trainer, out_dir)
+    write = OutputWriter(out_dir, ["the model and outer parameters", "train_with_weights/", "top_weighted/",
+                                   "top_weighted.jsonl", "weights.png", "metrics.json"])
+    run.commit()  # from here on the outputs are this run's (a previous run's, moved aside, are deleted)
+    # refuses NaN/inf; a cached-trunk model saves its adapter
+    write("the model and outer parameters", lambda: trainer.save_model(out_dir))
     if trainer.is_world_process_zero():
         results["wall_time_total_s"] = time.perf_counter() - start
-        write_outputs(results, train_raw, w, weights, metadata, exp_args, data_args, training_args, model_args)
+        write_outputs(results, train_raw, w, weights, metadata, exp_args, data_args, training_args, model_args,
+                      write)
         if run.push:
             card_metadata = {**metadata, "auc_low_weight_vs_corrupted": f"{auc:.4f}",
                              "noise_rate": str(data_args.noise_rate),
@@ -908,9 +935,11 @@ def auc_by_kind(weights: np.ndarray, train_raw: Any) -> dict[str, float]:
             for kind in sorted(set(kinds.tolist()) - {""})}
 
 
-def write_outputs(results, train_raw, w, weights, metadata, exp_args, data_args, training_args, model_args) -> None:
-    """Everything but the adapter: the weighted training set (with its card), the top-weighted export, the plot,
-    ``metrics.json`` (last: it marks a complete run), the summary table and the weighted-dataset push."""
+def write_outputs(results, train_raw, w, weights, metadata, exp_args, data_args, training_args, model_args,
+                  write: OutputWriter) -> None:
+    """Everything but the adapter, through ``write``: the weighted training set (with its card), the top-weighted
+    export, the plot, ``metrics.json`` (last: it marks a complete run); then the summary table and the
+    weighted-dataset push."""
     from hf_integration.weights_dataset import push_weights_dataset, render_weights_card, save_weights_dataset
 
     out_dir = training_args.output_dir
@@ -934,19 +963,19 @@ def write_outputs(results, train_raw, w, weights, metadata, exp_args, data_args,
     card = render_weights_card(table, repo_id=repo_id, description=weights.card_text().description.rstrip("."),
                                how=how, figures=figures, example_fraction=fraction,
                                source_datasets=[data_args.dataset_name] if data_args.dataset_name else ())
-    save_weights_dataset(table, os.path.join(out_dir, "train_with_weights"), card)
+    write("train_with_weights/", lambda: save_weights_dataset(table, os.path.join(out_dir, "train_with_weights"), card))
     top = table.select(sorted(np.argsort(-w, kind="stable")[: max(1, int(round(fraction * len(table))))].tolist()))
-    save_weights_dataset(top, os.path.join(out_dir, "top_weighted"))
-    atomic_write_text(os.path.join(out_dir, "top_weighted.jsonl"),
-                      "".join(json.dumps(row) + "\n" for row in top))
+    write("top_weighted/", lambda: save_weights_dataset(top, os.path.join(out_dir, "top_weighted")))
+    write("top_weighted.jsonl", lambda: atomic_write_text(os.path.join(out_dir, "top_weighted.jsonl"),
+                                                          "".join(json.dumps(row) + "\n" for row in top)))
     results["export_top_fraction"] = fraction
     results["num_exported"] = len(top)
     known = results["num_corrupted"] > 0
     corrupted = np.asarray(train_raw["corrupted"], dtype=bool)
-    plot_weights(w, corrupted if known else None, os.path.join(out_dir, "weights.png"),
-                 f"Learned data weights (AUC {results['auc_low_weight_vs_corrupted']:.3f})" if known
-                 else "Learned data weights")
-    write_json(os.path.join(out_dir, "metrics.json"), results)  # last: marks a complete run
+    write("weights.png", lambda: plot_weights(
+        w, corrupted if known else None, os.path.join(out_dir, "weights.png"),
+        f"Learned data weights (AUC {results['auc_low_weight_vs_corrupted']:.3f})" if known else "Learned data weights"))
+    write("metrics.json", lambda: write_json(os.path.join(out_dir, "metrics.json"), results))  # marks completion
     print_summary(results)
     if exp_args.push_weights_to_hub:
         url = push_weights_dataset(table, exp_args.weights_repo_id, card=card, token=training_args.hub_token,

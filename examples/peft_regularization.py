@@ -48,11 +48,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling he
 from text_classification import (  # noqa: E402
     DataArguments,
     InputError,
+    OutputWriter,
     ModelArguments,
     RunArguments,
     accuracy_metrics,
     build_lora_model,
     check_batch_sizes,
+    check_sequence_length,
+    configuring,
     check_outer_steps,
     describe_steps,
     evaluate_splits,
@@ -61,6 +64,7 @@ from text_classification import (  # noqa: E402
     load_splits,
     load_tokenizer,
     parse_arguments,
+    resolve_noise_rate,
     push_outputs,
     resume_point,
     run_main,
@@ -75,10 +79,12 @@ logger = logging.getLogger("peft_regularization")
 
 # Defaults of the demo (a few minutes on a 2-core CPU for the 1 + 6 runs, see README); they override those of
 # the argument dataclasses and can all be given on the command line.
+# --noise_rate on the embedded generated data (the demo's controlled experiment); the user's own data is never
+# corrupted unless --noise_rate says so.
+EMBEDDED_NOISE_RATE = 0.2
 DEMO_DEFAULTS: dict[str, Any] = {
     "output_dir": "outputs/peft_regularization",
     "max_train_samples": 64,
-    "noise_rate": 0.2,
     "lora_target_modules": ["query", "value", "classifier"],
     "train_head": False,
     "max_steps": 150,
@@ -133,8 +139,10 @@ def parse_args(args: list[str] | None = None):
     """Parse the command line (``args=None``: ``sys.argv``) into the five argument dataclasses."""
     from hf_integration import BilevelTrainingArguments
 
-    return parse_arguments((ModelArguments, DataArguments, RegularizationArguments, RunArguments,
+    parsed = parse_arguments((ModelArguments, DataArguments, RegularizationArguments, RunArguments,
                             BilevelTrainingArguments), DEMO_DEFAULTS, __doc__.split("\n\n")[0], args)
+    resolve_noise_rate(parsed[1], EMBEDDED_NOISE_RATE)
+    return parsed
 
 
 def main(args: list[str] | None = None) -> dict[str, Any]:
@@ -168,14 +176,17 @@ def _experiment(model_args, data_args, reg_args, training_args, run) -> dict[str
     eval_sets = {"validation": val_ds, "test": test_ds}
 
     def new_model():
-        return build_lora_model(model_args, splits.label_names, training_args.seed, tokenizer=tokenizer)
+        model = build_lora_model(model_args, splits.label_names, training_args.seed, tokenizer=tokenizer)
+        check_sequence_length(model.config, data_args.max_seq_length)
+        return model
 
     def run_one(model, regularization: LoraRegularization, run_args, resume: str | None
                 ) -> tuple[BilevelTrainer, dict[str, float], float]:
-        trainer = BilevelTrainer(model=model, args=run_args, train_dataset=train_ds, eval_dataset=val_ds,
-                                 outer_module=regularization, dataset_name=data_args.source,
-                                 dataset_split=splits.split_names["train"], processing_class=tokenizer,
-                                 compute_metrics=accuracy_metrics)
+        with configuring():
+            trainer = BilevelTrainer(model=model, args=run_args, train_dataset=train_ds, eval_dataset=val_ds,
+                                     outer_module=regularization, dataset_name=data_args.source,
+                                     dataset_split=splits.split_names["train"], processing_class=tokenizer,
+                                     compute_metrics=accuracy_metrics)
         tic = time.perf_counter()
         trainer.train(resume_from_checkpoint=resume)
         seconds = time.perf_counter() - tic
@@ -227,10 +238,13 @@ def _experiment(model_args, data_args, reg_args, training_args, run) -> dict[str
         "wall_time_total_s": math.nan,
         "torch_threads": torch.get_num_threads(),
     }
-    trainer.save_model(training_args.output_dir)  # refuses NaN/inf (BilevelTrainer._save)
+    write = OutputWriter(training_args.output_dir, ["the model and outer parameters", "metrics.json"])
+    run.commit()  # from here on the outputs are this run's (a previous run's, moved aside, are deleted)
+    # refuses NaN/inf (BilevelTrainer._save)
+    write("the model and outer parameters", lambda: trainer.save_model(training_args.output_dir))
     if trainer.is_world_process_zero():
         results["wall_time_total_s"] = time.perf_counter() - start
-        write_json(os.path.join(training_args.output_dir, "metrics.json"), results)  # last: marks a complete run
+        write("metrics.json", lambda: write_json(os.path.join(training_args.output_dir, "metrics.json"), results))
         print_summary(results)
         if run.push:
             card_metadata = {**metadata, **{f"learned_{k}": f"{v:.4f}" for k, v in bilevel.items()}}

@@ -52,6 +52,7 @@ def main(args: list[str] | None = None) -> str:
     from transformers import HfArgumentParser
 
     from hf_integration import OUTER_PARAMS_NAME, OuterModule
+    from hf_integration.serialization import normalize_metadata
 
     (push_args,) = HfArgumentParser(PushArguments, description=__doc__.split("\n\n")[0]).parse_args_into_dataclasses(
         args=args)
@@ -64,6 +65,7 @@ def main(args: list[str] | None = None) -> str:
         if not sep or not key:
             raise ValueError(f"--metadata {item!r}: expected key=value.")
         extra[key] = value
+    normalize_metadata(extra)  # a reserved key is refused before the Hub is asked for anything
     module = OuterModule.from_pretrained(push_args.outer_params_dir)  # checks kind, shapes, config, NaN/inf
     url = module.push_to_hub(push_args.repo_id, metadata=extra, private=push_args.private or None,
                              token=push_args.token, commit_message=push_args.commit_message,

@@ -7,6 +7,10 @@ optimizer, schedule and number of inner steps as the bilevel run.
 * ``loss_filter``: the standard cheap noisy-label baseline ("small-loss" selection): uniform training until
   inner step ``filter_step``, then the ``fraction`` of training examples with the highest loss under the model
   of that step get weight 0 for the rest of training (the batch loss is the mean over the kept examples).
+
+Every checkpoint of a rival holds its example weights (``example_weights.safetensors``; for the loss filter also
+the ranking losses), so a resumed rival trains on what the interrupted one did: the loss filter's dropped set is
+restored, never recomputed or lost, and a checkpoint whose weights do not belong to this run is refused.
 """
 
 from __future__ import annotations
@@ -23,10 +27,17 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from hf_integration.losses import per_example_loss
+from safetensors.torch import save_file
 
-__all__ = ["BASELINES", "TRUSTED_COLUMN", "WeightedTrainer", "LossFilterTrainer", "inner_training_set",
-           "per_example_losses", "train_baseline", "train_plus_validation"]
+from frozen_features import WrappedModelCheckpoints
+from hf_integration.checkpoints import CheckpointError, ResumeFinishedRun
+from hf_integration.losses import per_example_loss
+from hf_integration.serialization import atomic_write, load_tensors
+
+__all__ = ["BASELINES", "TRUSTED_COLUMN", "EXAMPLE_WEIGHTS_NAME", "UniformTrainer", "WeightedTrainer",
+           "LossFilterTrainer", "inner_training_set", "per_example_losses", "train_baseline", "train_plus_validation"]
+
+EXAMPLE_WEIGHTS_NAME = "example_weights.safetensors"  # in every checkpoint of a weighted rival
 
 BASELINES = ("uniform", "uniform_train_val", "loss_filter")
 # the column that flags the validation rows of the bilevel run's inner problem under --train_on_validation
@@ -42,9 +53,14 @@ def per_example_losses(trainer: Trainer, dataset: datasets.Dataset, prefix: str 
                                        reduction="none")
 
 
-class WeightedTrainer(Trainer):
+class UniformTrainer(WrappedModelCheckpoints, ResumeFinishedRun, Trainer):
+    """`Trainer` (the mean loss), with checkpoints of a cached-trunk model holding its adapter."""
+
+
+class WeightedTrainer(WrappedModelCheckpoints, ResumeFinishedRun, Trainer):
     """`Trainer` whose training loss is a fixed weighted mean: ``sum_{i in B} w_i l_i / sum_{i in B} w_i`` over
-    a batch ``B`` (0 when every weight of the batch is 0), with ``w_i = weights[example_id_i]``."""
+    a batch ``B`` (0 when every weight of the batch is 0), with ``w_i = weights[example_id_i]``. Checkpoints hold
+    the weights; resuming from one whose weights differ from this trainer's is refused."""
 
     def __init__(self, *args: Any, weights: torch.Tensor | None = None, id_column: str = "example_id",
                  **kwargs: Any) -> None:
@@ -64,13 +80,44 @@ class WeightedTrainer(Trainer):
         outputs = model(**inputs)
         # cross-entropy of class logits; for token logits aligned with their labels (frozen_decoder's response
         # window), each example's mean over its labelled tokens
-        losses = per_example_loss(outputs["logits"], labels, causal_lm=False)
+        smoothing = self.args.label_smoothing_factor if model.training else 0.0  # as Trainer's rivals train
+        losses = per_example_loss(outputs["logits"], labels, causal_lm=False, label_smoothing=smoothing)
         if ids is None or not model.training:
             loss = losses.mean()
         else:
             w = self.weights.to(losses.device)[ids]
             loss = (w * losses).sum() / w.sum().clamp_min(1e-12)
         return (loss, outputs) if return_outputs else loss
+
+    def _weights_state(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint records of the example weights (:meth:`_restore_weights` reads it back)."""
+        return {"weights": self.weights.detach().cpu().contiguous()}
+
+    def _restore_weights(self, saved: dict[str, torch.Tensor], checkpoint: str) -> None:
+        weights = saved.get("weights")
+        if weights is None or weights.shape != self.weights.shape or not torch.equal(weights, self.weights.cpu()):
+            raise CheckpointError(f"cannot resume from {checkpoint!r}: the example weights it was trained with differ "
+                                  "from this run's (other data, or another filter); start this rival over")
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.args.should_save:
+            tensors = self._weights_state()
+            atomic_write(os.path.join(output_dir, EXAMPLE_WEIGHTS_NAME), lambda tmp: save_file(tensors, tmp))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        path = os.path.join(checkpoint, EXAMPLE_WEIGHTS_NAME)
+        if not os.path.isfile(path):
+            raise CheckpointError(f"cannot resume from {checkpoint!r}: it has no {EXAMPLE_WEIGHTS_NAME} (the example "
+                                  "weights this rival trained with); start this rival over")
+        try:
+            saved = load_tensors(path)
+        except ValueError as err:
+            raise CheckpointError(f"cannot resume from {checkpoint!r}: {err}") from err
+        self._restore_weights(saved, checkpoint)
 
 
 class LossFilterTrainer(WeightedTrainer):
@@ -96,12 +143,34 @@ class LossFilterTrainer(WeightedTrainer):
         """Rank the training examples by their loss under the current model and drop the top ``fraction``."""
         dataset = self.train_dataset
         losses = per_example_losses(self, dataset, prefix="filter").numpy()
-        ids = np.asarray(dataset[self.id_column])
+        self._set_filter(np.asarray(dataset[self.id_column]), losses)
+
+    def _set_filter(self, ids: np.ndarray, losses: np.ndarray) -> None:
+        """Drop the top ``fraction`` of ``ids`` by their ``losses`` (a stable order, so a restore is exact)."""
         order = np.argsort(-losses, kind="stable")
         self.dropped = ids[order[: int(round(self.fraction * len(ids)))]]
         self.losses = np.full(int(ids.max()) + 1, np.nan)
         self.losses[ids] = losses
+        self.weights = torch.ones_like(self.weights)
         self.weights[torch.as_tensor(self.dropped, dtype=torch.long)] = 0.0
+
+    def _weights_state(self) -> dict[str, torch.Tensor]:
+        state = super()._weights_state()
+        if self.dropped is not None:  # the ranking that chose them, to restore the filter and report its AUC
+            ids = np.flatnonzero(~np.isnan(self.losses))
+            state.update(filter_ids=torch.as_tensor(ids, dtype=torch.int64),
+                         filter_losses=torch.as_tensor(self.losses[ids], dtype=torch.float64))
+        return state
+
+    def _restore_weights(self, saved: dict[str, torch.Tensor], checkpoint: str) -> None:
+        filtered = self.state.global_step >= self.filter_step
+        if filtered != ("filter_ids" in saved):
+            raise CheckpointError(f"cannot resume from {checkpoint!r}: it is the checkpoint of step "
+                                  f"{self.state.global_step} but {'lacks' if filtered else 'holds'} the loss filter's "
+                                  f"ranking (the filter runs after step {self.filter_step}); start this rival over")
+        if filtered:
+            self._set_filter(saved["filter_ids"].numpy(), saved["filter_losses"].numpy())
+        super()._restore_weights(saved, checkpoint)
 
 
 class _FilterAt(TrainerCallback):
@@ -157,7 +226,7 @@ def train_baseline(name: str, build_model: Callable[[], nn.Module], training_arg
     else:
         data = (train_plus_validation(train_dataset, validation_dataset) if name == "uniform_train_val"
                 else train_dataset.remove_columns("example_id"))
-        trainer = Trainer(train_dataset=data, **common)
+        trainer = UniformTrainer(train_dataset=data, **common)
     tic = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume)
     return trainer, time.perf_counter() - tic

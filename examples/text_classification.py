@@ -20,6 +20,7 @@ package), so the default run needs no network.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import json
 import logging
@@ -28,6 +29,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 import dataclasses
 from dataclasses import dataclass, field
@@ -39,20 +41,23 @@ import torch
 
 from hf_integration import LossWeights
 from hf_integration.hub import (BILEVEL_CHECKPOINT_FILES, CheckpointError, HubError, atomic_write_text,
-                                check_hub_repo, checkpoint_problem, error_line, last_checkpoint,
+                                check_hub_reachable, check_hub_repo, checkpoint_problem, error_line, last_checkpoint,
                                 looks_like_local_path)
 from hypergrad.distributed import all_reduce_sum, is_distributed
 from hypergrad.outer_step import NonFiniteError
 from hypergrad.solver import count_outer_steps
 from synthetic_sentiment import make_splits
 
+logger = logging.getLogger("text_classification")
+
 __all__ = [
     "InputError", "ModelArguments", "DataArguments", "TextSplits", "default_model_path", "load_splits",
-    "check_source_arguments", "source_name", "lora_layer_indices",
-    "flip_labels", "check_batch_sizes", "tokenize_splits", "build_lora_model", "load_tokenizer", "accuracy_metrics",
+    "check_source_arguments", "resolve_noise_rate", "parse_flags", "source_name", "lora_layer_indices",
+    "flip_labels", "check_batch_sizes", "tokenize_splits", "build_lora_model", "check_sequence_length",
+    "check_cache_options", "configuring", "load_tokenizer", "accuracy_metrics",
     "format_table", "write_json", "evaluate_splits", "RunArguments", "RunContext", "RunError", "start_run",
     "steps_per_epoch", "total_inner_steps", "scheduled_outer_steps", "check_outer_steps", "describe_steps", "resume_point",
-    "parse_arguments", "push_outputs", "run_main", "LOCK_NAME",
+    "parse_arguments", "push_outputs", "OutputWriter", "run_main", "LOCK_NAME",
 ]
 
 EMBEDDED_NAME = "embedded synthetic sentiment (examples/synthetic_sentiment.py)"
@@ -239,10 +244,12 @@ class DataArguments:
         metadata={"help": "Optional test split of --dataset_name, evaluated at the end only (the embedded data "
                   "always has one)."},
     )
-    noise_rate: float = field(
-        default=0.0,
-        metadata={"help": "Fraction of training labels to corrupt (a controlled experiment, see --noise_type); "
-                  "corrupted examples are marked in a boolean `corrupted` column."},
+    noise_rate: float | None = field(
+        default=None,
+        metadata={"help": "Fraction of training labels to corrupt on purpose (a controlled experiment, see "
+                  "--noise_type); corrupted examples are marked in a boolean `corrupted` column. Default: the "
+                  "script's demo rate on the embedded generated data, 0 on your own data (--train_file, "
+                  "--dataset_name): data you pass is never corrupted unless you ask."},
     )
     noise_type: str = field(
         default="symmetric",
@@ -289,12 +296,50 @@ def check_source_arguments(data_args: Any) -> None:
                          "held-out data).")
     if data_args.train_file is None and (data_args.validation_file is not None or data_args.test_file is not None):
         raise InputError("--validation_file / --test_file need --train_file.")
-    if not 0.0 <= data_args.noise_rate < 1.0:  # NaN fails too
+    if data_args.noise_rate is not None and not 0.0 <= data_args.noise_rate < 1.0:  # NaN fails too
         raise InputError(f"--noise_rate must be in [0, 1), got {data_args.noise_rate}.")
     for name in ("max_train_samples", "max_eval_samples", "max_seq_length"):
         value = getattr(data_args, name)
         if value is not None and value < 1:
             raise InputError(f"--{name} must be >= 1, got {value}.")
+    if not 0 <= data_args.dataset_seed < 2**32:
+        raise InputError(f"--dataset_seed must be in [0, 2**32 - 1] (a numpy seed), got {data_args.dataset_seed}.")
+
+
+def resolve_noise_rate(data_args: Any, embedded_rate: float) -> None:
+    """Set ``--noise_rate`` when it was not given: ``embedded_rate`` on the embedded generated data (the demo's
+    controlled experiment), 0 on the user's own data (``--train_file``, ``--dataset_name``), which is never
+    corrupted unless asked."""
+    if data_args.noise_rate is None:
+        embedded = data_args.dataset_name is None and data_args.train_file is None
+        data_args.noise_rate = embedded_rate if embedded else 0.0
+
+
+TRUE_FLAGS = frozenset({"true", "t", "yes", "y", "1"})
+FALSE_FLAGS = frozenset({"false", "f", "no", "n", "0"})
+
+
+def parse_flags(values: Sequence[Any], column: str, where: str) -> list[bool]:
+    """The cells of a yes/no column (e.g. ``corrupted``) as booleans: ``True``/``False``, ``1``/``0``, and the
+    strings true/false, yes/no, y/n, t/f, 1/0 in any case. Anything else is refused (:class:`InputError`, naming
+    the column and the first bad row) rather than read by truthiness, where ``"no"`` and ``"false"`` are true."""
+    out = []
+    for row, value in enumerate(values):
+        if isinstance(value, (bool, np.bool_)):
+            out.append(bool(value))
+            continue
+        if isinstance(value, (int, float, np.integer, np.floating)) and value in (0, 1):
+            out.append(bool(value))
+            continue
+        word = value.strip().lower() if isinstance(value, str) else None
+        if word in TRUE_FLAGS or word in FALSE_FLAGS:
+            out.append(word in TRUE_FLAGS)
+            continue
+        missing = value is None or (isinstance(value, float) and math.isnan(value))
+        raise InputError(f"column {column!r} of {where}, row {row}: "
+                         + ("missing value" if missing else f"{value!r:.40} is not a yes/no value")
+                         + "; use true/false, yes/no or 1/0 in every row (or drop the column).")
+    return out
 
 
 def source_name(data_args: Any, embedded_name: str) -> str:
@@ -339,6 +384,7 @@ def _load_one(data_args: DataArguments, role: str) -> tuple[datasets.Dataset | N
         if os.path.getsize(path) == 0:
             raise InputError(f"--{role}_file is empty ({path!r} has 0 bytes): there is nothing to "
                              f"{'train' if role == 'train' else 'evaluate'} on.")
+        _check_utf8(path, f"--{role}_file")
         try:
             dataset = datasets.load_dataset(builder, data_files={role: path}, split=role, **kwargs)
         except Exception as err:  # malformed csv/json, bad UTF-8, ... (datasets wraps them): the root cause
@@ -352,12 +398,32 @@ def _load_one(data_args: DataArguments, role: str) -> tuple[datasets.Dataset | N
     argument = f"--{role}_split"
     if split is None:
         return None, argument
+    check_reachable("--dataset_name", data_args.dataset_name, repo_type="dataset")
     try:
         dataset = datasets.load_dataset(data_args.dataset_name, data_args.dataset_config_name, split=split)
     except Exception as err:  # unknown split ("Unknown split ..."), unreachable Hub, malformed files
         raise InputError(f"{argument} {split!r} cannot be loaded from {data_args.dataset_name!r}: "
                          f"{_root_cause(err)}") from err
     return dataset, f"{argument} {split!r}"
+
+
+def _check_utf8(path: str, argument: str, chunk: int = 1 << 20) -> None:
+    """Refuse a file that is not UTF-8 (e.g. latin-1) before `datasets` reads it: its json reader loads the bytes
+    as they are and fails only when a row is first decoded, deep inside a run."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as handle:
+        while True:
+            data = handle.read(chunk)
+            try:
+                decoder.decode(data, final=not data)
+            except UnicodeDecodeError as err:
+                raise InputError(f"{argument} {path!r} is not UTF-8 text (byte {offset + err.start} is "
+                                 f"{data[err.start:err.start + 1]!r}); re-save it as UTF-8, e.g. "
+                                 "`iconv -f latin1 -t utf-8`.") from None
+            if not data:
+                return
+            offset += len(data)
 
 
 def _root_cause(err: BaseException) -> str:
@@ -446,6 +512,9 @@ def load_splits(data_args: DataArguments) -> TextSplits:
         extra = [c for c in dataset.column_names if c not in keep and c != "corrupted"]
         dataset = dataset.remove_columns(extra).rename_columns(
             {k: v for k, v in rename.items() if k != v}).add_column("labels", labels)
+        if "corrupted" in dataset.column_names:  # the data's own ground truth of wrong labels
+            flags = parse_flags(dataset["corrupted"], "corrupted", raw[role][1])
+            dataset = dataset.remove_columns("corrupted").add_column("corrupted", flags)
         encoded[role] = dataset.cast_column("labels", datasets.ClassLabel(names=names))
     return TextSplits(train=encoded["train"], validation=encoded["validation"], test=encoded.get("test"),
                       label_names=names, split_names={role: where for role, (_, where) in raw.items()})
@@ -481,6 +550,11 @@ def _label_values(dataset: datasets.Dataset, column: str) -> list:
     if missing:
         raise InputError(f"--label_column {column!r} has {len(missing)} missing (null/NaN) label(s) (first at row "
                          f"{missing[0]}).")
+    nested = next((i for i, v in enumerate(values) if not isinstance(v, (str, int, float, bool))), None)
+    if nested is not None:
+        raise InputError(f"--label_column {column!r} holds a {type(values[nested]).__name__} at row {nested} "
+                         f"({values[nested]!r:.40}): one class per example is needed (multi-label data is not "
+                         "supported by this script).")
     return values
 
 
@@ -562,6 +636,7 @@ def build_lora_model(model_args: ModelArguments, label_names: Sequence[str], see
         model = AutoModelForSequenceClassification.from_pretrained(
             model_args.model_name_or_path, num_labels=len(label_names),
             id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)},
+            ignore_mismatched_sizes=True,  # a classifier of another number of classes gets its new head too
         )
     if tokenizer is not None and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -572,7 +647,39 @@ def build_lora_model(model_args: ModelArguments, label_names: Sequence[str], see
     config = LoraConfig(task_type=task_type, r=model_args.lora_r, lora_alpha=model_args.lora_alpha,
                         lora_dropout=model_args.lora_dropout, target_modules=model_args.lora_target_modules,
                         layers_to_transform=layers)
-    return get_peft_model(model, config)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:  # no module matches the targets (PEFT's NoMatchingPeftModuleError is a ValueError)
+        raise InputError(f"--lora_target_modules {model_args.lora_target_modules}: {error_line(err)}") from err
+
+
+def check_sequence_length(config: Any, max_seq_length: int) -> None:
+    """Refuse ``--max_seq_length`` beyond the model's learned positions (``max_position_embeddings``): a longer
+    input would fail inside the model, mid-run, on the first long enough example."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(positions, int) and max_seq_length > positions:
+        raise InputError(f"--max_seq_length {max_seq_length} exceeds the model's {positions} positions "
+                         f"(max_position_embeddings); use --max_seq_length {positions} or less.")
+
+
+@contextlib.contextmanager
+def configuring() -> Iterator[None]:
+    """Turn the `ValueError`/`TypeError` a `BilevelTrainer` raises while it is built -- arguments that do not fit
+    the model or the data (a Nyström rank above the inner parameter count, an HVP mode the outer module cannot
+    use), found before any training step -- into an :class:`InputError` naming the option (``--name``)."""
+    try:
+        yield
+    except (ValueError, TypeError) as err:
+        raise InputError(re.sub(r"`(\w+)`", r"--\1", str(err))) from err
+
+
+def check_cache_options(cache_frozen_layers: bool, training_args: Any) -> None:
+    """Refuse ``--gradient_checkpointing`` with ``--cache_frozen_layers``: the cached trunk runs only the adapted
+    layers, from stored activations, and is not a model whose checkpointing `Trainer` can switch on."""
+    if cache_frozen_layers and training_args.gradient_checkpointing:
+        raise InputError("--gradient_checkpointing does not apply with --cache_frozen_layers (the frozen layers run "
+                         "once, before training, and the adapted ones keep their activations for the exact "
+                         "Hessian-vector products); drop it, or pass --cache_frozen_layers False.")
 
 
 def lora_layer_indices(lora_layers: Sequence[int] | None, config: Any) -> list[int] | None:
@@ -602,13 +709,31 @@ def load_tokenizer(model_args: ModelArguments) -> Any:
     return tokenizer
 
 
+_REACHED: set[tuple[str, str]] = set()  # Hub ids this process found answering (models load several times)
+
+
+def check_reachable(argument: str, name: str, repo_type: str = "model") -> None:
+    """Before ``from_pretrained`` / ``load_dataset`` of a Hub id: one metadata request under a deadline
+    (:func:`hf_integration.hub.check_hub_reachable`), so that a Hub that hangs or drips bytes ends the run in
+    seconds with an :class:`InputError` naming ``argument``, not after minutes of retries. Local folders,
+    offline mode and ids already reached are not checked."""
+    if os.path.isdir(os.path.expanduser(name)) or (repo_type, name) in _REACHED:
+        return
+    try:
+        check_hub_reachable(name, repo_type=repo_type, what=f"the {repo_type} {name!r} ({argument})")
+    except HubError as err:
+        raise InputError(str(err)) from err  # it names the argument
+    _REACHED.add((repo_type, name))
+
+
 @contextlib.contextmanager
 def _loading(argument: str, name: str) -> Iterator[None]:
     """Turn a failure to load ``name`` (missing or incomplete folder, unknown or unreachable Hub repo) into an
-    :class:`InputError` naming ``argument``."""
+    :class:`InputError` naming ``argument``; a Hub id is first checked to answer (:func:`check_reachable`)."""
+    check_reachable(argument, name)
     try:
         yield
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RecursionError) as err:  # RecursionError: a config.json nested 100k deep
         raise InputError(f"{argument} {name!r} cannot be loaded: {error_line(err)}") from err
 
 
@@ -649,15 +774,21 @@ def write_json(path: str, payload: Mapping[str, Any]) -> None:
 
 
 def evaluate_splits(trainer: Any, datasets_by_role: dict[str, Any]) -> dict[str, float]:
-    """``{role}_accuracy`` and ``{role}_loss`` (mean cross-entropy, no weights or penalty: `BilevelTrainer`
-    evaluates the plain loss) of the trainer's model on each dataset; ``None`` datasets are skipped."""
+    """``{role}_accuracy`` and ``{role}_loss`` (mean cross-entropy, no weights, penalty or label smoothing:
+    `BilevelTrainer` evaluates the plain loss, and so is every rival's, whose `Trainer` would otherwise report
+    the smoothed loss under ``--label_smoothing_factor``) of the trainer's model on each dataset; ``None``
+    datasets are skipped."""
     out: dict[str, float] = {}
-    for role, dataset in datasets_by_role.items():
-        if dataset is None:
-            continue
-        metrics = trainer.evaluate(eval_dataset=dataset, metric_key_prefix=role)
-        out[f"{role}_accuracy"] = float(metrics[f"{role}_accuracy"])
-        out[f"{role}_loss"] = float(metrics[f"{role}_loss"])
+    smoother, trainer.label_smoother = getattr(trainer, "label_smoother", None), None
+    try:
+        for role, dataset in datasets_by_role.items():
+            if dataset is None:
+                continue
+            metrics = trainer.evaluate(eval_dataset=dataset, metric_key_prefix=role)
+            out[f"{role}_accuracy"] = float(metrics[f"{role}_accuracy"])
+            out[f"{role}_loss"] = float(metrics[f"{role}_loss"])
+    finally:
+        trainer.label_smoother = smoother
     return out
 
 
@@ -670,9 +801,10 @@ class RunArguments:
 
     overwrite_output_dir: bool = field(
         default=False,
-        metadata={"help": "Start over in an --output_dir that holds another run's outputs: its checkpoints and "
-                  "metrics.json are deleted, the other files replaced as the new run writes them. Without it such "
-                  "a folder is refused (use --resume_from_checkpoint to continue that run)."},
+        metadata={"help": "Start over in an --output_dir that holds another run's outputs: they are moved aside "
+                  "(into a hidden .overwritten-* folder) and deleted only once the new run writes its own; a new run "
+                  "that fails before that puts them back. Without it such a folder is refused (use "
+                  "--resume_from_checkpoint to continue that run)."},
     )
     threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads (default: torch's own choice)."})
 
@@ -683,10 +815,17 @@ class RunArguments:
 
 @dataclass
 class RunContext:
-    """What :func:`start_run` decided: whether to push at the end, and the checkpoint to resume from."""
+    """What :func:`start_run` decided: whether to push at the end, and the checkpoint to resume from. A run calls
+    :meth:`commit` before it writes its final outputs: from then on an ``--overwrite_output_dir`` run has replaced
+    the previous one's outputs, which are deleted when the run ends."""
 
     push: bool
     resume: str | None
+    backup: str | None = None  # the previous run's outputs, moved aside by --overwrite_output_dir
+    committed: bool = False
+
+    def commit(self) -> None:
+        self.committed = True
 
 
 def _agree(error: Exception | None, training_args: Any) -> None:
@@ -718,9 +857,13 @@ def _resume_argument(value: str | None, output_dir: str) -> str | None:
     return value
 
 
-def _prepare_output_dir(output_dir: str, overwrite: bool, resume: str | None) -> None:
-    """Refuse an --output_dir that is a file, cannot be written, or holds another run (unless ``overwrite``,
-    which deletes that run's checkpoints and metrics.json, or ``resume``)."""
+OVERWRITTEN_PREFIX = ".overwritten-"  # the folder of a previous run's outputs while --overwrite_output_dir runs
+
+
+def _prepare_output_dir(output_dir: str, overwrite: bool, resume: str | None) -> str | None:
+    """Refuse an --output_dir that is a file, cannot be written, or holds another run (unless ``resume``, or
+    ``overwrite``: that run's outputs are then moved into a hidden sibling folder, whose path is returned, so
+    that :func:`_restore_outputs` can put them back if the new run fails before writing its own)."""
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise InputError(f"--output_dir {output_dir!r} is an existing file, not a folder; choose another path.")
     try:
@@ -731,19 +874,30 @@ def _prepare_output_dir(output_dir: str, overwrite: bool, resume: str | None) ->
         raise InputError(f"--output_dir {output_dir!r} is not writable; choose another folder.")
     others = sorted(name for name in os.listdir(output_dir) if name != LOCK_NAME)
     if not others or resume is not None:
-        return
+        return None
     if not overwrite:
         resume = ("pass --resume_from_checkpoint True to continue that run, "
                   if any(name.startswith("checkpoint-") for name in others) else "")
         raise InputError(f"--output_dir {output_dir!r} is not empty (it holds {others[:4]}"
                          f"{' ...' if len(others) > 4 else ''}): another run's outputs; {resume}pass "
                          "--overwrite_output_dir to start over there, or choose another --output_dir.")
-    for root, dirs, _ in os.walk(output_dir):  # a later --resume_from_checkpoint True must not find them
-        for name in [d for d in dirs if d.startswith("checkpoint-")]:
-            shutil.rmtree(os.path.join(root, name))
-            dirs.remove(name)
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(os.path.join(output_dir, "metrics.json"))
+    backup = tempfile.mkdtemp(dir=output_dir, prefix=OVERWRITTEN_PREFIX)
+    for name in others:
+        if not name.startswith(OVERWRITTEN_PREFIX):  # an earlier killed run's backup stays where it is
+            os.rename(os.path.join(output_dir, name), os.path.join(backup, name))
+    return backup
+
+
+def _restore_outputs(output_dir: str, backup: str) -> None:
+    """Undo :func:`_prepare_output_dir`'s move: the failed run's files go, the previous run's come back."""
+    for name in os.listdir(output_dir):
+        path = os.path.join(output_dir, name)
+        if name == LOCK_NAME or name.startswith(OVERWRITTEN_PREFIX):
+            continue
+        shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+    for name in os.listdir(backup):
+        os.rename(os.path.join(backup, name), os.path.join(output_dir, name))
+    os.rmdir(backup)
 
 
 @contextlib.contextmanager
@@ -767,18 +921,18 @@ def start_run(training_args: Any, run_args: RunArguments, repo_example: str) -> 
         raise InputError(f"--push_to_hub needs --hub_model_id (e.g. {repo_example!r}).")
     training_args.push_to_hub = False
     output_dir = training_args.output_dir
-    lock, error, resume = None, None, None
+    lock, error, resume, backup = None, None, None, None
     try:
         resume = _resume_argument(training_args.resume_from_checkpoint, output_dir)
         if training_args.should_save:  # the process that writes holds the lock
             lock = FileLock(os.path.join(output_dir, LOCK_NAME), timeout=0)
             if os.path.isdir(output_dir):  # an existing folder is inspected under the lock
                 lock.acquire()
-            _prepare_output_dir(output_dir, run_args.overwrite_output_dir, resume)
-            lock.acquire()  # re-entrant: takes the lock of a folder just created, else a no-op
-            if push:
+            if push:  # credentials before anything moves
                 check_hub_repo(training_args.hub_model_id, token=training_args.hub_token,
                                private=training_args.hub_private_repo)
+            backup = _prepare_output_dir(output_dir, run_args.overwrite_output_dir, resume)
+            lock.acquire()  # re-entrant: takes the lock of a folder just created, else a no-op
     except Timeout:
         error = InputError(f"--output_dir {output_dir!r} is in use by another run (it holds the lock "
                            f"{LOCK_NAME}); wait for that run to end or choose another --output_dir.")
@@ -786,10 +940,20 @@ def start_run(training_args: Any, run_args: RunArguments, repo_example: str) -> 
         error = InputError(f"--output_dir {output_dir!r} is not writable: {err.strerror or err}.")
     except (InputError, HubError) as err:
         error = err
+    run = RunContext(push=push, resume=resume, backup=backup)
     try:
         _agree(error, training_args)
-        yield RunContext(push=push, resume=resume)
+        yield run
+    except BaseException:
+        if backup is not None and not run.committed:
+            _restore_outputs(output_dir, backup)
+            backup = None
+            logger.warning("The run failed before writing its outputs: the previous outputs of --output_dir %r are "
+                           "back in place.", output_dir)
+        raise
     finally:
+        if backup is not None:  # the new run's outputs replaced them
+            shutil.rmtree(backup, ignore_errors=True)
         if lock is not None and lock.is_locked:
             lock.release(force=True)
 
@@ -877,10 +1041,37 @@ def push_outputs(module: Any, training_args: Any, metadata: Mapping[str, Any]) -
                        f"examples/push_hyperparameters.py --outer_params_dir {out} --repo_id {repo_id}") from err
 
 
+class OutputWriter:
+    """Writes a run's outputs one by one in a planned order, ``metrics.json`` (the completion marker) last.
+
+    A write that fails (a full disk, a folder that went read-only) ends the run with a :class:`RunError` saying
+    which outputs were written and which were not; each output is written atomically (no half-written file or
+    ``.tmp`` folder stays), so what was written is complete and what was not is absent or the previous version.
+    """
+
+    def __init__(self, output_dir: str, planned: Sequence[str]) -> None:
+        self.output_dir, self.planned, self.written = output_dir, list(planned), []
+
+    def __call__(self, name: str, write: Callable[[], Any]) -> Any:
+        try:
+            result = write()
+        except OSError as err:
+            missing = [n for n in self.planned if n not in self.written]
+            raise RunError(f"writing {name} to {self.output_dir!r} failed ({err.strerror or err}); written: "
+                           f"{', '.join(self.written) or 'nothing'}; not written: {', '.join(missing)}. Without "
+                           "metrics.json the run counts as incomplete: free the space and run again (or resume "
+                           "with --resume_from_checkpoint True if it saved checkpoints).") from err
+        self.written.append(name)
+        return result
+
+
 def run_main(main: Callable[[list[str] | None], Any]) -> None:
     """``main()`` as a command: the errors the scripts anticipate (bad input, a run that could not train, a
-    refused checkpoint, an unreachable Hub) become one line on stderr and exit status 1."""
+    refused checkpoint, an unreachable Hub, a failed write) become one line on stderr and exit status 1."""
     try:
         main(None)
     except (InputError, RunError, NonFiniteError, CheckpointError, HubError) as err:
         sys.exit(f"error: {err}")
+    except OSError as err:  # e.g. a checkpoint save on a full disk, mid-training
+        sys.exit(f"error: {err.strerror or type(err).__name__}: {err.filename or err}; the run stopped, and its "
+                 "outputs are incomplete (metrics.json, written last, marks a complete run).")

@@ -131,6 +131,10 @@ class BilevelTrainingArguments(TrainingArguments):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        for name in ("seed", "data_seed"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**32):
+                raise ValueError(f"`{name}` must be an integer in [0, 2**32 - 1] (numpy and torch seeds), got {value!r}.")
         if self.max_steps == 0 or (self.max_steps < 0 and not self.num_train_epochs > 0):
             raise ValueError(f"no training step would run (max_steps={self.max_steps}, num_train_epochs="
                              f"{self.num_train_epochs}): pass `max_steps` > 0, or `max_steps` -1 and "

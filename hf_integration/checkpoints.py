@@ -16,7 +16,7 @@ from .serialization import OUTER_OPTIMIZER_NAME, OUTER_PARAMS_NAME, read_safeten
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CheckpointError", "BILEVEL_CHECKPOINT_FILES", "checkpoint_problem", "last_checkpoint"]
+__all__ = ["CheckpointError", "BILEVEL_CHECKPOINT_FILES", "ResumeFinishedRun", "checkpoint_problem", "last_checkpoint"]
 
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")  # transformers' PREFIX_CHECKPOINT_DIR + "-<step>"
 
@@ -131,3 +131,46 @@ def last_checkpoint(folder: str | os.PathLike, *, outer_files: Sequence[str] = B
         if os.path.isdir(path):
             logger.warning("Skipping incomplete checkpoint: %s", problem)
     return None
+
+
+class ResumeFinishedRun:
+    """A `transformers.Trainer` mixin: resuming from a checkpoint of the run's last step trains nothing more.
+
+    `Trainer` trains one step too many when ``max_steps`` ends inside an epoch and the checkpoint resumed from is
+    that last step (it counts the finished epochs, re-enters the partial one, and checks ``max_steps`` only after
+    a step): a script resumed after its last checkpoint, e.g. killed while evaluating or writing its outputs,
+    would end one step past the run it continues. Here such a resume restores the checkpoint -- model, optimizer
+    and scheduler, random states, and whatever a subclass's ``_load_optimizer_and_scheduler`` adds -- and returns
+    without a training step; a checkpoint beyond ``max_steps`` is refused."""
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        if isinstance(resume_from_checkpoint, (str, os.PathLike)) and self.args.max_steps > 0:
+            from transformers.trainer import TRAINER_STATE_NAME
+
+            checkpoint = os.fspath(resume_from_checkpoint)
+            problem = _trainer_state_problem(checkpoint, TRAINER_STATE_NAME)
+            if problem is not None:
+                raise CheckpointError(f"cannot resume: {problem}")
+            with open(os.path.join(checkpoint, TRAINER_STATE_NAME), encoding="utf-8") as handle:
+                step = json.load(handle)["global_step"]
+            if step > self.args.max_steps:
+                raise CheckpointError(f"cannot resume from {checkpoint!r}: it is the checkpoint of step {step}, beyond "
+                                      f"max_steps={self.args.max_steps}; raise max_steps or resume from an earlier one")
+            if step == self.args.max_steps:
+                return self._restore_finished_run(checkpoint)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _restore_finished_run(self, checkpoint: str):
+        from transformers.trainer import TRAINER_STATE_NAME
+        from transformers.trainer_callback import TrainerState
+        from transformers.trainer_utils import TrainOutput
+
+        self._load_from_checkpoint(checkpoint)
+        self.state = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
+        self.create_optimizer_and_scheduler(num_training_steps=self.args.max_steps)
+        self._load_optimizer_and_scheduler(checkpoint)
+        self._load_rng_state(checkpoint)
+        losses = [entry["loss"] for entry in self.state.log_history if "loss" in entry]
+        logger.info("Resumed from %s, the checkpoint of the run's last step (%d): nothing left to train.",
+                    checkpoint, self.state.global_step)
+        return TrainOutput(self.state.global_step, float(losses[-1]) if losses else 0.0, {})

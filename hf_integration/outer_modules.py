@@ -202,6 +202,7 @@ class OuterModule(nn.Module):
         revision: str | None = None,
         token: str | bool | None = None,
         expected: dict | None = None,
+        hub_timeout: float | None = None,
         **hub_kwargs: Any,
     ) -> OuterModule:
         """Load outer parameters from a local folder (takes precedence) or a Hub repo id.
@@ -219,16 +220,21 @@ class OuterModule(nn.Module):
                 "base_model": "org/model"}`` (compared against the metadata, as strings) or config fields such
                 as ``{"module_names": [...], "num_examples": 1000}``. ``None`` values are skipped; a field
                 that was never saved is refused (it cannot be verified).
+            hub_timeout: Deadline in seconds of the download from the Hub (:func:`hf_integration.hub.hub_call`);
+                ``None``: ``HF_HUB_ETAG_TIMEOUT + HF_HUB_DOWNLOAD_TIMEOUT`` (20 s unless set). Without it a Hub
+                that does not answer keeps ``hf_hub_download`` in its retries for minutes.
             **hub_kwargs: Passed to :func:`huggingface_hub.hf_hub_download` (``cache_dir``,
                 ``local_files_only``, ``subfolder``, ``force_download``, ...).
 
         Raises:
-            FileNotFoundError: No ``outer_params.safetensors`` at the location.
+            FileNotFoundError: No ``outer_params.safetensors`` at the location, or the download failed or did not
+                finish within ``hub_timeout`` (one line).
             ValueError: A corrupt file or header, NaN/inf values, wrong kind, a tensor shape that does not match
                 the config (checked before a module of the config's size is allocated), or an ``expected``
                 field that does not match (the message names the field, the saved and the expected value).
         """
-        loaded = serialization.load_outer_files(path_or_repo_id, revision=revision, token=token, **hub_kwargs)
+        loaded = serialization.load_outer_files(path_or_repo_id, revision=revision, token=token,
+                                                hub_timeout=hub_timeout, **hub_kwargs)
         source = str(path_or_repo_id)
         target = OuterModule._registry.get(loaded.kind)
         if cls is not OuterModule and loaded.kind != cls.kind:
@@ -284,8 +290,10 @@ class OuterModule(nn.Module):
 
         Creates the repo if needed (``exist_ok=True``), saves to a temporary folder (the card's loading
         snippet names ``repo_id``) and uploads it in one commit. Returns the commit URL (the pull-request
-        URL with ``create_pr=True``). The optimizer state is never uploaded.
+        URL with ``create_pr=True``). The optimizer state is never uploaded. ``metadata`` is checked first
+        (:func:`~hf_integration.serialization.normalize_metadata`): a refused key creates no repo.
         """
+        serialization.normalize_metadata(metadata)
         return hub.push_folder_to_hub(
             lambda folder, resolved_id: self._save(
                 folder, metadata=metadata, optimizer_state=None, card_repo_id=resolved_id
@@ -739,6 +747,11 @@ def parse_layer_index(module_name: str) -> int:
     return int(match.group(1))
 
 
+def _layer_index_or_none(module_name: str) -> int | None:
+    match = _LAYER_RE.search(module_name)
+    return None if match is None else int(match.group(1))
+
+
 def find_lora_modules(
     named_parameters: Sequence[tuple[str, Tensor]] | Mapping[str, Tensor],
     adapter_name: str | None = None,
@@ -796,7 +809,8 @@ class LoraRegularization(OuterModule):
             ``"base_model.model.model.layers.0.self_attn.q_proj"`` for a PEFT model. Prefer
             :meth:`from_peft_model`.
         granularity: ``"module"`` (one strength per LoRA module), ``"layer"`` (one per transformer layer,
-            parsed with :func:`parse_layer_index`) or ``"global"`` (a single strength).
+            parsed with :func:`parse_layer_index`; a LoRA module outside the layers, e.g. a classification
+            head, is a group of its own, named by the module) or ``"global"`` (a single strength).
         init_log_strength: Initial ``s`` of every group (default ``log(1e-3)``).
         adapter_name: PEFT adapter name in the parameter names.
     """
@@ -830,11 +844,12 @@ class LoraRegularization(OuterModule):
             group_names = list(module_names)
             group_index = list(range(len(module_names)))
         elif granularity == "layer":
-            layers = [parse_layer_index(m) for m in module_names]
-            ordered = sorted(set(layers))
-            group_names = [f"layer.{i}" for i in ordered]
-            position = {layer: k for k, layer in enumerate(ordered)}
-            group_index = [position[layer] for layer in layers]
+            # a module outside the transformer layers (a classification head, embeddings) is a group of its own
+            indices = [_layer_index_or_none(m) for m in module_names]
+            group_names = ([f"layer.{i}" for i in sorted({i for i in indices if i is not None})]
+                           + [m for m, i in zip(module_names, indices) if i is None])
+            position = {group: k for k, group in enumerate(group_names)}
+            group_index = [position[m if i is None else f"layer.{i}"] for m, i in zip(module_names, indices)]
         else:
             group_names = ["global"]
             group_index = [0] * len(module_names)

@@ -451,9 +451,17 @@ def _resolve_params_file(
     *,
     revision: str | None,
     token: str | bool | None,
+    hub_timeout: float | None = None,
     **hub_kwargs: Any,
 ) -> str:
-    """Return a local path to ``outer_params.safetensors``: local folder/file first, else the Hub."""
+    """Return a local path to ``outer_params.safetensors``: local folder/file first, else the Hub.
+
+    The download runs under :func:`hf_integration.hub.hub_call`'s deadline of ``hub_timeout`` seconds (``None``:
+    ``HF_HUB_ETAG_TIMEOUT + HF_HUB_DOWNLOAD_TIMEOUT``); a failure or a timeout raises ``FileNotFoundError`` with
+    one line, as a missing local folder does.
+    """
+    from .hub import HubError, error_line, hub_call  # hub imports this module
+
     path = os.fspath(path_or_repo_id)
     if os.path.isdir(path):
         file = os.path.join(path, OUTER_PARAMS_NAME)
@@ -470,13 +478,18 @@ def _resolve_params_file(
         return path
     if looks_like_local_path(path):
         raise FileNotFoundError(f"local folder {path!r} does not exist (and it does not look like a Hub repo id)")
+    download = f"downloading {OUTER_PARAMS_NAME} from the Hub repo {path!r} (revision={revision!r})"
     try:
-        return hf_hub_download(path, OUTER_PARAMS_NAME, revision=revision, token=token, **hub_kwargs)
+        return hub_call(
+            lambda: hf_hub_download(path, OUTER_PARAMS_NAME, revision=revision, token=token, **hub_kwargs),
+            what=download, timeout=hub_timeout, argument="hub_timeout")
+    except HubError as err:  # the deadline passed
+        raise FileNotFoundError(f"could not load outer parameters from {path!r}: no such local folder, and "
+                                f"{err}") from err
     except Exception as err:  # network, auth, missing repo or file: one clear message
         raise FileNotFoundError(
-            f"could not load outer parameters from {path!r}: no such local folder, and downloading "
-            f"{OUTER_PARAMS_NAME} from the Hub repo {path!r} (revision={revision!r}) failed: "
-            f"{type(err).__name__}: {err}"
+            f"could not load outer parameters from {path!r}: no such local folder, and {download} failed: "
+            f"{error_line(err)}"
         ) from err
 
 
@@ -485,6 +498,7 @@ def load_outer_files(
     *,
     revision: str | None = None,
     token: str | bool | None = None,
+    hub_timeout: float | None = None,
     **hub_kwargs: Any,
 ) -> LoadedOuterFiles:
     """Read kind, config, metadata and tensors from a local folder, a ``.safetensors`` file or a Hub repo.
@@ -492,14 +506,23 @@ def load_outer_files(
     A local folder takes precedence over a Hub repo of the same name. Only ``outer_params.safetensors`` is
     read (with ``safetensors.safe_open``: no pickle, no code execution). ``hub_kwargs`` go to
     :func:`huggingface_hub.hf_hub_download` (e.g. ``cache_dir``, ``local_files_only``, ``subfolder``,
-    ``force_download``).
+    ``force_download``). The download has a deadline of ``hub_timeout`` seconds (:func:`hf_integration.hub.hub_call`;
+    ``None``: ``HF_HUB_ETAG_TIMEOUT + HF_HUB_DOWNLOAD_TIMEOUT``, 20 s unless set), since ``hf_hub_download``'s own
+    timeouts do not bound its retries (minutes against a Hub that does not answer).
 
     Raises:
-        FileNotFoundError: No parameters file at the location (locally or on the Hub).
+        FileNotFoundError: No parameters file at the location (locally or on the Hub), or the download failed
+            or did not finish within ``hub_timeout``; one line.
         ValueError: The file is not an outer-parameters file (missing kind/config header), is corrupt, or was
-            written in a newer format version than this one reads.
+            written in a newer format version than this one reads; ``hub_timeout`` is not a finite number of
+            seconds > 0.
     """
-    file = _resolve_params_file(path_or_repo_id, revision=revision, token=token, **hub_kwargs)
+    if hub_timeout is not None:  # refused even when a local folder leaves it unused
+        from .hub import _deadline  # hub imports this module
+
+        _deadline(hub_timeout, "hub_timeout")
+    file = _resolve_params_file(path_or_repo_id, revision=revision, token=token, hub_timeout=hub_timeout,
+                                **hub_kwargs)
     _, header = read_safetensors_header(file)
     missing = [k for k in (_KEY_KIND, _KEY_CONFIG) if k not in header]
     if missing:

@@ -45,7 +45,7 @@ from hypergrad.outer_step import NonFiniteError, OuterStepHistory, apply_outer_u
 from .arguments import BilevelTrainingArguments
 from .losses import per_example_loss
 from .data import dataset_fingerprint_metadata
-from .checkpoints import CheckpointError, checkpoint_problem, last_checkpoint
+from .checkpoints import CheckpointError, ResumeFinishedRun, checkpoint_problem, last_checkpoint
 from .hub import error_line
 from .model_card import (outer_params_card_section, render_model_card, render_model_tensors_card,
                          with_hub_base_model)
@@ -188,7 +188,7 @@ class NonFiniteGuard(TrainerCallback):
 _COUNTERS_KEY = "bilevel_counters"  # extra entry of outer_optimizer.safetensors: applied/skipped step counts
 
 
-class BilevelTrainer(Trainer):
+class BilevelTrainer(ResumeFinishedRun, Trainer):
     """`Trainer` for bilevel fine-tuning with implicit hypergradients.
 
     Args:
@@ -222,6 +222,11 @@ class BilevelTrainer(Trainer):
         **kwargs: Any,
     ) -> None:
         self._check_inputs(model, args, train_dataset, eval_dataset, outer_module, outer_param_patterns)
+        if kwargs.get("compute_loss_func") is not None:
+            raise ValueError("`compute_loss_func` is not supported: BilevelTrainer needs each example's loss (for the "
+                             "outer module and the hypergradient), which it computes from the logits itself "
+                             "(hf_integration.losses.per_example_loss; label_smoothing_factor is honoured). Subclass "
+                             "BilevelTrainer and override `_objective` for another loss.")
         self.outer_module = outer_module
         self.id_column = getattr(outer_module, "id_column", None)
         self.outer_columns = outer_batch_columns(outer_module)  # kept through collation, never model inputs
@@ -243,6 +248,10 @@ class BilevelTrainer(Trainer):
         self.inner_param_names = [n for n, p in self._unwrapped.named_parameters() if p.requires_grad]
         if not self.inner_param_names:
             raise ValueError("The model has no trainable (inner) parameters left: nothing to fine-tune.")
+        if getattr(outer_module, "stops_gradients", False) and args.hvp_mode == "finite_diff" and not self.is_fsdp_enabled:
+            raise ValueError(f"hvp_mode='finite_diff' cannot differentiate the objective of {type(outer_module).__name__}: "
+                             "it holds a stop-gradient, which finite differences of gradients differentiate too. Use "
+                             "hvp_mode='auto', 'rev_rev' or 'fwd_rev'.")
         self.ihvp_options = options_from_arguments(args.ihvp_method, args)
         check_problem_size(args.ihvp_method, self.ihvp_options, sum(p.numel() for p in self._inner_param_tree().values()),
                            argument_names=True)
@@ -397,7 +406,10 @@ class BilevelTrainer(Trainer):
         else:
             outputs = functional_call(model, {**in_params, **model_outer}, (), inputs, strict=False)
             inner_named = in_params
-        losses = per_example_loss(outputs["logits"], batch["labels"], self._causal_lm)
+        # the inner objective (training steps, and the hypergradient's inner problem) is what training minimizes,
+        # label smoothing included; the outer objective and evaluation are the plain loss
+        smoothing = self.args.label_smoothing_factor if weighted else 0.0
+        losses = per_example_loss(outputs["logits"], batch["labels"], self._causal_lm, label_smoothing=smoothing)
         if weighted and self.outer_module is not None:
             module_params = {k[len(_MODULE_PREFIX):]: v for k, v in out_params.items() if k.startswith(_MODULE_PREFIX)}
             loss = functional_call(self.outer_module, module_params, (losses, batch, inner_named))
@@ -759,6 +771,8 @@ class BilevelTrainer(Trainer):
             "outer_learning_rate": str(args.outer_learning_rate),
             "base_model": hub_model_id(getattr(config, "_name_or_path", None)) or "",  # never a local path
         }
+        if getattr(self, "_best_step", None) is not None:  # load_best_model_at_end: these are that step's
+            meta["best_step"] = str(self._best_step)
         if isinstance(self.train_dataset, datasets.Dataset):  # what the outer parameters were learned on
             meta.update(dataset_fingerprint_metadata(self.train_dataset, dataset_name=self.dataset_name,
                                                      split=self.dataset_split, id_column=self.id_column))
@@ -809,6 +823,22 @@ class BilevelTrainer(Trainer):
                 counters["ihvp_solver"] = self.ihvp_solver.state_dict()
             save_optimizer_state({**self.outer_optimizer.state_dict(), _COUNTERS_KEY: counters},
                                  os.path.join(output_dir, OUTER_OPTIMIZER_NAME))
+
+    def _load_best_model(self) -> None:
+        """`Trainer`'s (the best checkpoint's model weights), then that checkpoint's outer parameters, so that a
+        save after ``load_best_model_at_end`` holds a model and the outer parameters it was trained with."""
+        super()._load_best_model()
+        best = self.state.best_model_checkpoint
+        if self.outer_module is None or best is None:
+            return
+        try:
+            saved = type(self.outer_module).from_pretrained(best)
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"load_best_model_at_end: cannot read the outer parameters of {best!r}: "
+                                  f"{error_line(err)}") from err
+        self.outer_module.load_state_dict(saved.state_dict())
+        self._best_step = int(saved.metadata.get("steps", -1))
+        logger.info("Loaded the outer parameters of the best checkpoint %s.", best)
 
     def _load_rng_state(self, checkpoint: str | None) -> None:
         """`Trainer`'s, except that a checkpoint without this process's random-number states is refused (`Trainer`

@@ -389,7 +389,7 @@ def check_problem_size(name: str, options: Any, num_params: int, argument_names:
     if rank is not None and rank > num_params:
         label = fields["rank"].metadata["argument"] if argument_names else "rank"
         raise ValueError(f"`{label}` ({rank}) must not exceed the number of inner parameters ({num_params}); "
-                         f"use {label} <= {num_params}.")
+                         f"use `{label}` <= {num_params}.")
     if name == "exact" and num_params > EXACT_MAX_PARAMS:
         raise ValueError(f"ihvp_method='exact' builds a dense {num_params}x{num_params} Hessian; "
                          f"use 'nystrom' or 'cg'.")

@@ -75,6 +75,9 @@ BAD_ARGUMENTS = [
     (["--tokenizer_name", "./no/such/tokenizer"], r"--tokenizer_name './no/such/tokenizer': no such local folder"),
     (["--resume_from_checkpoint", "/nonexistent/checkpoint-4"], r"--resume_from_checkpoint: '/nonexistent/check"),
     (["--resume_from_checkpoint", "True"], r"holds no complete checkpoint-<step> folder to resume from"),
+    (["--seed", "-1"], r"--seed must be an integer in \[0, 2\*\*32 - 1\]"),
+    (["--dataset_seed", "-1"], r"--dataset_seed must be in \[0, 2\*\*32 - 1\]"),
+    (["--gradient_checkpointing", "True"], r"--gradient_checkpointing does not apply with --cache_frozen_layers"),
 ]
 
 
@@ -102,7 +105,14 @@ DATA_CASES = {
     "malformed": ("train.csv", "text,label\na,pos\nb,neg,extra,fields\n",
                   r"--train_file '.*train.csv' cannot be loaded: \w+: .*(Expected 2 fields|tokenizing)"),
     "bad_utf8": ("train.csv", b"text,label\n\xff\xfe broken,pos\nfine,neg\n",
-                 r"cannot be loaded: UnicodeDecodeError: 'utf-8' codec can't decode byte 0xff"),
+                 r"--train_file '.*train.csv' is not UTF-8 text \(byte 11 is b'\\xff'\); re-save it as UTF-8"),
+    "latin1_jsonl": ("train.jsonl", "".join(json.dumps({"text": f"un café {i}", "label": lab}, ensure_ascii=False) + "\n"
+                                            for i, (_, lab) in enumerate(ROWS)).encode("latin-1"),
+                     r"--train_file '.*train.jsonl' is not UTF-8 text \(byte 16 is b'\\xe9'\)"),
+    "list_labels": ("train.jsonl", "".join(json.dumps({"text": t, "label": [lab, "x"]}) + "\n" for t, lab in ROWS),
+                    r"--label_column 'label' holds a list at row 0 \(\['pos', 'x'\]\): one class per example"),
+    "corrupted_words": ("train.csv", "text,label,corrupted\n" + "".join(f"{t},{lab},maybe\n" for t, lab in ROWS),
+                        r"column 'corrupted' of --train_file, row 0: 'maybe' is not a yes/no value"),
     "empty_cell": ("train.csv", _csv(ROWS[:3] + [("", "pos")] + ROWS[3:]),
                    r"--text_column 'text' of --train_file has 1 empty or non-text cell\(s\) \(first at row 3\)"),
     "all_empty": ("train.csv", _csv([("", lab) for _, lab in ROWS]),
@@ -220,9 +230,31 @@ def test_persistent_nan_fails_and_leaves_the_previous_outputs_intact(tiny_model_
     with _nan_loss_at("all"), pytest.raises(NonFiniteError, match=r"training stopped at inner step 5"):
         data_reweighting.main(_per_example_args(tiny_model_dir, out, "--max_steps", "8", "--resume_from_checkpoint",
                                             "False", "--overwrite_output_dir"))
-    assert not (out / "metrics.json").exists()  # the overwritten run's completion marker is gone ...
-    assert (out / "outer_params.safetensors").read_bytes() == b"previous"  # ... and nothing new was written
-    assert sorted(os.listdir(out)) == [LOCK_NAME, "outer_params.safetensors"]
+    # the failed run wrote nothing that stays, and the run it was to overwrite is back, its record included
+    assert (out / "metrics.json").read_text() == '{"previous": true}'
+    assert (out / "outer_params.safetensors").read_bytes() == b"previous"
+    assert sorted(os.listdir(out)) == [LOCK_NAME, "metrics.json", "outer_params.safetensors"]
+
+
+def test_a_failed_overwrite_keeps_the_previous_run_and_a_finished_one_replaces_it(tiny_model_dir, tmp_path):
+    """--overwrite_output_dir used to delete the previous run's metrics.json and checkpoints at the start; a run
+    that then failed (--nystrom_rho 1e-30: every outer step skipped) said "nothing was written" over the loss."""
+    out = tmp_path / "run"
+    data_reweighting.main(_per_example_args(tiny_model_dir, out, "--run_baseline", "False", "--save_strategy",
+                                            "steps", "--save_steps", "2"))
+    before = {name: (out / name).read_bytes() for name in ("metrics.json", "outer_params.safetensors")}
+    checkpoints = sorted(n for n in os.listdir(out) if n.startswith("checkpoint-"))
+    assert checkpoints == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    with pytest.raises(RunError, match="nothing was written"):
+        data_reweighting.main(_per_example_args(tiny_model_dir, out, "--run_baseline", "False", "--nystrom_rho",
+                                                "1e-30", "--overwrite_output_dir"))
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint-")) == checkpoints
+    assert not [n for n in os.listdir(out) if n.startswith(".overwritten")]
+    data_reweighting.main(_per_example_args(tiny_model_dir, out, "--run_baseline", "False", "--overwrite_output_dir",
+                                            "--max_steps", "4"))
+    assert json.loads((out / "metrics.json").read_text())["inner_steps"] == 4  # the new run's record
+    assert not [n for n in os.listdir(out) if n.startswith(("checkpoint-", ".overwritten"))]
 
 
 def test_exploding_hypergradient_is_a_failed_run_not_a_silent_one(tiny_model_dir, tmp_path):
@@ -286,6 +318,35 @@ def test_resume_continues_exactly_and_refuses_foreign_or_incomplete_checkpoints(
                                             "--resume_from_checkpoint", str(interrupted / "checkpoint-2")))
 
 
+def test_a_resumed_loss_filter_rival_trains_and_reports_the_filter_it_applied(tiny_model_dir, tmp_path):
+    """Killed after its filter step, the loss-filter rival used to resume without the filter (it was not
+    checkpointed): it trained uniformly and metrics.json still called it the loss filter, AUC null."""
+    args = ("--baselines", "loss_filter", "--loss_filter_epochs", "0.4", "--save_strategy", "steps",
+            "--save_steps", "2")  # 5 steps an epoch: the filter runs after step 2
+    full = tmp_path / "full"
+    expected = data_reweighting.main(_per_example_args(tiny_model_dir, full, *args))["baselines"]["loss_filter"]
+    assert expected["auc_high_loss_vs_corrupted"] is not None
+    interrupted = tmp_path / "interrupted"
+    shutil.copytree(full, interrupted)
+    shutil.rmtree(interrupted / "baseline-loss_filter" / "checkpoint-6")  # killed between steps 4 and 6
+    os.remove(interrupted / "metrics.json")
+    resumed = data_reweighting.main(_per_example_args(tiny_model_dir, interrupted, *args,
+                                                      "--resume_from_checkpoint", "True"))["baselines"]["loss_filter"]
+    for key in ("auc_high_loss_vs_corrupted", "fraction_dropped", "test_accuracy", "test_loss", "validation_loss"):
+        assert resumed[key] == pytest.approx(expected[key], rel=1e-6, abs=1e-7), key
+
+    checkpoint = interrupted / "baseline-loss_filter" / "checkpoint-4"
+    from safetensors.torch import load_file, save_file
+
+    saved = load_file(str(checkpoint / "example_weights.safetensors"))
+    assert int((saved["weights"] == 0).sum()) == round(0.3 * 40)  # the dropped set travels with the checkpoint
+    save_file({"weights": saved["weights"]}, str(checkpoint / "example_weights.safetensors"))  # ranking lost
+    shutil.rmtree(interrupted / "baseline-loss_filter" / "checkpoint-6")
+    os.remove(interrupted / "metrics.json")
+    with pytest.raises(CheckpointError, match=r"checkpoint of step 4 but lacks the loss filter's ranking"):
+        data_reweighting.main(_per_example_args(tiny_model_dir, interrupted, *args, "--resume_from_checkpoint", "True"))
+
+
 def test_overwrite_output_dir_starts_over(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     (out / "checkpoint-9").mkdir(parents=True)
@@ -303,3 +364,60 @@ def test_push_script_errors(tmp_path):
     DataWeights(3).save_pretrained(str(tmp_path))
     with mock.patch.object(hub, "get_token", return_value=None), pytest.raises(HubError, match="no Hugging Face token"):
         push_hyperparameters.main(["--outer_params_dir", str(tmp_path), "--repo_id", "me/x"])
+
+
+# ------------------------------------------------------------------ arguments that do not fit the model: before training
+
+MODEL_MISFITS = [
+    (["--weighting", "per_example", "--ihvp_method", "nystrom", "--nystrom_rank", "100000"],
+     r"--nystrom_rank \(100000\) must not exceed the number of inner parameters \(\d+\); use --nystrom_rank <= \d+"),
+    (["--lora_target_modules", "nosuch"], r"--lora_target_modules \['nosuch'\]: \w+: "),
+    (["--hvp_mode", "finite_diff", "--ihvp_method", "nystrom"],
+     r"hvp_mode='finite_diff' cannot differentiate the objective of LossWeights: it holds a stop-gradient"),
+    (["--max_seq_length", "1000"], r"--max_seq_length 1000 exceeds the model's 64 positions"),
+]
+
+
+@pytest.mark.parametrize("extra, match", MODEL_MISFITS, ids=[a[-1] for a, _ in MODEL_MISFITS])
+def test_arguments_that_do_not_fit_the_model_are_one_line_before_training(tiny_model_dir, tmp_path, extra, match):
+    out = tmp_path / "out"
+    with mock.patch.object(BilevelTrainer, "train", side_effect=AssertionError("trained")), \
+            pytest.raises(InputError, match=match) as info:
+        data_reweighting.main(tiny_run_args(tiny_model_dir, out, "--loss_filter_epochs", "0.2", *extra))
+    assert "\n" not in str(info.value)
+
+
+def test_a_file_with_more_classes_than_the_models_head_gets_a_new_head(tiny_model_dir, tmp_path):
+    """A 3-class file on a 2-label classifier used to end in transformers' size-mismatch traceback; the scripts say
+    the head is new, and now it is, whatever the checkpoint's number of labels."""
+    rows = [(f"movie number {i}", "abc"[i % 3]) for i in range(30)]
+    files = ["--train_file", write_csv(tmp_path / "t.csv", rows), "--validation_file",
+             write_csv(tmp_path / "v.csv", rows[:12])]
+    results = data_reweighting.main(tiny_run_args(tiny_model_dir, tmp_path / "out", *files, "--max_steps", "4",
+                                                  "--run_baseline", "False", "--max_train_samples", "30"))
+    assert results["num_train"] == 30 and results["outer_steps"] >= 1
+
+
+def test_a_full_disk_while_writing_outputs_says_what_was_and_was_not_written(tiny_model_dir, tmp_path):
+    out = tmp_path / "out"
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with mock.patch("datasets.Dataset.save_to_disk", side_effect=full_disk), \
+            pytest.raises(RunError, match=r"writing train_with_weights/ to '.*' failed \(No space left on device\); "
+                                          r"written: the model and outer parameters; not written: train_with_weights/, "
+                                          r"weights.png, metrics.json\. Without metrics.json the run counts as "
+                                          r"incomplete"):
+        data_reweighting.main(_per_example_args(tiny_model_dir, out, "--run_baseline", "False"))
+    assert not [name for name in os.listdir(out) if name.endswith(".tmp") or ".tmp" in name]
+    assert (out / "outer_params.safetensors").is_file() and not (out / "metrics.json").exists()
+
+
+def test_the_command_line_turns_a_failed_write_into_one_line(tmp_path):
+    def fail(_):
+        raise OSError(28, "No space left on device", str(tmp_path / "checkpoint-4"))
+
+    with pytest.raises(SystemExit) as info:
+        text_classification.run_main(fail)
+    assert str(info.value.code).startswith("error: No space left on device: ") and "\n" not in str(info.value.code)

@@ -354,3 +354,82 @@ def test_help_lists_the_options(capsys):
                    "--push_weights_to_hub", "--weights_repo_id", "--exact_match_splits", "--cache_frozen_layers",
                    "--lora_layers", "--outer_learning_rate"):
         assert option in printed
+
+
+def _user_files(tmp_path, corrupted_value):
+    """24 training and 8 validation conversations of the user's own, with a `corrupted` column as text."""
+    rows = [{"messages": [{"role": "user", "content": f"What is {i} plus {i + 1}?"},
+                          {"role": "assistant", "content": str(2 * i + 1)}], "corrupted": corrupted_value}
+            for i in range(24)]
+    train, val = tmp_path / "t.jsonl", tmp_path / "v.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    val.write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in rows[:8]))
+    return rows, ["--train_file", str(train), "--validation_file", str(val)]
+
+
+def test_the_users_data_is_never_corrupted_without_noise_rate(tiny_chat_dir, tmp_path):
+    """The demo's noise rate used to apply to the user's own file: 7 of 24 responses were replaced and the exported
+    "best" subset held 6 of them; and a `corrupted` column of "no" was read as true."""
+    import datasets
+
+    rows, files = _user_files(tmp_path, "no")
+    out = tmp_path / "run"
+    results = script.main(tiny_args(tiny_chat_dir, out, *files, "--max_train_samples", "100", "--max_eval_samples",
+                                    "100", "--baselines", "uniform"))
+    assert results["noise_rate"] == 0.0 and results["num_corrupted"] == 0 and results["corruption_counts"] == {}
+    table = datasets.load_from_disk(str(out / "train_with_weights"))
+    originals = [json.dumps(r["messages"], sort_keys=True) for r in rows]
+    assert sorted(json.dumps(m, sort_keys=True) for m in table["messages"]) == sorted(originals)
+    assert not any(table["corrupted"])
+    exported = [json.loads(line) for line in (out / "top_weighted.jsonl").read_text().splitlines()]
+    assert exported and all(json.dumps(r["messages"], sort_keys=True) in originals for r in exported)
+
+
+@pytest.mark.parametrize("value, flag", [("no", False), ("No", False), ("false", False), ("0", False), (0, False),
+                                         (False, False), ("yes", True), ("TRUE", True), (1, True), (True, True)])
+def test_corrupted_flags_are_read_as_words_not_truthiness(tmp_path, value, flag):
+    _, files = _user_files(tmp_path, value)
+    splits = script.load_instruction_splits(script.InstructionDataArguments(train_file=files[1],
+                                                                            validation_file=files[3]))
+    assert splits.train["corrupted"] == [flag] * 24
+    assert splits.train["corruption"] == (["corrupted"] if flag else [""]) * 24
+
+
+@pytest.mark.parametrize("value, message", [("maybe", r"row 0: 'maybe' is not a yes/no value"),
+                                            (None, r"row 0: missing value"), (2, r"row 0: 2 is not a yes/no value")])
+def test_an_unreadable_corrupted_flag_is_one_clean_error(tmp_path, value, message):
+    _, files = _user_files(tmp_path, value)
+    with pytest.raises(InputError, match=rf"column 'corrupted' of --train_file, {message}; use true/false"):
+        script.load_instruction_splits(script.InstructionDataArguments(train_file=files[1], validation_file=files[3]))
+
+
+def test_checkpoints_of_a_tied_embedding_model_hold_its_adapter_and_resume(tiny_chat_dir, tmp_path):
+    """The tiny Llama ties its input and output embeddings, as SmolLM2 does: the first checkpoint used to die on
+    safetensors' "Some tensors share memory" (Trainer saved the cached-trunk wrapper's whole state dict)."""
+    out = tmp_path / "run"
+    args = ("--save_strategy", "steps", "--save_steps", "2", "--baselines", "uniform", "loss_filter")
+    full = script.main(tiny_args(tiny_chat_dir, out, *args))
+    for folder in ("checkpoint-2", "baseline-uniform/checkpoint-2", "baseline-loss_filter/checkpoint-4"):
+        files = set(os.listdir(out / folder))
+        assert "adapter_model.safetensors" in files and "model.safetensors" not in files, folder
+    assert "example_weights.safetensors" in os.listdir(out / "baseline-loss_filter" / "checkpoint-2")
+    for folder in ("checkpoint-4", "baseline-uniform/checkpoint-4", "baseline-loss_filter/checkpoint-4"):
+        __import__("shutil").rmtree(out / folder)  # killed before the last checkpoints
+    os.remove(out / "metrics.json")
+    resumed = script.main(tiny_args(tiny_chat_dir, out, *args, "--resume_from_checkpoint", "True"))
+    assert resumed["resumed_from"] == str(out / "checkpoint-2")
+
+
+    def close(a, b, where):  # the same metrics, floats within float32 round-off, wall times aside
+        if isinstance(a, dict):
+            keys = {k for k in a if not k.endswith("time_s")}
+            assert keys == {k for k in b if not k.endswith("time_s")}, where
+            for k in keys:
+                close(a[k], b[k], f"{where}.{k}")
+        elif isinstance(a, float):
+            assert a == pytest.approx(b, rel=1e-5, abs=1e-6), where
+        else:
+            assert a == b, where
+
+    for name in ("reweighted", "baselines", "auc_low_weight_vs_corrupted", "mean_weight_clean"):
+        close(resumed[name], full[name], name)

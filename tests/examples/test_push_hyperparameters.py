@@ -56,3 +56,16 @@ def test_bad_metadata_item(tmp_path):
     DataWeights(3).save_pretrained(str(tmp_path))
     with pytest.raises(ValueError, match=r"--metadata 'oops': expected key=value"):
         push_hyperparameters.main(["--outer_params_dir", str(tmp_path), "--repo_id", "me/x", "--metadata", "oops"])
+
+
+def test_a_reserved_metadata_key_is_refused_before_the_hub_is_asked_anything(tmp_path):
+    """`--metadata kind=x` used to create the Hub repo and only then be refused."""
+    DataWeights(3).save_pretrained(str(tmp_path))
+    with mock.patch.object(hub, "HfApi") as api_cls, \
+            pytest.raises(ValueError, match=r"metadata key 'kind' is reserved"):
+        push_hyperparameters.main(["--outer_params_dir", str(tmp_path), "--repo_id", "me/x", "--metadata", "kind=x",
+                                   "--token", "hf_test"])
+    assert not api_cls.called  # no repo created
+    with mock.patch.object(hub, "HfApi") as api_cls, pytest.raises(ValueError, match=r"reserved"):
+        DataWeights(3).push_to_hub("me/x", metadata={"format": "x"}, token="hf_test")  # the library call, too
+    assert not api_cls.called

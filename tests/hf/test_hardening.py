@@ -332,3 +332,22 @@ def test_an_iterable_dataset_is_refused_in_one_line(tmp_path):
                                         r"problem draws random batches by index"):
         BilevelTrainer(model=tiny_classifier(), args=bilevel_args(tmp_path), train_dataset=train.to_iterable_dataset(),
                        eval_dataset=val, outer_module=DataWeights(32))
+
+
+def test_resuming_from_the_last_steps_checkpoint_trains_no_step_more(tmp_path):
+    """Trainer trains one extra step when max_steps ends inside an epoch (6 steps of 4 a epoch here) and the run is
+    resumed from its last checkpoint: a script killed after that checkpoint ended one step past the run."""
+    from transformers import Trainer
+
+    train, val = datasets_with_ids(32, 16)
+    full = _trainer(tmp_path, train, val, max_steps=6, save_strategy="steps", save_steps=2)
+    full.train()
+    resumed = _trainer(tmp_path, train, val, max_steps=6)
+    with mock.patch.object(Trainer, "training_step", side_effect=AssertionError("trained")):
+        output = resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-6"))
+    assert output.global_step == resumed.state.global_step == 6 and resumed.outer_step == full.outer_step
+    assert torch.equal(resumed.outer_module.logits, full.outer_module.logits)
+    for (name, a), b in zip(full.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b), name
+    with pytest.raises(CheckpointError, match=r"checkpoint of step 6, beyond max_steps=4"):
+        _trainer(tmp_path, train, val, max_steps=4).train(resume_from_checkpoint=str(tmp_path / "checkpoint-6"))

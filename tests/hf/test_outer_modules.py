@@ -236,8 +236,9 @@ def test_lora_regularization_errors(tiny_lora_llama):
         LoraRegularization(EXPECTED_MODULES, granularity="row")
     with pytest.raises(ValueError, match="empty"):
         LoraRegularization([])
-    with pytest.raises(ValueError, match="granularity='module'"):
-        LoraRegularization(["base_model.model.lm_head"], granularity="layer")
+    # a LoRA module outside the transformer layers (here a head) is a layer group of its own
+    head = LoraRegularization(["m.layers.1.q", "m.lm_head", "m.layers.0.q", "m.layers.1.v"], granularity="layer")
+    assert head.group_names == ["layer.0", "layer.1", "m.lm_head"] and head.group_index == [1, 2, 0, 1]
 
     reg = LoraRegularization.from_peft_model(tiny_lora_llama)
     inner = {f"module.{k}": v for k, v in _inner(tiny_lora_llama).items()}  # e.g. a DDP-wrapped naming

@@ -192,11 +192,11 @@ def test_trainer_with_source_times_loss_weights_takes_exact_hvps_only(tmp_path):
     assert combined.stops_gradients and combined.id_column == "source_id"
     args = bilevel_args(tmp_path, max_steps=2, unroll_steps=1, per_device_train_batch_size=6,
                         hvp_mode="finite_diff")
+    with pytest.raises(ValueError, match="hvp_mode='finite_diff' cannot differentiate the objective of CombinedWeights"):
+        BilevelTrainer(model=tiny_classifier(), args=args, train_dataset=train, eval_dataset=val, outer_module=combined)
+    args.hvp_mode = "auto"
     trainer = BilevelTrainer(model=tiny_classifier(), args=args, train_dataset=train, eval_dataset=val,
                              outer_module=combined)
-    with pytest.raises(ValueError, match="finite_diff"):
-        trainer.resolve_hvp_mode()
-    trainer.args.hvp_mode = "auto"
     trainer.train()
     assert trainer.hvp_mode in ("rev_rev", "fwd_rev") and trainer.outer_step >= 1
     assert combined.parts[0].logits.abs().sum() > 0 and torch.isfinite(combined.parts[1].loss_scale_raw)

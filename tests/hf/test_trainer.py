@@ -606,7 +606,6 @@ def test_loss_weights_learn_to_down_weight_corrupted_examples(tmp_path):
 def test_loss_weights_refuse_finite_difference_products(tmp_path):
     train, val = datasets_with_ids(32, 16)
     args = bilevel_args(tmp_path, hvp_mode="finite_diff")
-    trainer = BilevelTrainer(model=tiny_classifier(), args=args, train_dataset=train, eval_dataset=val,
-                             outer_module=LossWeights())
-    with pytest.raises(ValueError, match="hvp_mode='finite_diff' cannot compute this objective's Hessian"):
-        trainer.resolve_hvp_mode()
+    with pytest.raises(ValueError, match="hvp_mode='finite_diff' cannot differentiate the objective of LossWeights"):
+        BilevelTrainer(model=tiny_classifier(), args=args, train_dataset=train, eval_dataset=val,
+                       outer_module=LossWeights())  # refused where the trainer is built, before any work
