@@ -238,7 +238,7 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, dict[str
                              f"(file size {size}, limit {MAX_HEADER_BYTES}); the file is truncated or corrupt")
         try:
             header = json.loads(f.read(length).decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as err:
+        except (UnicodeDecodeError, ValueError, RecursionError) as err:  # RecursionError: JSON nested too deep
             raise ValueError(f"{path!r} is not a valid safetensors file: unreadable JSON header ({err})") from None
     if not isinstance(header, dict):
         raise ValueError(f"{path!r} is not a valid safetensors file: its header is not a JSON object")
@@ -532,7 +532,7 @@ def load_outer_files(
         )
     try:
         config = json.loads(header[_KEY_CONFIG])
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, RecursionError) as err:  # RecursionError: a config nested too deep
         raise ValueError(f"{file!r}: the {_KEY_CONFIG!r} header entry is not valid JSON: {err}") from err
     if not isinstance(config, dict):
         raise ValueError(f"{file!r}: the {_KEY_CONFIG!r} header entry is not a JSON object")
@@ -612,8 +612,8 @@ def check_expected(
 
 def _mismatch_hint(key: str) -> str:
     if key in DATA_METADATA_KEYS or key == "num_examples":
-        return ("Per-example weights are indexed by example id: loading them for a different dataset (or a "
-                "differently processed one) would weight the wrong examples.")
+        return ("They were learned on other data (or data processed otherwise); per-example weights, indexed by "
+                "example id, would weight the wrong examples.")
     if key in {"base_model", "module_names", "granularity", "adapter_name"}:
         return "These outer parameters were learned for a different model or LoRA layout."
     return ""

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 from unittest import mock
 
 import numpy as np
@@ -421,3 +422,93 @@ def test_the_command_line_turns_a_failed_write_into_one_line(tmp_path):
     with pytest.raises(SystemExit) as info:
         text_classification.run_main(fail)
     assert str(info.value.code).startswith("error: No space left on device: ") and "\n" not in str(info.value.code)
+
+
+# ------------------------------------------------------------------ a Hub that hangs: one line in seconds
+
+HANG_CASES = [
+    (data_reweighting, ["--model_name_or_path", "someuser/somemodel"], r"the model 'someuser/somemodel' "
+                                                                         r"\(--model_name_or_path\)"),
+    (data_reweighting, ["--tokenizer_name", "someuser/sometokenizer"], r"the model 'someuser/sometokenizer' "
+                                                                        r"\(--tokenizer_name\)"),
+    (data_reweighting, ["--dataset_name", "someuser/somedata"], r"the dataset 'someuser/somedata' \(--dataset_name\)"),
+    (peft_regularization, ["--model_name_or_path", "someuser/somemodel"], r"the model 'someuser/somemodel' "
+                                                                            r"\(--model_name_or_path\)"),
+]
+
+
+@pytest.mark.parametrize("script, extra, what", HANG_CASES, ids=[f"{s.__name__}:{e[0]}" for s, e, _ in HANG_CASES])
+def test_a_hanging_hub_is_one_line_in_seconds(fake_hub, monkeypatch, tmp_path, script, extra, what):
+    """--model_name_or_path someuser/somemodel against a hanging Hub used to be killed at 240 s with no output,
+    HF_HUB_DOWNLOAD_TIMEOUT=3 and HF_HUB_ETAG_TIMEOUT=3 set."""
+    import time
+
+    from huggingface_hub import constants
+
+    fake_hub("hang")
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_ETAG_TIMEOUT", 1)  # a 2 s deadline
+    monkeypatch.setattr(constants, "HF_HUB_DOWNLOAD_TIMEOUT", 1)
+    text_classification._REACHED.clear()
+    start = time.monotonic()
+    with mock.patch.object(text_classification, "build_lora_model", side_effect=AssertionError("model was built")), \
+            pytest.raises(InputError, match=rf"reaching {what} at http://127.0.0.1:\d+ did not finish within 2 s") as info:
+        script.main(["--output_dir", str(tmp_path / "out"), *extra])
+    assert time.monotonic() - start < 30 and "\n" not in str(info.value)
+
+
+def test_a_model_config_nested_100k_deep_is_one_clean_error(tiny_model_dir, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "config.json").write_text('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(InputError, match=r"--(model_name_or_path|tokenizer_name) '.*' cannot be loaded: ") as info:
+        text_classification.build_lora_model(text_classification.ModelArguments(model_name_or_path=str(folder)),
+                                             ["neg", "pos"], seed=0)
+    assert "\n" not in str(info.value)
+
+
+def test_resume_with_loss_weights_refuses_a_checkpoint_of_other_data(tiny_model_dir, tmp_path):
+    """LossWeights stored no data fingerprint: a resume on another data set was accepted."""
+    out = tmp_path / "run"
+    args = ("--run_baseline", "False", "--save_strategy", "steps", "--save_steps", "2")
+    data_reweighting.main(tiny_run_args(tiny_model_dir, out, *args))
+    with pytest.raises(CheckpointError, match=r"fingerprint was saved as '\w+' but '\w+' is expected\. They were "
+                                              r"learned on other data"):
+        data_reweighting.main(tiny_run_args(tiny_model_dir, out, *args, "--dataset_seed", "7",
+                                            "--resume_from_checkpoint", str(out / "checkpoint-2")))
+
+
+def test_scheduling_a_huge_run_takes_no_time(tmp_path):
+    """--max_steps 100000000000 used to hang counting its outer steps, holding the output folder's lock."""
+    import time
+
+    from hf_integration import BilevelTrainingArguments
+
+    args = BilevelTrainingArguments(output_dir=str(tmp_path), max_steps=10**11, unroll_steps=10, use_cpu=True)
+    start = time.monotonic()
+    assert text_classification.scheduled_outer_steps(args, 1000) == (10**11 - 1) // 10
+    assert time.monotonic() - start < 1
+
+
+def test_a_pushed_card_and_header_never_hold_the_training_files_path(tiny_model_dir, tmp_path):
+    """--train_file /abs/path.csv then --push_to_hub used to put the absolute path in the pushed README,
+    outer_config.json and the safetensors header."""
+    secret = tmp_path / "home" / "alice" / "private"
+    secret.mkdir(parents=True)
+    files = _files(secret, "train.csv", _csv(ROWS * 2))
+    uploaded: dict[str, bytes] = {}
+
+    def upload_folder(**kwargs):
+        for name in os.listdir(kwargs["folder_path"]):
+            uploaded[name] = (Path(kwargs["folder_path"]) / name).read_bytes()
+        return mock.Mock(commit_url="https://huggingface.co/me/w/commit/1", pr_url=None)
+
+    with mock.patch.object(hub, "HfApi") as api_cls:
+        api_cls.return_value.create_repo.return_value = mock.Mock(repo_id="me/w")
+        api_cls.return_value.upload_folder.side_effect = upload_folder
+        data_reweighting.main(tiny_run_args(tiny_model_dir, tmp_path / "out", *files, "--run_baseline", "False",
+                                            "--push_to_hub", "True", "--hub_model_id", "me/w", "--hub_token", "hf_x"))
+    assert {"README.md", "outer_config.json", "outer_params.safetensors"} <= set(uploaded)
+    for name, data in uploaded.items():
+        assert b"alice" not in data and str(tmp_path).encode() not in data, name
+    assert b"train.csv" in uploaded["outer_config.json"]  # the file is still named, by its own name
