@@ -512,3 +512,26 @@ def test_a_pushed_card_and_header_never_hold_the_training_files_path(tiny_model_
     for name, data in uploaded.items():
         assert b"alice" not in data and str(tmp_path).encode() not in data, name
     assert b"train.csv" in uploaded["outer_config.json"]  # the file is still named, by its own name
+
+
+def test_every_model_is_scored_by_the_plain_loss_under_label_smoothing(tiny_model_dir, tmp_path):
+    """--label_smoothing_factor used to change the rivals (Trainer smooths its evaluation loss too) and not the
+    bilevel run: the comparison of test losses was unfair. Every model now trains with it and is scored without."""
+    import datasets
+    from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        model.classifier.weight.mul_(300.0)  # confident predictions, where smoothing changes the loss
+    data = datasets.Dataset.from_dict({"input_ids": [[101, 2000 + i, 102] for i in range(8)],
+                                       "attention_mask": [[1, 1, 1]] * 8, "labels": [i % 2 for i in range(8)]})
+    args = TrainingArguments(str(tmp_path), label_smoothing_factor=0.5, use_cpu=True, report_to=[], disable_tqdm=True,
+                             per_device_eval_batch_size=8)
+    trainer = Trainer(model=model, args=args, compute_metrics=text_classification.accuracy_metrics)
+    smoothed = trainer.evaluate(eval_dataset=data)["eval_loss"]
+    plain = text_classification.evaluate_splits(trainer, {"test": data})["test_loss"]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor(data["input_ids"]), attention_mask=torch.tensor(data["attention_mask"])).logits
+    expected = float(torch.nn.functional.cross_entropy(logits, torch.tensor(data["labels"])))
+    assert plain == pytest.approx(expected, rel=1e-5) and smoothed != pytest.approx(expected, rel=1e-3)
+    assert trainer.label_smoother is not None  # put back
