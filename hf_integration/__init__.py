@@ -10,6 +10,10 @@
 * :mod:`hf_integration.checkpoints`: complete-checkpoint checks for resuming;
 * :mod:`hf_integration.hub`: Hub upload, timeouts, reachability (re-exports the names above);
 * :mod:`hf_integration.data`: stable example ids, source ids and mixture sampling, dataset fingerprint metadata;
+* :mod:`hf_integration.recipe`: the measured data-weighting settings (``recipe=``), trusted outer rows, outer modules
+  described by kind and options;
+* :mod:`hf_integration.weights_out` / :mod:`hf_integration.weights_dataset`: every example's learned weight, the
+  weighted training set, saved or pushed with a dataset card;
 * :mod:`hf_integration.sft`: :class:`BilevelSFTTrainer` and :class:`BilevelSFTConfig` for TRL's ``SFTTrainer``
   (optional dependency ``trl``: imported on first use of these names, never by ``import hf_integration``).
 """
@@ -32,7 +36,9 @@ from .arguments import BilevelTrainingArguments
 from .checkpoints import CheckpointError
 from .hub import HubError
 from .trainer import BilevelTrainer, NonFiniteGuard
-from .weights_dataset import push_weights_dataset, render_weights_card, save_weights_dataset, weight_summary  # noqa: F401
+from .weights_dataset import push_weights_dataset, render_weights_card, save_weights_dataset, weight_summary
+from .weights_out import example_weights, weighted_dataset
+from .recipe import RECIPES, TRUSTED_COLUMN, with_trusted_rows
 
 __all__ = [
     # trainer
@@ -61,6 +67,16 @@ __all__ = [
     "example_sampling_probabilities",
     "MixtureSampler",
     "mixture_sampler",
+    # the recipe and its outputs
+    "RECIPES",
+    "TRUSTED_COLUMN",
+    "with_trusted_rows",
+    "example_weights",
+    "weighted_dataset",
+    "save_weights_dataset",
+    "push_weights_dataset",
+    "render_weights_card",
+    "weight_summary",
     # persistence
     "atomic_write",
     "atomic_write_text",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -10,6 +11,8 @@ from transformers import TrainingArguments
 
 from hypergrad.linear_solvers import NYSTROM_SKETCHES
 from hypergrad.methods import DEFAULT_NYSTROM_SKETCH, METHODS, options_from_arguments
+
+from .recipe import OUTER_MODULE_KINDS, RECIPES, apply_recipe
 
 __all__ = ["BilevelTrainingArguments", "IHVP_METHODS", "HVP_MODE_CHOICES", "OUTER_OPTIMIZERS"]
 
@@ -28,6 +31,37 @@ class BilevelTrainingArguments(TrainingArguments):
     prints a real `--help`.
     """
 
+    recipe: str | None = field(
+        default=None,
+        metadata={"help": "A named preset of measured settings, filling the fields left at their defaults: "
+                  "'data_weighting' (loss-based weights, the outer data also trained on as trusted rows, first-order "
+                  "hypergradients every 10 steps after half an epoch) or 'sft_data_weighting' (the same for SFT, as "
+                  "the instruction job measured it); see hf_integration.recipe.RECIPES.",
+                  "choices": tuple(RECIPES)},
+    )
+    outer_module: str | None = field(
+        default=None,
+        metadata={"help": "The outer module to build when the trainer gets none: " + ", ".join(OUTER_MODULE_KINDS)
+                  + " (data_weights sized from the training set's example ids, added when missing; "
+                  "lora_regularization from the model after PEFT wrapping).", "choices": OUTER_MODULE_KINDS},
+    )
+    outer_module_options: dict | str | None = field(
+        default=None,
+        metadata={"help": "Options of --outer_module, as a JSON object, e.g. '{\"init_loss_scale\": 1.0, "
+                  "\"trusted_share\": \"uniform\"}' for loss_weights, '{\"granularity\": \"layer\"}' for "
+                  "lora_regularization."},
+    )
+    train_on_outer_data: bool = field(
+        default=False,
+        metadata={"help": "Train on the outer data too: its rows join the training rows, flagged trusted (column "
+                  "'trusted'), and the loss-based weighting leaves them out (loss_weights only: free weights of the "
+                  "outer rows would fit the set they are scored on). The fair rival then trains on both sets too."},
+    )
+    outer_patience_epochs: float | None = field(
+        default=None,
+        metadata={"help": "No outer step during the first this many epochs of the inner data (sets "
+                  "outer_patience_steps when that is 0): the model first fits the clean signal."},
+    )
     outer_learning_rate: float = field(default=0.1, metadata={"help": "Learning rate of the outer optimizer."})
     outer_optim: str = field(
         default="adam", metadata={"help": f"Outer optimizer, one of {OUTER_OPTIMIZERS}.", "choices": OUTER_OPTIMIZERS}
@@ -112,6 +146,13 @@ class BilevelTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        if isinstance(self.outer_module_options, str) and self.outer_module_options.lstrip().startswith("{"):
+            try:  # a JSON object from the command line or a YAML file
+                self.outer_module_options = json.loads(self.outer_module_options)
+            except ValueError as err:
+                raise ValueError(f"`outer_module_options` is not valid JSON ({err}): "
+                                 f"{self.outer_module_options!r:.80}.") from None
+        apply_recipe(self)  # first: the preset's values are checked like the user's
         # Every float finite; what must be positive, positive; a run that trains at all (checked first, so a bad
         # value gets this message rather than a failure wherever it is first used).
         for f in dataclasses.fields(self):
@@ -164,6 +205,15 @@ class BilevelTrainingArguments(TrainingArguments):
                 raise ValueError(f"`{name}` must be one of {allowed}, got {getattr(self, name)!r}.")
         # the chosen method's own options (rank, rho, iterations, ...), validated by the method table
         options_from_arguments(self.ihvp_method, self)
+        if self.outer_patience_epochs is not None and not self.outer_patience_epochs >= 0:
+            raise ValueError(f"`outer_patience_epochs` must be >= 0 or None, got {self.outer_patience_epochs!r}.")
+        if isinstance(self.outer_module_options, str):  # a path or a JSON object that is not one
+            raise ValueError(f"`outer_module_options` must be a JSON object such as '{{\"trusted_share\": "
+                             f"\"uniform\"}}', got {self.outer_module_options!r:.80}.")
+        if self.outer_module_options is not None and self.outer_module is None:
+            raise ValueError("`outer_module_options` needs `outer_module` (the kind they are options of).")
+        if self.outer_module is not None and self.outer_module not in OUTER_MODULE_KINDS:
+            raise ValueError(f"`outer_module` must be one of {OUTER_MODULE_KINDS}, got {self.outer_module!r}.")
         if self.ihvp_warm_start is True and self.ihvp_method not in ("cg", "nystrom_pcg"):
             raise ValueError(f"`ihvp_warm_start` only applies to iterative solves: use ihvp_method='cg' or "
                              f"'nystrom_pcg', or leave it off (ihvp_method={self.ihvp_method!r}).")

@@ -144,6 +144,11 @@ class ResumeFinishedRun:
     without a training step; a checkpoint beyond ``max_steps`` is refused."""
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        if resume_from_checkpoint is True:  # the last complete checkpoint (interrupted saves skipped)
+            resume_from_checkpoint = last_checkpoint(self.args.output_dir, outer_files=())
+            if resume_from_checkpoint is None:
+                raise CheckpointError(f"resume_from_checkpoint=True, but {self.args.output_dir!r} holds no complete "
+                                      "checkpoint-<step> folder")
         if isinstance(resume_from_checkpoint, (str, os.PathLike)) and self.args.max_steps > 0:
             from transformers.trainer import TRAINER_STATE_NAME
 

@@ -634,8 +634,6 @@ class LossWeights(ExampleWeighting):
             raise ValueError(f"warmup_steps must be an integer >= 0 (0: no warm-up), got {warmup_steps!r}")
         if trusted_share not in self.TRUSTED_SHARES:
             raise ValueError(f"trusted_share must be one of {list(self.TRUSTED_SHARES)}, got {trusted_share!r}")
-        if trusted_share == "uniform" and trusted_column is None:
-            raise ValueError("trusted_share='uniform' needs trusted_column: the column that marks the trusted rows")
         self.init_loss_scale = float(init_loss_scale)
         self.trusted_column = trusted_column
         self.warmup_steps = warmup_steps

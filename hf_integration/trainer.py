@@ -53,6 +53,9 @@ from .optimizer_state import load_optimizer_state, save_optimizer_state
 from .serialization import (DATA_METADATA_KEYS, MODEL_CARD_NAME, OUTER_OPTIMIZER_NAME, OUTER_PARAMS_NAME,
                             atomic_write_text, hub_model_id, public_name)
 from .outer_modules import OuterModule
+from .recipe import build_outer_module, prepare_training_rows, steps_per_epoch
+from .weights_dataset import push_weights_dataset, render_weights_card, save_weights_dataset
+from .weights_out import example_weights, weight_spread, weighted_dataset, weights_report
 
 __all__ = ["BilevelTrainer", "OUTER_OPTIMIZER_NAME", "outer_batch_columns"]
 
@@ -185,6 +188,45 @@ class NonFiniteGuard(TrainerCallback):
         return control
 
 
+_AVERAGED_OUTER_METRICS = ("outer/loss", "outer/inner_loss", "outer/hypergrad_norm", "outer/ihvp_time",
+                           "outer/weight_spread")
+
+
+def _merged_outer_metrics(steps: list[dict[str, float]]) -> dict[str, float]:
+    """The metrics of the outer steps since the last training log, as one log entry: the mean over the steps of
+    their losses, norms, times and weight spreads (finite values only), the last step's counters and statistics."""
+    merged: dict[str, float] = {}
+    for key in dict.fromkeys(k for step in steps for k in step):
+        values = [step[key] for step in steps if key in step and math.isfinite(step[key])]
+        if values:
+            merged[key] = sum(values) / len(values) if key in _AVERAGED_OUTER_METRICS else values[-1]
+    return merged
+
+
+_OUTER_KEY = "__outer__"  # the outer data among the evaluation sets while Trainer (and TRL) prepare them
+
+
+def _with_outer_dataset(eval_dataset: Any, outer_dataset: Any) -> Any:
+    """The evaluation sets with the outer data among them (as they are when there is no separate outer data)."""
+    if outer_dataset is None:
+        return eval_dataset
+    evals = dict(eval_dataset) if isinstance(eval_dataset, Mapping) else (
+        {} if eval_dataset is None else {"eval": eval_dataset})
+    return {**evals, _OUTER_KEY: outer_dataset}
+
+
+def _split_outer_dataset(prepared: Any, eval_dataset: Any, outer_dataset: Any) -> tuple[Any, Any]:
+    """``(evaluation sets, outer data)`` from what :func:`_with_outer_dataset` gave `Trainer`: without separate outer
+    data the evaluation set is the outer data; without evaluation sets, the outer data is evaluated."""
+    if outer_dataset is None:
+        return prepared, prepared
+    prepared = dict(prepared)
+    outer = prepared.pop(_OUTER_KEY)
+    if eval_dataset is None:
+        return outer, outer
+    return (prepared if isinstance(eval_dataset, Mapping) else prepared["eval"]), outer
+
+
 _COUNTERS_KEY = "bilevel_counters"  # extra entry of outer_optimizer.safetensors: applied/skipped step counts
 
 
@@ -219,32 +261,54 @@ class BilevelTrainer(ResumeFinishedRun, Trainer):
         outer_param_patterns: Sequence[str] | None = None,
         dataset_name: str | None = None,
         dataset_split: str | None = "train",
+        outer_dataset=None,
         **kwargs: Any,
     ) -> None:
-        self._check_inputs(model, args, train_dataset, eval_dataset, outer_module, outer_param_patterns)
+        outer = eval_dataset if outer_dataset is None else outer_dataset
+        self._check_inputs(args, train_dataset, eval_dataset, outer_dataset, outer_module, outer_param_patterns)
         if kwargs.get("compute_loss_func") is not None:
             raise ValueError("`compute_loss_func` is not supported: BilevelTrainer needs each example's loss (for the "
                              "outer module and the hypergradient), which it computes from the logits itself "
                              "(hf_integration.losses.per_example_loss; label_smoothing_factor is honoured). Subclass "
                              "BilevelTrainer and override `_objective` for another loss.")
+        options = dict(args.outer_module_options or {})
+        # example ids where the outer module reads them, the outer rows as trusted rows with train_on_outer_data
+        self.raw_train_dataset, train_dataset, self.trusted_column = prepare_training_rows(
+            train_dataset, outer, module=outer_module, kind=args.outer_module, options=options,
+            train_on_outer_data=args.train_on_outer_data)
+        self.num_training_rows = len(train_dataset) - (len(outer) if self.trusted_column else 0)
         self.outer_module = outer_module
-        self.id_column = getattr(outer_module, "id_column", None)
         self.outer_columns = outer_batch_columns(outer_module)  # kept through collation, never model inputs
         self.dataset_name = public_name(dataset_name) if dataset_name else dataset_name  # never a machine path
         self.dataset_split = dataset_split
         self.outer_model_param_names = self._select_outer_model_params(model, outer_param_patterns or ())
-        if outer_module is None and not self.outer_model_param_names:
+        if outer_module is None and args.outer_module is None and not self.outer_model_param_names:
             raise ValueError(
-                "No outer parameters: pass `outer_module` (e.g. DataWeights, LoraRegularization) and/or "
-                "`outer_param_patterns` matching some model parameters."
+                "No outer parameters: pass `outer_module` (e.g. DataWeights, LoraRegularization), set "
+                "`args.outer_module`, and/or pass `outer_param_patterns` matching some model parameters."
             )
-        super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, **kwargs)
+        # the outer data travels with the evaluation sets through Trainer's (and TRL's) preparation
+        super().__init__(model=model, args=args, train_dataset=train_dataset,
+                         eval_dataset=_with_outer_dataset(eval_dataset, outer_dataset), **kwargs)
+        for name in ("hf_integration", "hypergrad"):  # the library's log lines follow log_level, as Trainer's do
+            logging.getLogger(name).setLevel(args.get_process_log_level())
+        self.eval_dataset, self.outer_dataset = _split_outer_dataset(self.eval_dataset, eval_dataset, outer_dataset)
         self.loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean
         if self.is_fsdp_enabled and self.outer_model_param_names:
             raise ValueError("`outer_param_patterns` (model tensors as outer parameters) is not supported with FSDP: "
                              "the shards are inner parameters of the sharded model. Use DDP, or an outer module.")
+        if outer_module is None and args.outer_module is not None:  # built now: the model is wrapped (PEFT)
+            outer_module = self.outer_module = build_outer_module(
+                args.outer_module, options, model=self._unwrapped, train_dataset=train_dataset,
+                trusted_column=self.trusted_column)
+            self.outer_columns = outer_batch_columns(outer_module)
+        self._check_outer_columns()
+        self.id_column = getattr(outer_module, "id_column", None)
         if outer_module is not None:
             outer_module.to(self.args.device)
+        if args.outer_patience_epochs is not None and args.outer_patience_steps == 0:
+            args.outer_patience_steps = int(round(args.outer_patience_epochs
+                                                  * steps_per_epoch(args, len(self.train_dataset))))
         self.inner_param_names = [n for n, p in self._unwrapped.named_parameters() if p.requires_grad]
         if not self.inner_param_names:
             raise ValueError("The model has no trainable (inner) parameters left: nothing to fine-tune.")
@@ -265,50 +329,60 @@ class BilevelTrainer(ResumeFinishedRun, Trainer):
         self._hvp_mode_checked = False
         self._recorded_hvp_mode: str | None = None  # the mode of the checkpoint resumed from (hvp_mode="auto")
         self.outer_step = 0
+        self._weight_spread: float | None = None  # std/mean of the last checked training batch's weights
         self._causal_lm = self._is_causal_lm(self._unwrapped)
         self.add_callback(_OuterStepCallback(self))
 
     # ------------------------------------------------------------------ validation
     @staticmethod
-    def _check_inputs(model, args, train_dataset, eval_dataset, outer_module, patterns) -> None:
+    def _check_inputs(args, train_dataset, eval_dataset, outer_dataset, outer_module, patterns) -> None:
         if not isinstance(args, BilevelTrainingArguments):
             raise TypeError("`args` must be a BilevelTrainingArguments (it carries the outer problem's settings).")
         if train_dataset is None:
             raise ValueError("`train_dataset` is required: it defines the inner problem.")
-        if eval_dataset is None:
-            raise ValueError("`eval_dataset` is required: it is the validation set of the outer objective.")
-        if isinstance(eval_dataset, Mapping):
-            raise ValueError("`eval_dataset` must be a single dataset (the outer validation set), not a dict.")
-        for name, data in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
+        if outer_dataset is None:
+            if eval_dataset is None:
+                raise ValueError("`eval_dataset` (or `outer_dataset`) is required: the outer objective's data.")
+            if isinstance(eval_dataset, Mapping):
+                raise ValueError("`eval_dataset` is a dict of evaluation sets: pass the outer objective's data as "
+                                 "`outer_dataset`.")
+        outer = eval_dataset if outer_dataset is None else outer_dataset
+        name = "eval_dataset" if outer_dataset is None else "outer_dataset"
+        for label, data in (("train_dataset", train_dataset), (name, outer)):
             if isinstance(data, torch.utils.data.IterableDataset) or not (hasattr(data, "__getitem__")
                                                                            and hasattr(data, "__len__")):
-                raise TypeError(f"`{name}` must be a map-style dataset (a datasets.Dataset, or a torch Dataset with "
+                raise TypeError(f"`{label}` must be a map-style dataset (a datasets.Dataset, or a torch Dataset with "
                                 f"__len__ and __getitem__), got {type(data).__name__}: the outer problem draws random "
                                 "batches by index. Load it without streaming=True.")
-        if len(eval_dataset) == 0:
-            raise ValueError("`eval_dataset` is empty.")
+        if len(outer) == 0:
+            raise ValueError(f"`{name}` is empty.")
         if len(train_dataset) == 0:
             raise ValueError("`train_dataset` is empty.")
         if outer_module is not None:
+            if args.outer_module is not None:
+                raise ValueError(f"pass `outer_module` or set `args.outer_module` ({args.outer_module!r}), not both.")
             if not isinstance(outer_module, nn.Module):
                 raise TypeError(f"`outer_module` must be an nn.Module (an OuterModule), got {type(outer_module).__name__}.")
             if not any(True for _ in outer_module.parameters()):
                 raise ValueError("`outer_module` has no parameters: there is nothing to learn.")
-            id_column = getattr(outer_module, "id_column", None)
-            names = train_dataset.column_names  # None for an IterableDataset of unknown features
-            for column in outer_batch_columns(outer_module):
-                if names is None or column in names:
-                    continue
-                if column == id_column:
-                    raise ValueError(
-                        f"`train_dataset` has no column {id_column!r} holding example ids, which "
-                        f"{type(outer_module).__name__} needs. Add it with `hf_integration.add_example_ids("
-                        f"dataset, column={id_column!r})` before shuffling or filtering."
-                    )
-                raise ValueError(f"`train_dataset` has no column {column!r}, which {type(outer_module).__name__} "
-                                 "reads from every training batch.")
         for pattern in patterns or ():
             re.compile(pattern)
+
+    def _check_outer_columns(self) -> None:
+        """Every column the outer module reads is a column of the training data."""
+        names = getattr(self.train_dataset, "column_names", None)  # None for a dataset of unknown features
+        id_column = getattr(self.outer_module, "id_column", None)
+        for column in self.outer_columns:
+            if names is None or column in names:
+                continue
+            if column == id_column:
+                raise ValueError(
+                    f"`train_dataset` has no column {id_column!r} holding example ids, which "
+                    f"{type(self.outer_module).__name__} needs. Add it with `hf_integration.add_example_ids("
+                    f"dataset, column={id_column!r})` before shuffling or filtering."
+                )
+            raise ValueError(f"`train_dataset` has no column {column!r}, which {type(self.outer_module).__name__} "
+                             "reads from every training batch.")
 
     @staticmethod
     def _select_outer_model_params(model: nn.Module, patterns: Sequence[str]) -> list[str]:
@@ -324,8 +398,8 @@ class BilevelTrainer(ResumeFinishedRun, Trainer):
         return names
 
     def _check_data_weights(self) -> None:
-        if self.id_column is None:
-            return
+        if self.id_column is None or not isinstance(self.train_dataset, datasets.Dataset):
+            return  # another dataset's ids are checked batch by batch
         ids = self.train_dataset[self.id_column]
         for part in self.outer_module.modules():
             if getattr(part, "kind", None) != "data_weights":
@@ -493,18 +567,34 @@ class BilevelTrainer(ResumeFinishedRun, Trainer):
         with torch.no_grad(), self._second_order_context():
             model = self.model_wrapped if self.is_fsdp_enabled else self._unwrapped
             phi = {k: v.detach() for k, v in self._outer_param_tree().items()}
-            loss = self._objective(model, None, phi, batch, weighted=True)[0]
+            loss, outputs = self._objective(model, None, phi, batch, weighted=True)
+            self._weight_spread = self._batch_weight_spread(outputs, batch)
         self._checked_inner_loss = float(loss)
         if _on_any_process(not bool(torch.isfinite(loss)), self.args.device):
             return f"non-finite inner objective: {float(loss)} with the new outer parameters"
         return None
 
+    def _batch_weight_spread(self, outputs: Any, batch: Mapping[str, Any]) -> float | None:
+        """std/mean of the outer module's weights of the batch's training rows (trusted rows aside), from the model
+        outputs at hand (no extra forward pass); ``None`` for a module that weights no examples."""
+        if not hasattr(self.outer_module, "example_weights"):
+            return None
+        losses = per_example_loss(outputs["logits"], batch["labels"], self._causal_lm)
+        weights = self.outer_module.example_weights(losses, batch)
+        if self.trusted_column in batch:
+            weights = weights[~torch.as_tensor(batch[self.trusted_column], device=weights.device).bool()]
+        return weight_spread(weights)
+
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """`Trainer.log` without NaN/inf values (e.g. the gradient norm of a skipped step), which would
-        otherwise reach ``trainer_state.json`` and every ``report_to`` backend; skipped steps are counted."""
+        otherwise reach ``trainer_state.json`` and every ``report_to`` backend; skipped steps are counted. The outer
+        steps' metrics since the last training log join it (as TRL merges its metrics): they follow
+        ``logging_steps`` and ``logging_strategy`` like the training loss."""
+        if "loss" in logs:
+            logs = {**logs, **_merged_outer_metrics(self.__dict__.pop("_outer_logs", []))}
+            if self.nonfinite_guard.skipped:
+                logs["inner/skipped_steps"] = float(self.nonfinite_guard.skipped)
         logs = {k: v for k, v in logs.items() if not (isinstance(v, float) and not math.isfinite(v))}
-        if "loss" in logs and self.nonfinite_guard.skipped:
-            logs["inner/skipped_steps"] = float(self.nonfinite_guard.skipped)
         super().log(logs, *args, **kwargs)
 
     # ------------------------------------------------------------------ outer problem
@@ -512,7 +602,8 @@ class BilevelTrainer(ResumeFinishedRun, Trainer):
         """A random batch of ``dataset`` drawn with ``generator``: reproducible from the step."""
         cache = self.__dict__.setdefault("_prepared_datasets", {})
         if description not in cache:
-            cache[description] = self._remove_unused_columns(dataset, description=description)
+            cache[description] = (self._remove_unused_columns(dataset, description=description)
+                                  if isinstance(dataset, datasets.Dataset) else dataset)
         prepared = cache[description]
         size = min(batch_size, len(prepared))
         indices = torch.randperm(len(prepared), generator=generator)[:size].tolist()
@@ -573,7 +664,7 @@ class BilevelTrainer(ResumeFinishedRun, Trainer):
         train_bs = args.hypergrad_train_batch_size or args.per_device_train_batch_size
         outer_bs = args.outer_batch_size or args.per_device_eval_batch_size
         train_batch = self._sample_batch(self.train_dataset, train_bs, data_generator, "training")
-        eval_batch = self._sample_batch(self.eval_dataset, outer_bs, data_generator, "evaluation")
+        eval_batch = self._sample_batch(self.outer_dataset, outer_bs, data_generator, "evaluation")
         return train_batch, eval_batch, sketch_generator
 
     def compute_hypergradient(self, train_batch: Mapping[str, Any], eval_batch: Mapping[str, Any],
@@ -666,9 +757,11 @@ class BilevelTrainer(ResumeFinishedRun, Trainer):
             # logged by name once, and saved in the outer parameters' metadata)
             "outer/finite_diff_hvp": float(self.hvp_mode == "finite_diff"),
         }
+        if result.applied and self._weight_spread is not None:
+            metrics["outer/weight_spread"] = self._weight_spread
         if self.outer_module is not None and hasattr(self.outer_module, "summary_stats"):
             metrics.update({f"outer/{k}": float(v) for k, v in self.outer_module.summary_stats().items()})
-        self.log(metrics)
+        self.__dict__.setdefault("_outer_logs", []).append(metrics)  # logged with the next training log
         return metrics
 
     def resolve_hvp_mode(self) -> str:
@@ -723,7 +816,56 @@ class BilevelTrainer(ResumeFinishedRun, Trainer):
             self._recorded_hvp_mode = self._checkpoint_hvp_mode(resume_from_checkpoint)
         self.resolve_hvp_mode()
         self.nonfinite_guard  # noqa: B018 (installs the callback)
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        settings = self.args
+        total = settings.max_steps if settings.max_steps > 0 else math.ceil(
+            settings.num_train_epochs * steps_per_epoch(settings, len(self.train_dataset)))
+        if count_outer_steps(total, settings.unroll_steps, settings.outer_patience_steps) == 0:
+            logger.warning("No outer step is scheduled: %d inner steps, and the first outer step follows inner step "
+                           "max(outer_patience_steps=%d, unroll_steps=%d) + 1. The outer parameters will keep their "
+                           "initial values: train longer, or lower those two.", total, settings.outer_patience_steps,
+                           settings.unroll_steps)
+        output = super().train(resume_from_checkpoint, *args, **kwargs)
+        for line in weights_report(self.outer_module, self._weight_spread):
+            logger.warning("After training, %s", line)
+        return output
+
+    def example_weights(self, dataset: Any = None) -> np.ndarray:
+        """The learned weight of every row of ``dataset`` (default: the training rows; the trusted outer rows of
+        ``train_on_outer_data`` aside), in the rows' order, as the inner loss uses them (``w_i`` of ``sum_i w_i l_i /
+        sum_i w_i``): free weights by example id, loss-based ones at each example's loss under the trained model.
+        ``dataset`` must be prepared like the training data (tokenized, with the columns the outer module reads).
+        See :func:`hf_integration.weights_out.example_weights`."""
+        return example_weights(self, dataset)
+
+    def weighted_dataset(self, column: str = "weight") -> datasets.Dataset:
+        """The training rows as given to the trainer, with a ``column`` of their learned weights."""
+        return weighted_dataset(self, column=column)
+
+    def save_weights_dataset(self, folder: str, **card: Any) -> datasets.Dataset:
+        """Write :meth:`weighted_dataset` to ``folder`` (``datasets.load_from_disk``) with a dataset card; returns it.
+        ``card``: extra arguments of :func:`~hf_integration.weights_dataset.render_weights_card` (``figures``, ...)."""
+        table = self.weighted_dataset()
+        save_weights_dataset(table, folder, self._weights_card(table, folder, **card))
+        return table
+
+    def push_weights_dataset(self, repo_id: str, *, token: str | bool | None = None, private: bool | None = None,
+                             **card: Any) -> str:
+        """Publish :meth:`weighted_dataset` as the Hub dataset ``repo_id`` with its card; returns the commit URL."""
+        table = self.weighted_dataset()
+        return push_weights_dataset(table, repo_id, card=self._weights_card(table, repo_id, **card), token=token,
+                                    private=private)
+
+    def _weights_card(self, table: datasets.Dataset, repo_id: str, **card: Any) -> str:
+        """The weighted training set's card: what the weights are (the outer module's own text), how they were learned
+        (this run's metadata), the task inferred from the model (text generation for a causal LM, else text
+        classification)."""
+        metadata = self.outer_metadata()
+        how = {key: metadata[key] for key in ("base_model", "dataset_name", "method", "hvp_mode", "steps", "outer_steps",
+                                              "unroll_steps", "outer_learning_rate") if key in metadata}
+        card.setdefault("how", {"weighting": type(self.outer_module).__name__, **how})
+        card.setdefault("task", "text-generation" if self._causal_lm else "text-classification")
+        return render_weights_card(table, repo_id=repo_id,
+                                   description=self.outer_module.card_text().description.rstrip("."), **card)
 
     @staticmethod
     def _checkpoint_hvp_mode(checkpoint: str) -> str | None:

@@ -90,7 +90,8 @@ def render_weights_card(dataset: datasets.Dataset, *, repo_id: str, description:
                         how: Mapping[str, Any] | None = None, figures: Mapping[str, Any] | None = None,
                         weight_column: str = WEIGHT_COLUMN, source_column: str | None = "source",
                         corrupted_column: str | None = "corrupted", pretty_name: str | None = None,
-                        source_datasets: Sequence[str] = (), example_fraction: float = 0.7) -> str:
+                        source_datasets: Sequence[str] = (), example_fraction: float = 0.7,
+                        task: str = "text-generation") -> str:
     """The ``README.md`` of a weighted training set: front matter (``DatasetCardData``), what the ``weight``
     column is, how it was learned, its summary figures (:func:`weight_summary` plus ``figures``), and how to
     use it (keep the top ``example_fraction``, filter by a threshold, sample by weight, weight the loss).
@@ -105,6 +106,7 @@ def render_weights_card(dataset: datasets.Dataset, *, repo_id: str, description:
             reduced to its last component (:func:`~hf_integration.serialization.public_name`).
         figures: Extra results, e.g. the AUC of "low weight vs corrupted" or evaluation metrics.
         source_datasets: Hub ids of the data the set comes from (front matter).
+        task: The Hub task category of the data (``"text-generation"`` for SFT data, ``"text-classification"``, ...).
     """
     summary = weight_summary(dataset, weight_column, source_column=source_column, corrupted_column=corrupted_column)
     how = {k: v for k, v in (how or {}).items() if v is not None and v != ""}
@@ -115,7 +117,7 @@ def render_weights_card(dataset: datasets.Dataset, *, repo_id: str, description:
     data = DatasetCardData(
         pretty_name=pretty_name or f"{repo_id.split('/')[-1]} (learned data weights)",
         tags=["hypergrad", "data-weights", "bilevel-optimization"],
-        task_categories=["text-generation"],
+        task_categories=[task],
         size_categories=[_size_category(len(dataset))],
         source_datasets=[s for s in source_datasets if s] or None,
     )

@@ -306,8 +306,10 @@ def test_loss_weights_errors_stats_and_config():
                                      "warmup_steps": 0, "trusted_share": "max_weight"}
     with pytest.raises(ValueError, match=r"trusted_share must be one of \['max_weight', 'uniform'\]"):
         LossWeights(trusted_column="trusted", trusted_share="fixed")
-    with pytest.raises(ValueError, match="trusted_share='uniform' needs trusted_column"):
-        LossWeights(trusted_share="uniform")
+    # without trusted rows there is nothing to share: the plain weighting (a trainer may set the column later)
+    plain, uniform = LossWeights(init_loss_scale=2.0), LossWeights(init_loss_scale=2.0, trusted_share="uniform")
+    losses = torch.tensor([0.1, 2.0, 0.7])
+    torch.testing.assert_close(uniform(losses, {}, {}), plain(losses, {}, {}))
     for bad in (-1, 2.5, True):
         with pytest.raises(ValueError, match="warmup_steps must be an integer >= 0"):
             LossWeights(warmup_steps=bad)

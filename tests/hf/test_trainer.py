@@ -383,12 +383,30 @@ def test_save_model_card_replaces_peft_template_and_never_holds_a_local_path(tmp
 
 # ---------------------------------------------------------------------- bad input
 
+class _ListDataset(torch.utils.data.Dataset):
+    """A map-style torch dataset of dict rows (no column names: the trainer cannot add ids to it)."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
 def test_bad_inputs_raise_before_training(tmp_path):
     train, val = datasets_with_ids(32, 16)
     args = bilevel_args(tmp_path)
-    with pytest.raises(ValueError, match="example_id"):
-        BilevelTrainer(model=tiny_classifier(), args=args, train_dataset=token_task(32, 0.3, 0), eval_dataset=val,
-                       outer_module=DataWeights(32))
+    # a datasets.Dataset without ids gets them, in its rows' order; any other dataset must bring them
+    added = BilevelTrainer(model=tiny_classifier(), args=args, train_dataset=token_task(32, 0.3, 0), eval_dataset=val,
+                           outer_module=DataWeights(32))
+    assert added.train_dataset["example_id"] == list(range(32))
+    rows = [{k: torch.as_tensor(v) for k, v in row.items() if k != "corrupted"} for row in token_task(32, 0.3, 0)]
+    with pytest.raises(ValueError, match="The training batch has no 'example_id' column"):  # at the first batch
+        BilevelTrainer(model=tiny_classifier(), args=args, train_dataset=_ListDataset(rows), eval_dataset=val,
+                       outer_module=DataWeights(32), data_collator=default_data_collator).train()
     with pytest.raises(ValueError, match="do not match"):
         BilevelTrainer(model=tiny_classifier(), args=args, train_dataset=train, eval_dataset=val,
                        outer_module=DataWeights(10))

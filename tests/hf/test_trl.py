@@ -277,3 +277,53 @@ def test_a_collator_that_drops_the_ids_is_named_before_training(tmp_path, tokeni
         trainer.train()
     assert "hvp_mode" not in str(error.value)
     assert trainer.state.global_step == 0 and torch.equal(weights.logits, torch.zeros(len(train)))
+
+
+# ---------------------------------------------------------------------- the recipe under TRL
+
+
+def test_the_sft_recipe_trains_on_trusted_outer_conversations(tmp_path, tokenizer):
+    """TRL prepares the outer rows with the training rows (chat template, assistant-only loss): one argument, no
+    hand concatenation. The run records the outer module's settings in its arguments."""
+    from hf_integration import TRUSTED_COLUMN, LossWeights
+
+    args = _args(tmp_path, recipe="sft_data_weighting", assistant_only_loss=True, unroll_steps=2, outer_batch_size=4)
+    trainer = BilevelSFTTrainer(model=_model(tokenizer), args=args, train_dataset=_conversations(8, seed=0),
+                                eval_dataset=_conversations(4, seed=1), processing_class=tokenizer)
+    module = trainer.outer_module
+    assert isinstance(module, LossWeights) and module.trusted_share == "uniform" and module.init_loss_scale == 1.0
+    assert trainer.train_dataset[TRUSTED_COLUMN] == [0] * 8 + [1] * 4 and trainer.num_training_rows == 8
+    assert "input_ids" in trainer.train_dataset.column_names and len(trainer.train_dataset["labels"]) == 12  # TRL prepared every row
+    trainer.train()
+    assert trainer.outer_step >= 1
+    assert trainer.args.to_dict()["outer_module_options"] == {"init_loss_scale": 1.0, "trusted_share": "uniform"}
+    table = trainer.weighted_dataset()
+    assert table.column_names == ["messages", "weight"] and len(table) == 8  # the user's rows, not token ids
+
+
+def test_lora_strengths_are_built_after_trls_peft_wrapping(tmp_path, tokenizer):
+    """With `peft_config=`, LoraRegularization could not be built: it needs the wrapped model first."""
+    from peft import LoraConfig
+
+    from hf_integration import LoraRegularization
+
+    args = _args(tmp_path, outer_module="lora_regularization", outer_module_options='{"granularity": "layer"}',
+                 max_steps=2, unroll_steps=1)
+    trainer = BilevelSFTTrainer(model=_model(tokenizer), args=args, train_dataset=_conversations(8, seed=0),
+                                eval_dataset=_conversations(4, seed=1), processing_class=tokenizer,
+                                peft_config=LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    assert isinstance(trainer.outer_module, LoraRegularization)
+    assert trainer.outer_module.group_names == ["layer.0", "layer.1"]
+    trainer.train()
+    assert trainer.outer_step == 1
+
+
+def test_a_separate_outer_set_is_prepared_by_trl_beside_the_evaluation_sets(tmp_path, tokenizer):
+    args = _args(tmp_path, outer_module="data_weights", max_steps=2, unroll_steps=1)
+    trainer = BilevelSFTTrainer(model=_model(tokenizer), args=args, train_dataset=_conversations(8, seed=0),
+                                eval_dataset={"dev": _conversations(4, seed=1), "test": _conversations(4, seed=2)},
+                                outer_dataset=_conversations(4, seed=3), processing_class=tokenizer)
+    assert "input_ids" in trainer.outer_dataset.column_names and set(trainer.eval_dataset) == {"dev", "test"}
+    assert trainer.train_dataset["example_id"] == list(range(8))  # ids added before TRL's preparation
+    trainer.train()
+    assert {"eval_dev_loss", "eval_test_loss"} <= set(trainer.evaluate())

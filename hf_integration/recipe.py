@@ -1,0 +1,157 @@
+"""The data-weighting recipe as library options: presets of measured settings, the inner problem's data (training
+rows plus trusted outer rows), example ids, and outer modules described by a kind and its options.
+
+A data-weighting run that works on real data needs more than an outer module: the outer objective's rows are
+also trained on, as *trusted* rows the learned weighting leaves alone (:data:`TRUSTED_COLUMN`), the first outer
+step waits until the model has fit the clean signal (``outer_patience_epochs``), and a few settings were chosen
+by measurement (``docs/`` and ``benchmarks/`` hold the measurements). :data:`RECIPES` names those settings;
+``BilevelTrainingArguments(recipe="data_weighting")`` fills the fields a user left at their defaults with them.
+
+Outer modules can be described instead of built (``outer_module="loss_weights"`` and ``outer_module_options``),
+so that a command line or a YAML file sets them, the run records them, and the trainer builds them when what
+they need exists: a ``DataWeights`` sized from the training set's example ids, a ``LoraRegularization`` from
+the model after PEFT wrapping (TRL's ``peft_config=``).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import datasets
+from torch import nn
+
+from .data import add_example_ids, num_example_ids
+from .outer_modules import DataWeights, LoraRegularization, LossWeights, OuterModule
+
+__all__ = ["RECIPES", "TRUSTED_COLUMN", "OUTER_MODULE_KINDS", "apply_recipe", "with_trusted_rows",
+           "prepare_training_rows", "steps_per_epoch", "build_outer_module", "reads_trusted_rows"]
+
+TRUSTED_COLUMN = "trusted"
+"""The column flagging the outer rows appended to the inner problem's data (``train_on_outer_data``)."""
+
+RECIPES: dict[str, dict[str, Any]] = {
+    # The classification job's measured settings (examples/data_reweighting.py): loss-based weights with the
+    # validation rows trained on as trusted rows, first-order hypergradients, an outer step every 10 inner steps
+    # after half an epoch, 32 + 32 examples per hypergradient.
+    "data_weighting": {
+        "outer_module": "loss_weights", "train_on_outer_data": True, "ihvp_method": "identity",
+        "outer_learning_rate": 0.3, "unroll_steps": 10, "outer_patience_epochs": 0.5,
+        "hypergrad_train_batch_size": 32, "outer_batch_size": 32,
+    },
+    # The instruction job's (examples/instruction_data_weights.py): the same, with the trusted rows at their uniform
+    # share of each batch, loss_scale starting at 1, an outer step every 8 inner steps and 50 validation rows each.
+    "sft_data_weighting": {
+        "outer_module": "loss_weights", "outer_module_options": {"init_loss_scale": 1.0, "trusted_share": "uniform"},
+        "train_on_outer_data": True, "ihvp_method": "identity", "outer_learning_rate": 0.3, "unroll_steps": 8,
+        "outer_patience_epochs": 0.5, "hypergrad_train_batch_size": 32, "outer_batch_size": 50,
+    },
+}
+
+
+def apply_recipe(args: Any) -> None:
+    """Set every field that ``args.recipe`` names and that is still at its class default to the recipe's value
+    (what the user set stays); ``args.recipe=None`` changes nothing."""
+    if args.recipe is None:
+        return
+    if args.recipe not in RECIPES:
+        raise ValueError(f"`recipe` must be one of {sorted(RECIPES)} or None, got {args.recipe!r}.")
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+                for f in dataclasses.fields(args)
+                if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+    for name, value in RECIPES[args.recipe].items():
+        if getattr(args, name) == defaults[name]:
+            setattr(args, name, copy.deepcopy(value))
+
+
+def steps_per_epoch(args: Any, num_rows: int) -> int:
+    """Optimizer steps in one epoch of ``num_rows`` training rows, as `Trainer` counts them (every process's batch
+    and gradient accumulation)."""
+    batches = math.ceil(num_rows / (args.per_device_train_batch_size * max(1, args.world_size)))
+    return max(batches // args.gradient_accumulation_steps, 1)
+
+
+def reads_trusted_rows(module: nn.Module | None, kind: str | None) -> bool:
+    """Whether the outer module (or the kind to build) can leave trusted rows out of its weighting: a module with a
+    ``trusted_column`` attribute (``LossWeights``, or a combination holding one)."""
+    if kind is not None:
+        return kind == "loss_weights"
+    return module is not None and any(hasattr(part, "trusted_column") for part in module.modules())
+
+
+def with_trusted_rows(train: datasets.Dataset, outer: datasets.Dataset, column: str = TRUSTED_COLUMN,
+                      drop: tuple[str, ...] = ()) -> datasets.Dataset:
+    """The training rows followed by the outer rows, on the columns both have (without ``drop``, e.g. example-id
+    columns the outer rows lack), and ``column`` flagging the outer rows (1) and the training rows (0)."""
+    if not isinstance(train, datasets.Dataset) or not isinstance(outer, datasets.Dataset):
+        raise TypeError("train_on_outer_data needs the training and outer data as datasets.Dataset objects, got "
+                        f"{type(train).__name__} and {type(outer).__name__}.")
+    if column in train.column_names:
+        raise ValueError(f"train_on_outer_data adds the column {column!r}, which the training data already has; "
+                         "rename it.")
+    shared = [c for c in train.column_names if c in outer.column_names and c not in drop]
+    if not shared:
+        raise ValueError(f"train_on_outer_data: the outer data shares no column with the training data (training: "
+                         f"{train.column_names}; outer: {outer.column_names}).")
+    first = train.select_columns(shared)
+    second = outer.select_columns(shared).cast(first.features)
+    joined = datasets.concatenate_datasets([first, second])
+    return joined.add_column(column, [0] * len(first) + [1] * len(second))
+
+
+def _with_ids(train: Any, column: str) -> Any:
+    """``train`` with example ids in ``column`` (added in its current row order when missing)."""
+    if not isinstance(train, datasets.Dataset) or column in train.column_names:
+        return train
+    return add_example_ids(train, column)
+
+
+def prepare_training_rows(train: Any, outer: Any, *, module: nn.Module | None, kind: str | None,
+                          options: Mapping[str, Any], train_on_outer_data: bool) -> tuple[Any, Any, str | None]:
+    """``(training rows, inner data, trusted column)``: the training set with the example ids the outer module
+    reads (added where missing, in the rows' current order); the inner problem's data, those rows followed by the
+    outer rows flagged trusted when ``train_on_outer_data``; the trusted column (``None`` without trusted rows)."""
+    id_columns = [getattr(part, "id_column", None) for part in (module.modules() if module is not None else ())]
+    if kind == "data_weights":
+        id_columns.append(options.get("id_column", "example_id"))
+    for column in (c for c in id_columns if isinstance(c, str) and c):
+        train = _with_ids(train, column)
+    if not train_on_outer_data:
+        return train, train, None
+    if not reads_trusted_rows(module, kind):
+        what = kind or type(module).__name__
+        raise ValueError(f"train_on_outer_data needs an outer module that leaves trusted rows out of its weighting "
+                         f"(loss_weights); {what} would weight the outer rows too and fit the set it is scored on.")
+    column = next((part.trusted_column for part in (module.modules() if module is not None else ())
+                   if getattr(part, "trusted_column", None)), None) or TRUSTED_COLUMN
+    for part in module.modules() if module is not None else ():
+        if hasattr(part, "trusted_column") and part.trusted_column is None:
+            part.trusted_column = column
+    return train, with_trusted_rows(train, outer, column, drop=tuple(c for c in id_columns if c)), column
+
+
+OUTER_MODULE_KINDS = ("data_weights", "loss_weights", "lora_regularization")
+
+
+def build_outer_module(kind: str, options: Mapping[str, Any], *, model: nn.Module, train_dataset: Any,
+                       trusted_column: str | None) -> OuterModule:
+    """The outer module of ``kind`` with ``options``, built from what exists once the trainer does: ``data_weights``
+    sized from ``train_dataset``'s example ids, ``loss_weights`` with the trusted column, ``lora_regularization``
+    from the (PEFT-wrapped) ``model``. Unknown options are refused with the kind's own message."""
+    options = dict(options)
+    try:
+        if kind == "data_weights":
+            column = options.pop("id_column", "example_id")
+            return DataWeights(num_example_ids(train_dataset, column), id_column=column, **options)
+        if kind == "loss_weights":
+            return LossWeights(trusted_column=trusted_column, **options)
+        if kind == "lora_regularization":
+            if "init_strength" in options:  # the friendlier scale of the example script
+                options["init_log_strength"] = math.log(options.pop("init_strength"))
+            return LoraRegularization.from_peft_model(model, **options)
+    except TypeError as err:
+        raise ValueError(f"`outer_module_options` {dict(options)} do not fit outer_module={kind!r}: {err}") from None
+    raise ValueError(f"`outer_module` must be one of {OUTER_MODULE_KINDS}, got {kind!r}.")
