@@ -126,6 +126,7 @@ NO_SIGNAL_SPREAD = 0.05
 # corrupted unless --noise_rate says so.
 EMBEDDED_NOISE_RATE = 0.3
 DEMO_DEFAULTS: dict[str, Any] = {
+    "outer_patience_epochs": 0.5,
     "output_dir": "outputs/data_reweighting",
     "lora_layers": [-1],
     "hvp_mode": "rev_rev",
@@ -178,12 +179,6 @@ class ExperimentArguments:
         default=None,
         metadata={"help": "Fraction of the training set the loss filter drops (default: --noise_rate when labels "
                   "are corrupted on purpose, i.e. the filter is told the true noise rate; else 0.2)."},
-    )
-    outer_patience_epochs: float | None = field(
-        default=0.5,
-        metadata={"help": "No outer step during the first this many epochs, unless --outer_patience_steps > 0 "
-                  "is given: the inner model first fits the clean signal, then the weights learn which examples "
-                  "disagree with it."},
     )
     loss_filter_epochs: float = field(
         default=2.0,
@@ -278,8 +273,8 @@ def _experiment(model_args, data_args, exp_args, training_args, run) -> dict[str
                       train_argument="--max_train_samples" if data_args.dataset_name is None
                       and data_args.train_file is None else splits.split_names["train"])
     per_epoch = steps_per_epoch(training_args, len(train_raw))
-    if exp_args.outer_patience_epochs is not None and training_args.outer_patience_steps == 0:
-        training_args.outer_patience_steps = int(round(exp_args.outer_patience_epochs * per_epoch))
+    if training_args.outer_patience_epochs is not None and training_args.outer_patience_steps == 0:
+        training_args.outer_patience_steps = int(round(training_args.outer_patience_epochs * per_epoch))
     scheduled_outer_steps(training_args, len(train_raw))
     filter_step = max(1, int(round(exp_args.loss_filter_epochs * per_epoch)))
     total_steps = total_inner_steps(training_args, len(train_raw))

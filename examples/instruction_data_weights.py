@@ -172,6 +172,7 @@ NO_SIGNAL_SPREAD = 0.05  # std/mean of the learned weights below which they are 
 # corrupted unless --noise_rate says so.
 EMBEDDED_NOISE_RATE = 0.3
 DEMO_DEFAULTS: dict[str, Any] = {
+    "outer_patience_epochs": 0.5,
     "output_dir": "outputs/instruction_data_weights",
     "lora_layers": [-2, -1],
     "lora_target_modules": ["q_proj", "v_proj"],
@@ -332,10 +333,6 @@ class ExperimentArguments:
         default=None,
         metadata={"help": "Fraction of the training set the loss filter drops (default: --noise_rate when responses "
                   "are corrupted on purpose, i.e. the filter is told the true noise rate; else 0.2)."})
-    outer_patience_epochs: float | None = field(
-        default=0.5,
-        metadata={"help": "No outer step during the first this many epochs (unless --outer_patience_steps > 0): "
-                  "the model first learns the tasks' format, then the weights learn which examples disagree."})
     train_on_validation: bool | None = field(default=None, metadata={"help": TRAIN_ON_VALIDATION_HELP})
     cache_frozen_layers: bool = field(
         default=True,
@@ -752,8 +749,8 @@ def _experiment(model_args, data_args, exp_args, training_args, run) -> dict[str
                       train_argument="--max_train_samples" if data_args.dataset_name is None
                       and data_args.train_file is None else splits.split_names["train"])
     per_epoch = steps_per_epoch(training_args, len(train_raw))
-    if exp_args.outer_patience_epochs is not None and training_args.outer_patience_steps == 0:
-        training_args.outer_patience_steps = int(round(exp_args.outer_patience_epochs * per_epoch))
+    if training_args.outer_patience_epochs is not None and training_args.outer_patience_steps == 0:
+        training_args.outer_patience_steps = int(round(training_args.outer_patience_epochs * per_epoch))
     scheduled_outer_steps(training_args, len(train_raw))
     base_model, tokenizer = load_base_model(model_args)
     check_sequence_length(base_model.config, data_args.max_seq_length)

@@ -85,16 +85,13 @@ def embedded_split_sizes(defaults: dict[str, int], data_args) -> dict[str, int]:
 
 def check_experiment_arguments(args, weightings, baselines) -> None:
     """The checks every weighting script's experiment arguments share: ``--weighting`` among ``weightings``,
-    ``--baselines`` among ``baselines``, ``--outer_patience_epochs >= 0``, ``--loss_filter_fraction`` in [0, 1),
+    ``--baselines`` among ``baselines``, ``--loss_filter_fraction`` in [0, 1),
     and ``--train_on_validation`` resolved (default: on with ``--weighting loss``, refused with any other)."""
     if args.weighting not in weightings:
         raise InputError(f"--weighting must be one of {weightings}, got {args.weighting!r}.")
     unknown = [b for b in args.baselines if b not in baselines]
     if unknown:
         raise InputError(f"--baselines: unknown {unknown}; choose from {list(baselines)}.")
-    if args.outer_patience_epochs is not None and not (math.isfinite(args.outer_patience_epochs)
-                                                       and args.outer_patience_epochs >= 0):
-        raise InputError(f"--outer_patience_epochs must be >= 0, got {args.outer_patience_epochs}.")
     if args.loss_filter_fraction is not None and not 0.0 <= args.loss_filter_fraction < 1.0:
         raise InputError(f"--loss_filter_fraction must be in [0, 1), got {args.loss_filter_fraction}.")
     if args.train_on_validation is None:

@@ -59,8 +59,9 @@ class BilevelTrainingArguments(TrainingArguments):
     )
     outer_patience_epochs: float | None = field(
         default=None,
-        metadata={"help": "No outer step during the first this many epochs of the inner data (sets "
-                  "outer_patience_steps when that is 0): the model first fits the clean signal."},
+        metadata={"help": "No outer step during the first this many epochs of the training rows (the trusted outer "
+                  "rows of train_on_outer_data aside; sets outer_patience_steps when that is 0): the model first fits "
+                  "the clean signal."},
     )
     outer_learning_rate: float = field(default=0.1, metadata={"help": "Learning rate of the outer optimizer."})
     outer_optim: str = field(

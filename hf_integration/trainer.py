@@ -308,7 +308,7 @@ class BilevelTrainer(ResumeFinishedRun, Trainer):
             outer_module.to(self.args.device)
         if args.outer_patience_epochs is not None and args.outer_patience_steps == 0:
             args.outer_patience_steps = int(round(args.outer_patience_epochs
-                                                  * steps_per_epoch(args, len(self.train_dataset))))
+                                                  * steps_per_epoch(args, self.num_training_rows)))
         self.inner_param_names = [n for n, p in self._unwrapped.named_parameters() if p.requires_grad]
         if not self.inner_param_names:
             raise ValueError("The model has no trainable (inner) parameters left: nothing to fine-tune.")

@@ -48,7 +48,7 @@ def test_the_data_weighting_recipe_trains_on_trusted_outer_rows(tmp_path):
     assert len(trainer.train_dataset) == 48 and trainer.num_training_rows == 32
     assert trainer.train_dataset[TRUSTED_COLUMN] == [0] * 32 + [1] * 16
     assert trainer.train_dataset["input_ids"][32:] == outer["input_ids"]  # the outer rows, as they are
-    assert trainer.args.outer_patience_steps == 3  # half of the 6 steps of an epoch of 48 rows in batches of 8
+    assert trainer.args.outer_patience_steps == 2  # half of the 4 steps of an epoch of 32 training rows (batches of 8)
     assert trainer.outer_dataset is trainer.eval_dataset
     trainer.train()
     assert trainer.outer_step >= 1 and float(module.loss_scale) != pytest.approx(0.1)
