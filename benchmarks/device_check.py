@@ -13,14 +13,11 @@ finite differences, Neumann and full-rank Nyström, whose round-off is larger).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from hypergrad.approx_hypergrad import conjugate_gradient, exact, neumann, nystrom  # noqa: E402
+from hypergrad.approx_hypergrad import conjugate_gradient, exact, neumann, nystrom
 
 
 def ridge(device, dtype, d=12, n=64, m=48):

@@ -18,14 +18,19 @@ import tempfile
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import runpy
 
-from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers import TrainerCallback
 
-from hf_integration import BilevelTrainer, DataWeights  # noqa: E402
-from hypergrad.approx_hypergrad import implicit_hypergrad  # noqa: E402
-from tests.hf.trainer_utils import bilevel_args, datasets_with_ids, tiny_classifier  # noqa: E402
+from hf_integration import BilevelTrainer, DataWeights
+from hypergrad.approx_hypergrad import implicit_hypergrad
+
+# the tests' tiny model and task, read from their file (the tests are not an installed package)
+_UTILS = runpy.run_path(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "hf",
+                                     "trainer_utils.py"))
+bilevel_args, datasets_with_ids, tiny_classifier = (_UTILS[name] for name in ("bilevel_args", "datasets_with_ids",
+                                                                              "tiny_classifier"))
 
 
 def main() -> int:

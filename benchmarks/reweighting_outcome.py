@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import os
+import runpy
 import sys
 import time
 from typing import Any
@@ -36,8 +37,6 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, os.path.join(ROOT, "examples"))
-sys.path.insert(0, HERE)
 
 SETS = ("embedded", "scipy_docs", "debian_packages")
 NOISES = ("symmetric:0.2", "symmetric:0.4", "pairwise:0.3")
@@ -56,11 +55,10 @@ def data_arguments(name: str, data_dir: str, seed: int) -> list[str]:
     """The main job's data options for set ``name`` (real-text sets are built into ``data_dir`` once)."""
     if name == "embedded":
         return []
-    import real_text_sets
-
+    real_text_sets = runpy.run_path(os.path.join(HERE, "real_text_sets.py"))  # this folder's set builder
     folder = os.path.join(data_dir, name)
     if not os.path.isfile(os.path.join(folder, "test.jsonl")):
-        real_text_sets.write_splits(name, folder, seed=0)
+        real_text_sets["write_splits"](name, folder, seed=0)
     return ["--train_file", os.path.join(folder, "train.jsonl"),
             "--validation_file", os.path.join(folder, "validation.jsonl"),
             "--test_file", os.path.join(folder, "test.jsonl")]
@@ -68,7 +66,7 @@ def data_arguments(name: str, data_dir: str, seed: int) -> list[str]:
 
 def run_one(name: str, noise: tuple[str, float], seed: int, args: argparse.Namespace) -> dict[str, Any]:
     """One run of the main job (or its saved metrics when it already finished)."""
-    import data_reweighting
+    data_reweighting = runpy.run_path(os.path.join(ROOT, "examples", "data_reweighting.py"))  # the main job
 
     kind, rate = noise
     out = os.path.join(args.output_dir, name, f"{kind}-{rate}", f"seed-{seed}")
@@ -80,7 +78,7 @@ def run_one(name: str, noise: tuple[str, float], seed: int, args: argparse.Names
             "--seed", str(seed), "--dataset_seed", str(seed), "--output_dir", out, "--overwrite_output_dir",
             "--disable_tqdm", "True", *args.extra_args]
     logging.getLogger("reweighting_outcome").info("run: %s", " ".join(argv))
-    return data_reweighting.main(argv)
+    return data_reweighting["main"](argv)
 
 
 def model_metrics(result: dict[str, Any], model: str) -> dict[str, float] | None:
@@ -164,7 +162,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "seeds": args.seeds, "extra_args": args.extra_args, "summaries": summaries,
               "wall_time_s": time.perf_counter() - started}
     os.makedirs(args.output_dir, exist_ok=True)
-    from text_classification import atomic_write_text, write_json
+    from hf_integration.runs import write_json
+    from hf_integration.serialization import atomic_write_text
 
     write_json(os.path.join(args.output_dir, "reweighting_outcome.json"), report)
     text = table(summaries)

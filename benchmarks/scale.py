@@ -45,7 +45,6 @@ import gc
 import json
 import os
 import platform
-import sys
 import tempfile
 import threading
 import time
@@ -53,7 +52,6 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 # name: (hidden, layers, heads, kv_heads, intermediate, vocab)
 LLAMA_SIZES = {
@@ -156,8 +154,7 @@ def build_model(name: str, settings: dict, dtype: torch.dtype, device: torch.dev
     seq_len = settings["seq_len"]
     torch.manual_seed(0)
     if name == "smollm2":
-        sys.path.insert(0, os.path.join(ROOT, "examples"))
-        from smollm2 import load_smollm2
+        from hf_integration.embedded_models import load_smollm2
 
         model, tokenizer = load_smollm2(dtype=dtype)
         return model.to(device), english_rows(tokenizer, rows, seq_len)
@@ -367,8 +364,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     names = args.model or PRESETS[args.preset or ("gpu" if device.type == "cuda" else "cpu")]
     if "smollm2" in names:
-        sys.path.insert(0, os.path.join(ROOT, "examples"))
-        from smollm2 import _is_converted, default_cache_dir, gguf_path
+        from hf_integration.embedded_models import _is_converted, default_cache_dir, gguf_path
 
         try:
             if not _is_converted(default_cache_dir()):

@@ -22,7 +22,7 @@ bilevel run (``LoraRegularization.from_pretrained(output_dir)``), ``metrics.json
 end. ``--push_to_hub --hub_model_id user/repo`` uploads the learned strengths with a model card; load them back
 with ``LoraRegularization.from_pretrained("user/repo")``.
 
-Runs are guarded (``text_classification.start_run``): an ``--output_dir`` holding another run is refused unless
+Runs are guarded (``hf_integration.runs.start_run``): an ``--output_dir`` holding another run is refused unless
 ``--overwrite_output_dir``, and is locked while a run uses it; ``--resume_from_checkpoint True`` (or a
 ``checkpoint-<step>`` path) continues an interrupted run saved with ``--save_strategy steps``; with
 ``--push_to_hub`` the Hub is checked before any work. A NaN/inf training batch is skipped (persistent ones stop
@@ -36,44 +36,19 @@ import dataclasses
 import logging
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling helper modules
-
-from text_classification import (  # noqa: E402
-    DataArguments,
-    InputError,
-    OutputWriter,
-    ModelArguments,
-    RunArguments,
-    accuracy_metrics,
-    build_lora_model,
-    check_batch_sizes,
-    check_sequence_length,
-    configuring,
-    check_outer_steps,
-    describe_steps,
-    evaluate_splits,
-    flip_labels,
-    format_table,
-    load_splits,
-    load_tokenizer,
-    parse_arguments,
-    resolve_noise_rate,
-    push_outputs,
-    resume_point,
-    run_main,
-    scheduled_outer_steps,
-    start_run,
-    tokenize_splits,
-    total_inner_steps,
-    write_json,
-)
+from hf_integration.classification import (DataArguments, ModelArguments, accuracy_metrics, build_lora_model,
+                                           check_sequence_length, evaluate_splits, flip_labels, load_splits,
+                                           load_tokenizer, tokenize_splits)
+from hf_integration.data_files import check_batch_sizes, resolve_noise_rate
+from hf_integration.runs import (InputError, OutputWriter, RunArguments, check_outer_steps, configuring,
+                                 describe_steps, format_table, parse_arguments, push_outputs, resume_point, run_main,
+                                 scheduled_outer_steps, start_run, total_inner_steps, write_json)
 
 logger = logging.getLogger("peft_regularization")
 

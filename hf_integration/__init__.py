@@ -38,7 +38,7 @@ from .hub import HubError
 from .trainer import BilevelTrainer, NonFiniteGuard
 from .weights_dataset import push_weights_dataset, render_weights_card, save_weights_dataset, weight_summary
 from .weights_out import example_weights, weighted_dataset
-from .recipe import RECIPES, TRUSTED_COLUMN, with_trusted_rows
+from .recipe import RECIPES, TRUSTED_COLUMN, append_outer_rows
 
 __all__ = [
     # trainer
@@ -70,7 +70,7 @@ __all__ = [
     # the recipe and its outputs
     "RECIPES",
     "TRUSTED_COLUMN",
-    "with_trusted_rows",
+    "append_outer_rows",
     "example_weights",
     "weighted_dataset",
     "save_weights_dataset",

@@ -51,11 +51,12 @@ class BilevelTrainingArguments(TrainingArguments):
                   "\"trusted_share\": \"uniform\"}' for loss_weights, '{\"granularity\": \"layer\"}' for "
                   "lora_regularization."},
     )
-    train_on_outer_data: bool = field(
-        default=False,
+    train_on_outer_data: bool | None = field(
+        default=None,
         metadata={"help": "Train on the outer data too: its rows join the training rows, flagged trusted (column "
                   "'trusted'), and the loss-based weighting leaves them out (loss_weights only: free weights of the "
-                  "outer rows would fit the set they are scored on). The fair rival then trains on both sets too."},
+                  "outer rows would fit the set they are scored on). The fair rival then trains on both sets too. "
+                  "Default: the recipe's, else False."},
     )
     outer_patience_epochs: float | None = field(
         default=None,
@@ -63,21 +64,22 @@ class BilevelTrainingArguments(TrainingArguments):
                   "rows of train_on_outer_data aside; sets outer_patience_steps when that is 0): the model first fits "
                   "the clean signal."},
     )
-    outer_learning_rate: float = field(default=0.1, metadata={"help": "Learning rate of the outer optimizer."})
+    outer_learning_rate: float | None = field(
+        default=None, metadata={"help": "Learning rate of the outer optimizer (default: the recipe's, else 0.1)."})
     outer_optim: str = field(
         default="adam", metadata={"help": f"Outer optimizer, one of {OUTER_OPTIMIZERS}.", "choices": OUTER_OPTIMIZERS}
     )
     outer_momentum: float = field(default=0.9, metadata={"help": "Momentum of the outer SGD optimizer."})
     outer_weight_decay: float = field(default=0.0, metadata={"help": "Weight decay of the outer optimizer."})
-    unroll_steps: int = field(
-        default=10, metadata={"help": "Inner optimizer steps between two outer updates."}
-    )
+    unroll_steps: int | None = field(
+        default=None,
+        metadata={"help": "Inner optimizer steps between two outer updates (default: the recipe's, else 10)."})
     outer_patience_steps: int = field(
         default=0, metadata={"help": "No outer update before this many inner steps (lets the inner model warm up)."}
     )
-    ihvp_method: str = field(
-        default="nystrom",
-        metadata={"help": "Inverse-Hessian-vector product method: "
+    ihvp_method: str | None = field(
+        default=None,
+        metadata={"help": "Inverse-Hessian-vector product method (default: the recipe's, else 'nystrom'): "
                   + "; ".join(f"'{m.name}': {m.summary}" for m in METHODS.values()) + ".",
                   "choices": IHVP_METHODS},
     )

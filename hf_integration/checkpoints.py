@@ -16,7 +16,8 @@ from .serialization import OUTER_OPTIMIZER_NAME, OUTER_PARAMS_NAME, read_safeten
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CheckpointError", "BILEVEL_CHECKPOINT_FILES", "ResumeFinishedRun", "checkpoint_problem", "last_checkpoint"]
+__all__ = ["CheckpointError", "BILEVEL_CHECKPOINT_FILES", "ResumeFinishedRun", "checkpoint_problem", "last_checkpoint",
+           "resolve_checkpoint"]
 
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")  # transformers' PREFIX_CHECKPOINT_DIR + "-<step>"
 
@@ -133,6 +134,25 @@ def last_checkpoint(folder: str | os.PathLike, *, outer_files: Sequence[str] = B
     return None
 
 
+def resolve_checkpoint(value: str | os.PathLike | bool | None, output_dir: str, *,
+                       outer_files: Sequence[str] = BILEVEL_CHECKPOINT_FILES) -> str | None:
+    """The checkpoint a ``resume_from_checkpoint`` value names: ``True`` (or ``"true"``) the last complete one of
+    ``output_dir``, a path that folder (which must be complete, :func:`checkpoint_problem`), ``None``/``False``/
+    ``"false"``/``""`` none. Raises :class:`CheckpointError` (one line) otherwise."""
+    if value is None or value is False or str(value).lower() in ("", "false"):
+        return None
+    if value is True or str(value).lower() == "true":
+        found = last_checkpoint(output_dir, outer_files=outer_files)
+        if found is None:
+            raise CheckpointError(f"resume_from_checkpoint=True, but {output_dir!r} holds no complete "
+                                  "checkpoint-<step> folder to resume from (save some with save_strategy='steps')")
+        return found
+    problem = checkpoint_problem(value, outer_files=outer_files)
+    if problem is not None:
+        raise CheckpointError(f"cannot resume: {problem}")
+    return os.fspath(value)
+
+
 class ResumeFinishedRun:
     """A `transformers.Trainer` mixin: resuming from a checkpoint of the run's last step trains nothing more.
 
@@ -145,10 +165,7 @@ class ResumeFinishedRun:
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         if resume_from_checkpoint is True:  # the last complete checkpoint (interrupted saves skipped)
-            resume_from_checkpoint = last_checkpoint(self.args.output_dir, outer_files=())
-            if resume_from_checkpoint is None:
-                raise CheckpointError(f"resume_from_checkpoint=True, but {self.args.output_dir!r} holds no complete "
-                                      "checkpoint-<step> folder")
+            resume_from_checkpoint = resolve_checkpoint(True, self.args.output_dir, outer_files=())
         if isinstance(resume_from_checkpoint, (str, os.PathLike)) and self.args.max_steps > 0:
             from transformers.trainer import TRAINER_STATE_NAME
 

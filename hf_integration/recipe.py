@@ -16,7 +16,6 @@ the model after PEFT wrapping (TRL's ``peft_config=``).
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -27,7 +26,7 @@ from torch import nn
 from .data import add_example_ids, num_example_ids
 from .outer_modules import DataWeights, LoraRegularization, LossWeights, OuterModule
 
-__all__ = ["RECIPES", "TRUSTED_COLUMN", "OUTER_MODULE_KINDS", "apply_recipe", "with_trusted_rows",
+__all__ = ["RECIPES", "TRUSTED_COLUMN", "OUTER_MODULE_KINDS", "apply_recipe", "append_outer_rows",
            "prepare_training_rows", "steps_per_epoch", "build_outer_module", "reads_trusted_rows"]
 
 TRUSTED_COLUMN = "trusted"
@@ -52,26 +51,31 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
+# The fields a recipe sets default to None ("not set"): this is what they are when neither the user nor a recipe
+# set them.
+UNSET_DEFAULTS = {"ihvp_method": "nystrom", "outer_learning_rate": 0.1, "unroll_steps": 10,
+                  "train_on_outer_data": False}
+
+
 def apply_recipe(args: Any) -> None:
-    """Set every field that ``args.recipe`` names and that is still at its class default to the recipe's value
-    (what the user set stays); ``args.recipe=None`` changes nothing."""
-    if args.recipe is None:
-        return
-    if args.recipe not in RECIPES:
+    """Fill every field that ``args.recipe`` names and the user left unset (``None``) with the recipe's value, then
+    the fields still unset with their plain defaults (:data:`UNSET_DEFAULTS`); ``args.recipe=None`` applies only the
+    latter. What the user set stays, even a value equal to a plain default."""
+    if args.recipe is not None and args.recipe not in RECIPES:
         raise ValueError(f"`recipe` must be one of {sorted(RECIPES)} or None, got {args.recipe!r}.")
-    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-                for f in dataclasses.fields(args)
-                if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
-    for name, value in RECIPES[args.recipe].items():
-        if getattr(args, name) == defaults[name]:
+    for name, value in (RECIPES[args.recipe] if args.recipe else {}).items():
+        if getattr(args, name) is None:
             setattr(args, name, copy.deepcopy(value))
+    for name, value in UNSET_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
 
 
 def steps_per_epoch(args: Any, num_rows: int) -> int:
     """Optimizer steps in one epoch of ``num_rows`` training rows, as `Trainer` counts them (every process's batch
     and gradient accumulation)."""
     batches = math.ceil(num_rows / (args.per_device_train_batch_size * max(1, args.world_size)))
-    return max(batches // args.gradient_accumulation_steps, 1)
+    return max(math.ceil(batches / args.gradient_accumulation_steps), 1)
 
 
 def reads_trusted_rows(module: nn.Module | None, kind: str | None) -> bool:
@@ -82,24 +86,26 @@ def reads_trusted_rows(module: nn.Module | None, kind: str | None) -> bool:
     return module is not None and any(hasattr(part, "trusted_column") for part in module.modules())
 
 
-def with_trusted_rows(train: datasets.Dataset, outer: datasets.Dataset, column: str = TRUSTED_COLUMN,
+def append_outer_rows(train: datasets.Dataset, outer: datasets.Dataset, flag_column: str | None = TRUSTED_COLUMN,
                       drop: tuple[str, ...] = ()) -> datasets.Dataset:
     """The training rows followed by the outer rows, on the columns both have (without ``drop``, e.g. example-id
-    columns the outer rows lack), and ``column`` flagging the outer rows (1) and the training rows (0)."""
+    columns the outer rows lack); ``flag_column`` (unless ``None``) flags the outer rows (1) and the training rows
+    (0), the trusted rows of ``train_on_outer_data``."""
     if not isinstance(train, datasets.Dataset) or not isinstance(outer, datasets.Dataset):
-        raise TypeError("train_on_outer_data needs the training and outer data as datasets.Dataset objects, got "
+        raise TypeError("the training and outer data must be datasets.Dataset objects to be joined, got "
                         f"{type(train).__name__} and {type(outer).__name__}.")
-    if column in train.column_names:
-        raise ValueError(f"train_on_outer_data adds the column {column!r}, which the training data already has; "
+    if flag_column is not None and flag_column in train.column_names:
+        raise ValueError(f"train_on_outer_data adds the column {flag_column!r}, which the training data already has; "
                          "rename it.")
     shared = [c for c in train.column_names if c in outer.column_names and c not in drop]
     if not shared:
-        raise ValueError(f"train_on_outer_data: the outer data shares no column with the training data (training: "
-                         f"{train.column_names}; outer: {outer.column_names}).")
+        raise ValueError(f"the outer data shares no column with the training data (training: {train.column_names}; "
+                         f"outer: {outer.column_names}).")
     first = train.select_columns(shared)
-    second = outer.select_columns(shared).cast(first.features)
-    joined = datasets.concatenate_datasets([first, second])
-    return joined.add_column(column, [0] * len(first) + [1] * len(second))
+    joined = datasets.concatenate_datasets([first, outer.select_columns(shared).cast(first.features)])
+    if flag_column is None:
+        return joined
+    return joined.add_column(flag_column, [0] * len(first) + [1] * (len(joined) - len(first)))
 
 
 def _with_ids(train: Any, column: str) -> Any:
@@ -130,7 +136,7 @@ def prepare_training_rows(train: Any, outer: Any, *, module: nn.Module | None, k
     for part in module.modules() if module is not None else ():
         if hasattr(part, "trusted_column") and part.trusted_column is None:
             part.trusted_column = column
-    return train, with_trusted_rows(train, outer, column, drop=tuple(c for c in id_columns if c)), column
+    return train, append_outer_rows(train, outer, column, drop=tuple(c for c in id_columns if c)), column
 
 
 OUTER_MODULE_KINDS = ("data_weights", "loss_weights", "lora_regularization")

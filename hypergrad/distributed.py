@@ -34,6 +34,7 @@ from .utils import ParamsLike, finite_difference_step, one_at_a_time, tree_leave
 __all__ = [
     "DataParallel",
     "is_distributed",
+    "any_process",
     "all_reduce_sum",
     "broadcast_tree",
     "local_shard",
@@ -45,6 +46,14 @@ __all__ = [
 def is_distributed() -> bool:
     """Whether a default process group with more than one process is running."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def any_process(flag: bool, device: Any = None) -> bool:
+    """``flag`` OR-ed over the processes (itself without a process group): one verdict for all, so that no
+    process goes on alone and waits forever for the others."""
+    if not is_distributed():
+        return bool(flag)
+    return bool(all_reduce_sum(torch.tensor(float(flag), device=device)) > 0)
 
 
 def all_reduce_sum(x: Tensor, group: Any = None) -> Tensor:

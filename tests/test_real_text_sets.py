@@ -7,16 +7,14 @@ import json
 import logging
 import os
 import subprocess
-import sys
 from collections import Counter
 
 import pytest
 
-BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
-if BENCHMARKS not in sys.path:
-    sys.path.insert(0, BENCHMARKS)
+from repo_scripts import ROOT, load
 
-import real_text_sets as rts  # noqa: E402
+rts = load("benchmarks/real_text_sets.py")
+BENCHMARKS = str(ROOT / "benchmarks")
 
 SMALL = {"train": 60, "validation": 30, "test": 60}
 

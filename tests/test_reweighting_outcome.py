@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+from repo_scripts import load
 
-import reweighting_outcome  # noqa: E402
+reweighting_outcome = load("benchmarks/reweighting_outcome.py")
 
 
 def _result(auc: float, bilevel: float, uniform: float, train_val: float, loss_filter: float) -> dict:

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+from repo_scripts import load
 
-import scale  # noqa: E402
+scale = load("benchmarks/scale.py")
 
 
 def test_smallest_model_reports_every_phase_and_both_memory_baselines(tmp_path):

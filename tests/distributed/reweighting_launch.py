@@ -1,11 +1,11 @@
-"""Runs an example script unchanged under `accelerate launch` -- `examples/data_reweighting.py`, or the module
-named by ``REWEIGHTING_SCRIPT`` (e.g. ``instruction_data_weights``) -- then gathers every process's learned outer
+"""Runs an example script unchanged under `accelerate launch` -- `examples/data_reweighting.py`, or the script
+named by ``REWEIGHTING_SCRIPT`` (e.g. ``instruction_data_weights``), read from its file -- then gathers every process's learned outer
 parameters (flattened) so that the test can check they agree; rank 0 writes them to ``REWEIGHTING_GATHER_OUT``."""
 
 from __future__ import annotations
 
-import importlib
 import os
+import runpy
 import sys
 
 import torch
@@ -13,10 +13,9 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from torch.nn.utils import parameters_to_vector
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "examples")]
+from hf_integration import BilevelTrainer
 
-from hf_integration import BilevelTrainer  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 trainers: list[BilevelTrainer] = []
 _train = BilevelTrainer.train
@@ -30,8 +29,8 @@ def _capture(self, *args, **kwargs):
 def main() -> None:
     out = os.environ["REWEIGHTING_GATHER_OUT"]
     BilevelTrainer.train = _capture
-    script = importlib.import_module(os.environ.get("REWEIGHTING_SCRIPT", "data_reweighting"))
-    script.main(sys.argv[1:])
+    name = os.environ.get("REWEIGHTING_SCRIPT", "data_reweighting")
+    runpy.run_path(os.path.join(ROOT, "examples", f"{name}.py"))["main"](sys.argv[1:])
     (trainer,) = trainers
     outer_params = parameters_to_vector(trainer.outer_module.parameters()).detach().contiguous()
     gathered = [torch.zeros_like(outer_params) for _ in range(dist.get_world_size())]

@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import argparse
 import os
+import runpy
 import sys
 
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from hf_integration import BilevelTrainer, LoraRegularization
 
-from hf_integration import BilevelTrainer, LoraRegularization  # noqa: E402
-from tests.hf.trainer_utils import bilevel_args, datasets_with_ids, tiny_classifier  # noqa: E402
+# the tests' tiny model and task, read from their file (this worker runs as a script of its own)
+_UTILS = runpy.run_path(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hf",
+                                     "trainer_utils.py"))
+bilevel_args, datasets_with_ids, tiny_classifier = (_UTILS[name] for name in ("bilevel_args", "datasets_with_ids",
+                                                                              "tiny_classifier"))
 
 FIXED_STEP = 3
 

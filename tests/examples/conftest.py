@@ -1,16 +1,9 @@
-"""Fixtures of the example-script tests: offline mode and the examples folder on ``sys.path`` (the tiny BERT
-model folder, ``tiny_model_dir``, is in ``tests/conftest.py``)."""
+"""Fixtures of the example-script tests: offline mode (the tiny BERT model folder, ``tiny_model_dir``, is in
+``tests/conftest.py``; the scripts load from their files with ``repo_scripts.load``)."""
 
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
-
-EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "examples")
-if EXAMPLES not in sys.path:
-    sys.path.insert(0, EXAMPLES)
 
 
 @pytest.fixture(autouse=True)

@@ -10,9 +10,11 @@ from unittest import mock
 import numpy as np
 import pytest
 
-import data_reweighting
 from hf_integration import DataWeights, LossWeights, hub
-from text_classification import InputError
+from hf_integration.runs import InputError
+from repo_scripts import load
+
+data_reweighting = load("examples/data_reweighting.py")
 
 from .script_utils import tiny_run_args, write_csv
 

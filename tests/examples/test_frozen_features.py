@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import DataCollatorWithPadding
 
-from frozen_features import FEATURE_ROW, CachedTrunkClassifier, add_feature_rows, first_trainable_layer
-from text_classification import ModelArguments, build_lora_model, load_tokenizer, tokenize_splits
+from hf_integration.frozen_trunk import FEATURE_ROW, CachedTrunkClassifier, add_feature_rows
+from hf_integration.classification import ModelArguments, build_lora_model, load_tokenizer, tokenize_splits
 
 import datasets
 
@@ -34,7 +34,7 @@ def test_logits_and_gradients_match_the_full_model(setup):
     model, tokenizer, tokenized = setup
     collator = DataCollatorWithPadding(tokenizer)
     cached = CachedTrunkClassifier(model)
-    assert cached.first_layer == first_trainable_layer(model) == 1  # LoRA on the top layer of two
+    assert cached.first_layer == cached._first_trainable_layer() == 1  # LoRA on the top layer of two
     cached.cache_features(tokenized, collator, batch_size=4)
     assert cached.features.shape[0] == 11
     model.eval()  # no dropout: the two forward passes must agree exactly

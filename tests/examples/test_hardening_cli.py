@@ -17,14 +17,17 @@ import pytest
 import torch
 from filelock import FileLock
 
-import data_reweighting
-import peft_regularization
-import push_hyperparameters
-import text_classification
 from hf_integration import BilevelTrainer, DataWeights, hub
 from hf_integration.hub import CheckpointError, HubError
 from hypergrad.outer_step import NonFiniteError
-from text_classification import LOCK_NAME, InputError, RunError
+from hf_integration import classification as text_classification
+from hf_integration import runs
+from hf_integration.runs import LOCK_NAME, InputError, RunError
+from repo_scripts import load
+
+data_reweighting = load("examples/data_reweighting.py")
+peft_regularization = load("examples/peft_regularization.py")
+push_hyperparameters = load("examples/push_hyperparameters.py")
 
 from .script_utils import tiny_run_args, write_csv
 
@@ -42,8 +45,7 @@ ROWS = [(f"a great movie number {i}", "pos") for i in range(12)] + [(f"a dull mo
 @pytest.fixture
 def no_training():
     """Fail the test if a model is built: the errors below must come before any work."""
-    with mock.patch.object(text_classification, "build_lora_model", side_effect=AssertionError("model was built")), \
-            mock.patch.object(data_reweighting, "build_lora_model", side_effect=AssertionError("model was built")), \
+    with mock.patch.object(data_reweighting, "build_lora_model", side_effect=AssertionError("model was built")), \
             mock.patch.object(peft_regularization, "build_lora_model", side_effect=AssertionError("model was built")):
         yield
 
@@ -181,14 +183,14 @@ def test_run_main_exits_1_with_one_line(capsys):
     for error in (InputError("bad --x"), RunError("could not train"), NonFiniteError("nan at step 3"),
                   CheckpointError("cannot resume"), HubError("unreachable")):
         with pytest.raises(SystemExit) as info:
-            text_classification.run_main(mock.Mock(side_effect=error))
+            runs.run_main(mock.Mock(side_effect=error))
         assert info.value.code == f"error: {error}"  # sys.exit(str): message on stderr, status 1
     with pytest.raises(KeyError):  # a bug is not disguised as a user error
-        text_classification.run_main(mock.Mock(side_effect=KeyError("bug")))
+        runs.run_main(mock.Mock(side_effect=KeyError("bug")))
 
 
 def test_command_line_exit_status_and_message(tmp_path):
-    script = os.path.join(os.path.dirname(text_classification.__file__), "data_reweighting.py")
+    script = data_reweighting.__file__
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, script, "--output_dir", str(tmp_path / "o"), "--max_steps", "0"],
                           capture_output=True, text=True, env=env, timeout=300)
@@ -420,7 +422,7 @@ def test_the_command_line_turns_a_failed_write_into_one_line(tmp_path):
         raise OSError(28, "No space left on device", str(tmp_path / "checkpoint-4"))
 
     with pytest.raises(SystemExit) as info:
-        text_classification.run_main(fail)
+        runs.run_main(fail)
     assert str(info.value.code).startswith("error: No space left on device: ") and "\n" not in str(info.value.code)
 
 
@@ -449,9 +451,9 @@ def test_a_hanging_hub_is_one_line_in_seconds(fake_hub, monkeypatch, tmp_path, s
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     monkeypatch.setattr(constants, "HF_HUB_ETAG_TIMEOUT", 1)  # a 2 s deadline
     monkeypatch.setattr(constants, "HF_HUB_DOWNLOAD_TIMEOUT", 1)
-    text_classification._REACHED.clear()
+    runs._REACHED.clear()
     start = time.monotonic()
-    with mock.patch.object(text_classification, "build_lora_model", side_effect=AssertionError("model was built")), \
+    with mock.patch.object(data_reweighting, "build_lora_model", side_effect=AssertionError("model was built")), \
             pytest.raises(InputError, match=rf"reaching {what} at http://127.0.0.1:\d+ did not finish within 2 s") as info:
         script.main(["--output_dir", str(tmp_path / "out"), *extra])
     assert time.monotonic() - start < 30 and "\n" not in str(info.value)
@@ -486,7 +488,7 @@ def test_scheduling_a_huge_run_takes_no_time(tmp_path):
 
     args = BilevelTrainingArguments(output_dir=str(tmp_path), max_steps=10**11, unroll_steps=10, use_cpu=True)
     start = time.monotonic()
-    assert text_classification.scheduled_outer_steps(args, 1000) == (10**11 - 1) // 10
+    assert runs.scheduled_outer_steps(args, 1000) == (10**11 - 1) // 10
     assert time.monotonic() - start < 1
 
 

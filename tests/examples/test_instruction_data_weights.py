@@ -15,13 +15,16 @@ import numpy as np
 import pytest
 import torch
 
-import instruction_data_weights as script
-from frozen_decoder import CachedTrunkCausalLM, ResponseCollator, add_feature_rows
+from hf_integration.frozen_trunk import CachedTrunkCausalLM, ResponseCollator, add_feature_rows
 from hf_integration import LossWeights, hub
 from hf_integration import weights_dataset
 from hf_integration.losses import per_example_loss
-from instruction_data import CORRUPTIONS, make_instruction_splits
-from text_classification import InputError
+from hf_integration.demo.instructions import CORRUPTIONS, make_instruction_splits
+from hf_integration.instruction import encode_conversation
+from hf_integration.runs import InputError
+from repo_scripts import load
+
+script = load("examples/instruction_data_weights.py")
 
 def tiny_args(model_dir: str, output_dir, *extra: str) -> list[str]:
     """A few-second run: 24 training examples, 4 inner steps, outer steps after the 3rd and the 4th."""
@@ -111,7 +114,6 @@ def test_end_to_end_on_cuda(tiny_chat_dir, tmp_path, weighting):
     assert 0.0 <= metrics["auc_low_weight_vs_corrupted"] <= 1.0
 
 
-@pytest.mark.skipif("source+per_example" not in script.WEIGHTINGS, reason="hf_integration lacks SourceWeights")
 def test_source_times_per_example_weights(tiny_chat_dir, tmp_path):
     """--weighting source+per_example: each example's weight is its source's weight times its own."""
     import datasets
@@ -131,15 +133,6 @@ def test_source_times_per_example_weights(tiny_chat_dir, tmp_path):
 
 
 # ------------------------------------------------------------------------- pieces
-def test_trusted_share_is_found_inside_combined_weights():
-    from hf_integration import CombinedWeights, DataWeights, SourceWeights
-
-    share = LossWeights(trusted_column="trusted", trusted_share="uniform")
-    assert script.trusted_share_of(share) == "uniform"
-    assert script.trusted_share_of(CombinedWeights([SourceWeights(["a", "b"]), share])) == "uniform"
-    assert script.trusted_share_of(CombinedWeights([SourceWeights(["a", "b"]), DataWeights(4)])) is None
-
-
 def test_generated_data_is_deterministic_and_corrupted_as_described():
     a = make_instruction_splits(40, 10, 10, noise_rate=0.3, seed=3)
     b = make_instruction_splits(40, 10, 10, noise_rate=0.3, seed=3)
@@ -160,7 +153,7 @@ def test_generated_data_is_deterministic_and_corrupted_as_described():
 def test_prompt_tokens_are_masked_by_hand(chat_tokenizer):
     tokenizer = chat_tokenizer
     messages = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5"}]
-    encoded = script.encode_conversation(tokenizer, messages, max_length=512)
+    encoded = encode_conversation(tokenizer, messages, max_length=512)
     prompt = "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n"
     prompt_length = 1 + len("user\nWhat is 2 + 3?") + 1 + 1 + 1 + len("assistant\n")  # specials count as one
     assert tokenizer.decode(encoded["input_ids"][:prompt_length]) == prompt
@@ -169,7 +162,7 @@ def test_prompt_tokens_are_masked_by_hand(chat_tokenizer):
     assert response == encoded["input_ids"][prompt_length:]
     assert tokenizer.convert_ids_to_tokens(response) == ["5", "<|im_end|>", "\n"]
     # truncation keeps the prompt's mask
-    short = script.encode_conversation(tokenizer, messages, max_length=prompt_length + 1)
+    short = encode_conversation(tokenizer, messages, max_length=prompt_length + 1)
     assert short["labels"] == [-100] * prompt_length + [response[0]]
 
 

@@ -8,9 +8,11 @@ from unittest import mock
 
 import pytest
 
-import peft_regularization
 from hf_integration import LoraRegularization, hub
-from text_classification import InputError
+from hf_integration.runs import InputError
+from repo_scripts import load
+
+peft_regularization = load("examples/peft_regularization.py")
 
 from .script_utils import tiny_run_args
 

@@ -8,8 +8,10 @@ from unittest import mock
 import pytest
 import torch
 
-import push_hyperparameters
 from hf_integration import DataWeights, LoraRegularization, hub
+from repo_scripts import load
+
+push_hyperparameters = load("examples/push_hyperparameters.py")
 
 
 def _patched_upload(captured: dict):

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-import smollm2
+from hf_integration import embedded_models as smollm2
 
 
 def test_missing_package_error(monkeypatch, tmp_path):

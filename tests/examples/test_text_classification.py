@@ -7,8 +7,9 @@ import datasets
 import numpy as np
 import pytest
 
-from synthetic_sentiment import NEGATIVE_WORDS, POSITIVE_WORDS, make_splits
-from text_classification import DataArguments, InputError, flip_labels, load_splits
+from hf_integration.demo.sentiment import NEGATIVE_WORDS, POSITIVE_WORDS, make_splits
+from hf_integration.classification import DataArguments, flip_labels, load_splits
+from hf_integration.runs import InputError
 
 from .script_utils import write_csv
 

