@@ -99,7 +99,7 @@ def __getattr__(name: str):
         except ModuleNotFoundError as err:
             if err.name != "trl" and not (err.name or "").startswith("trl."):
                 raise
-            raise ModuleNotFoundError(f"hf_integration.{name} needs TRL: pip install 'hypergrad[trl]'.",
+            raise ModuleNotFoundError(f"hf_integration.{name} needs TRL: pip install 'hypergrad-bilevel[trl]'.",
                                       name=err.name) from err
         return getattr(sft, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

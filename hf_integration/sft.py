@@ -7,7 +7,7 @@ the example's tokens whose label is not ``-100`` (TRL labels a prompt's tokens `
 parameters are learned on ``eval_dataset`` by implicit differentiation. From ``SFTTrainer``,
 change the two class names and pass ``outer_module``.
 
-Needs the optional dependency TRL (``pip install "hypergrad[trl]"``); ``import hf_integration`` does not
+Needs the optional dependency TRL (``pip install "hypergrad-bilevel[trl]"``); ``import hf_integration`` does not
 import it.
 """
 

@@ -57,6 +57,9 @@ TINY = {
                                                       "20", "--eval-inits", "1"],
     "benchmarks/real_text_sets.py": lambda tiny: ["--train", "40", "--validation", "20", "--test", "20"],
     "benchmarks/ihvp_accuracy.py": lambda tiny: ["--quick", "--out", "ihvp_accuracy.json"],
+    "benchmarks/own_script_vs_example.py": lambda tiny: [
+        "--sets", "scipy_docs", "--noise", "symmetric:0.3", "--seeds", "0", "--model", tiny["bert"], "--sizes", "40",
+        "20", "20", "--out", "own_script_vs_example", "--extra_args", *_tiny_classification(tiny)],
     "benchmarks/reweighting_outcome.py": lambda tiny: [
         "--sets", "embedded", "scipy_docs", "--noise", "symmetric:0.3", "--seeds", "0", "--output_dir", "outcome",
         "--extra_args", *_tiny_classification(tiny), "--loss_filter_epochs", "0.2"],

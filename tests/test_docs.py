@@ -1,0 +1,32 @@
+"""The front door: a README short enough to read, every docs page reachable from it, and no link that leaves the
+repository (a moved or renamed file breaks this test, not a reader's click)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", ROOT / "benchmarks" / "README.md",
+         *sorted((ROOT / "docs").glob("*.md"))]
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def test_the_readme_is_a_front_door_not_a_notebook():
+    assert len((ROOT / "README.md").read_text(encoding="utf-8").splitlines()) <= 200
+
+
+def test_every_docs_page_is_linked_from_the_readme():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for page in (ROOT / "docs").glob("*.md"):
+        assert f"](docs/{page.name}" in readme, page.name
+
+
+def test_every_link_stays_in_the_repository_and_resolves():
+    for page in PAGES:
+        for target in LINK.findall(page.read_text(encoding="utf-8")):
+            assert not re.match(r"^[a-z]+:", target), f"{page.name} links outside the repository: {target}"
+            path = target.split("#")[0]
+            if path:  # an anchor of the page itself otherwise
+                resolved = (page.parent / path).resolve()
+                assert resolved.exists() and ROOT in resolved.parents, f"{page.name}: {target} does not resolve"
