@@ -124,8 +124,8 @@ def _experiment(model_args, data_args, exp_args, training_args, run) -> dict[str
     if exp_args.cache_frozen_layers:
         tokenized = add_feature_rows(tokenized)
     train_ds, val_ds, test_ds = tokenized["train"], tokenized["validation"], tokenized.get("test")
-    cache = SharedTrunkCache(CachedTrunkClassifier, tokenized, DataCollatorWithPadding(tokenizer),
-                             training_args.per_device_eval_batch_size, training_args.device)
+    cache = SharedTrunkCache(CachedTrunkClassifier, DataCollatorWithPadding(tokenizer),
+                             training_args.per_device_eval_batch_size, training_args.device, splits=tokenized)
 
     def build_model() -> torch.nn.Module:
         model = build_lora_model(model_args, splits.label_names, training_args.seed, tokenizer=tokenizer)

@@ -43,15 +43,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from hf_integration import BilevelTrainer, BilevelTrainingArguments, CombinedWeights, SourceWeights, add_example_ids
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+from hf_integration import CombinedWeights, SourceWeights, add_example_ids
 from hf_integration.classification import check_cache_options, check_sequence_length
+from hf_integration.collators import ResponseCollator
 from hf_integration.data import add_source_ids
 from hf_integration.data_files import check_batch_sizes
 from hf_integration.experiment import WEIGHTINGS, WeightingArguments, filter_fraction
-from hf_integration.frozen_trunk import CachedTrunkCausalLM, ResponseCollator, SharedTrunkCache, add_feature_rows
+from hf_integration.frozen_trunk import FEATURE_ROW, CachedTrunkCausalLM, SharedTrunkCache, add_feature_rows
 from hf_integration.hub import HubError
 from hf_integration.instruction import (InstructionDataArguments, LMModelArguments, build_lora_lm, evaluate_lm,
-                                        load_base_model, load_instruction_splits, tokenize_instruction_splits)
+                                        load_base_model, load_instruction_splits, to_prompt_completion)
 from hf_integration.recipe import TRUSTED_COLUMN, build_outer_module, steps_per_epoch
 from hf_integration.reporting import auc_by_kind, plot_weights, print_summary, ranking_figures, weights_auc
 from hf_integration.rivals import train_rival
@@ -59,17 +62,22 @@ from hf_integration.runs import (InputError, OutputWriter, RunArguments, agree, 
                                  parse_arguments, push_outputs, resume_point, run_main, scheduled_outer_steps,
                                  start_run, write_json)
 from hf_integration.serialization import atomic_write_text
+from hf_integration.sft import BilevelSFTConfig, BilevelSFTTrainer, check_rows_kept
 from hf_integration.trainer import NonFiniteGuard
 from hf_integration.weights_dataset import (check_weights_repo, push_weights_dataset, render_weights_card,
                                             save_weights_dataset)
 
 RIVAL_LABELS = {"uniform": "uniform weights (plain SFT)", "loss_filter": "loss filter (initial model)",
                 "uniform_train_val": "uniform on train + validation"}
+# transformers 5 renamed gradient_checkpointing (TRL still sets the old name, an alias)
+CHECKPOINTING = ("activation_checkpointing" if "activation_checkpointing" in BilevelSFTConfig.__dataclass_fields__
+                 else "gradient_checkpointing")
 # The demo's settings (bilevel + three rivals in < 10 minutes on a 2-core CPU, see docs/).
 DEMO_DEFAULTS: dict[str, Any] = {
     "output_dir": "outputs/instruction_data_weights", "recipe": "sft_data_weighting", "lora_layers": [-2, -1],
     "lora_target_modules": ["q_proj", "v_proj"], "hvp_mode": "rev_rev", "max_steps": -1, "num_train_epochs": 9,
     "learning_rate": 1e-2, "warmup_steps": 5, "per_device_train_batch_size": 16, "per_device_eval_batch_size": 32,
+    "max_length": 128, "bf16": False, CHECKPOINTING: False,  # TRL's SFTConfig defaults: 1024, True, True
     "logging_steps": 25, "save_strategy": "no", "report_to": "none", "seed": 0, "trusted_share": "uniform",
     "baselines": ["uniform", "loss_filter", "uniform_train_val"],
 }
@@ -116,7 +124,7 @@ class ExperimentArguments(WeightingArguments):
 def parse_args(args: list[str] | None = None):
     """Parse the command line (``args=None``: ``sys.argv``) into the five argument dataclasses."""
     return parse_arguments((LMModelArguments, InstructionDataArguments, ExperimentArguments, RunArguments,
-                            BilevelTrainingArguments), DEMO_DEFAULTS, __doc__.split("\n\n")[0], args)
+                            BilevelSFTConfig), DEMO_DEFAULTS, __doc__.split("\n\n")[0], args)
 
 
 def main(args: list[str] | None = None) -> dict[str, Any]:
@@ -157,15 +165,20 @@ def _experiment(model_args, data_args, exp_args, training_args, run) -> dict[str
     exp_args.configure(training_args, init_loss_scale=exp_args.init_loss_scale, warmup_steps=int(round(
         exp_args.loss_warmup_epochs * steps_per_epoch(training_args, inner_rows))))
     base_model, tokenizer = load_base_model(model_args)
-    check_sequence_length(base_model.config, data_args.max_seq_length)
+    check_sequence_length(base_model.config, training_args.max_length, "--max_length")
     raw = {"train": train_raw, "validation": splits.validation, **({"test": splits.test} if splits.test else {})}
-    tokenized = tokenize_instruction_splits(raw, tokenizer, data_args.max_seq_length)
+    rows = {role: to_prompt_completion(d.select_columns([c for c in ("messages", "example_id", "source_id")
+                                                         if c in d.column_names])) for role, d in raw.items()}
+    # ids after the training rows' for the validation rows, which the inner problem trains on as trusted rows: the
+    # prepared training rows (the rivals' data) keep their ids
+    rows["validation"] = rows["validation"].add_column("example_id", list(range(len(train_raw), len(train_raw) + len(
+        rows["validation"]))))
     if exp_args.cache_frozen_layers:
-        tokenized = add_feature_rows(tokenized)
-    train_ds, val_ds = tokenized["train"], tokenized["validation"]
-    eval_sets = {role: tokenized[role] for role in ("validation", "test") if role in tokenized}
-    collator = ResponseCollator(tokenizer.pad_token_id, keep=(*ResponseCollator.keep, TRUSTED_COLUMN))
-    cache = SharedTrunkCache(CachedTrunkCausalLM, tokenized, collator, training_args.per_device_eval_batch_size,
+        rows = add_feature_rows(rows)
+    # TRL's collation (padding, -100 on the prompt), the response window of the cached decoder on top
+    collator = ResponseCollator(DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id),
+                                columns=("example_id", "source_id", FEATURE_ROW, TRUSTED_COLUMN))
+    cache = SharedTrunkCache(CachedTrunkCausalLM, collator, training_args.per_device_eval_batch_size,
                              training_args.device, cache=exp_args.cache_frozen_layers)
 
     def build_model() -> CachedTrunkCausalLM:
@@ -173,12 +186,6 @@ def _experiment(model_args, data_args, exp_args, training_args, run) -> dict[str
             return cache(build_lora_lm(base_model, model_args, training_args.seed))
         except ValueError as err:
             raise InputError(str(err)) from err
-
-    def evaluate(model: CachedTrunkCausalLM) -> dict[str, Any]:
-        tic = time.perf_counter()
-        metrics = evaluate_lm(model, tokenizer, eval_sets, raw, collator, training_args.per_device_eval_batch_size,
-                              exp_args.exact_match_splits, exp_args.max_new_tokens)
-        return {**metrics, "eval_time_s": time.perf_counter() - tic}
 
     # ---------------------------------------------------------------- the bilevel run
     module = None
@@ -188,11 +195,25 @@ def _experiment(model_args, data_args, exp_args, training_args, run) -> dict[str
             part = exp_args.weighting.split("+")[1]
             options = {"init_loss_scale": exp_args.init_loss_scale} if part == "loss" else {}
             module = CombinedWeights([module, build_outer_module(WEIGHTINGS[part], options, model=None,
-                                                                 train_dataset=train_ds, trusted_column=None)])
-    with configuring():
-        trainer = BilevelTrainer(model=build_model(), args=training_args, train_dataset=train_ds, eval_dataset=val_ds,
-                                 outer_module=module, dataset_name=data_args.source, data_collator=collator,
-                                 dataset_split=splits.split_names["train"], processing_class=tokenizer)
+                                                                 train_dataset=rows["train"], trusted_column=None)])
+    with configuring():  # TRL renders the chat template, masks the prompt and truncates to --max_length
+        trainer = BilevelSFTTrainer(
+            model=build_model(), args=training_args, train_dataset=rows["train"], outer_dataset=rows["validation"],
+            eval_dataset={role: rows[role] for role in ("validation", "test") if role in rows}, outer_module=module,
+            dataset_name=data_args.source, data_collator=collator, dataset_split=splits.split_names["train"],
+            processing_class=tokenizer)
+        for role, prepared in trainer.eval_dataset.items():
+            check_rows_kept(prepared, len(rows[role]), role, training_args.max_length)
+    eval_sets = dict(trainer.eval_dataset)  # tokenized by TRL, in the rows' order
+    train_ds, val_ds = trainer.train_dataset.select(range(trainer.num_training_rows)), trainer.outer_dataset
+    cache.fill({"train": trainer.train_dataset, **eval_sets})
+
+    def evaluate(model: CachedTrunkCausalLM) -> dict[str, Any]:
+        tic = time.perf_counter()
+        metrics = evaluate_lm(model, tokenizer, eval_sets, raw, collator, training_args.per_device_eval_batch_size,
+                              exp_args.exact_match_splits, exp_args.max_new_tokens)
+        return {**metrics, "eval_time_s": time.perf_counter() - tic}
+
     tic = time.perf_counter()
     trainer.train(resume_from_checkpoint=run.resume)
     bilevel_time = time.perf_counter() - tic
@@ -206,7 +227,7 @@ def _experiment(model_args, data_args, exp_args, training_args, run) -> dict[str
     known = bool(corrupted.any()) and not corrupted.all()
     rivals: dict[str, dict[str, Any]] = {}
     base_args = dataclasses.replace(training_args, max_steps=trainer.state.global_step)
-    rival_train = train_ds.remove_columns([c for c in ("source_id",) if c in train_ds.column_names])
+    rival_train = train_ds.remove_columns([c for c in ("source_id", TRUSTED_COLUMN) if c in train_ds.column_names])
     for name in exp_args.baselines if exp_args.run_baseline else ():
         rival, seconds = train_rival(
             name, build_model, base_args, rival_train, val_ds, filter_fraction=fraction, filter_step=0,

@@ -377,13 +377,16 @@ def build_lora_model(model_args: ModelArguments, label_names: Sequence[str], see
     except ValueError as err:  # no module matches the targets (PEFT's NoMatchingPeftModuleError is a ValueError)
         raise InputError(f"--lora_target_modules {model_args.lora_target_modules}: {error_line(err)}") from err
 
-def check_sequence_length(config: Any, max_seq_length: int) -> None:
-    """Refuse ``--max_seq_length`` beyond the model's learned positions (``max_position_embeddings``): a longer
-    input would fail inside the model, mid-run, on the first long enough example."""
+def check_sequence_length(config: Any, max_seq_length: int | None, argument: str = "--max_seq_length") -> None:
+    """Refuse a sequence length (``argument``; ``None``: no truncation) below 1 or beyond the model's learned
+    positions (``max_position_embeddings``): a longer input would fail inside the model, mid-run, on the first long
+    enough example."""
+    if max_seq_length is not None and max_seq_length < 1:
+        raise InputError(f"{argument} must be >= 1, got {max_seq_length}.")
     positions = getattr(config, "max_position_embeddings", None)
-    if isinstance(positions, int) and max_seq_length > positions:
-        raise InputError(f"--max_seq_length {max_seq_length} exceeds the model's {positions} positions "
-                         f"(max_position_embeddings); use --max_seq_length {positions} or less.")
+    if isinstance(positions, int) and max_seq_length is not None and max_seq_length > positions:
+        raise InputError(f"{argument} {max_seq_length} exceeds the model's {positions} positions "
+                         f"(max_position_embeddings); use {argument} {positions} or less.")
 
 def check_cache_options(cache_frozen_layers: bool, training_args: Any) -> None:
     """Refuse ``--gradient_checkpointing`` with ``--cache_frozen_layers``: the cached trunk runs only the adapted

@@ -50,7 +50,7 @@ def check_source_arguments(data_args: Any) -> None:
     if data_args.noise_rate is not None and not 0.0 <= data_args.noise_rate < 1.0:  # NaN fails too
         raise InputError(f"--noise_rate must be in [0, 1), got {data_args.noise_rate}.")
     for name in ("max_train_samples", "max_eval_samples", "max_seq_length"):
-        value = getattr(data_args, name)
+        value = getattr(data_args, name, None)  # the instruction data has no --max_seq_length (TRL's --max_length)
         if value is not None and value < 1:
             raise InputError(f"--{name} must be >= 1, got {value}.")
     if not 0 <= data_args.dataset_seed < 2**32:

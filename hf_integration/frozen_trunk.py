@@ -16,8 +16,8 @@ tokens. Two wrappers share the one caching loop:
 * :class:`CachedTrunkCausalLM`: Llama-style decoders. Causal attention lets no token see a later one, so the hidden
   states of a right-padded sequence's real tokens do not depend on the padding, and positions are ``0 .. n - 1``
   whatever the batch. It also computes logits only where a response token is predicted (the LM head is the costliest
-  layer of a small model): :class:`ResponseCollator` turns the usual ``labels`` (``-100`` on prompt and padding) into
-  a window, ``labels[b, k]`` the ``k``-th supervised token of example ``b`` and ``response_positions[b, k]`` the
+  layer of a small model): :class:`~hf_integration.collators.ResponseCollator` turns the usual ``labels`` (``-100`` on
+  prompt and padding) into a window, ``labels[b, k]`` the ``k``-th supervised token of example ``b`` and ``response_positions[b, k]`` the
   position ``t - 1`` whose hidden state predicts it, and the wrapper returns logits ``(batch, K, vocab)`` aligned
   with those labels (no shift): the per-example mean of their cross-entropies is the full model's response loss.
 
@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import weakref
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import datasets
@@ -38,10 +38,10 @@ import torch
 from accelerate.utils import send_to_device
 from torch import Tensor, nn
 
-from .losses import IGNORE_INDEX, per_example_loss
+from .losses import per_example_loss
 
 __all__ = ["FEATURE_ROW", "RESPONSE_POSITIONS", "add_feature_rows", "CachedTrunk", "CachedTrunkClassifier",
-           "CachedTrunkCausalLM", "ResponseCollator", "SharedTrunkCache", "CachedTrunkCheckpoints"]
+           "CachedTrunkCausalLM", "SharedTrunkCache", "CachedTrunkCheckpoints"]
 
 FEATURE_ROW = "feature_row"
 RESPONSE_POSITIONS = "response_positions"
@@ -77,6 +77,11 @@ class CachedTrunk(nn.Module):
 
     def _first_trainable_layer(self) -> int:
         raise NotImplementedError
+
+    def add_model_tags(self, tags: list[str] | str) -> None:
+        """The wrapped model's Hub tags (TRL's trainers tag the model they train)."""
+        if hasattr(self.model, "add_model_tags"):
+            self.model.add_model_tags(tags)
 
     def _trunk(self, batch: Mapping[str, Tensor]) -> Tensor:
         """The hidden states entering layer ``first_layer`` for a collated batch."""
@@ -207,7 +212,8 @@ def _causal_mask(config: Any, hidden: Tensor, attention_mask: Tensor | None, pos
     params = _parameter_names(create_causal_mask)
     kwargs: dict[str, Any] = {"config": config, "attention_mask": attention_mask, "position_ids": position_ids,
                               "inputs_embeds" if "inputs_embeds" in params else "input_embeds": hidden}
-    kwargs.update({name: None for name in ("cache", "past_key_values") if name in params})
+    kwargs.update({name: None for name in ("cache", "past_key_values") if name in params}
+                  if "cache" not in params else {"cache": None})  # 5.25 still takes the old name, with a warning
     if "cache_position" in params:
         kwargs["cache_position"] = torch.arange(hidden.shape[1], device=hidden.device)
     return create_causal_mask(**kwargs)
@@ -226,42 +232,9 @@ def _decoder_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return causal, decoder
 
 
-@dataclass
-class ResponseCollator:
-    """Right-pads ``input_ids`` (``attention_mask`` 1 on real tokens) and turns per-token ``labels`` into the
-    compact response window of :class:`CachedTrunkCausalLM` (``labels``, ``response_positions``, both ``(batch, K)``
-    with ``K`` the most supervised tokens of an example of the batch). The ``keep`` integer columns (example and
-    source ids, feature rows) become ``LongTensor``; other columns are dropped."""
-
-    pad_token_id: int
-    keep: Sequence[str] = ("example_id", "source_id", FEATURE_ROW)
-
-    def __call__(self, features: list[Mapping[str, Any]]) -> dict[str, Tensor]:
-        width = max(len(f["input_ids"]) for f in features)
-        batch = len(features)
-        input_ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((batch, width), dtype=torch.long)
-        targets = [[(t, int(y)) for t, y in enumerate(f["labels"]) if y != IGNORE_INDEX and t > 0] for f in features]
-        k = max(1, max(len(t) for t in targets))
-        labels = torch.full((batch, k), IGNORE_INDEX, dtype=torch.long)
-        positions = torch.zeros((batch, k), dtype=torch.long)
-        for b, (feature, target) in enumerate(zip(features, targets)):
-            n = len(feature["input_ids"])
-            input_ids[b, :n] = torch.as_tensor(feature["input_ids"], dtype=torch.long)
-            attention_mask[b, :n] = 1
-            if target:
-                labels[b, : len(target)] = torch.as_tensor([y for _, y in target])
-                positions[b, : len(target)] = torch.as_tensor([t - 1 for t, _ in target])  # t - 1 predicts t
-        out = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-               RESPONSE_POSITIONS: positions}
-        for column in self.keep:
-            if column in features[0]:
-                out[column] = torch.as_tensor([int(f[column]) for f in features], dtype=torch.long)
-        return out
-
-
 class CachedTrunkCausalLM(CachedTrunk):
-    """A causal LM that computes logits on the response window (:class:`ResponseCollator`'s batches), from the
+    """A causal LM that computes logits on the response window (:class:`~hf_integration.collators.ResponseCollator`'s
+    batches), from the
     table of frozen hidden states when ``cache=True`` (``features[r, :n_r]`` is the input of decoder layer
     ``first_layer``); without a cache (``cache=False``, or trainable embeddings) every layer runs. It returns
     ``loss`` (the mean over examples of the per-example response-token mean, the quantity data weights reweight)
@@ -319,27 +292,42 @@ class CachedTrunkCausalLM(CachedTrunk):
 
 class SharedTrunkCache:
     """Wraps every model of a run (the bilevel model and its rivals share one initialisation, hence one frozen
-    trunk) in ``wrapper`` with one feature table, computed by the first model wrapped from ``splits``."""
+    trunk) in ``wrapper`` with one feature table, computed once from tokenized ``splits``: by the first model
+    wrapped when ``splits`` are given here, else by :meth:`fill` (e.g. from the rows a TRL trainer prepared)."""
 
-    def __init__(self, wrapper: type[CachedTrunk], splits: Mapping[str, datasets.Dataset], collator: Any,
-                 batch_size: int, device: Any = None, **options: Any) -> None:
-        self.wrapper, self.splits, self.collator, self.batch_size = wrapper, splits, collator, batch_size
+    def __init__(self, wrapper: type[CachedTrunk], collator: Any, batch_size: int, device: Any = None,
+                 splits: Mapping[str, datasets.Dataset] | None = None, **options: Any) -> None:
+        self.wrapper, self.collator, self.batch_size, self.splits = wrapper, collator, batch_size, splits
         self.device, self.options = device, options
         self.features: Tensor | None = None
         self.seconds = 0.0  # the caching pass
+        self._waiting: weakref.WeakSet[CachedTrunk] = weakref.WeakSet()  # wrapped before the table existed
 
     def __call__(self, model: nn.Module) -> CachedTrunk:
-        import time
-
         cached = self.wrapper(model, **self.options)
         if self.device is not None:
             cached.to(self.device)  # the frozen layers run where the training will (Trainer would move it)
-        if self.features is None:
-            start = time.perf_counter()
-            cached.cache_features(self.splits, self.collator, batch_size=self.batch_size)
-            self.features, self.seconds = cached.features, time.perf_counter() - start
-        cached.features = self.features
+        self._waiting.add(cached)
+        if self.features is None and self.splits is not None:
+            self.fill(self.splits)
+        if self.features is not None:
+            cached.features = self.features
         return cached
+
+    def fill(self, splits: Mapping[str, datasets.Dataset]) -> None:
+        """Compute the table from ``splits`` (their ``feature_row`` columns, :func:`add_feature_rows`) with a model
+        wrapped so far, and give it to every such model."""
+        import time
+
+        models = list(self._waiting)
+        if not models:
+            raise RuntimeError("SharedTrunkCache.fill: no model has been wrapped yet; wrap one first.")
+        start = time.perf_counter()
+        models[0].cache_features(splits, self.collator, batch_size=self.batch_size)
+        self.features, self.seconds = models[0].features, time.perf_counter() - start
+        for model in models:
+            model.features = self.features
+        self._waiting = weakref.WeakSet()
 
 
 # ------------------------------------------------------------------------------------------------- checkpoints

@@ -1,7 +1,8 @@
 """Instruction tuning for a training script: the chat model and data arguments, conversations loaded and checked
-before any work (TRL's conversational or prompt/completion formats), responses corrupted on purpose, prompt
-masking with the tokenizer's chat template, the chat model with its LoRA adapter, and the evaluation (token-mean
-response loss, exact match of greedy answers).
+before any work (TRL's conversational or prompt/completion formats), responses corrupted on purpose, the rows in
+TRL's prompt/completion format (TRL's `SFTTrainer` renders them with the tokenizer's chat template and masks the
+prompt), the chat model with its LoRA adapter, and the evaluation (token-mean response loss, exact match of greedy
+answers).
 
 The data is the embedded generated instruction set (:mod:`hf_integration.demo.instructions`, no download), a Hub
 dataset or json(l) files; the model is SmolLM2-135M-Instruct from a pip package by default
@@ -15,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import datasets
 import numpy as np
 import torch
 from accelerate.utils import send_to_device
@@ -38,13 +40,14 @@ from .demo.instructions import (
 )
 from .embedded_models import HUB_ID as SMOLLM2
 from .embedded_models import load_smollm2
-from .frozen_trunk import FEATURE_ROW, CachedTrunkCausalLM, ResponseCollator
+from .collators import ResponseCollator
+from .frozen_trunk import FEATURE_ROW, CachedTrunkCausalLM
 from .losses import IGNORE_INDEX
 from .runs import InputError, loading
 
 __all__ = ["EMBEDDED_NAME", "EMBEDDED_SIZES", "EMBEDDED_NOISE_RATE", "LMModelArguments", "InstructionDataArguments",
-           "InstructionSplits", "to_messages", "load_instruction_splits", "encode_conversation",
-           "tokenize_instruction_splits", "load_base_model", "build_lora_lm", "response_losses", "greedy_answers",
+           "InstructionSplits", "to_messages", "load_instruction_splits", "to_prompt_completion",
+           "load_base_model", "build_lora_lm", "response_losses", "greedy_answers",
            "evaluate_lm"]
 
 
@@ -127,7 +130,6 @@ class InstructionDataArguments:
         default=None,
         metadata={"help": "Use this many validation (and test) examples (for the embedded data, the number "
                   f"generated, default {EMBEDDED_SIZES['validation']} validation and {EMBEDDED_SIZES['test']} test)."})
-    max_seq_length: int = field(default=128, metadata={"help": "Truncate conversations to this many tokens."})
     dataset_seed: int = field(
         default=0, metadata={"help": "Seed of the embedded data, of the random subsets and of the corruption."})
 
@@ -171,8 +173,6 @@ def _conversation(value: Any, role: str, argument: str, where: str, row: int) ->
 def to_messages(dataset: Any, data_args: InstructionDataArguments, where: str) -> Any:
     """Normalize a split to :data:`hf_integration.demo.instructions.FEATURES`, checking every row: the columns exist, each
     conversation ends with a non-empty assistant message after at least one other message, contents are text."""
-    import datasets
-
     columns = ([("--prompt_column", data_args.prompt_column), ("--completion_column", data_args.completion_column)]
                if data_args.prompt_column is not None else [("--messages_column", data_args.messages_column)])
     for argument, column in columns:
@@ -241,42 +241,14 @@ def load_instruction_splits(data_args: InstructionDataArguments) -> InstructionS
     return InstructionSplits(train=out["train"], validation=out["validation"], test=out.get("test"),
                              split_names={role: where for role, (_, where) in raw.items()})
 
-def _chat_ids(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True)
-    return list(ids["input_ids"] if isinstance(ids, Mapping) else ids)
+def to_prompt_completion(dataset: datasets.Dataset) -> datasets.Dataset:
+    """TRL's conversational prompt/completion format of checked ``messages`` rows: ``prompt`` the messages before
+    the response, ``completion`` the final (assistant) message; the other columns kept. `SFTTrainer` renders both
+    with the tokenizer's chat template (the prompt with the generation prompt, e.g. ``<|im_start|>assistant\\n``)
+    and trains on the completion's tokens only (``completion_only_loss``)."""
+    return dataset.map(lambda row: {"prompt": row["messages"][:-1], "completion": row["messages"][-1:]},
+                       remove_columns=["messages"], desc="Prompt and completion")
 
-def encode_conversation(tokenizer: Any, messages: list[dict[str, str]], max_length: int) -> dict[str, list[int]]:
-    """Token ids of ``messages`` rendered with the tokenizer's chat template, and labels for SFT on the final
-    response: ``labels[t] = input_ids[t]`` for the tokens after the prompt (``messages[:-1]`` with the generation
-    prompt, e.g. ``<|im_start|>assistant\\n``), ``-100`` on the prompt's. Truncated to ``max_length`` tokens.
-    ``ValueError`` when the prompt's rendering is not a prefix of the conversation's (no clean split)."""
-    prompt = _chat_ids(tokenizer, messages[:-1], generation_prompt=True)
-    full = _chat_ids(tokenizer, messages, generation_prompt=False)
-    if full[: len(prompt)] != prompt or len(full) == len(prompt):
-        raise ValueError("the chat template's rendering of the prompt is not a prefix of the whole conversation's")
-    labels = [IGNORE_INDEX] * len(prompt) + full[len(prompt):]
-    return {"input_ids": full[:max_length], "labels": labels[:max_length]}
-
-def tokenize_instruction_splits(splits: Mapping[str, Any], tokenizer: Any, max_length: int,
-                                keep: Sequence[str] = ("example_id", "source_id")) -> dict[str, Any]:
-    """:func:`encode_conversation` of every row (``input_ids``, ``labels``) keeping the ``keep`` columns;
-    :class:`InputError` when truncation leaves an example without a response token."""
-    out = {}
-    for role, dataset in splits.items():
-        try:
-            encoded = dataset.map(lambda row: encode_conversation(tokenizer, row["messages"], max_length),
-                                  remove_columns=[c for c in dataset.column_names if c not in keep],
-                                  desc=f"Tokenizing {role}")
-        except ValueError as err:
-            raise InputError(f"the tokenizer's chat template cannot split the {role} conversations into prompt and "
-                             f"response: {err}.") from err
-        empty = [i for i, labels in enumerate(encoded["labels"]) if all(y == IGNORE_INDEX for y in labels)]
-        if empty:
-            raise InputError(f"--max_seq_length {max_length} leaves {len(empty)} {role} example(s) without a response "
-                             f"token (first: row {empty[0]}, a prompt of {len(encoded[empty[0]]['input_ids'])}+ "
-                             "tokens); raise it.")
-        out[role] = encoded
-    return out
 
 # ==================================================================================================== model
 def load_base_model(model_args: LMModelArguments) -> tuple[torch.nn.Module, Any]:

@@ -13,20 +13,21 @@ import it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import inspect
+from collections.abc import Sequence, Sized
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling, DataCollatorForVisionLanguageModeling
 
 from .arguments import BilevelTrainingArguments
+from .collators import KeepColumnsCollator
 from .outer_modules import OuterModule
 from .trainer import BilevelTrainer, outer_batch_columns
 
-__all__ = ["BilevelSFTConfig", "BilevelSFTTrainer", "KeepColumnsCollator"]
+__all__ = ["BilevelSFTConfig", "BilevelSFTTrainer", "KeepColumnsCollator", "check_rows_kept"]
 
 _TRL_COLLATORS = (DataCollatorForLanguageModeling, DataCollatorForVisionLanguageModeling)
 
@@ -41,33 +42,14 @@ class BilevelSFTConfig(SFTConfig, BilevelTrainingArguments):
     """
 
 
-class KeepColumnsCollator:
-    """Data collator that puts ``columns`` of the examples back into the batch when ``collator`` dropped them.
-
-    Numbers become a tensor of one value per example, anything else a list; a column some example lacks is
-    left out. Other attributes are those of ``collator``.
-    """
-
-    def __init__(self, collator: Callable[[list[dict[str, Any]]], dict[str, Any]], columns: Sequence[str]) -> None:
-        self.collator = collator
-        self.columns = tuple(columns)
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        batch = self.collator(features)
-        for column in self.columns:
-            if column in batch or not features or any(column not in f for f in features):
-                continue
-            values = [f[column] for f in features]
-            try:
-                batch[column] = torch.as_tensor(values)
-            except (TypeError, ValueError, RuntimeError):
-                batch[column] = values
-        return batch
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "collator":  # not yet set (unpickling)
-            raise AttributeError(name)
-        return getattr(self.collator, name)
+def check_rows_kept(prepared: Any, expected: int, role: str, max_length: int | None) -> None:
+    """``ValueError`` when TRL's preparation dropped rows of a ``role`` set: `SFTTrainer` drops an example whose
+    completion starts at or beyond ``max_length`` tokens (nothing left to train on), which would leave it out of
+    training, weighting and evaluation without a word."""
+    if isinstance(prepared, Sized) and len(prepared) != expected:
+        raise ValueError(f"`max_length` {max_length} leaves {expected - len(prepared)} of {expected} {role} example(s) "
+                         "without a completion token (their prompt fills `max_length`): raise `max_length`, or "
+                         "shorten or drop those prompts.")
 
 
 class BilevelSFTTrainer(BilevelTrainer, SFTTrainer):
@@ -84,7 +66,8 @@ class BilevelSFTTrainer(BilevelTrainer, SFTTrainer):
     Raises:
         TypeError: ``args`` is not a :class:`BilevelSFTConfig`.
         ValueError: ``packing`` or ``padding_free`` with an outer module that reads per-example columns (a
-            packed or flattened row mixes examples); ``outer_param_patterns`` with ``peft_config``.
+            packed or flattened row mixes examples); ``outer_param_patterns`` with ``peft_config``; a training or
+            outer example that truncation to ``max_length`` leaves without a completion token (TRL drops it).
     """
 
     def __init__(
@@ -118,5 +101,20 @@ class BilevelSFTTrainer(BilevelTrainer, SFTTrainer):
         super().__init__(model, args, train_dataset, eval_dataset, outer_module=outer_module,
                          outer_param_patterns=outer_param_patterns, dataset_name=dataset_name,
                          dataset_split=dataset_split, **kwargs)
+        outer = eval_dataset if kwargs.get("outer_dataset") is None else kwargs["outer_dataset"]
+        if not args.packing:  # rows are examples: the weights, the ids and num_training_rows count them
+            check_rows_kept(self.train_dataset, len(train_dataset) + (len(outer) if self.trusted_column else 0),
+                            "training", args.max_length)
+            check_rows_kept(self.outer_dataset, len(outer), "outer", args.max_length)
         if self.outer_columns and isinstance(self.data_collator, _TRL_COLLATORS):
             self.data_collator = KeepColumnsCollator(self.data_collator, self.outer_columns)
+
+    def _set_signature_columns_if_needed(self) -> None:
+        """TRL's columns (``input_ids``, ``labels``, ...), the outer module's, and, as `Trainer` keeps them, the
+        model's own inputs: a wrapper such as :class:`~hf_integration.frozen_trunk.CachedTrunkCausalLM` reads
+        ``feature_row``, which TRL's fixed list would drop."""
+        super()._set_signature_columns_if_needed()
+        model = self._unwrapped
+        for name in inspect.signature(model.forward).parameters:
+            if name not in self._signature_columns and name not in ("args", "kwargs"):
+                self._signature_columns.append(name)

@@ -40,7 +40,7 @@ def _tiny_classification(tiny: dict[str, str]) -> list[str]:
 
 def _tiny_instruction(tiny: dict[str, str]) -> list[str]:
     return ["--model_name_or_path", tiny["llama"], "--max_train_samples", "24", "--max_eval_samples", "8",
-            "--max_seq_length", "192", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16",
+            "--max_length", "192", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16",
             "--max_steps", "4", "--unroll_steps", "1", "--outer_patience_steps", "2", "--warmup_steps", "0",
             "--hypergrad_train_batch_size", "8", "--outer_batch_size", "8", "--max_new_tokens", "3",
             "--disable_tqdm", "True", "--use_cpu", "True", "--logging_steps", "100", "--overwrite_output_dir"]

@@ -59,7 +59,7 @@ def test_instruction_data_weights_under_accelerate_launch_with_two_processes(tmp
     out, gathered = tmp_path / "out", tmp_path / "gathered.safetensors"
     result = launch_two_processes("instruction_data_weights", gathered, [
         "--model_name_or_path", tiny_chat_dir, "--output_dir", str(out), "--max_train_samples", "32",
-        "--max_eval_samples", "8", "--max_seq_length", "192", "--per_device_train_batch_size", "4",
+        "--max_eval_samples", "8", "--max_length", "192", "--per_device_train_batch_size", "4",
         "--per_device_eval_batch_size", "8", "--max_steps", "4", "--unroll_steps", "1", "--outer_patience_steps", "2",
         "--warmup_steps", "0", "--hypergrad_train_batch_size", "8", "--outer_batch_size", "8", "--max_new_tokens", "3",
         "--disable_tqdm", "True", "--use_cpu", "True", "--logging_steps", "100", "--report_to", "none"])

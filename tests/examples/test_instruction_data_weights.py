@@ -15,12 +15,15 @@ import numpy as np
 import pytest
 import torch
 
-from hf_integration.frozen_trunk import CachedTrunkCausalLM, ResponseCollator, add_feature_rows
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+from hf_integration.collators import ResponseCollator, response_window
+from hf_integration.frozen_trunk import CachedTrunkCausalLM, add_feature_rows
 from hf_integration import LossWeights, hub
 from hf_integration import weights_dataset
 from hf_integration.losses import per_example_loss
 from hf_integration.demo.instructions import CORRUPTIONS, make_instruction_splits
-from hf_integration.instruction import encode_conversation
+from hf_integration.instruction import to_prompt_completion
 from hf_integration.runs import InputError
 from repo_scripts import load
 
@@ -29,7 +32,7 @@ script = load("examples/instruction_data_weights.py")
 def tiny_args(model_dir: str, output_dir, *extra: str) -> list[str]:
     """A few-second run: 24 training examples, 4 inner steps, outer steps after the 3rd and the 4th."""
     return ["--model_name_or_path", model_dir, "--output_dir", str(output_dir), "--max_train_samples", "24",
-            "--max_eval_samples", "8", "--max_seq_length", "192", "--per_device_train_batch_size", "8",
+            "--max_eval_samples", "8", "--max_length", "192", "--per_device_train_batch_size", "8",
             "--per_device_eval_batch_size", "16", "--max_steps", "4", "--unroll_steps", "1",
             "--outer_patience_steps", "2", "--warmup_steps", "0", "--hypergrad_train_batch_size", "8",
             "--outer_batch_size", "8", "--max_new_tokens", "3", "--disable_tqdm", "True", "--use_cpu", "True",
@@ -150,31 +153,67 @@ def test_generated_data_is_deterministic_and_corrupted_as_described():
     assert len(set(a["train"]["source"])) >= 5
 
 
-def test_prompt_tokens_are_masked_by_hand(chat_tokenizer):
+def _sft_trainer(model_dir, tokenizer, rows, tmp_path, **config):
+    """A BilevelSFTTrainer on ``rows`` (prompt/completion) as the job builds it: TRL prepares the rows."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_integration.sft import BilevelSFTConfig, BilevelSFTTrainer
+
+    args = BilevelSFTConfig(output_dir=str(tmp_path / "sft"), recipe="sft_data_weighting", use_cpu=True, bf16=False,
+                            report_to="none", per_device_train_batch_size=2,
+                            **{"max_length": 512, script.CHECKPOINTING: False, **config})
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    return BilevelSFTTrainer(model=model, args=args, train_dataset=rows, outer_dataset=rows, processing_class=tokenizer)
+
+
+def test_trl_masks_the_prompt_of_the_rows(tiny_chat_dir, chat_tokenizer, tmp_path):
+    """The job's rows (prompt/completion from ``messages``) are rendered with the chat template by TRL, the loss on
+    the response only; truncation that leaves an example without a response token is refused, not dropped."""
+    import datasets
+
     tokenizer = chat_tokenizer
     messages = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5"}]
-    encoded = encode_conversation(tokenizer, messages, max_length=512)
+    rows = to_prompt_completion(datasets.Dataset.from_dict({"messages": [messages] * 2, "source": ["add"] * 2}))
+    assert rows.column_names == ["source", "prompt", "completion"] and rows[0]["completion"] == messages[1:]
+    prepared = _sft_trainer(tiny_chat_dir, tokenizer, rows, tmp_path).train_dataset[0]
     prompt = "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n"
     prompt_length = 1 + len("user\nWhat is 2 + 3?") + 1 + 1 + 1 + len("assistant\n")  # specials count as one
-    assert tokenizer.decode(encoded["input_ids"][:prompt_length]) == prompt
-    assert encoded["labels"][:prompt_length] == [-100] * prompt_length
-    response = encoded["labels"][prompt_length:]
-    assert response == encoded["input_ids"][prompt_length:]
+    assert tokenizer.decode(prepared["input_ids"][:prompt_length]) == prompt
+    assert prepared["labels"][:prompt_length] == [-100] * prompt_length
+    response = prepared["labels"][prompt_length:]
+    assert response == prepared["input_ids"][prompt_length:]
     assert tokenizer.convert_ids_to_tokens(response) == ["5", "<|im_end|>", "\n"]
-    # truncation keeps the prompt's mask
-    short = encode_conversation(tokenizer, messages, max_length=prompt_length + 1)
-    assert short["labels"] == [-100] * prompt_length + [response[0]]
+    with pytest.raises(ValueError, match=r"`max_length` 10 leaves 4 of 4 training example\(s\) without a completion"):
+        _sft_trainer(tiny_chat_dir, tokenizer, rows, tmp_path, max_length=10)
 
 
-def test_response_collator_compacts_the_labels():
-    features = [{"input_ids": [5, 6, 7, 8, 9], "labels": [-100, -100, -100, 8, 9], "example_id": 3},
-                {"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "example_id": 0}]
-    batch = ResponseCollator(pad_token_id=2)(features)
+def test_response_window_compacts_the_labels():
+    labels = torch.tensor([[-100, -100, -100, 8, 9], [-100, 6, 7, -100, -100], [4, -100, -100, -100, -100]])
+    window, positions = response_window(labels)
+    assert window.tolist() == [[8, 9], [6, 7], [-100, -100]]  # the first token is never predicted
+    assert positions.tolist() == [[2, 3], [0, 1], [0, 0]]  # the position before each target
+
+
+def test_response_collator_on_trls_collator():
+    features = [{"input_ids": [5, 6, 7, 8, 9], "labels": [-100, -100, -100, 8, 9], "example_id": 3, "text": "a"},
+                {"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "example_id": 0, "text": "b"}]
+    batch = ResponseCollator(DataCollatorForLanguageModeling(pad_token_id=2))(features)
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9], [5, 6, 7, 2, 2]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
     assert batch["labels"].tolist() == [[8, 9], [6, 7]]
-    assert batch["response_positions"].tolist() == [[2, 3], [0, 1]]  # the position before each target
-    assert batch["example_id"].tolist() == [3, 0]
+    assert batch["response_positions"].tolist() == [[2, 3], [0, 1]]
+    assert batch["example_id"].tolist() == [3, 0] and "text" not in batch
+    left = DataCollatorForLanguageModeling(pad_token_id=2)
+    with pytest.raises(ValueError, match="right-padded"):
+        ResponseCollator(lambda f: {**left(f), "attention_mask": torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 0, 0]])})(
+            features)
+
+
+def _encode(tokenizer, messages):
+    """``input_ids`` of the conversation and ``labels`` -100 on the prompt (what TRL's preparation gives)."""
+    prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True)["input_ids"]
+    full = tokenizer.apply_chat_template(messages, tokenize=True)["input_ids"]
+    return {"input_ids": full, "labels": [-100] * len(prompt) + full[len(prompt):]}
 
 
 @pytest.mark.parametrize("cache", [True, False])
@@ -193,9 +232,10 @@ def test_cached_decoder_matches_the_full_model(tiny_chat_dir, chat_tokenizer, ca
                 param.normal_(0.0, 0.2)
     model.eval()
     raw = make_instruction_splits(6, 3, 0, noise_rate=0.0, seed=1)
-    tokenized = add_feature_rows(script.tokenize_instruction_splits(
-        {"train": raw["train"], "validation": raw["validation"]}, tokenizer, 512))
-    collator = ResponseCollator(tokenizer.pad_token_id)
+    tokenized = add_feature_rows({role: raw[role].map(lambda row: _encode(tokenizer, row["messages"]),
+                                                      remove_columns=raw[role].column_names)
+                                  for role in ("train", "validation")})
+    collator = ResponseCollator(DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id))
     wrapper = CachedTrunkCausalLM(model, cache=cache)
     assert wrapper.first_layer == 1 and wrapper.cache is cache
     wrapper.cache_features(tokenized, collator, batch_size=4)
