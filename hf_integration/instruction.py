@@ -12,6 +12,7 @@ dataset or json(l) files; the model is SmolLM2-135M-Instruct from a pip package 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,13 +41,14 @@ from .demo.instructions import (
 )
 from .embedded_models import HUB_ID as SMOLLM2
 from .embedded_models import load_smollm2
+from .experiment import WEIGHTINGS, WeightingArguments
 from .collators import ResponseCollator
 from .frozen_trunk import FEATURE_ROW, CachedTrunkCausalLM
 from .losses import IGNORE_INDEX
 from .runs import InputError, loading
 
 __all__ = ["EMBEDDED_NAME", "EMBEDDED_SIZES", "EMBEDDED_NOISE_RATE", "LMModelArguments", "InstructionDataArguments",
-           "InstructionSplits", "to_messages", "load_instruction_splits", "to_prompt_completion",
+           "InstructionExperimentArguments", "InstructionSplits", "to_messages", "load_instruction_splits", "to_prompt_completion",
            "load_base_model", "build_lora_lm", "response_losses", "greedy_answers",
            "evaluate_lm"]
 
@@ -147,6 +149,45 @@ class InstructionDataArguments:
     def source(self) -> str:
         """Human-readable name of the data source (recorded in metrics and metadata)."""
         return source_name(self, EMBEDDED_NAME)
+
+@dataclass
+class InstructionExperimentArguments(WeightingArguments):
+    """The instruction job's experiment: what the outer problem learns (``--weighting``, with per-source weights),
+    the rivals (:class:`~hf_integration.experiment.WeightingArguments`), generation for exact match, and what to write."""
+
+    weighting_choices = (*WEIGHTINGS, "source", "source+per_example", "source+loss")
+    weighting: str = field(default="loss", metadata={
+        "help": "What the outer problem learns: 'loss' (LossWeights), 'per_example' (DataWeights), 'source' "
+                "(SourceWeights, one weight per --source_column value), 'source+per_example' or 'source+loss' "
+                "(CombinedWeights, the product).", "choices": weighting_choices})
+    init_loss_scale: float = field(default=1.0, metadata={"help": "--weighting loss: the initial loss_scale (> 0)."})
+    loss_warmup_epochs: float = field(
+        default=0.0, metadata={"help": "--weighting loss: the tilt grows from none to full over this many epochs "
+                                       "(LossWeights' warmup_steps; 0: full tilt from the start)."})
+    exact_match_splits: list[str] = field(
+        default_factory=lambda: ["test"],
+        metadata={"help": "Splits whose greedy answers are scored by exact match ('none': no generation).",
+                  "nargs": "+", "choices": ("validation", "test", "none")})
+    max_new_tokens: int = field(default=32, metadata={"help": "At most this many generated tokens per answer."})
+    export_top_fraction: float | None = field(
+        default=None, metadata={"help": "The top fraction by weight written to top_weighted/ (default: 1 - "
+                                        "--noise_rate when responses are corrupted on purpose, else 0.8)."})
+    push_weights_to_hub: bool = field(default=False, metadata={"help": "Publish the weighted set as a Hub dataset "
+                                                                       "(needs --weights_repo_id; checked first)."})
+    weights_repo_id: str | None = field(default=None, metadata={"help": "Hub dataset repo, 'user/name'."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.export_top_fraction is not None and not 0.0 < self.export_top_fraction <= 1.0:
+            raise InputError(f"--export_top_fraction must be in (0, 1], got {self.export_top_fraction}.")
+        if not (math.isfinite(self.init_loss_scale) and self.init_loss_scale > 0):
+            raise InputError(f"--init_loss_scale must be > 0, got {self.init_loss_scale}.")
+        if not (math.isfinite(self.loss_warmup_epochs) and self.loss_warmup_epochs >= 0):
+            raise InputError(f"--loss_warmup_epochs must be >= 0, got {self.loss_warmup_epochs}.")
+        if self.max_new_tokens < 1:
+            raise InputError(f"--max_new_tokens must be >= 1, got {self.max_new_tokens}.")
+        if self.push_weights_to_hub and not self.weights_repo_id:
+            raise InputError("--push_weights_to_hub needs --weights_repo_id (e.g. 'user/instruction-data-weights').")
 
 # ==================================================================================================== data
 @dataclass

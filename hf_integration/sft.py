@@ -14,6 +14,7 @@ import it.
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Sequence, Sized
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,8 @@ from .outer_modules import OuterModule
 from .trainer import BilevelTrainer, outer_batch_columns
 
 __all__ = ["BilevelSFTConfig", "BilevelSFTTrainer", "KeepColumnsCollator", "check_rows_kept"]
+
+logger = logging.getLogger(__name__)
 
 _TRL_COLLATORS = (DataCollatorForLanguageModeling, DataCollatorForVisionLanguageModeling)
 
@@ -60,7 +63,8 @@ class BilevelSFTTrainer(BilevelTrainer, SFTTrainer):
     ``args`` must be a :class:`BilevelSFTConfig` and ``eval_dataset`` (one dataset, any format TRL accepts)
     is the outer validation set. The columns the outer module reads (``DataWeights.id_column``) survive TRL's
     dataset preparation and are put back into the batches of TRL's collator; a collator you pass yourself
-    must keep them. The training loss is the outer module's combination of per-example losses and
+    must keep them (a :class:`~hf_integration.collators.KeepColumnsCollator`, e.g. ``ResponseCollator``, is told
+    to). The training loss is the outer module's combination of per-example losses and
     ``eval_loss`` their mean (TRL's are token means); TRL's token-accuracy and entropy metrics are not logged.
 
     Raises:
@@ -98,6 +102,13 @@ class BilevelSFTTrainer(BilevelTrainer, SFTTrainer):
                              "wrap and rename: apply `peft.get_peft_model` first and pass the PEFT model.")
         if isinstance(model, str) and outer_param_patterns:
             raise ValueError("`outer_param_patterns` needs the model itself: load it first, then pass it.")
+        weights_examples = args.outer_module in ("data_weights", "loss_weights") or hasattr(outer_module,
+                                                                                           "example_weights")
+        if weights_examples and not args.assistant_only_loss and "messages" in next(iter(train_dataset), {}):
+            logger.warning("The training rows are conversations (`messages`) without `assistant_only_loss`: each "
+                           "example's loss, which the data weights judge, covers the prompt's tokens too. Pass "
+                           "prompt/completion rows (prompt = messages[:-1], completion = messages[-1:]) or set "
+                           "assistant_only_loss=True (a chat template with generation markers).")
         super().__init__(model, args, train_dataset, eval_dataset, outer_module=outer_module,
                          outer_param_patterns=outer_param_patterns, dataset_name=dataset_name,
                          dataset_split=dataset_split, **kwargs)

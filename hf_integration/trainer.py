@@ -45,6 +45,7 @@ from .arguments import BilevelTrainingArguments
 from .losses import per_example_loss
 from .data import dataset_fingerprint_metadata
 from .checkpoints import CheckpointError, ResumeFinishedRun, checkpoint_problem, resolve_checkpoint
+from .collators import KeepColumnsCollator
 from .frozen_trunk import CachedTrunkCheckpoints
 from .hub import error_line
 from .model_card import (outer_params_card_section, render_model_card, render_model_tensors_card,
@@ -296,6 +297,8 @@ class BilevelTrainer(CachedTrunkCheckpoints, ResumeFinishedRun, Trainer):
                 trusted_column=self.trusted_column)
             self.outer_columns = outer_batch_columns(outer_module)
         self._check_outer_columns()
+        if isinstance(self.data_collator, KeepColumnsCollator):  # e.g. a ResponseCollator: it keeps what we read too
+            self.data_collator.columns = tuple(dict.fromkeys((*self.data_collator.columns, *self.outer_columns)))
         self.id_column = getattr(outer_module, "id_column", None)
         if outer_module is not None:
             outer_module.to(self.args.device)

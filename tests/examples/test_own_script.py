@@ -49,3 +49,42 @@ def test_the_script_runs_and_exports_the_weights(tiny_model_dir, tmp_path, monke
     table = datasets.load_from_disk(str(out / "weights"))
     assert len(table) == 48 and {"text", "label", "corrupted", "weight"} <= set(table.column_names)
     np.testing.assert_allclose(table["weight"], scope["weights"], rtol=1e-6)
+
+
+SFT_SCRIPT = ROOT / "examples" / "bilevel_sft_in_your_script.py"
+
+
+def test_the_readme_shows_the_trl_script_verbatim():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = _section(SFT_SCRIPT.read_text(encoding="utf-8"))
+    assert section.strip() in readme
+    assert len(section.strip().splitlines()) <= 30
+
+
+def test_the_trl_script_runs_on_a_messages_column(tiny_chat_dir, tmp_path, monkeypatch):
+    """The TRL script on a few short conversations (the tiny model's tokenizer is one token per character): the
+    recipe's LossWeights trains on the validation rows as trusted rows, weights every training row, and the weights
+    do not collapse to uniform."""
+    from hf_integration.demo import instructions
+
+    make = instructions.make_instruction_splits
+
+    def small(num_train, num_validation, num_test, noise_rate, seed):
+        splits = make(num_train, num_validation, num_test, noise_rate=noise_rate, seed=seed)
+        short = {split: splits[split].filter(lambda row: len(row["messages"][0]["content"]) < 70)
+                 for split in ("train", "validation")}
+        return {"train": short["train"].select(range(32)), "validation": short["validation"].select(range(16))}
+
+    monkeypatch.setattr(instructions, "make_instruction_splits", small)
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", [str(SFT_SCRIPT), str(out), "0", tiny_chat_dir])
+    scope = runpy.run_path(str(SFT_SCRIPT))
+    trainer = scope["trainer"]
+    assert isinstance(trainer.outer_module, LossWeights) and trainer.outer_module.trusted_share == "uniform"
+    assert len(trainer.train_dataset) == 32 + 16 and trainer.num_training_rows == 32
+    assert trainer.outer_step > 0 and scope["weights"].shape == (32,)
+    assert np.ptp(scope["weights"]) > 0  # the loss tilt moved them
+    table = datasets.load_from_disk(str(out / "weights"))
+    assert len(table) == 32 and {"messages", "corrupted", "weight"} <= set(table.column_names)
+    assert (out / "adapter_model.safetensors").is_file()
+    assert LossWeights.from_pretrained(str(out)).metadata["outer_steps"] == str(trainer.outer_step)

@@ -4,6 +4,7 @@ tokenizer with a chat template, both built in code (offline, CPU)."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import random
 
 import pytest
@@ -327,3 +328,16 @@ def test_a_separate_outer_set_is_prepared_by_trl_beside_the_evaluation_sets(tmp_
     assert trainer.train_dataset["example_id"] == list(range(8))  # ids added before TRL's preparation
     trainer.train()
     assert {"eval_dev_loss", "eval_test_loss"} <= set(trainer.evaluate())
+
+
+@pytest.mark.parametrize("assistant_only_loss", [False, True])
+def test_weighting_conversations_whose_loss_covers_the_prompt_warns(tmp_path, tokenizer, caplog, assistant_only_loss):
+    """A `messages` column without assistant_only_loss: every example's loss (what data weights judge) covers its
+    prompt; the trainer says so, and how to make it the response's."""
+    args = _args(tmp_path, recipe="sft_data_weighting", assistant_only_loss=assistant_only_loss)
+    with caplog.at_level(logging.WARNING, logger="hf_integration.sft"):
+        BilevelSFTTrainer(model=_model(tokenizer), args=args, train_dataset=_conversations(8, seed=0),
+                          eval_dataset=_conversations(4, seed=1), processing_class=tokenizer)
+    warned = [r.getMessage() for r in caplog.records if "covers the prompt's tokens" in r.getMessage()]
+    assert len(warned) == (0 if assistant_only_loss else 1)
+    assert not warned or "prompt/completion rows" in warned[0]
