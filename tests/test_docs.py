@@ -30,3 +30,16 @@ def test_every_link_stays_in_the_repository_and_resolves():
             if path:  # an anchor of the page itself otherwise
                 resolved = (page.parent / path).resolve()
                 assert resolved.exists() and ROOT in resolved.parents, f"{page.name}: {target} does not resolve"
+
+
+SCRIPT = re.compile(r"\b((?:examples|benchmarks)/[\w/]+\.py)\b")
+
+
+def test_every_script_a_page_or_docstring_names_exists():
+    """A script renamed or folded into the library leaves no page, docstring or test pointing at it."""
+    texts = [*PAGES, *sorted((ROOT / "hf_integration").rglob("*.py")), *sorted((ROOT / "hypergrad").rglob("*.py")),
+             *sorted((ROOT / "examples").glob("*.py")), *sorted((ROOT / "benchmarks").glob("*.py")),
+             *sorted((ROOT / "tests").rglob("*.py"))]
+    missing = {(text.relative_to(ROOT).as_posix(), name) for text in texts
+               for name in SCRIPT.findall(text.read_text(encoding="utf-8")) if not (ROOT / name).is_file()}
+    assert not missing, sorted(missing)

@@ -1,4 +1,4 @@
-"""`examples/frozen_features.py`: the cached-trunk classifier computes the full model's logits and gradients."""
+"""`hf_integration.frozen_trunk`: the cached-trunk classifier computes the full model's logits and gradients."""
 
 from __future__ import annotations
 

