@@ -24,7 +24,7 @@ import datasets
 from torch import nn
 
 from .data import add_example_ids, num_example_ids
-from .outer_modules import DataWeights, LoraRegularization, LossWeights, OuterModule
+from .outer_modules import DataWeights, ExampleWeighting, LoraRegularization, LossWeights, OuterModule
 
 __all__ = ["RECIPES", "TRUSTED_COLUMN", "OUTER_MODULE_KINDS", "apply_recipe", "append_outer_rows",
            "prepare_training_rows", "steps_per_epoch", "build_outer_module", "reads_trusted_rows"]
@@ -83,7 +83,8 @@ def reads_trusted_rows(module: nn.Module | None, kind: str | None) -> bool:
     ``trusted_column`` attribute (``LossWeights``, or a combination holding one)."""
     if kind is not None:
         return kind == "loss_weights"
-    return module is not None and any(hasattr(part, "trusted_column") for part in module.modules())
+    return module is not None and any(isinstance(part, ExampleWeighting) and part.accepts_trusted_rows
+                                      for part in module.modules())
 
 
 def append_outer_rows(train: datasets.Dataset, outer: datasets.Dataset, flag_column: str | None = TRUSTED_COLUMN,
@@ -120,7 +121,8 @@ def prepare_training_rows(train: Any, outer: Any, *, module: nn.Module | None, k
     """``(training rows, inner data, trusted column)``: the training set with the example ids the outer module
     reads (added where missing, in the rows' current order); the inner problem's data, those rows followed by the
     outer rows flagged trusted when ``train_on_outer_data``; the trusted column (``None`` without trusted rows)."""
-    id_columns = [getattr(part, "id_column", None) for part in (module.modules() if module is not None else ())]
+    id_columns = [part.id_column for part in (module.modules() if module is not None else ())
+                  if isinstance(part, OuterModule)]
     if kind == "data_weights":
         id_columns.append(options.get("id_column", "example_id"))
     for column in (c for c in id_columns if isinstance(c, str) and c):
@@ -131,10 +133,11 @@ def prepare_training_rows(train: Any, outer: Any, *, module: nn.Module | None, k
         what = kind or type(module).__name__
         raise ValueError(f"train_on_outer_data needs an outer module that leaves trusted rows out of its weighting "
                          f"(loss_weights); {what} would weight the outer rows too and fit the set it is scored on.")
-    column = next((part.trusted_column for part in (module.modules() if module is not None else ())
-                   if getattr(part, "trusted_column", None)), None) or TRUSTED_COLUMN
-    for part in module.modules() if module is not None else ():
-        if hasattr(part, "trusted_column") and part.trusted_column is None:
+    readers = [part for part in (module.modules() if module is not None else ())
+               if isinstance(part, ExampleWeighting) and part.accepts_trusted_rows]
+    column = next((part.trusted_column for part in readers if part.trusted_column), None) or TRUSTED_COLUMN
+    for part in readers:
+        if part.trusted_column is None:
             part.trusted_column = column
     return train, append_outer_rows(train, outer, column, drop=tuple(c for c in id_columns if c)), column
 

@@ -25,7 +25,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling, DataCollato
 
 from .arguments import BilevelTrainingArguments
 from .collators import KeepColumnsCollator
-from .outer_modules import OuterModule
+from .outer_modules import ExampleWeighting, OuterModule
 from .trainer import BilevelTrainer, outer_batch_columns
 
 __all__ = ["BilevelSFTConfig", "BilevelSFTTrainer", "KeepColumnsCollator", "check_rows_kept"]
@@ -102,8 +102,8 @@ class BilevelSFTTrainer(BilevelTrainer, SFTTrainer):
                              "wrap and rename: apply `peft.get_peft_model` first and pass the PEFT model.")
         if isinstance(model, str) and outer_param_patterns:
             raise ValueError("`outer_param_patterns` needs the model itself: load it first, then pass it.")
-        weights_examples = args.outer_module in ("data_weights", "loss_weights") or hasattr(outer_module,
-                                                                                           "example_weights")
+        weights_examples = args.outer_module in ("data_weights", "loss_weights") or isinstance(outer_module,
+                                                                                               ExampleWeighting)
         if weights_examples and not args.assistant_only_loss and "messages" in next(iter(train_dataset), {}):
             logger.warning("The training rows are conversations (`messages`) without `assistant_only_loss`: each "
                            "example's loss, which the data weights judge, covers the prompt's tokens too. Pass "

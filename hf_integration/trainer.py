@@ -53,7 +53,7 @@ from .model_card import (outer_params_card_section, render_model_card, render_mo
 from .optimizer_state import load_optimizer_state, save_optimizer_state
 from .serialization import (DATA_METADATA_KEYS, MODEL_CARD_NAME, OUTER_OPTIMIZER_NAME, OUTER_PARAMS_NAME,
                             atomic_write_text, hub_model_id, public_name)
-from .outer_modules import OuterModule
+from .outer_modules import DataWeights, ExampleWeighting, OuterModule
 from .recipe import build_outer_module, prepare_training_rows, steps_per_epoch
 from .weights_dataset import push_weights_dataset, render_weights_card, save_weights_dataset
 from .weights_out import example_weights, weight_spread, weighted_dataset, weights_report
@@ -82,26 +82,9 @@ class _OuterStepCallback(TrainerCallback):
         return control
 
 
-def outer_batch_columns(module: nn.Module | None) -> list[str]:
-    """The batch columns an outer module reads besides the model's inputs: its ``id_column``, ``id_columns``,
-    ``source_column`` and ``trusted_column`` attributes and those of its ``parts`` (a combined module), in order,
-    without repeats."""
-    found: list[str] = []
-
-    def visit(part) -> None:
-        columns = getattr(part, "id_columns", None)
-        columns = [columns] if isinstance(columns, str) else list(columns or ())
-        columns += [getattr(part, name, None) for name in ("id_column", "source_column", "trusted_column")]
-        for column in columns:
-            if isinstance(column, str) and column and column not in found:
-                found.append(column)
-        parts = getattr(part, "parts", None) or ()
-        for child in (parts.values() if hasattr(parts, "values") else parts):
-            visit(child)
-
-    if module is not None:
-        visit(module)
-    return found
+def outer_batch_columns(module: OuterModule | None) -> list[str]:
+    """The batch columns an outer module reads besides the model's inputs (:meth:`OuterModule.batch_columns`)."""
+    return [] if module is None else list(module.batch_columns())
 
 
 class NonFiniteGuard(TrainerCallback):
@@ -299,7 +282,7 @@ class BilevelTrainer(CachedTrunkCheckpoints, ResumeFinishedRun, Trainer):
         self._check_outer_columns()
         if isinstance(self.data_collator, KeepColumnsCollator):  # e.g. a ResponseCollator: it keeps what we read too
             self.data_collator.columns = tuple(dict.fromkeys((*self.data_collator.columns, *self.outer_columns)))
-        self.id_column = getattr(outer_module, "id_column", None)
+        self.id_column = outer_module.id_column if outer_module is not None else None
         if outer_module is not None:
             outer_module.to(self.args.device)
         if args.outer_patience_epochs is not None and args.outer_patience_steps == 0:
@@ -308,7 +291,7 @@ class BilevelTrainer(CachedTrunkCheckpoints, ResumeFinishedRun, Trainer):
         self.inner_param_names = [n for n, p in self._unwrapped.named_parameters() if p.requires_grad]
         if not self.inner_param_names:
             raise ValueError("The model has no trainable (inner) parameters left: nothing to fine-tune.")
-        if getattr(outer_module, "stops_gradients", False) and args.hvp_mode == "finite_diff" and not self.is_fsdp_enabled:
+        if outer_module is not None and outer_module.stops_gradients and args.hvp_mode == "finite_diff" and not self.is_fsdp_enabled:
             raise ValueError(f"hvp_mode='finite_diff' cannot differentiate the objective of {type(outer_module).__name__}: "
                              "it holds a stop-gradient, which finite differences of gradients differentiate too. Use "
                              "hvp_mode='auto', 'rev_rev' or 'fwd_rev'.")
@@ -357,8 +340,9 @@ class BilevelTrainer(CachedTrunkCheckpoints, ResumeFinishedRun, Trainer):
         if outer_module is not None:
             if args.outer_module is not None:
                 raise ValueError(f"pass `outer_module` or set `args.outer_module` ({args.outer_module!r}), not both.")
-            if not isinstance(outer_module, nn.Module):
-                raise TypeError(f"`outer_module` must be an nn.Module (an OuterModule), got {type(outer_module).__name__}.")
+            if not isinstance(outer_module, OuterModule):
+                raise TypeError(f"`outer_module` must be an OuterModule (hf_integration.outer_modules: the contract the "
+                                f"trainer asks it through), got {type(outer_module).__name__}.")
             if not any(True for _ in outer_module.parameters()):
                 raise ValueError("`outer_module` has no parameters: there is nothing to learn.")
         for pattern in patterns or ():
@@ -367,7 +351,7 @@ class BilevelTrainer(CachedTrunkCheckpoints, ResumeFinishedRun, Trainer):
     def _check_outer_columns(self) -> None:
         """Every column the outer module reads is a column of the training data."""
         names = getattr(self.train_dataset, "column_names", None)  # None for a dataset of unknown features
-        id_column = getattr(self.outer_module, "id_column", None)
+        id_column = self.outer_module.id_column if self.outer_module is not None else None
         for column in self.outer_columns:
             if names is None or column in names:
                 continue
@@ -398,7 +382,7 @@ class BilevelTrainer(CachedTrunkCheckpoints, ResumeFinishedRun, Trainer):
             return  # another dataset's ids are checked batch by batch
         ids = self.train_dataset[self.id_column]
         for part in self.outer_module.modules():
-            if getattr(part, "kind", None) != "data_weights":
+            if not isinstance(part, DataWeights):
                 continue
             values, first, counts = np.unique(np.asarray(self.train_dataset[part.id_column]), return_index=True,
                                               return_counts=True)
@@ -410,7 +394,7 @@ class BilevelTrainer(CachedTrunkCheckpoints, ResumeFinishedRun, Trainer):
                     f"id of another row (id {values[i]} is shared by {counts[i]} rows, the first at row {first[i]}): "
                     "per-example weights need one id per example. Add them with "
                     "`hf_integration.add_example_ids(dataset)` before shuffling, filtering or concatenating.")
-        num = getattr(self.outer_module, "num_examples", None)
+        num = self.outer_module.num_examples if isinstance(self.outer_module, DataWeights) else None
         if num is not None and len(ids) and max(ids) >= num:
             raise ValueError(
                 f"`train_dataset` has example id {max(ids)} in column {self.id_column!r} but the outer module "
@@ -528,7 +512,7 @@ class BilevelTrainer(CachedTrunkCheckpoints, ResumeFinishedRun, Trainer):
         return super().training_step(model, inputs, num_items_in_batch)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        if self.outer_module is not None and hasattr(self.outer_module, "set_inner_step"):
+        if self.outer_module is not None:
             self.outer_module.set_inner_step(self.state.global_step)  # schedules, e.g. LossWeights' warm-up
         loss = self.inner_update(model, inputs, num_items_in_batch)
         self.nonfinite_guard.note_loss(loss)
@@ -573,7 +557,7 @@ class BilevelTrainer(CachedTrunkCheckpoints, ResumeFinishedRun, Trainer):
     def _batch_weight_spread(self, outputs: Any, batch: Mapping[str, Any]) -> float | None:
         """std/mean of the outer module's weights of the batch's training rows (trusted rows aside), from the model
         outputs at hand (no extra forward pass); ``None`` for a module that weights no examples."""
-        if not hasattr(self.outer_module, "example_weights"):
+        if not isinstance(self.outer_module, ExampleWeighting):
             return None
         losses = per_example_loss(outputs["logits"], batch["labels"], self._causal_lm)
         weights = self.outer_module.example_weights(losses, batch)
@@ -755,7 +739,7 @@ class BilevelTrainer(CachedTrunkCheckpoints, ResumeFinishedRun, Trainer):
         }
         if result.applied and self._weight_spread is not None:
             metrics["outer/weight_spread"] = self._weight_spread
-        if self.outer_module is not None and hasattr(self.outer_module, "summary_stats"):
+        if self.outer_module is not None:
             metrics.update({f"outer/{k}": float(v) for k, v in self.outer_module.summary_stats().items()})
         self.__dict__.setdefault("_outer_logs", []).append(metrics)  # logged with the next training log
         return metrics
@@ -771,7 +755,7 @@ class BilevelTrainer(CachedTrunkCheckpoints, ResumeFinishedRun, Trainer):
         if self._hvp_mode_checked:
             return self.hvp_mode
         requested = self.args.hvp_mode
-        exact_only = bool(getattr(self.outer_module, "stops_gradients", False))
+        exact_only = self.outer_module is not None and self.outer_module.stops_gradients
         if self.is_fsdp_enabled and exact_only and self.args.ihvp_method != "identity":
             raise ValueError(f"{type(self.outer_module).__name__} needs exact Hessian-vector products, which FSDP-sharded "
                              "parameters cannot run; use ihvp_method='identity' (no products) under FSDP.")

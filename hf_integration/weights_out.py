@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .losses import per_example_loss
+from .outer_modules import DataWeights, ExampleWeighting
 
 __all__ = ["NEARLY_UNIFORM_SPREAD", "example_weights", "weighted_dataset", "weight_spread", "weights_report"]
 
@@ -40,7 +41,7 @@ def example_weights(trainer: Any, dataset: Any = None) -> np.ndarray:
     loss-based ones at the losses of the trained model in evaluation mode. ``dataset`` must be prepared as the
     trainer's training data is (tokenized, with the columns the outer module reads)."""
     module = trainer.outer_module
-    if not hasattr(module, "example_weights"):
+    if not isinstance(module, ExampleWeighting):
         raise TypeError(f"{type(module).__name__ if module is not None else 'No outer module'} weights no examples: "
                         "example weights need a data-weighting module (DataWeights, LossWeights, SourceWeights, ...).")
     data = trainer.train_dataset.select(range(trainer.num_training_rows)) if dataset is None else dataset
@@ -89,7 +90,7 @@ def weights_report(module: nn.Module | None, spread: float | None) -> list[str]:
                      "steps later (outer_patience_epochs), raise outer_learning_rate, or train on the outer data as "
                      "trusted rows (train_on_outer_data).")
     for part in module.modules() if module is not None else ():
-        if getattr(part, "kind", None) == "data_weights":
+        if isinstance(part, DataWeights):
             still = int((part.logits.detach() == part.init).sum())
             if still:
                 lines.append(f"{still} of {part.num_examples} example weights never moved (their examples were in no "

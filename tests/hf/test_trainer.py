@@ -20,7 +20,7 @@ from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import default_data_collator
 
-from hf_integration import (BilevelTrainer, CombinedWeights, DataWeights, LoraRegularization, LossWeights,
+from hf_integration import (BilevelTrainer, CombinedWeights, DataWeights, LoraRegularization, LossWeights, OuterModule,
                             SourceWeights, dataset_fingerprint_metadata)
 from hf_integration.trainer import outer_batch_columns
 from hypergrad import approx_hypergrad
@@ -412,9 +412,16 @@ def test_bad_inputs_raise_before_training(tmp_path):
                        outer_module=DataWeights(10))
     with pytest.raises(ValueError, match="eval_dataset"):
         BilevelTrainer(model=tiny_classifier(), args=args, train_dataset=train, outer_module=DataWeights(32))
+    with pytest.raises(TypeError, match="must be an OuterModule"):
+        BilevelTrainer(model=tiny_classifier(), args=args, train_dataset=train, eval_dataset=val,
+                       outer_module=nn.Linear(2, 2))
+
+    class Empty(OuterModule):
+        pass
+
     with pytest.raises(ValueError, match="no parameters"):
         BilevelTrainer(model=tiny_classifier(), args=args, train_dataset=train, eval_dataset=val,
-                       outer_module=nn.Module())
+                       outer_module=Empty())
     with pytest.raises(ValueError, match="No outer parameters"):
         BilevelTrainer(model=tiny_classifier(), args=args, train_dataset=train, eval_dataset=val)
     with pytest.raises(ValueError, match="match no trainable"):
@@ -483,15 +490,11 @@ def test_explicit_hvp_mode_reports_a_missing_id_column_before_training(tmp_path)
 
 
 def test_outer_batch_columns_of_a_module_and_its_parts():
-    class Source(nn.Module):
-        source_column = "source"
-
-    class Combined(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.parts = nn.ModuleList([DataWeights(3), Source(), DataWeights(3)])
-
-    assert outer_batch_columns(Combined()) == ["example_id", "source"]
+    """The trainer asks the module (OuterModule.batch_columns), a combined one answering for its parts."""
+    assert outer_batch_columns(CombinedWeights([DataWeights(3), SourceWeights(["a", "b"]), DataWeights(3)])) == [
+        "example_id", "source_id"]
+    assert outer_batch_columns(CombinedWeights([SourceWeights(["a", "b"]), LossWeights(trusted_column="t")])) == [
+        "source_id", "t"]
     assert outer_batch_columns(CombinedWeights([DataWeights(3), SourceWeights(["a", "b"])])) == ["example_id",
                                                                                                 "source_id"]
     assert outer_batch_columns(DataWeights(3, id_column="row")) == ["row"]
