@@ -49,7 +49,7 @@ from hf_integration.rivals import train_rival
 from hf_integration.runs import (InputError, OutputWriter, RunArguments, check_outer_steps, configuring,
                                  parse_arguments, push_outputs, resume_point, run_main, scheduled_outer_steps,
                                  start_run, total_inner_steps, write_json)
-from hf_integration.trainer import NonFiniteGuard
+from hf_integration.training_callbacks import NonFiniteGuard
 from hf_integration.weights_dataset import render_weights_card, save_weights_dataset
 
 EMBEDDED_NOISE_RATE = 0.3  # on the embedded set only: the user's own data is corrupted only on request

@@ -53,7 +53,7 @@ from hf_integration.runs import (InputError, OutputWriter, RunArguments, agree, 
                                  start_run, write_json)
 from hf_integration.serialization import atomic_write_text
 from hf_integration.sft import BilevelSFTConfig, BilevelSFTTrainer, check_rows_kept
-from hf_integration.trainer import NonFiniteGuard
+from hf_integration.training_callbacks import NonFiniteGuard
 from hf_integration.weights_dataset import (check_weights_repo, push_weights_dataset, render_weights_card,
                                             save_weights_dataset)
 

@@ -14,7 +14,7 @@ import torch
 
 from hf_integration import BilevelTrainer, BilevelTrainingArguments, DataWeights, LoraRegularization
 from hf_integration.hub import OUTER_OPTIMIZER_NAME, CheckpointError
-from hf_integration.trainer import NonFiniteGuard
+from hf_integration.training_callbacks import NonFiniteGuard
 from hypergrad.outer_step import NonFiniteError
 
 from .trainer_utils import bilevel_args, datasets_with_ids, tiny_classifier

@@ -326,7 +326,7 @@ def test_resumed_run_takes_the_recorded_hvp_mode_without_probing(tmp_path):
     full, _ = _resumable_run(tmp_path / "full")
     checkpoint = tmp_path / "full" / "checkpoint-6"
     assert BilevelTrainer._checkpoint_hvp_mode(str(checkpoint)) == full.hvp_mode
-    with mock.patch("hf_integration.trainer.probe_hvp_mode", side_effect=AssertionError("probed")):
+    with mock.patch("hf_integration.outer_update.probe_hvp_mode", side_effect=AssertionError("probed")):
         resumed, _ = _resumable_run(tmp_path / "resumed", resume_from=str(checkpoint))
     assert resumed.hvp_mode == full.hvp_mode
 
@@ -469,7 +469,7 @@ def test_explicit_hvp_mode_is_not_probed_and_one_the_model_cannot_run_fails_at_t
     trainer = BilevelTrainer(model=_model_without_torch_func_support(),
                              args=bilevel_args(tmp_path, hvp_mode=mode, max_steps=4, unroll_steps=2),
                              train_dataset=train, eval_dataset=val, outer_module=weights)
-    with mock.patch("hf_integration.trainer.probe_hvp_mode", side_effect=AssertionError("probed")):
+    with mock.patch("hf_integration.outer_update.probe_hvp_mode", side_effect=AssertionError("probed")):
         assert trainer.resolve_hvp_mode() == mode
         with pytest.raises(ValueError, match=rf"hvp_mode='{mode}' cannot run on this model \(.*\); its plain gradient"):
             trainer.train()

@@ -1,0 +1,282 @@
+"""The outer step of `BilevelTrainer` (:class:`OuterUpdateMixin`): the hypergradient of the outer loss at the current
+inner weights -- a training batch for the inner objective, an outer batch for the outer one, an IHVP method of
+:mod:`hypergrad.methods` -- and the outer optimizer's step, with the HVP mode, precision and every process agreeing."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import datasets
+import torch
+from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from hypergrad.approx_hypergrad import implicit_hypergrad
+from hypergrad.distributed import (
+    DataParallel,
+    any_process,
+    broadcast_tree,
+    sharded_hypergrad,
+)
+from hypergrad.outer_step import NonFiniteError, apply_outer_update
+from hypergrad.products import probe_hvp_mode
+
+from .losses import per_example_loss
+from .outer_modules import ExampleWeighting
+from .weights_out import weight_spread
+
+__all__ = ["OuterUpdateMixin"]
+
+logger = logging.getLogger(__name__)
+
+_MODULE_PREFIX = "outer_module."
+_MODEL_PREFIX = "model."
+
+
+class OuterUpdateMixin:
+    """`BilevelTrainer`'s outer problem (a mixin of it: it reads the trainer's outer module, parameter trees,
+    arguments and batches)."""
+
+    def _create_outer_optimizer(self) -> torch.optim.Optimizer:
+        params = list(self._outer_param_tree().values())
+        args = self.args
+        if args.outer_optim == "sgd":
+            return torch.optim.SGD(params, lr=args.outer_learning_rate, momentum=args.outer_momentum,
+                                   weight_decay=args.outer_weight_decay)
+        return torch.optim.Adam(params, lr=args.outer_learning_rate, weight_decay=args.outer_weight_decay)
+
+    def _outer_step_problem(self, batch: Mapping[str, Any]) -> str | None:
+        """``validate`` of :func:`~hypergrad.outer_step.apply_outer_update`: after an outer step, a reason to
+        roll it back when the inner objective on ``batch`` is no longer finite (e.g. an L2 strength or a
+        weight normalization that overflowed). One verdict for all processes."""
+        with torch.no_grad(), self._second_order_context():
+            model = self.model_wrapped if self.is_fsdp_enabled else self._unwrapped
+            phi = {k: v.detach() for k, v in self._outer_param_tree().items()}
+            loss, outputs = self._objective(model, None, phi, batch, weighted=True)
+            self._weight_spread = self._batch_weight_spread(outputs, batch)
+        self._checked_inner_loss = float(loss)
+        if any_process(not bool(torch.isfinite(loss)), self.args.device):
+            return f"non-finite inner objective: {float(loss)} with the new outer parameters"
+        return None
+
+    def _batch_weight_spread(self, outputs: Any, batch: Mapping[str, Any]) -> float | None:
+        """std/mean of the outer module's weights of the batch's training rows (trusted rows aside), from the model
+        outputs at hand (no extra forward pass); ``None`` for a module that weights no examples."""
+        if not isinstance(self.outer_module, ExampleWeighting):
+            return None
+        losses = per_example_loss(outputs["logits"], batch["labels"], self._causal_lm)
+        weights = self.outer_module.example_weights(losses, batch)
+        if self.trusted_column in batch:
+            weights = weights[~torch.as_tensor(batch[self.trusted_column], device=weights.device).bool()]
+        return weight_spread(weights)
+
+    def _sample_batch(self, dataset, batch_size: int, generator: torch.Generator, description: str) -> dict:
+        """A random batch of ``dataset`` drawn with ``generator``: reproducible from the step."""
+        cache = self.__dict__.setdefault("_prepared_datasets", {})
+        if description not in cache:
+            cache[description] = (self._remove_unused_columns(dataset, description=description)
+                                  if isinstance(dataset, datasets.Dataset) else dataset)
+        prepared = cache[description]
+        size = min(batch_size, len(prepared))
+        indices = torch.randperm(len(prepared), generator=generator)[:size].tolist()
+        collator = self._get_collator_with_removed_columns(self.data_collator, description)
+        batch = collator([prepared[i] for i in indices])
+        return self._prepare_inputs(batch)
+
+    def _generators(self, step: int) -> tuple[torch.Generator, torch.Generator]:
+        """Random generators of outer step ``step``: one for the batches (different on every
+        process, so each sees other examples) and one for the Nyström sketch (the same on
+        every process, so all solve with the same sketch). Both depend only on the seed and
+        the step, so a resumed run draws exactly what an uninterrupted one would."""
+        base = self.args.seed * 1_000_003 + step * 7919
+        data = torch.Generator().manual_seed((base + 104_729 * (1 + self.args.process_index)) % (2**63 - 1))
+        sketch = torch.Generator().manual_seed(base % (2**63 - 1))
+        return data, sketch
+
+    def _solver(self, generator: torch.Generator) -> Callable:
+        """The run's IHVP solver (one object for the whole run, so a Nyström factor can be
+        reused across outer steps) with this step's sketch generator bound."""
+        return functools.partial(self.ihvp_solver, generator=generator)
+
+    @property
+    def _low_precision(self) -> bool:
+        """Whether forward passes run in bf16/fp16 (mixed-precision training or half weights)."""
+        args = self.args
+        return bool(args.bf16 or args.fp16) or any(
+            p.dtype in (torch.bfloat16, torch.float16) for p in self._inner_param_tree().values())
+
+    @contextlib.contextmanager
+    def _second_order_context(self):
+        """Evaluation mode (deterministic, no dropout, no gradient checkpointing), the SDPA
+        math backend (which, unlike the fused kernels, has forward-mode AD and a double
+        backward) and, for mixed-precision models, bf16/fp16 autocast of the forward passes
+        while every IHVP vector stays float32."""
+        model = self._unwrapped
+        was_training = model.training
+        model.eval()
+        args = self.args
+        autocast = contextlib.nullcontext()
+        if self._low_precision:
+            dtype = torch.float16 if args.fp16 else torch.bfloat16
+            autocast = torch.autocast(device_type=args.device.type, dtype=dtype)
+        try:
+            with sdpa_kernel(SDPBackend.MATH), autocast:
+                yield
+        finally:
+            model.train(was_training)
+
+    def _theta(self) -> dict[str, Tensor]:
+        """The inner parameters as the IHVP sees them: detached, at least float32."""
+        return {k: v.detach().to(torch.promote_types(v.dtype, torch.float32))
+                for k, v in self._inner_param_tree().items()}
+
+    def _batches(self, step: int) -> tuple[dict, dict, torch.Generator]:
+        data_generator, sketch_generator = self._generators(step)
+        args = self.args
+        train_bs = args.hypergrad_train_batch_size or args.per_device_train_batch_size
+        outer_bs = args.outer_batch_size or args.per_device_eval_batch_size
+        train_batch = self._sample_batch(self.train_dataset, train_bs, data_generator, "training")
+        eval_batch = self._sample_batch(self.outer_dataset, outer_bs, data_generator, "evaluation")
+        return train_batch, eval_batch, sketch_generator
+
+    def compute_hypergradient(self, train_batch: Mapping[str, Any], eval_batch: Mapping[str, Any],
+                              generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """The hypergradient at the current inner weights, keyed like the outer parameters
+        (``"outer_module.<name>"`` / ``"model.<name>"``).
+
+        Single process and DDP: :func:`hypergrad.approx_hypergrad.implicit_hypergrad` on the
+        unwrapped model, with every product averaged over processes under DDP. FSDP:
+        :func:`hypergrad.distributed.sharded_hypergrad`, finite-difference products taken in
+        place on the shards. Every process returns the same hypergradient."""
+        self.resolve_hvp_mode()
+        self._check_batch_columns(train_batch, weighted=True)
+        self._check_batch_columns(eval_batch, weighted=False)
+        solve = self._solver(generator if generator is not None else torch.Generator().manual_seed(self.args.seed))
+        phi = {k: v.detach() for k, v in self._outer_param_tree().items()}
+        with self._second_order_context():
+            if self.is_fsdp_enabled:
+                model = self.model_wrapped
+                return sharded_hypergrad(
+                    model,
+                    lambda o: self._objective(model, None, o, train_batch, weighted=True)[0],
+                    lambda o: self._objective(model, None, o, eval_batch, weighted=False)[0],
+                    phi, solve)
+            data_parallel = DataParallel() if self.args.world_size > 1 else None
+            budget = self.args.hvp_memory_budget_mb
+            try:
+                grads, outer_value = implicit_hypergrad(
+                    lambda i, o: self.inner_forward(i, o, train_batch),
+                    lambda i, o: self.outer_forward(i, o, eval_batch),
+                    self._theta(), phi, solve, self.hvp_mode, data_parallel, self.args.hvp_chunk_size,
+                    hvp_memory_budget=None if budget is None else int(budget * 2**20), return_outer_value=True)
+            except (torch.cuda.OutOfMemoryError, NonFiniteError):
+                raise
+            except Exception as err:
+                if self.args.hvp_mode == "auto" or not self._gradient_runs(phi, train_batch):
+                    raise  # the probe vouched for the mode, or the error is not the products' (data, model)
+                raise ValueError(
+                    f"hvp_mode={self.hvp_mode!r} cannot run on this model ({type(err).__name__}: {err}); its "
+                    "plain gradient runs. Use hvp_mode='auto' (probes the model, falls back to finite "
+                    "differences) or 'finite_diff'.") from err
+            self._last_outer_loss = float(outer_value)  # this process's validation loss at the current weights
+            return grads
+
+    def _gradient_runs(self, phi: Mapping[str, Tensor], batch: Mapping[str, Any]) -> bool:
+        """Whether a plain first-order gradient of the inner objective on ``batch`` runs (an explicit HVP mode
+        that failed is then to blame)."""
+        try:
+            with torch.enable_grad():
+                theta = {k: v.detach().requires_grad_(True) for k, v in self._theta().items()}
+                torch.autograd.grad(self.inner_forward(theta, phi, batch), list(theta.values()), allow_unused=True)
+        except Exception:  # noqa: BLE001 - any failure means the products are not the (only) problem
+            return False
+        return True
+
+    def outer_update(self) -> dict[str, float]:
+        """One outer step: hypergradient on fresh batches, outer optimizer step, metrics logged."""
+        step = self.state.global_step
+        train_batch, eval_batch, generator = self._batches(step)
+        start = time.perf_counter()
+        grads = self.compute_hypergradient(train_batch, eval_batch, generator)
+        ihvp_time = time.perf_counter() - start
+        outer_loss = self.__dict__.pop("_last_outer_loss", None)
+        if outer_loss is None:  # the sharded path does not report it
+            with torch.no_grad(), self._second_order_context():
+                model = self.model_wrapped if self.is_fsdp_enabled else self._unwrapped
+                phi = {k: v.detach() for k, v in self._outer_param_tree().items()}
+                outer_loss = float(self._objective(model, None, phi, eval_batch, weighted=False)[0])
+        self._checked_inner_loss = math.nan
+        result = apply_outer_update(self.outer_optimizer, self._outer_param_tree(), grads, self.outer_history,
+                                    validate=lambda: self._outer_step_problem(train_batch))
+        if result.applied:
+            broadcast_tree(list(self._outer_param_tree().values()))  # replicas stay bitwise identical
+        else:
+            logger.warning("Outer step at step %d skipped: %s (%d skipped so far).", step, result.reason,
+                           self.outer_history.skipped)
+        self.outer_step += 1
+        norm = result.norm
+        metrics = {
+            # the inner objective on the hypergradient's training batch after the step (its finiteness check;
+            # NaN, and so not logged, when the step was skipped) and the validation loss before it
+            "outer/inner_loss": self._checked_inner_loss,
+            "outer/loss": outer_loss,
+            "outer/hypergrad_norm": norm,
+            "outer/ihvp_time": ihvp_time,
+            "outer/step": float(self.outer_step),
+            "outer/skipped_steps": float(self.skipped_outer_steps),
+            "outer/applied_steps": float(self.outer_history.applied),
+            # the HVP mode as a number, so every `report_to` backend can plot it (it is also
+            # logged by name once, and saved in the outer parameters' metadata)
+            "outer/finite_diff_hvp": float(self.hvp_mode == "finite_diff"),
+        }
+        if result.applied and self._weight_spread is not None:
+            metrics["outer/weight_spread"] = self._weight_spread
+        if self.outer_module is not None:
+            metrics.update({f"outer/{k}": float(v) for k, v in self.outer_module.summary_stats().items()})
+        self.__dict__.setdefault("_outer_logs", []).append(metrics)  # logged with the next training log
+        return metrics
+
+    def resolve_hvp_mode(self) -> str:
+        """The Hessian-vector-product mode. ``hvp_mode="auto"`` runs :func:`hypergrad.products.probe_hvp_mode`
+        on a 2-example training batch: the first exact mode (``rev_rev``, then ``fwd_rev``) that agrees with an
+        independent product and fits ``hvp_max_memory_ratio``, else finite differences; a run resumed from a
+        checkpoint takes the mode that checkpoint recorded, without probing. An explicit mode is taken as given,
+        without any product: a model that cannot run it fails at the first hypergradient, with a message naming
+        the mode. Either way a training batch lacking a column the outer module reads (example ids) fails here,
+        before training, naming it."""
+        if self._hvp_mode_checked:
+            return self.hvp_mode
+        requested = self.args.hvp_mode
+        exact_only = self.outer_module is not None and self.outer_module.stops_gradients
+        if self.is_fsdp_enabled and exact_only and self.args.ihvp_method != "identity":
+            raise ValueError(f"{type(self.outer_module).__name__} needs exact Hessian-vector products, which FSDP-sharded "
+                             "parameters cannot run; use ihvp_method='identity' (no products) under FSDP.")
+        if self.is_fsdp_enabled:
+            if requested not in ("auto", "finite_diff"):
+                raise ValueError(f"hvp_mode={requested!r} cannot run on FSDP-sharded parameters (they break jvp "
+                                 f"and double backward); use hvp_mode='auto' or 'finite_diff'.")
+            mode = "finite_diff"
+        else:
+            generator = torch.Generator().manual_seed(self.args.seed)
+            batch = self._sample_batch(self.train_dataset, min(2, len(self.train_dataset)), generator, "training")
+            phi = {k: v.detach() for k, v in self._outer_param_tree().items()}
+            with torch.no_grad():  # a missing column is a data error, not an HVP-mode one: check it first
+                self._check_batch_columns(batch, weighted=True)
+            if requested in ("rev_rev", "fwd_rev"):
+                mode = requested  # explicit: no probe
+            elif requested == "auto" and self._recorded_hvp_mode is not None:
+                mode = self._recorded_hvp_mode  # the run being resumed chose it: the same products as before
+            else:  # "finite_diff" takes no product either, only the check that the objective allows it
+                with self._second_order_context():
+                    mode = probe_hvp_mode(lambda t: self.inner_forward(t, phi, batch), self._theta(), requested,
+                                          self._low_precision, generator, self.args.hvp_max_memory_ratio,
+                                          exact_only=exact_only)
+        self.hvp_mode, self._hvp_mode_checked = mode, True
+        logger.info("Hessian-vector products: hvp_mode=%s (requested %s).", mode, requested)
+        return mode

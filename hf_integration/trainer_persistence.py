@@ -1,0 +1,215 @@
+"""`BilevelTrainer`'s checkpoints and saved outputs (:class:`OuterPersistenceMixin`): the outer parameters, their
+optimizer, counters and HVP mode saved beside `Trainer`'s own files, validated before a resume, restored with the
+best model, and described in the model card."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import datasets
+
+from hypergrad.methods import options_metadata
+from hypergrad.outer_step import NonFiniteError, first_non_finite
+from hypergrad.products import EXACT_MODES
+from hypergrad.solver import count_outer_steps
+
+from .checkpoints import CheckpointError, checkpoint_problem, resolve_checkpoint
+from .data import dataset_fingerprint_metadata
+from .hub import error_line
+from .model_card import (
+    outer_params_card_section,
+    render_model_card,
+    render_model_tensors_card,
+    with_hub_base_model,
+)
+from .optimizer_state import load_optimizer_state, save_optimizer_state
+from .serialization import (
+    DATA_METADATA_KEYS,
+    MODEL_CARD_NAME,
+    OUTER_OPTIMIZER_NAME,
+    OUTER_PARAMS_NAME,
+    atomic_write_text,
+    hub_model_id,
+)
+
+__all__ = ["OuterPersistenceMixin"]
+
+logger = logging.getLogger(__name__)
+
+_COUNTERS_KEY = "bilevel_counters"  # extra entry of outer_optimizer.safetensors: applied/skipped step counts
+
+
+class OuterPersistenceMixin:
+    """`BilevelTrainer`'s persistence (a mixin of it, placed before `Trainer` so that its overrides of `_save`,
+    `_load_best_model`, ... run first and call `Trainer`'s)."""
+
+    @staticmethod
+    def _checkpoint_hvp_mode(checkpoint: str) -> str | None:
+        """The HVP mode the run that wrote ``checkpoint`` used (``None`` for a checkpoint that did not record it)."""
+        path = os.path.join(checkpoint, OUTER_OPTIMIZER_NAME)
+        try:
+            mode = load_optimizer_state(path).get(_COUNTERS_KEY, {}).get("hvp_mode")
+        except (OSError, ValueError, KeyError, RecursionError) as err:
+            raise CheckpointError(f"cannot resume from {checkpoint!r}: {error_line(err)}") from err
+        if mode is not None and mode not in EXACT_MODES + ("finite_diff",):
+            raise CheckpointError(f"cannot resume from {checkpoint!r}: {OUTER_OPTIMIZER_NAME} records an unknown "
+                                  f"hvp_mode {mode!r:.60}; the file is corrupt")
+        return mode
+
+    def _checkpoint_files(self) -> tuple[str, ...]:
+        """The outer files a checkpoint of this trainer must hold."""
+        return (OUTER_OPTIMIZER_NAME,) + ((OUTER_PARAMS_NAME,) if self.outer_module is not None else ())
+
+    def _checkpoint_to_resume(self, checkpoint: str | bool | None) -> str | None:
+        return resolve_checkpoint(checkpoint, self.args.output_dir, outer_files=self._checkpoint_files())
+
+    def outer_metadata(self) -> dict[str, str]:
+        """Metadata saved with the outer parameters (all values are strings)."""
+        args = self.args
+        base = self._unwrapped
+        config = getattr(base, "config", None)
+        meta = {
+            **options_metadata(args.ihvp_method, self.ihvp_options),
+            "hvp_mode": str(self.hvp_mode or args.hvp_mode),
+            "steps": str(self.state.global_step),
+            "outer_steps": str(self.outer_step),
+            "unroll_steps": str(args.unroll_steps),
+            "outer_learning_rate": str(args.outer_learning_rate),
+            "base_model": hub_model_id(getattr(config, "_name_or_path", None)) or "",  # never a local path
+        }
+        if getattr(self, "_best_step", None) is not None:  # load_best_model_at_end: these are that step's
+            meta["best_step"] = str(self._best_step)
+        if isinstance(self.train_dataset, datasets.Dataset):  # what the outer parameters were learned on
+            meta.update(dataset_fingerprint_metadata(self.train_dataset, dataset_name=self.dataset_name,
+                                                     split=self.dataset_split, id_column=self.id_column))
+        return {k: v for k, v in meta.items() if v != ""}
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        inner = self._wrapped()
+        if inner is not None:  # a cached trunk saves as the model it wraps (its card, too: a PEFT adapter)
+            wrapper, self.model = self.model, inner
+            try:
+                return self._save(output_dir, None)
+            finally:
+                self.model = wrapper
+        named = state_dict if state_dict is not None else dict(self._unwrapped.named_parameters())
+        bad = first_non_finite(named) or first_non_finite(self._outer_param_tree())
+        if bad is not None:
+            raise NonFiniteError(f"refusing to save to {output_dir or self.args.output_dir!r}: {bad} holds NaN/inf "
+                                 "values")
+        super()._save(output_dir, state_dict)
+        if not self.args.should_save:
+            return
+        output_dir = output_dir or self.args.output_dir
+        metadata = self.outer_metadata()
+        if self.outer_module is not None:
+            self.outer_module.save_pretrained(output_dir, metadata=metadata, model_card=False)
+        self._write_card(output_dir, metadata)
+
+    def _write_card(self, output_dir: str, metadata: dict[str, str]) -> None:
+        """Replace the README.md that the model's ``save_pretrained`` left (PEFT's empty template, whose
+        ``base_model`` is the local path of a model loaded from a folder) by our card."""
+        path = os.path.join(output_dir, MODEL_CARD_NAME)
+        adapter = hasattr(self._unwrapped, "peft_config")
+        note = ("The fine-tuned model is saved in the same folder"
+                + (" as a PEFT adapter: `peft.AutoPeftModel.from_pretrained(folder)`" if adapter else
+                   ": `transformers.AutoModel.from_pretrained(folder)`")
+                + " loads it (with the base model named above).")
+        if self.outer_module is not None:
+            card = render_model_card(self.outer_module, metadata=metadata,
+                                     repo_id=self.args.hub_model_id or "path/or/repo_id",
+                                     model_note=f"## The fine-tuned model\n\n{note}")
+        else:  # outer parameters are model tensors, saved with the model
+            card = render_model_tensors_card(metadata, self.outer_model_param_names,
+                                             model_note=f"## Loading\n\n{note}")
+        atomic_write_text(path, card)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.args.should_save:
+            counters = {"outer_history": self.outer_history.state_dict(),
+                        "skipped_inner_steps": self.nonfinite_guard.skipped,
+                        "hvp_mode": self.hvp_mode}
+            if hasattr(self.ihvp_solver, "state_dict") and not self.is_fsdp_enabled:
+                # a reused Nyström factor and its refresh count (the same on every data-parallel process;
+                # under FSDP each process holds its own shards, so a resumed run sketches anew)
+                counters["ihvp_solver"] = self.ihvp_solver.state_dict()
+            save_optimizer_state({**self.outer_optimizer.state_dict(), _COUNTERS_KEY: counters},
+                                 os.path.join(output_dir, OUTER_OPTIMIZER_NAME))
+
+    def _load_best_model(self) -> None:
+        """`Trainer`'s (the best checkpoint's model weights), then that checkpoint's outer parameters, so that a
+        save after ``load_best_model_at_end`` holds a model and the outer parameters it was trained with."""
+        super()._load_best_model()
+        best = self.state.best_model_checkpoint
+        if self.outer_module is None or best is None:
+            return
+        try:
+            saved = type(self.outer_module).from_pretrained(best)
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"load_best_model_at_end: cannot read the outer parameters of {best!r}: "
+                                  f"{error_line(err)}") from err
+        self.outer_module.load_state_dict(saved.state_dict())
+        self._best_step = int(saved.metadata.get("steps", -1))
+        logger.info("Loaded the outer parameters of the best checkpoint %s.", best)
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        """`Trainer`'s, except that a checkpoint without this process's random-number states is refused (`Trainer`
+        logs and goes on with fresh states: a run that no longer continues the interrupted one)."""
+        if checkpoint is not None:
+            name = f"rng_state_{self.args.process_index}.pth" if self.args.world_size > 1 else "rng_state.pth"
+            if not os.path.isfile(os.path.join(checkpoint, name)):
+                present = sorted(f for f in os.listdir(checkpoint) if f.startswith("rng_state"))
+                raise CheckpointError(
+                    f"cannot resume from {checkpoint!r}: it has no {name} for {self.args.world_size} process(es) "
+                    f"(it holds {present}); resume with as many processes as the run that saved it")
+        super()._load_rng_state(checkpoint)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """`Trainer`'s states, then the outer ones. Refused with a :class:`CheckpointError` naming the file:
+        an incomplete checkpoint (no ``outer_optimizer.safetensors``, ...), unreadable files, NaN/inf values,
+        and outer parameters learned on other data (fingerprint, sizes) or for another layout."""
+        if checkpoint is None:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        problem = checkpoint_problem(checkpoint, outer_files=self._checkpoint_files())
+        if problem is not None:
+            raise CheckpointError(f"cannot resume: {problem}")
+        try:
+            super()._load_optimizer_and_scheduler(checkpoint)
+        except Exception as err:
+            raise CheckpointError(f"cannot resume from {checkpoint!r}: loading Trainer's optimizer/scheduler state "
+                                  f"(optimizer.pt, scheduler.pt) failed: {error_line(err)}") from err
+        try:
+            if self.outer_module is not None:
+                meta = self.outer_metadata()
+                expected = {k: meta[k] for k in DATA_METADATA_KEYS if k in meta}
+                expected.update({k: v for k, v in self.outer_module.config_dict().items() if not k.startswith("init")})
+                saved = type(self.outer_module).from_pretrained(checkpoint, expected=expected)
+                self.outer_module.load_state_dict(saved.state_dict())
+            state = load_optimizer_state(os.path.join(checkpoint, OUTER_OPTIMIZER_NAME))
+            counters = state.pop(_COUNTERS_KEY, {})
+            self.outer_optimizer.load_state_dict(state)
+        except (OSError, ValueError, KeyError, RuntimeError) as err:
+            raise CheckpointError(f"cannot resume from {checkpoint!r}: {err}") from err
+        self.outer_history.load_state_dict(counters.get("outer_history", {}))
+        if "ihvp_solver" in counters and hasattr(self.ihvp_solver, "load_state_dict"):
+            self.ihvp_solver.load_state_dict(counters["ihvp_solver"], like=self._theta())
+        elif hasattr(self.ihvp_solver, "calls"):  # no saved factor (FSDP): sketch at the next outer step
+            self.ihvp_solver.factor, self.ihvp_solver.calls = None, 0
+        self.nonfinite_guard.skipped = int(counters.get("skipped_inner_steps", 0))
+        self.outer_step = count_outer_steps(self.state.global_step, self.args.unroll_steps,
+                                            self.args.outer_patience_steps)
+
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        """`Trainer`'s card (``base_model`` a Hub id, never a local path) plus a section on the outer parameters."""
+        super().create_model_card(*args, **kwargs)
+        path = os.path.join(self.args.output_dir, MODEL_CARD_NAME)
+        if not self.args.should_save or not os.path.isfile(path):
+            return
+        with open(path, encoding="utf-8") as handle:
+            card = with_hub_base_model(handle.read())
+        if self.outer_module is not None:
+            card = card.rstrip() + "\n\n" + outer_params_card_section(self.outer_module, self.outer_metadata())
+        atomic_write_text(path, card)
