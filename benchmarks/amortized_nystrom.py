@@ -25,6 +25,7 @@ import torch
 from torch.func import functional_call
 from torch.nn import functional as F
 
+from hf_integration.reporting import weights_auc
 from hypergrad.approx_hypergrad import implicit_hypergrad
 from hypergrad.methods import NystromSolver
 
@@ -49,12 +50,6 @@ def make_problem(seed: int = 0, n: int = 512, m: int = 256, features: int = 20, 
         return F.cross_entropy(functional_call(net, t, (xv,)), yv)
 
     return inner, outer, theta, {"logits": torch.zeros(n)}, flipped
-
-
-def auc(scores: torch.Tensor, positive: torch.Tensor) -> float:
-    """P(score of a positive < score of a negative): low weight should mean flipped."""
-    pos, neg = scores[positive], scores[~positive]
-    return float((pos[:, None] < neg[None, :]).float().mean() + 0.5 * (pos[:, None] == neg[None, :]).float().mean())
 
 
 def run(refresh: int, args) -> dict:
@@ -88,7 +83,7 @@ def run(refresh: int, args) -> dict:
         outer_opt.step()
     return {"refresh_steps": refresh, "outer_steps": len(cosines), "sketches": sketches,
             "cos_mean": statistics.fmean(cosines), "cos_min": min(cosines), "rel_err_mean": statistics.fmean(errors),
-            "auc": auc(phi["logits"].detach(), flipped), "hypergrad_ms_mean": 1e3 * statistics.fmean(seconds)}
+            "auc": weights_auc(phi["logits"].detach().numpy(), flipped.numpy()), "hypergrad_ms_mean": 1e3 * statistics.fmean(seconds)}
 
 
 def main(argv=None) -> list[dict]:

@@ -61,9 +61,19 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, hessian
 from torch.nn import functional as F
 
-from hypergrad.approx_hypergrad import (DEFAULT_NYSTROM_SKETCH, conjugate_gradient, exact, identity,
-                                        implicit_hypergrad, make_solver, neumann, nystrom, nystrom_pcg)
-from hypergrad.utils import batched_hvp, hvp, tree_flatten_vector, tree_unflatten_vector
+from hypergrad.approx_hypergrad import (
+    DEFAULT_NYSTROM_SKETCH,
+    conjugate_gradient,
+    exact,
+    identity,
+    implicit_hypergrad,
+    make_solver,
+    neumann,
+    nystrom,
+    nystrom_pcg,
+)
+from hypergrad.autodiff import batched_hvp, hvp
+from hypergrad.trees import tree_flatten_vector, tree_unflatten_vector
 
 DTYPE = torch.float64
 RHO_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
@@ -722,7 +732,7 @@ def main() -> None:
         print(f"| {name} | {i['num_inner_params']} | {i['num_outer_params']} | {i['eig_min']:.2e} | "
               f"{i['eig_max']:.3f} | {i['condition']:.0f} | {i['grad_norm_at_solution']:.1e} | "
               f"{i['exact_vs_formula_rel_err']:.1e} |")
-    print(f"\n## Relative error of the hypergradient (cosine similarity) vs HVP budget\n")
+    print("\n## Relative error of the hypergradient (cosine similarity) vs HVP budget\n")
     print(f"Nyström: mean over {seeds} seeds, ρ = the best fixed value of {{{', '.join(f'{r:g}' for r in RHO_GRID)}}}·λmax "
           f"per problem and sketch; Neumann lr = 1/λmax (power iteration). n/a: rank > #params.\n")
     for name, res in results.items():
@@ -755,7 +765,7 @@ def main() -> None:
     for name, res in results.items():
         t = res["time_per_hypergrad_s"]
         print(f"| {name} | " + " | ".join(f"{1e3 * t[m]['min_s']:.1f}" for m in methods) + " |")
-    print(f"\n## Batched (vmap) vs looped Hessian-vector products (ms, best of several)\n")
+    print("\n## Batched (vmap) vs looped Hessian-vector products (ms, best of several)\n")
     print("| model | params | k | vmap | loop | speedup |")
     print("|---|---|---|---|---|---|")
     for name, s in speed.items():

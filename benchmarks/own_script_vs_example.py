@@ -6,7 +6,8 @@ against ``examples/data_reweighting.py`` (bilevel run only) on the real-text set
 For each set, noise and seed the training split gets the noise (``hf_integration.classification.flip_labels``,
 ``dataset_seed`` = the seed) and is written to a file with its ``corrupted`` flags; both programs then train on that
 file (the example with ``--noise_rate 0``, so it keeps the file's labels and flags; both with training seed 42,
-the own script's default). Reported per run: the AUC of "low weight" against the flags, and the test accuracy and
+the own script's default). Each finished row is kept in its work folder (``row.json``), so a rerun with the same
+``--output_dir`` skips what an interrupted one finished. Reported per run: the AUC of "low weight" against the flags, and the test accuracy and
 loss of the fine-tuned model. The own script runs every layer (no frozen-trunk cache, whose frozen layers have no
 dropout), so the two agree within seed noise, not to the digit.
 
@@ -25,9 +26,13 @@ import time
 
 import numpy as np
 
+from hf_integration.atomic_files import atomic_write_text
+from hf_integration.runs import write_json
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 SETS = ("scipy_docs", "debian_packages")
+ROW_NAME = "row.json"  # one finished (set, noise, seed) row in its work folder: a rerun picks up where one stopped
 NOISES = ("pairwise:0.3", "symmetric:0.4")
 
 
@@ -110,11 +115,17 @@ def main(argv: list[str] | None = None) -> dict:
             kind, rate = noise.split(":")[0], float(noise.split(":")[1])
             for seed in args.seeds:
                 work = os.path.join(args.output_dir, name, noise.replace(":", "-"), f"seed-{seed}")
+                done = os.path.join(work, ROW_NAME)
+                if os.path.isfile(done):  # finished by an earlier, interrupted invocation: not run again
+                    with open(done, encoding="utf-8") as handle:
+                        rows.append(json.load(handle))
+                    continue
                 sizes = dict(zip(("train", "validation", "test"), args.sizes)) if args.sizes else None
                 files = noisy_files(name, kind, rate, seed, args.data_dir, work, sizes)
                 example = run_example(files, os.path.join(work, "example"), args.model, args.extra_args)
                 own = run_own_script(files, os.path.join(work, "own"), args.model)
                 rows.append({"set": name, "noise": noise, "seed": seed, "example": example, "own_script": own})
+                write_json(done, rows[-1])
                 print(json.dumps(rows[-1]), flush=True)
     lines = ["| set | noise | seed | AUC example | AUC own script | test acc example | test acc own script | "
              "test loss example | test loss own script |", "|" + "---|" * 9]
@@ -132,8 +143,6 @@ def main(argv: list[str] | None = None) -> dict:
             lines.append(f"| {name} | {noise} | mean | {e['auc']:.3f} | {o['auc']:.3f} | {100 * e['test_accuracy']:.1f} "
                          f"| {100 * o['test_accuracy']:.1f} | {e['test_loss']:.3f} | {o['test_loss']:.3f} |")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    from hf_integration.runs import write_json
-    from hf_integration.serialization import atomic_write_text
 
     write_json(args.out + ".json", {"command": " ".join(sys.argv), "rows": rows})
     atomic_write_text(args.out + ".md", "\n".join(lines) + "\n")

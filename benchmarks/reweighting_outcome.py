@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "wall_time_s": time.perf_counter() - started}
     os.makedirs(args.output_dir, exist_ok=True)
     from hf_integration.runs import write_json
-    from hf_integration.serialization import atomic_write_text
+    from hf_integration.atomic_files import atomic_write_text
 
     write_json(os.path.join(args.output_dir, "reweighting_outcome.json"), report)
     text = table(summaries)

@@ -4,11 +4,13 @@
 * :mod:`hf_integration.arguments`: :class:`BilevelTrainingArguments`;
 * :mod:`hf_integration.outer_modules`: :class:`OuterModule`, :class:`DataWeights`, :class:`LossWeights`, :class:`LoraRegularization`,
   :class:`SourceWeights`, :class:`CombinedWeights`;
-* :mod:`hf_integration.serialization`: atomic writes, safetensors save/load/check of outer-parameter files;
+* :mod:`hf_integration.serialization`: safetensors save/load/check of outer-parameter files;
+* :mod:`hf_integration.atomic_files`: atomic file and folder writes; :mod:`hf_integration.public_names`: names that
+  may reach the Hub (no machine paths);
 * :mod:`hf_integration.model_card`: model cards (``huggingface_hub.ModelCard``);
 * :mod:`hf_integration.optimizer_state`: optimizer state dicts without pickle;
 * :mod:`hf_integration.checkpoints`: complete-checkpoint checks for resuming;
-* :mod:`hf_integration.hub`: Hub upload, timeouts, reachability (re-exports the names above);
+* :mod:`hf_integration.hub`: Hub upload, timeouts, reachability;
 * :mod:`hf_integration.data`: stable example ids, source ids and mixture sampling, dataset fingerprint metadata;
 * :mod:`hf_integration.recipe`: the measured data-weighting settings (``recipe=``), trusted outer rows, outer modules
   described by kind and options;
@@ -20,14 +22,8 @@
 
 from .data import add_example_ids, dataset_fingerprint_metadata, num_example_ids
 from .data import MixtureSampler, add_source_ids, example_sampling_probabilities, mixture_sampler, source_counts
-from .serialization import (
-    MODEL_CARD_NAME,
-    OUTER_CONFIG_NAME,
-    OUTER_OPTIMIZER_NAME,
-    OUTER_PARAMS_NAME,
-    atomic_write,
-    atomic_write_text,
-)
+from .atomic_files import atomic_write, atomic_write_text
+from .serialization import MODEL_CARD_NAME, OUTER_CONFIG_NAME, OUTER_OPTIMIZER_NAME, OUTER_PARAMS_NAME
 from .model_card import outer_params_card_section
 from .optimizer_state import load_optimizer_state, save_optimizer_state
 from .outer_modules import DataWeights, LoraRegularization, LossWeights, OuterModule, find_lora_modules, parse_layer_index

@@ -10,7 +10,12 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from hypergrad.linear_solvers import NYSTROM_SKETCHES
-from hypergrad.methods import DEFAULT_NYSTROM_SKETCH, METHODS, options_from_arguments
+from hypergrad.methods import (
+    METHODS,
+    argument_default,
+    methods_reading,
+    options_from_arguments,
+)
 
 from .recipe import OUTER_MODULE_KINDS, RECIPES, apply_recipe
 
@@ -83,34 +88,34 @@ class BilevelTrainingArguments(TrainingArguments):
                   + "; ".join(f"'{m.name}': {m.summary}" for m in METHODS.values()) + ".",
                   "choices": IHVP_METHODS},
     )
-    nystrom_rank: int = field(default=5, metadata={"help": "Rank (number of HVPs) of the Nyström approximation."})
-    nystrom_rho: float = field(default=0.1, metadata={"help": "Damping rho > 0 of the Nyström inverse (H + rho I)^-1."})
+    nystrom_rank: int = field(default=argument_default("nystrom_rank"), metadata={"help": "Rank (number of HVPs) of the Nyström approximation."})
+    nystrom_rho: float = field(default=argument_default("nystrom_rho"), metadata={"help": "Damping rho > 0 of the Nyström inverse (H + rho I)^-1."})
     nystrom_sketch: str = field(
-        default=DEFAULT_NYSTROM_SKETCH,
+        default=argument_default("nystrom_sketch"),
         metadata={"help": f"Nyström test directions, one of {NYSTROM_SKETCHES}.", "choices": NYSTROM_SKETCHES},
     )
     nystrom_refresh_steps: int = field(
-        default=10,
+        default=argument_default("nystrom_refresh_steps"),
         metadata={"help": "Reuse one Nyström sketch for this many outer steps (1 = a fresh sketch every step). "
                   "Between refreshes an outer step needs no Hessian-vector product: one outer gradient and "
-                  "one mixed product. Measured (benchmarks/amortized_nystrom.py): cosine 0.994 to a fresh "
-                  "sketch's hypergradient at 10, same AUC. With ihvp_method='nystrom_pcg' the sketch is the "
+                  "one mixed product (accuracy of a reused sketch: docs/ihvp-methods.md). With ihvp_method='nystrom_pcg' the sketch is the "
                   "CG preconditioner, reused on the same schedule (a stale preconditioner slows CG but does "
                   "not bias it)."},
     )
-    ihvp_iters: int = field(default=10, metadata={"help": "Iterations (HVPs) of the CG, Neumann and nystrom_pcg "
-                                                          "methods."})
+    ihvp_iters: int = field(default=argument_default("ihvp_iters"), metadata={
+        "help": "Iterations (HVPs) of the iterative methods: " + ", ".join(methods_reading("ihvp_iters")) + "."})
     ihvp_warm_start: bool = field(
-        default=False,
-        metadata={"help": "ihvp_method='cg' or 'nystrom_pcg': start each solve from the previous outer step's "
-                  "solution instead of 0 (its residual costs one of the ihvp_iters products). Consecutive outer "
-                  "steps solve nearby systems, so the products go to the change. Saved with checkpoints (under "
-                  "FSDP each process holds shards of it, so a resumed run starts its first solve at 0). Measured "
-                  "in benchmarks/ihvp_accuracy.py: 10-100x lower error at 10 products on convex inner problems, "
-                  "worse at 20 on an MLP whose Hessian is near-singular."})
+        default=argument_default("ihvp_warm_start"),
+        metadata={"help": "ihvp_method in " + str(methods_reading("ihvp_warm_start")) + ": start each solve from "
+                  "the previous outer step's solution instead of 0 (its residual costs one of the ihvp_iters "
+                  "products). Consecutive outer steps solve nearby systems, so the products go to the change. Saved "
+                  "with checkpoints (under FSDP each process holds shards of it, so a resumed run starts its first "
+                  "solve at 0). When it helps and when it does not: docs/ihvp-methods.md."})
     identity_scale: float = field(
-        default=1.0, metadata={"help": "ihvp_method='identity': the scale s of the first-order approximation H^-1 ~ s I."})
-    neumann_lr: float = field(default=0.01, metadata={"help": "Step size of the Neumann series (< 2 / lambda_max)."})
+        default=argument_default("identity_scale"),
+        metadata={"help": "ihvp_method='identity': the scale s of the first-order approximation H^-1 ~ s I."})
+    neumann_lr: float = field(default=argument_default("neumann_lr"),
+                              metadata={"help": "Step size of the Neumann series (< 2 / lambda_max)."})
     hvp_mode: str = field(
         default="auto",
         metadata={
@@ -201,7 +206,7 @@ class BilevelTrainingArguments(TrainingArguments):
         for name in ("outer_learning_rate",):
             if not getattr(self, name) > 0:
                 raise ValueError(f"`{name}` must be > 0, got {getattr(self, name)!r}.")
-        choices = {"ihvp_method": IHVP_METHODS, "hvp_mode": HVP_MODE_CHOICES, "outer_optim": OUTER_OPTIMIZERS,
+        choices = {"ihvp_method": tuple(METHODS), "hvp_mode": HVP_MODE_CHOICES, "outer_optim": OUTER_OPTIMIZERS,
                    "nystrom_sketch": NYSTROM_SKETCHES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -217,6 +222,6 @@ class BilevelTrainingArguments(TrainingArguments):
             raise ValueError("`outer_module_options` needs `outer_module` (the kind they are options of).")
         if self.outer_module is not None and self.outer_module not in OUTER_MODULE_KINDS:
             raise ValueError(f"`outer_module` must be one of {OUTER_MODULE_KINDS}, got {self.outer_module!r}.")
-        if self.ihvp_warm_start is True and self.ihvp_method not in ("cg", "nystrom_pcg"):
-            raise ValueError(f"`ihvp_warm_start` only applies to iterative solves: use ihvp_method='cg' or "
-                             f"'nystrom_pcg', or leave it off (ihvp_method={self.ihvp_method!r}).")
+        if self.ihvp_warm_start is True and self.ihvp_method not in methods_reading("ihvp_warm_start"):
+            raise ValueError(f"`ihvp_warm_start` only applies to iterative solves: use ihvp_method in "
+                             f"{methods_reading('ihvp_warm_start')}, or leave it off (ihvp_method={self.ihvp_method!r}).")

@@ -7,14 +7,19 @@ module, the outer parameters; a save killed midway leaves a folder that must not
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 from collections.abc import Sequence
 
-from .serialization import OUTER_OPTIMIZER_NAME, OUTER_PARAMS_NAME, read_safetensors_header
+from transformers.utils import logging
 
-logger = logging.getLogger(__name__)
+from .serialization import (
+    OUTER_OPTIMIZER_NAME,
+    OUTER_PARAMS_NAME,
+    read_safetensors_metadata,
+)
+
+logger = logging.get_logger(__name__)
 
 __all__ = ["CheckpointError", "BILEVEL_CHECKPOINT_FILES", "ResumeFinishedRun", "checkpoint_problem", "last_checkpoint",
            "resolve_checkpoint"]
@@ -39,8 +44,14 @@ def checkpoint_problem(folder: str | os.PathLike, *, outer_files: Sequence[str] 
     optimizer state and, with an outer module, the outer parameters (pass ``()`` for a plain ``Trainer``).
     """
     from transformers.trainer import TRAINER_STATE_NAME
-    from transformers.utils import (ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME,
-                                    SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME)
+    from transformers.utils import (
+        ADAPTER_SAFE_WEIGHTS_NAME,
+        ADAPTER_WEIGHTS_NAME,
+        SAFE_WEIGHTS_INDEX_NAME,
+        SAFE_WEIGHTS_NAME,
+        WEIGHTS_INDEX_NAME,
+        WEIGHTS_NAME,
+    )
 
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
@@ -58,7 +69,7 @@ def checkpoint_problem(folder: str | os.PathLike, *, outer_files: Sequence[str] 
     for name in sorted(files):
         if name.endswith(".safetensors"):
             try:
-                read_safetensors_header(os.path.join(folder, name))
+                read_safetensors_metadata(os.path.join(folder, name))
             except (OSError, ValueError) as err:
                 return f"{folder!r}: {name} is corrupt ({err})"
     for name in outer_files:
@@ -95,7 +106,9 @@ def _rng_state_problem(folder: str, files: set[str]) -> str | None:
     """Why the random-number states cannot be restored: no ``rng_state*.pth`` file (``Trainer`` would go on with
     fresh random states, a run that differs from the one interrupted), or one that does not load."""
     import torch
-    from transformers.trainer_pt_utils import safe_globals  # the numpy types Trainer's own loading allows
+    from transformers.trainer_pt_utils import (
+        safe_globals,  # the numpy types Trainer's own loading allows
+    )
 
     found = sorted(f for f in files if f.startswith("rng_state") and f.endswith(".pth"))
     if not found:

@@ -31,8 +31,8 @@ from .data_files import (
 from .demo.sentiment import make_splits
 from .embedded_models import minilm_path
 from .hub import error_line
+from .public_names import looks_like_local_path
 from .runs import InputError, loading, require_finite
-from .serialization import looks_like_local_path
 
 __all__ = ["EMBEDDED_NAME", "EMBEDDED_SIZES", "NOISE_TYPES", "ModelArguments", "DataArguments", "TextSplits",
            "load_splits", "flip_labels", "tokenize_splits", "build_lora_model", "lora_layer_indices", "load_tokenizer",

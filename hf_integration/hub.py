@@ -1,8 +1,9 @@
 """Hugging Face Hub I/O of outer parameters: upload, request timeouts, deadlines, credential and reachability checks.
 
-* **Hub requests time out** (:func:`ensure_hub_timeout`) and Hub failures become one-line :class:`HubError`
-  messages; :func:`check_hub_repo` checks credentials and reachability before a long job, as ``Trainer``
-  does by creating the repo at start.
+* **Hub calls end**: a metadata request gets ``huggingface_hub``'s own per-call ``timeout``, and every call runs
+  under a deadline (:func:`hub_call`); ``huggingface_hub``'s shared HTTP client is left as the user configured it.
+  Hub failures become one-line :class:`HubError` messages; :func:`check_hub_repo` checks credentials and
+  reachability before a long job, as ``Trainer`` does by creating the repo at start.
 * **Hub calls have a deadline** (:func:`hub_call`): a per-request timeout does not bound a call that retries
   (``hf_hub_download`` retries its metadata request five times with a hard-coded 60 s timeout, minutes in
   all) nor a server that sends a byte now and then, so whole calls run under a wall-clock deadline.
@@ -10,10 +11,10 @@
   not answer.
 * :func:`push_folder_to_hub` uploads a folder written by ``OuterModule.save_pretrained`` in one commit.
 
-The other persistence concepts live in their own modules, re-exported here for compatibility:
-:mod:`hf_integration.serialization` (atomic writes, safetensors save/load/check of outer files),
-:mod:`hf_integration.model_card` (cards), :mod:`hf_integration.optimizer_state` (optimizer state without
-pickle), :mod:`hf_integration.checkpoints` (complete checkpoints).
+The other persistence concepts live in their own modules: :mod:`hf_integration.serialization` (safetensors
+save/load/check of outer files), :mod:`hf_integration.atomic_files` (atomic writes), :mod:`hf_integration.model_card` (cards),
+:mod:`hf_integration.optimizer_state` (optimizer state without pickle), :mod:`hf_integration.checkpoints`
+(complete checkpoints).
 """
 
 from __future__ import annotations
@@ -23,22 +24,13 @@ import math
 import os
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from huggingface_hub import HfApi, constants, get_session, get_token, set_client_factory
+from huggingface_hub import HfApi, constants, get_token
 
-from .checkpoints import BILEVEL_CHECKPOINT_FILES, CheckpointError, checkpoint_problem, last_checkpoint  # noqa: F401
-from .model_card import outer_params_card_section, render_model_card  # noqa: F401
-from .optimizer_state import load_optimizer_state, save_optimizer_state  # noqa: F401
-from .serialization import (DATA_METADATA_KEYS, FORMAT_VERSION, MODEL_CARD_NAME, OUTER_CONFIG_NAME,  # noqa: F401
-                            OUTER_OPTIMIZER_NAME, OUTER_PARAMS_NAME, RESERVED_METADATA_KEYS, LoadedOuterFiles,
-                            atomic_write, atomic_write_dir, atomic_write_text, check_expected, load_outer_files,
-                            looks_like_local_path, normalize_metadata, read_safetensors_header, save_outer_files)
-
-# The names imported above from the other persistence modules stay importable from here (``hub.atomic_write``,
-# ``hub.CheckpointError``, ...) for existing code; they are documented, and listed, in their own modules.
-__all__ = ["HubError", "error_line", "ensure_hub_timeout", "hub_call", "check_hub_reachable", "check_hub_repo",
+__all__ = ["HubError", "error_line", "hub_call", "hub_deadline", "upload_deadline", "check_hub_reachable",
+           "check_hub_repo",
            "push_folder_to_hub"]
 
 T = TypeVar("T")
@@ -54,36 +46,12 @@ def error_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
-def ensure_hub_timeout(seconds: float | None = None) -> None:
-    """Give ``huggingface_hub``'s shared HTTP client a timeout if it has none, so that no Hub request can hang.
-
-    ``huggingface_hub`` passes timeouts to its downloads (``HF_HUB_ETAG_TIMEOUT``, ``HF_HUB_DOWNLOAD_TIMEOUT``)
-    but its API calls (``create_repo``, the commit of ``upload_folder``) use the shared client, which has no
-    timeout by default. This installs, with ``huggingface_hub.set_client_factory``, the default client with a
-    timeout of ``seconds`` (default: ``HF_HUB_DOWNLOAD_TIMEOUT``, 10 s unless set) per connect, read and
-    write; a client configured by the user with a timeout of its own is kept.
-    """
-    from huggingface_hub.utils._http import default_client_factory
-
-    current = get_session().timeout
-    if any(t is not None for t in (current.connect, current.read, current.write, current.pool)):
-        return
-    seconds = float(seconds if seconds is not None else constants.HF_HUB_DOWNLOAD_TIMEOUT)
-
-    def client_with_timeout():
-        client = default_client_factory()
-        client.timeout = seconds
-        return client
-
-    set_client_factory(client_with_timeout)
-
-
 def _default_deadline() -> float:
     """``HF_HUB_ETAG_TIMEOUT + HF_HUB_DOWNLOAD_TIMEOUT``, read from ``huggingface_hub.constants`` now."""
     return float(constants.HF_HUB_ETAG_TIMEOUT) + float(constants.HF_HUB_DOWNLOAD_TIMEOUT)
 
 
-def _deadline(timeout: float | None, argument: str = "timeout") -> float:
+def hub_deadline(timeout: float | None, argument: str = "timeout") -> float:
     """``timeout`` checked (a finite number of seconds > 0), or the default deadline when it is ``None``."""
     if timeout is None:
         seconds = _default_deadline()
@@ -127,7 +95,7 @@ def hub_call(fn: Callable[[], T], *, what: str, timeout: float | None = None, ar
         ValueError: ``timeout`` is not a finite number of seconds > 0.
         Exception: whatever ``fn`` raised, unchanged (the same object).
     """
-    seconds = _deadline(timeout, argument)
+    seconds = hub_deadline(timeout, argument)
     outcome: dict[str, Any] = {}
     finished = threading.Event()
     context = contextvars.copy_context()  # the worker sees the caller's context variables
@@ -196,7 +164,7 @@ def check_hub_reachable(
         HubError: the request timed out or failed (unreachable, no such repo or revision, no access); one line.
         ValueError: ``timeout`` is not a finite number of seconds > 0.
     """
-    seconds = _deadline(timeout)
+    seconds = hub_deadline(timeout)
     if constants.HF_HUB_OFFLINE or (repo_type == "dataset" and _is_true(os.environ.get("HF_DATASETS_OFFLINE"))):
         return
     if os.path.exists(repo_id):
@@ -219,12 +187,16 @@ _UPLOAD_REQUESTS = 3
 _UPLOAD_MIN_BYTES_PER_S = 100_000
 
 
+def upload_deadline(num_bytes: int) -> float:
+    """The deadline of an upload of ``num_bytes``: ``3 x (HF_HUB_ETAG_TIMEOUT + HF_HUB_DOWNLOAD_TIMEOUT)`` plus one
+    second per 100 kB (60 s, plus 40 s for a 4 MB file, with the defaults)."""
+    return _UPLOAD_REQUESTS * hub_deadline(None) + num_bytes / _UPLOAD_MIN_BYTES_PER_S
+
+
 def _upload_deadline(folder: str, names: list[str]) -> float:
-    """The deadline of uploading ``names`` from ``folder``: ``3 x (HF_HUB_ETAG_TIMEOUT + HF_HUB_DOWNLOAD_TIMEOUT)``
-    plus one second per 100 kB (60 s, plus 40 s for a 4 MB file, with the defaults)."""
-    size = sum(os.path.getsize(os.path.join(folder, name)) for name in names
-               if os.path.isfile(os.path.join(folder, name)))
-    return _UPLOAD_REQUESTS * _deadline(None) + size / _UPLOAD_MIN_BYTES_PER_S
+    """:func:`upload_deadline` of the files ``names`` of ``folder``."""
+    return upload_deadline(sum(os.path.getsize(os.path.join(folder, name)) for name in names
+                               if os.path.isfile(os.path.join(folder, name))))
 
 
 def check_hub_repo(repo_id: str, *, token: str | bool | None = None, private: bool | None = None,
@@ -237,14 +209,13 @@ def check_hub_repo(repo_id: str, *, token: str | bool | None = None, private: bo
     Raises:
         HubError: no token, the Hub unreachable or slow, no permission; one line, in seconds.
     """
-    ensure_hub_timeout()
     if token is None and get_token() is None:
         raise HubError(f"cannot push to {repo_id!r}: no Hugging Face token; log in with `hf auth login`, set "
                        "HF_TOKEN, or pass a token (--hub_token)")
     api = HfApi(token=token, endpoint=endpoint)
     kwargs = {} if repo_type in (None, "model") else {"repo_type": repo_type}
     what = "" if repo_type in (None, "model") else f"{repo_type} "
-    deadline = _deadline(None)
+    deadline = hub_deadline(None)
     try:
         url = hub_call(lambda: api.create_repo(repo_id, token=token, private=private, exist_ok=True, **kwargs),
                        what=f"creating the Hub {what}repo {repo_id!r}", timeout=deadline)
@@ -263,15 +234,15 @@ def push_folder_to_hub(
     save_fn: Callable[[str, str], None],
     repo_id: str,
     *,
+    files: Sequence[str],
     commit_message: str = "Upload outer parameters",
     private: bool | None = None,
     token: str | bool | None = None,
     create_pr: bool = False,
 ) -> str:
-    """Create ``repo_id`` if needed, let ``save_fn(tmp_dir, repo_id)`` fill a temporary folder, upload it.
+    """Create ``repo_id`` if needed, let ``save_fn(tmp_dir, repo_id)`` fill a temporary folder, upload its ``files``.
 
-    Every request has a timeout (:func:`ensure_hub_timeout`) and each call a deadline (:func:`hub_call`): the
-    repo creation ``HF_HUB_ETAG_TIMEOUT + HF_HUB_DOWNLOAD_TIMEOUT``, the upload three times that (it makes a few
+    Each call has a deadline (:func:`hub_call`): the repo creation ``HF_HUB_ETAG_TIMEOUT + HF_HUB_DOWNLOAD_TIMEOUT``, the upload three times that (it makes a few
     requests in turn) plus one second per 100 kB uploaded (outer parameters are small: 60 s, plus 40 s for a
     4 MB file, with the defaults; raise ``HF_HUB_DOWNLOAD_TIMEOUT`` on a slow link). A Hub failure raises
     :class:`HubError`. An upload abandoned at its deadline may still complete in the background.
@@ -280,7 +251,7 @@ def push_folder_to_hub(
     repo_id = check_hub_repo(repo_id, token=token, private=private)
     with tempfile.TemporaryDirectory() as tmp:
         save_fn(tmp, repo_id)
-        names = [OUTER_PARAMS_NAME, OUTER_CONFIG_NAME, MODEL_CARD_NAME]
+        names = list(files)
         deadline = _upload_deadline(tmp, names)
         try:
             commit = hub_call(lambda: HfApi(token=token).upload_folder(

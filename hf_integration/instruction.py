@@ -23,6 +23,7 @@ import torch
 from accelerate.utils import send_to_device
 
 from .classification import ModelArguments, load_tokenizer, lora_layer_indices
+from .collators import ResponseCollator
 from .data_files import (
     check_source_arguments,
     embedded_split_sizes,
@@ -42,7 +43,6 @@ from .demo.instructions import (
 from .embedded_models import HUB_ID as SMOLLM2
 from .embedded_models import load_smollm2
 from .experiment import WEIGHTINGS, WeightingArguments
-from .collators import ResponseCollator
 from .frozen_trunk import FEATURE_ROW, CachedTrunkCausalLM
 from .losses import IGNORE_INDEX
 from .runs import InputError, loading

@@ -17,10 +17,12 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from .serialization import OUTER_CONFIG_NAME, OUTER_PARAMS_NAME, hub_model_id, is_hub_id, normalize_metadata
+from .public_names import hub_model_id, is_hub_id
+from .serialization import OUTER_CONFIG_NAME, OUTER_PARAMS_NAME, normalize_metadata
 
-__all__ = ["CardText", "render_model_card", "outer_params_card_section",
-           "with_hub_base_model"]
+__all__ = ["CardText", "render_model_card", "outer_params_card_section", "model_tensors_card_section",
+           "model_folder_card"]
+
 
 @dataclass(frozen=True)
 class CardText:
@@ -85,36 +87,53 @@ def render_model_card(module: Any, *, metadata: Mapping[str, Any] | None = None,
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}"))
 
 
-def render_model_tensors_card(metadata: Mapping[str, Any], tensor_names: list[str], model_note: str = "") -> str:
-    """The ``README.md`` of a folder whose outer parameters are model tensors (``outer_param_patterns``, e.g. a
-    LoRA adapter learned as a hyperparameter): they are saved with the model itself, so the card says which
-    tensors were outer, how they were learned and how to load the folder."""
+def model_tensors_card_section(metadata: Mapping[str, Any], tensor_names: list[str]) -> str:
+    """A markdown section (``##`` title) on a model whose outer parameters are model tensors (``outer_param_patterns``,
+    e.g. a LoRA adapter learned as a hyperparameter): which tensors were outer and how they were learned."""
     merged = normalize_metadata(metadata)
-    data = ModelCardData(library_name="hypergrad", tags=["hypergrad", "bilevel-optimization"],
-                         base_model=hub_model_id(merged.get("base_model")))
     shown = ", ".join(f"`{n}`" for n in tensor_names[:20]) + (" ..." if len(tensor_names) > 20 else "")
     how = ", ".join(f"{k}={v}" for k, v in merged.items() if k != "base_model")
-    body = (f"# Bilevel fine-tuning with hypergrad\n\nThe model in this folder was fine-tuned by "
+    return (f"## Bilevel fine-tuning with hypergrad\n\nThis model was fine-tuned by "
             f"`hf_integration.BilevelTrainer`. {len(tensor_names)} of its tensors were *outer* parameters, "
             f"learned by implicit hypergradients on a validation objective while the others were trained as "
             f"usual: {shown}.\n\nHow: {how}.\n")
-    if model_note:
-        body += "\n" + model_note.strip() + "\n"
-    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}"))
 
 
-def with_hub_base_model(card: str) -> str:
-    """``card`` (a README.md text, e.g. ``Trainer``'s or PEFT's) with its ``base_model`` a Hub id, or removed.
+def _hub_base_models(data: ModelCardData) -> None:
+    """``data.base_model`` as Hub ids (a machine path is mapped by :func:`hub_model_id` or removed), and PEFT's
+    ``base_model:adapter:<path>`` tags likewise."""
+    base = data.base_model
+    bases = [hub_model_id(b) for b in ([base] if isinstance(base, str) else base or [])]
+    bases = [b for b in bases if b]
+    data.base_model = bases if len(bases) > 1 else (bases[0] if bases else None)
+    tags = []
+    for tag in data.tags or []:
+        prefix, _, name = str(tag).rpartition(":")
+        if prefix.startswith("base_model"):
+            if not hub_model_id(name):
+                continue
+            tag = f"{prefix}:{hub_model_id(name)}"
+        tags.append(tag)
+    data.tags = tags or None
 
-    ``Trainer`` and PEFT write the model config's ``_name_or_path`` there, which for a model loaded from a
-    local folder is a machine path; :func:`hub_model_id` maps it to a Hub id where one is known.
-    """
+
+def model_folder_card(card: str, folder_card: str | None, section: str, tags: list[str]) -> str:
+    """The one card of a folder holding a fine-tuned model and its outer parameters, for ``save_model`` and
+    ``push_to_hub`` alike: ``card`` (``Trainer``'s model card) with the library and tags of ``folder_card`` (the
+    card the model's own ``save_pretrained`` left, e.g. PEFT's ``library_name: peft`` for an adapter, so the
+    Hub lists the folder as what it is), ``tags`` added, ``base_model`` a Hub id (never a machine path), and
+    ``section`` (:func:`outer_params_card_section` or :func:`model_tensors_card_section`) appended."""
     parsed = ModelCard(card, ignore_metadata_errors=True)
-    base = parsed.data.base_model
-    bases = [b for b in ([base] if isinstance(base, str) else base or []) if hub_model_id(b)]
-    parsed.data.base_model = [hub_model_id(b) for b in bases] if len(bases) > 1 else (
-        hub_model_id(bases[0]) if bases else None)
-    return str(parsed)
+    if folder_card is not None:
+        saved = ModelCard(folder_card, ignore_metadata_errors=True).data
+        if saved.library_name:
+            parsed.data.library_name = saved.library_name
+        parsed.data.tags = list(dict.fromkeys([*(saved.tags or []), *(parsed.data.tags or [])]))
+        if not parsed.data.base_model:
+            parsed.data.base_model = saved.base_model
+    parsed.data.tags = list(dict.fromkeys([*(parsed.data.tags or []), *tags]))
+    _hub_base_models(parsed.data)
+    return f"---\n{parsed.data.to_yaml()}\n---\n\n{parsed.text.rstrip()}\n\n{section.strip()}\n"
 
 
 def outer_params_card_section(

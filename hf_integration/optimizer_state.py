@@ -17,7 +17,13 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from .serialization import atomic_write, check_finite, check_format_version, load_tensors, read_safetensors_header
+from .atomic_files import atomic_write
+from .serialization import (
+    check_finite,
+    check_format_version,
+    load_tensors,
+    read_safetensors_metadata,
+)
 
 __all__ = ["save_optimizer_state", "load_optimizer_state"]
 
@@ -105,7 +111,7 @@ def load_optimizer_state(path: str | os.PathLike, device: str | torch.device = "
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"optimizer state file {path!r} not found")
-    _, header = read_safetensors_header(path)
+    header = read_safetensors_metadata(path)
     tag = header.get("hypergrad_state_format", "")
     if not tag.startswith(_OPTIMIZER_PREFIX) or "state_dict" not in header:
         raise ValueError(f"{path!r} was not written by save_optimizer_state (header: {sorted(header)})")

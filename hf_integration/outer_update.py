@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -16,16 +15,14 @@ import datasets
 import torch
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers.utils import logging
 
 from hypergrad.approx_hypergrad import implicit_hypergrad
-from hypergrad.distributed import (
-    DataParallel,
-    any_process,
-    broadcast_tree,
-    sharded_hypergrad,
-)
+from hypergrad.distributed import DataParallel, any_process, broadcast_tree
+from hypergrad.methods import METHODS, get_method
+from hypergrad.mode_probe import probe_hvp_mode
 from hypergrad.outer_step import NonFiniteError, apply_outer_update
-from hypergrad.products import probe_hvp_mode
+from hypergrad.sharded import sharded_hypergrad
 
 from .losses import per_example_loss
 from .outer_modules import ExampleWeighting
@@ -33,7 +30,7 @@ from .weights_out import weight_spread
 
 __all__ = ["OuterUpdateMixin"]
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 _MODULE_PREFIX = "outer_module."
 _MODEL_PREFIX = "model."
@@ -152,7 +149,7 @@ class OuterUpdateMixin:
 
         Single process and DDP: :func:`hypergrad.approx_hypergrad.implicit_hypergrad` on the
         unwrapped model, with every product averaged over processes under DDP. FSDP:
-        :func:`hypergrad.distributed.sharded_hypergrad`, finite-difference products taken in
+        :func:`hypergrad.sharded.sharded_hypergrad`, finite-difference products taken in
         place on the shards. Every process returns the same hypergradient."""
         self.resolve_hvp_mode()
         self._check_batch_columns(train_batch, weighted=True)
@@ -243,7 +240,7 @@ class OuterUpdateMixin:
         return metrics
 
     def resolve_hvp_mode(self) -> str:
-        """The Hessian-vector-product mode. ``hvp_mode="auto"`` runs :func:`hypergrad.products.probe_hvp_mode`
+        """The Hessian-vector-product mode. ``hvp_mode="auto"`` runs :func:`hypergrad.mode_probe.probe_hvp_mode`
         on a 2-example training batch: the first exact mode (``rev_rev``, then ``fwd_rev``) that agrees with an
         independent product and fits ``hvp_max_memory_ratio``, else finite differences; a run resumed from a
         checkpoint takes the mode that checkpoint recorded, without probing. An explicit mode is taken as given,
@@ -254,9 +251,10 @@ class OuterUpdateMixin:
             return self.hvp_mode
         requested = self.args.hvp_mode
         exact_only = self.outer_module is not None and self.outer_module.stops_gradients
-        if self.is_fsdp_enabled and exact_only and self.args.ihvp_method != "identity":
+        if self.is_fsdp_enabled and exact_only and not get_method(self.args.ihvp_method).hessian_free:
+            free = tuple(m.name for m in METHODS.values() if m.hessian_free)
             raise ValueError(f"{type(self.outer_module).__name__} needs exact Hessian-vector products, which FSDP-sharded "
-                             "parameters cannot run; use ihvp_method='identity' (no products) under FSDP.")
+                             f"parameters cannot run; use an ihvp_method without products under FSDP: {free}.")
         if self.is_fsdp_enabled:
             if requested not in ("auto", "finite_diff"):
                 raise ValueError(f"hvp_mode={requested!r} cannot run on FSDP-sharded parameters (they break jvp "

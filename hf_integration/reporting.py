@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from .atomic_files import atomic_write
 from .runs import describe_steps, format_table
-from .serialization import atomic_write
 
 __all__ = ["weights_auc", "ranking_figures", "auc_by_kind", "plot_weights", "print_summary"]
 

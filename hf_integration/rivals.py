@@ -31,11 +31,12 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
+from .atomic_files import atomic_write
 from .checkpoints import CheckpointError, ResumeFinishedRun
 from .frozen_trunk import CachedTrunk, CachedTrunkCheckpoints
 from .losses import per_example_loss
 from .recipe import append_outer_rows
-from .serialization import atomic_write, load_tensors
+from .serialization import load_tensors
 
 __all__ = ["RIVALS", "EXAMPLE_WEIGHTS_NAME", "UniformTrainer", "WeightedTrainer", "LossFilterTrainer",
            "dataset_losses", "train_rival"]

@@ -29,11 +29,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers.utils import logging as hf_logging
 
 from hypergrad.distributed import any_process
 from hypergrad.outer_step import NonFiniteError
 from hypergrad.solver import count_outer_steps
 
+from .atomic_files import atomic_write_text
 from .checkpoints import (
     BILEVEL_CHECKPOINT_FILES,
     CheckpointError,
@@ -42,9 +44,8 @@ from .checkpoints import (
 )
 from .hub import HubError, check_hub_reachable, check_hub_repo, error_line
 from .recipe import steps_per_epoch
-from .serialization import atomic_write_text
 
-logger = logging.getLogger(__name__)
+logger = hf_logging.get_logger(__name__)
 
 __all__ = ["InputError", "RunError", "agree", "RunArguments", "RunContext", "LOCK_NAME", "start_run", "OutputWriter",
            "run_main", "parse_arguments", "configuring", "check_reachable", "loading", "total_inner_steps",

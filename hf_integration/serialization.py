@@ -1,4 +1,4 @@
-"""Safetensors persistence of outer parameters: atomic writes, header checks, save/load/check of outer files.
+"""Safetensors persistence of outer parameters: header checks, save/load/check of outer files.
 
 The on-disk layout mirrors PEFT adapters and ``PyTorchModelHubMixin``::
 
@@ -14,12 +14,12 @@ Design rules, and why:
 * **The safetensors header is authoritative.** ``outer_config.json`` is written for humans (and the Hub's
   file viewer); loading reads kind, config and metadata from ``outer_params.safetensors`` alone, so a
   single download suffices and the two can never disagree about what is loaded.
-* **Every write is atomic** (:func:`atomic_write`): an interrupted save (pre-emption, full disk, a crash in
+* **Every write is atomic** (:func:`hf_integration.atomic_files.atomic_write`): an interrupted save (pre-emption, full disk, a crash in
   the middle of serialization) leaves the previous file intact rather than a truncated one that would
   poison a later resume.
 * **Nothing non-finite is written or loaded**: tensors holding NaN/inf are refused on save and on load.
-* **Headers are checked before anything is allocated** (:func:`read_safetensors_header`): the header's
-  declared sizes must fit the file, and the shapes a config implies are compared with the file's before a
+* **Headers are checked before anything is allocated** (:func:`read_safetensors_metadata`, safetensors' own
+  check): the header's declared sizes must fit the file, and the shapes a config implies are compared with the file's before a
   module of that size is built.
 * **The format version is checked on load** (:data:`FORMAT_VERSION`): a file written by a newer version is
   refused with a message saying so, rather than misread.
@@ -36,24 +36,21 @@ The functions here are module-agnostic (they handle tensors, config dicts and st
 from __future__ import annotations
 
 import json
-import math
 import os
-import re
-import shutil
-import tempfile
-import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from huggingface_hub import hf_hub_download
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from hypergrad.outer_step import first_non_finite
 
-from .embedded_models import EMBEDDED_MODEL_HUB_IDS
+from .atomic_files import atomic_write, atomic_write_text
+from .hub import HubError, error_line, hub_call, hub_deadline
+from .public_names import hub_model_id, looks_like_local_path, public_name
 
 __all__ = [
     "OUTER_PARAMS_NAME",
@@ -64,17 +61,10 @@ __all__ = [
     "RESERVED_METADATA_KEYS",
     "DATA_METADATA_KEYS",
     "LoadedOuterFiles",
-    "atomic_write",
-    "atomic_write_text",
-    "atomic_write_dir",
-    "read_safetensors_header",
+    "read_safetensors_metadata",
     "check_finite",
     "check_format_version",
     "load_tensors",
-    "looks_like_local_path",
-    "public_name",
-    "is_hub_id",
-    "hub_model_id",
     "normalize_metadata",
     "save_outer_files",
     "load_outer_files",
@@ -100,170 +90,27 @@ DATA_METADATA_KEYS = ("fingerprint", "num_rows", "id_column", "dataset_name", "s
 
 
 # --------------------------------------------------------------------------------------------------
-# Atomic writes
-# --------------------------------------------------------------------------------------------------
-
-
-def atomic_write(path: str | os.PathLike, writer_fn: Callable[[str], Any]) -> None:
-    """Write ``path`` atomically: ``writer_fn(tmp_path)`` writes a temporary file that then replaces ``path``.
-
-    The temporary file lives in the destination directory (so ``os.replace`` is a same-filesystem rename,
-    which POSIX and Windows perform atomically) and is flushed to disk before the rename. If
-    ``writer_fn`` raises, the temporary file is removed, the exception propagates, and any previous file
-    at ``path`` is left untouched: a reader sees either the old complete file or the new complete one,
-    never a half-written one.
-
-    Args:
-        path: Destination file. Its directory is created if missing.
-        writer_fn: Called with the temporary path (a ``str``); must write the full content there (it may
-            open the path itself, e.g. ``safetensors.torch.save_file(tensors, tmp_path)``).
-    """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        writer_fn(tmp_path)
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
-        # mkstemp (and some writers, e.g. safetensors) create 0600: give the mode open() would, per the umask
-        os.chmod(tmp_path, 0o666 & ~_umask())
-        os.replace(tmp_path, path)
-    except BaseException:
-        try:
-            os.remove(tmp_path)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(directory)
-
-
-_UMASK_LOCK = threading.Lock()
-
-
-def _umask() -> int:
-    """The process umask (reading it means setting it; the lock keeps our own threads from racing)."""
-    with _UMASK_LOCK:
-        mask = os.umask(0o022)
-        os.umask(mask)
-    return mask
-
-
-def _fsync_dir(directory: str) -> None:
-    """Persist a rename in ``directory``; not possible on every platform/filesystem."""
-    try:
-        dir_fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> None:
-    """:func:`atomic_write` of a text file."""
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding=encoding) as f:
-            f.write(text)
-
-    atomic_write(path, write)
-
-
-def atomic_write_dir(path: str | os.PathLike, writer_fn: Callable[[str], Any]) -> None:
-    """Write the folder ``path`` through a temporary sibling folder that then takes its place.
-
-    ``writer_fn(tmp_dir)`` fills the temporary folder; if it raises, the folder is removed and a previous
-    ``path`` stays untouched. A previous ``path`` is moved aside and deleted only once the new one is in
-    place, so a reader finds the old complete folder or the new complete one (or, for an instant between
-    the two renames, none), never a half-written one.
-    """
-    path = os.path.abspath(os.fspath(path))
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        writer_fn(tmp)
-        os.chmod(tmp, 0o777 & ~_umask())
-        old = None
-        if os.path.lexists(path):
-            old = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=".old")
-            os.rmdir(old)
-            os.rename(path, old)
-        os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _fsync_dir(parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-# --------------------------------------------------------------------------------------------------
 # Safetensors headers, checked before anything is allocated
 # --------------------------------------------------------------------------------------------------
 
-MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on the JSON header
-_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The ``__metadata__`` strings of a safetensors file, without loading any tensor.
 
-
-def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
-    """Read and check a safetensors file's header without loading any tensor.
-
-    The format is an 8-byte little-endian header length, a JSON header ``{name: {"dtype", "shape",
-    "data_offsets"}, "__metadata__": {str: str}}``, then the tensor bytes. Checked here: the header length
-    (at most :data:`MAX_HEADER_BYTES` and within the file), valid JSON, known dtypes, non-negative integer
-    shapes, and that each tensor's declared size (shape x dtype) equals its byte range, which must lie inside
-    the file. A header cannot then make a loader allocate more than the file holds.
-
-    Returns:
-        ``(tensors, metadata)``: the tensor entries by name, and the ``__metadata__`` strings.
+    ``safetensors.safe_open`` checks the header first (its declared length within the file and below
+    safetensors' limit, valid JSON nested at most 128 deep, known dtypes, every tensor's byte range inside the
+    file and equal to its shape times its dtype's size), so a header cannot make a loader allocate more than the
+    file holds.
 
     Raises:
-        ValueError: naming the file and what is wrong with it.
+        ValueError: naming the file and safetensors' reason (a truncated or corrupt file).
     """
     path = os.fspath(path)
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            raise ValueError(f"{path!r} is not a safetensors file: {size} bytes, less than the 8-byte header length")
-        length = int.from_bytes(prefix, "little")
-        if length > MAX_HEADER_BYTES or 8 + length > size:
-            raise ValueError(f"{path!r} is not a valid safetensors file: its header claims {length} bytes "
-                             f"(file size {size}, limit {MAX_HEADER_BYTES}); the file is truncated or corrupt")
-        try:
-            header = json.loads(f.read(length).decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError) as err:  # RecursionError: JSON nested too deep
-            raise ValueError(f"{path!r} is not a valid safetensors file: unreadable JSON header ({err})") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{path!r} is not a valid safetensors file: its header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise ValueError(f"{path!r}: the safetensors __metadata__ must map strings to strings")
-    data_size = size - 8 - length
-    for name, entry in header.items():
-        where = f"{path!r}: tensor {name!r}"
-        if not isinstance(entry, dict) or entry.get("dtype") not in _DTYPE_BYTES:
-            raise ValueError(f"{where} has no valid dtype (got {entry!r:.100})")
-        shape, offsets = entry.get("shape"), entry.get("data_offsets")
-        if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                                 for d in shape)):
-            raise ValueError(f"{where} has an invalid shape {shape!r:.100}")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
-                and 0 <= offsets[0] <= offsets[1] <= data_size):
-            raise ValueError(f"{where}: its byte range {offsets!r:.100} is not inside the file's {data_size} "
-                             "data bytes; the file is truncated or corrupt")
-        declared = math.prod(shape) * _DTYPE_BYTES[entry["dtype"]]
-        if declared != offsets[1] - offsets[0]:
-            raise ValueError(f"{where} declares shape {shape} ({declared} bytes) but holds "
-                             f"{offsets[1] - offsets[0]} bytes; the file is corrupt")
-    return header, metadata
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            return dict(f.metadata() or {})
+    except SafetensorError as err:
+        raise ValueError(f"{path!r} is not a valid safetensors file ({err}); the file is truncated or corrupt"
+                         ) from None
 
 
 def check_finite(tensors: Mapping[str, torch.Tensor], what: str) -> None:
@@ -272,47 +119,10 @@ def check_finite(tensors: Mapping[str, torch.Tensor], what: str) -> None:
         count = int((~torch.isfinite(tensors[bad])).sum())
         raise ValueError(f"{what}: tensor {bad!r} holds {count} NaN/inf value(s); refusing poisoned values")
 
+
 # --------------------------------------------------------------------------------------------------
 # Outer parameter files
 # --------------------------------------------------------------------------------------------------
-
-
-_REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
-
-
-
-def is_hub_id(name: str) -> bool:
-    """Whether ``name`` is a Hub repo id (``name`` or ``org/name``) and not an existing local path."""
-    return bool(name) and bool(_REPO_ID_RE.match(name)) and not os.path.exists(name)
-
-
-def hub_model_id(name_or_path: str | os.PathLike | None) -> str | None:
-    """The Hub id of a model given as a Hub id or a local folder, or ``None`` when none is known.
-
-    A Hub id (``name`` or ``org/name``, not an existing local path) is returned as is; a local folder of a
-    model embedded in a Python package (:data:`EMBEDDED_MODEL_HUB_IDS`) gives that model's Hub id; any other
-    local path gives ``None``: a machine path must never reach the Hub metadata.
-    """
-    if not name_or_path:
-        return None
-    name = os.fspath(name_or_path)
-    if is_hub_id(name):
-        return name
-    parts = {part.lower() for part in re.split(r"[\\/]", os.path.normpath(name))}
-    for package, hub_id in EMBEDDED_MODEL_HUB_IDS.items():
-        if package in parts:
-            return hub_id
-    return None
-
-
-def public_name(value: str) -> str:
-    """``value`` as it may appear in saved metadata and cards: a local path (:func:`looks_like_local_path`: absolute,
-    ``~``, ``./``, deeper than ``org/name``) becomes its last component, so that no machine path (user names, home
-    folders) reaches a file that may be pushed to the Hub; anything else (a Hub id, a split, a number) is kept."""
-    if looks_like_local_path(value):
-        stripped = value.rstrip("/\\")
-        return re.split(r"[\\/]", stripped)[-1] or stripped
-    return value
 
 
 def normalize_metadata(metadata: Mapping[str, Any] | None) -> dict[str, str]:
@@ -433,14 +243,6 @@ class LoadedOuterFiles:
     tensors: dict[str, torch.Tensor]
 
 
-_LOCAL_PATH_HINT = re.compile(r"^(\.{1,2}[\\/]|[\\/]|~)")
-
-
-def looks_like_local_path(path: str) -> bool:
-    """Whether ``path`` can only be a local path, not a Hub repo id (``name`` or ``org/name``)."""
-    return bool(_LOCAL_PATH_HINT.match(path)) or path.count("/") > 1 or "\\" in path
-
-
 def _resolve_params_file(
     path_or_repo_id: str | os.PathLike,
     *,
@@ -455,7 +257,6 @@ def _resolve_params_file(
     ``HF_HUB_ETAG_TIMEOUT + HF_HUB_DOWNLOAD_TIMEOUT``); a failure or a timeout raises ``FileNotFoundError`` with
     one line, as a missing local folder does.
     """
-    from .hub import HubError, error_line, hub_call  # hub imports this module
 
     path = os.fspath(path_or_repo_id)
     if os.path.isdir(path):
@@ -513,12 +314,10 @@ def load_outer_files(
             seconds > 0.
     """
     if hub_timeout is not None:  # refused even when a local folder leaves it unused
-        from .hub import _deadline  # hub imports this module
-
-        _deadline(hub_timeout, "hub_timeout")
+        hub_deadline(hub_timeout, "hub_timeout")
     file = _resolve_params_file(path_or_repo_id, revision=revision, token=token, hub_timeout=hub_timeout,
                                 **hub_kwargs)
-    _, header = read_safetensors_header(file)
+    header = read_safetensors_metadata(file)
     missing = [k for k in (_KEY_KIND, _KEY_CONFIG) if k not in header]
     if missing:
         raise ValueError(
@@ -540,7 +339,7 @@ def load_outer_files(
 
 
 def load_tensors(file: str) -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors file whose header :func:`read_safetensors_header` has checked.
+    """All tensors of a safetensors file (its header checked by safetensors, :func:`read_safetensors_metadata`).
 
     Each tensor is copied into memory of its own: ``safe_open`` hands out tensors at their byte offset in the
     file, which is not aligned as torch's allocator aligns (64 bytes), and BLAS kernels take other code paths

@@ -14,14 +14,17 @@ import it.
 from __future__ import annotations
 
 import inspect
-import logging
 from collections.abc import Sequence, Sized
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
+from transformers.utils import logging
 from trl import SFTConfig, SFTTrainer
-from trl.trainer.sft_trainer import DataCollatorForLanguageModeling, DataCollatorForVisionLanguageModeling
+from trl.trainer.sft_trainer import (
+    DataCollatorForLanguageModeling,
+    DataCollatorForVisionLanguageModeling,
+)
 
 from .arguments import BilevelTrainingArguments
 from .collators import KeepColumnsCollator
@@ -30,7 +33,7 @@ from .trainer import BilevelTrainer, outer_batch_columns
 
 __all__ = ["BilevelSFTConfig", "BilevelSFTTrainer", "KeepColumnsCollator", "check_rows_kept"]
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 _TRL_COLLATORS = (DataCollatorForLanguageModeling, DataCollatorForVisionLanguageModeling)
 

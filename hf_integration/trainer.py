@@ -15,7 +15,6 @@ a LoRA adapter), which are then frozen for the inner optimizer.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -26,8 +25,14 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from transformers import Trainer
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.utils import logging
 
-from hypergrad.methods import check_problem_size, get_method, options_from_arguments
+from hypergrad.methods import (
+    METHODS,
+    check_problem_size,
+    get_method,
+    options_from_arguments,
+)
 from hypergrad.outer_step import OuterStepHistory
 from hypergrad.solver import count_outer_steps
 
@@ -38,8 +43,9 @@ from .frozen_trunk import CachedTrunkCheckpoints
 from .losses import per_example_loss
 from .outer_modules import OuterModule
 from .outer_update import _MODEL_PREFIX, _MODULE_PREFIX, OuterUpdateMixin
+from .public_names import public_name
 from .recipe import build_outer_module, prepare_training_rows, steps_per_epoch
-from .serialization import OUTER_OPTIMIZER_NAME, public_name
+from .serialization import OUTER_OPTIMIZER_NAME
 from .trainer_checks import InputChecksMixin
 from .trainer_persistence import OuterPersistenceMixin
 from .training_callbacks import (
@@ -56,7 +62,7 @@ from .weights_out import example_weights, weighted_dataset, weights_report
 
 __all__ = ["BilevelTrainer", "OUTER_OPTIMIZER_NAME", "outer_batch_columns"]
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 
 
@@ -161,7 +167,7 @@ class BilevelTrainer(InputChecksMixin, OuterUpdateMixin, OuterPersistenceMixin, 
         super().__init__(model=model, args=args, train_dataset=train_dataset,
                          eval_dataset=_with_outer_dataset(eval_dataset, outer_dataset), **kwargs)
         for name in ("hf_integration", "hypergrad"):  # the library's log lines follow log_level, as Trainer's do
-            logging.getLogger(name).setLevel(args.get_process_log_level())
+            logging.get_logger(name).setLevel(args.get_process_log_level())
         self.eval_dataset, self.outer_dataset = _split_outer_dataset(self.eval_dataset, eval_dataset, outer_dataset)
         self.loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean
         if self.is_fsdp_enabled and self.outer_model_param_names:
@@ -193,7 +199,7 @@ class BilevelTrainer(InputChecksMixin, OuterUpdateMixin, OuterPersistenceMixin, 
                            argument_names=True)
         if self.is_fsdp_enabled and not get_method(args.ihvp_method).shardable:
             raise ValueError(f"ihvp_method={args.ihvp_method!r} cannot run on FSDP-sharded parameters; "
-                             f"use 'nystrom', 'cg', 'neumann' or 'identity'.")
+                             f"use one of {tuple(m.name for m in METHODS.values() if m.shardable)}.")
         self.ihvp_solver = get_method(args.ihvp_method).build(self.ihvp_options)
         self._check_data_weights()
         self.outer_optimizer = self._create_outer_optimizer()
@@ -333,9 +339,9 @@ class BilevelTrainer(InputChecksMixin, OuterUpdateMixin, OuterPersistenceMixin, 
         either problem fails before any training step.
 
         ``resume_from_checkpoint=True`` takes the last *complete* checkpoint of ``output_dir``
-        (:func:`~hf_integration.hub.last_checkpoint` skips folders of an interrupted save); a path
-        must be a complete checkpoint (:func:`~hf_integration.hub.checkpoint_problem`); otherwise
-        :class:`~hf_integration.hub.CheckpointError`. Installs the :class:`NonFiniteGuard`."""
+        (:func:`~hf_integration.checkpoints.last_checkpoint` skips folders of an interrupted save); a path
+        must be a complete checkpoint (:func:`~hf_integration.checkpoints.checkpoint_problem`); otherwise
+        :class:`~hf_integration.checkpoints.CheckpointError`. Installs the :class:`NonFiniteGuard`."""
         resume_from_checkpoint = self._checkpoint_to_resume(resume_from_checkpoint)
         if resume_from_checkpoint is not None and not self._hvp_mode_checked:
             self._recorded_hvp_mode = self._checkpoint_hvp_mode(resume_from_checkpoint)

@@ -4,39 +4,39 @@ best model, and described in the model card."""
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import Any
 
 import datasets
+from transformers.modelcard import TrainingSummary
+from transformers.utils import logging
 
 from hypergrad.methods import options_metadata
 from hypergrad.outer_step import NonFiniteError, first_non_finite
 from hypergrad.products import EXACT_MODES
 from hypergrad.solver import count_outer_steps
 
+from .atomic_files import atomic_write_text
 from .checkpoints import CheckpointError, checkpoint_problem, resolve_checkpoint
 from .data import dataset_fingerprint_metadata
 from .hub import error_line
 from .model_card import (
+    model_folder_card,
+    model_tensors_card_section,
     outer_params_card_section,
-    render_model_card,
-    render_model_tensors_card,
-    with_hub_base_model,
 )
 from .optimizer_state import load_optimizer_state, save_optimizer_state
+from .public_names import hub_model_id, is_hub_id
 from .serialization import (
     DATA_METADATA_KEYS,
     MODEL_CARD_NAME,
     OUTER_OPTIMIZER_NAME,
     OUTER_PARAMS_NAME,
-    atomic_write_text,
-    hub_model_id,
 )
 
 __all__ = ["OuterPersistenceMixin"]
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 _COUNTERS_KEY = "bilevel_counters"  # extra entry of outer_optimizer.safetensors: applied/skipped step counts
 
@@ -108,23 +108,35 @@ class OuterPersistenceMixin:
             self.outer_module.save_pretrained(output_dir, metadata=metadata, model_card=False)
         self._write_card(output_dir, metadata)
 
-    def _write_card(self, output_dir: str, metadata: dict[str, str]) -> None:
-        """Replace the README.md that the model's ``save_pretrained`` left (PEFT's empty template, whose
-        ``base_model`` is the local path of a model loaded from a folder) by our card."""
+    def _write_card(self, output_dir: str, metadata: dict[str, str], **card_kwargs: Any) -> None:
+        """Write the folder's one card (:func:`~hf_integration.model_card.model_folder_card`): `Trainer`'s model
+        card (training hyperparameters and results; ``card_kwargs`` are `create_model_card`'s) with the library and
+        tags of the card the model's ``save_pretrained`` left (PEFT's for an adapter: ``library_name: peft``),
+        plus a section on the outer parameters and how to load the folder. ``save_model`` and ``push_to_hub``
+        write the same card."""
         path = os.path.join(output_dir, MODEL_CARD_NAME)
+        folder_card = None
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as handle:
+                folder_card = handle.read()
+        if is_hub_id(metadata.get("dataset_name", "")):
+            card_kwargs.setdefault("dataset", metadata["dataset_name"])
+            card_kwargs.setdefault("dataset_tags", metadata["dataset_name"])
+        summary = TrainingSummary.from_trainer(self, **card_kwargs)
+        summary.finetuned_from = hub_model_id(summary.finetuned_from)  # a Hub id or nothing, never a machine path
+        card = summary.to_model_card()
         adapter = hasattr(self._unwrapped, "peft_config")
         note = ("The fine-tuned model is saved in the same folder"
                 + (" as a PEFT adapter: `peft.AutoPeftModel.from_pretrained(folder)`" if adapter else
                    ": `transformers.AutoModel.from_pretrained(folder)`")
                 + " loads it (with the base model named above).")
         if self.outer_module is not None:
-            card = render_model_card(self.outer_module, metadata=metadata,
-                                     repo_id=self.args.hub_model_id or "path/or/repo_id",
-                                     model_note=f"## The fine-tuned model\n\n{note}")
+            section = outer_params_card_section(self.outer_module, metadata, self.args.hub_model_id)
+            tags = ["hypergrad", "bilevel-optimization", self.outer_module.kind.replace("_", "-")]
         else:  # outer parameters are model tensors, saved with the model
-            card = render_model_tensors_card(metadata, self.outer_model_param_names,
-                                             model_note=f"## Loading\n\n{note}")
-        atomic_write_text(path, card)
+            section = model_tensors_card_section(metadata, self.outer_model_param_names)
+            tags = ["hypergrad", "bilevel-optimization"]
+        atomic_write_text(path, model_folder_card(card, folder_card, f"{section.rstrip()}\n\n{note}\n", tags))
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
@@ -202,14 +214,8 @@ class OuterPersistenceMixin:
         self.outer_step = count_outer_steps(self.state.global_step, self.args.unroll_steps,
                                             self.args.outer_patience_steps)
 
-    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
-        """`Trainer`'s card (``base_model`` a Hub id, never a local path) plus a section on the outer parameters."""
-        super().create_model_card(*args, **kwargs)
-        path = os.path.join(self.args.output_dir, MODEL_CARD_NAME)
-        if not self.args.should_save or not os.path.isfile(path):
-            return
-        with open(path, encoding="utf-8") as handle:
-            card = with_hub_base_model(handle.read())
-        if self.outer_module is not None:
-            card = card.rstrip() + "\n\n" + outer_params_card_section(self.outer_module, self.outer_metadata())
-        atomic_write_text(path, card)
+    def create_model_card(self, **kwargs: Any) -> None:
+        """The card `push_to_hub` uploads: the same one ``save_model`` writes (:meth:`_write_card`), with
+        `Trainer.create_model_card`'s arguments (``language``, ``license``, ``tags``, ``dataset``, ...)."""
+        if self.args.should_save:
+            self._write_card(self.args.output_dir, self.outer_metadata(), **kwargs)

@@ -3,13 +3,13 @@ counts non-finite inner steps, and the merge of the outer steps' metrics into `T
 
 from __future__ import annotations
 
-import logging
 import math
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from transformers import TrainerCallback
+from transformers.utils import logging
 
 from hypergrad.distributed import any_process
 from hypergrad.outer_step import NonFiniteError, first_non_finite
@@ -17,7 +17,7 @@ from hypergrad.solver import is_outer_step
 
 __all__ = ["NonFiniteGuard"]
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 
 class _OuterStepCallback(TrainerCallback):

@@ -30,8 +30,10 @@ import datasets
 import numpy as np
 from huggingface_hub import DatasetCard, DatasetCardData, HfApi
 
-from .hub import HubError, check_hub_repo, ensure_hub_timeout, error_line
-from .serialization import MODEL_CARD_NAME, atomic_write_dir, hub_model_id, looks_like_local_path, public_name
+from .atomic_files import atomic_write_dir
+from .hub import HubError, check_hub_repo, error_line, hub_call, upload_deadline
+from .public_names import hub_model_id, looks_like_local_path, public_name
+from .serialization import MODEL_CARD_NAME
 
 __all__ = ["WEIGHT_COLUMN", "weight_summary", "render_weights_card", "check_weights_repo", "push_weights_dataset",
            "save_weights_dataset"]
@@ -103,7 +105,7 @@ def render_weights_card(dataset: datasets.Dataset, *, repo_id: str, description:
             ``card_text().description``).
         how: Training facts (base model, weighting, hypergradient method, steps, validation data, ...);
             a ``base_model`` that is a local path is dropped (:func:`hub_model_id`), any other local path is
-            reduced to its last component (:func:`~hf_integration.serialization.public_name`).
+            reduced to its last component (:func:`~hf_integration.public_names.public_name`).
         figures: Extra results, e.g. the AUC of "low weight vs corrupted" or evaluation metrics.
         source_datasets: Hub ids of the data the set comes from (front matter).
         task: The Hub task category of the data (``"text-generation"`` for SFT data, ``"text-classification"``, ...).
@@ -181,20 +183,28 @@ def push_weights_dataset(dataset: datasets.Dataset, repo_id: str, *, card: str, 
     """Publish ``dataset`` as the ``train`` split of the Hub dataset ``repo_id`` with ``card`` as its README.
 
     The card is uploaded first; ``datasets.Dataset.push_to_hub`` then keeps its text and front matter and adds
-    the metadata of the parquet files it uploads (``dataset_info``, ``configs``). Every request has a timeout;
-    any failure raises :class:`~hf_integration.hub.HubError`. Returns the URL of the data commit.
+    the metadata of the parquet files it uploads (``dataset_info``, ``configs``). Each upload runs under a
+    deadline (:func:`~hf_integration.hub.upload_deadline` of its size); any failure raises
+    :class:`~hf_integration.hub.HubError`. Returns the URL of the data commit.
     """
-    ensure_hub_timeout()
     repo_id = check_weights_repo(repo_id, token=token, private=private)
-    try:
-        HfApi(token=token).upload_file(path_or_fileobj=card.encode("utf-8"), path_in_repo=MODEL_CARD_NAME,
-                                       repo_id=repo_id, repo_type="dataset", token=token,
-                                       commit_message="Add the dataset card")
-        commit = dataset.push_to_hub(repo_id, split="train", token=token if isinstance(token, str) else None,
-                                     private=private, commit_message=commit_message)
-    except Exception as err:
-        raise HubError(f"uploading the weighted dataset to the Hub dataset repo {repo_id!r} failed: "
-                       f"{error_line(err)}") from err
+    card_bytes = card.encode("utf-8")
+    calls = (
+        ("uploading the dataset card", len(card_bytes), lambda: HfApi(token=token).upload_file(
+            path_or_fileobj=card_bytes, path_in_repo=MODEL_CARD_NAME, repo_id=repo_id, repo_type="dataset",
+            token=token, commit_message="Add the dataset card")),
+        ("uploading the weighted dataset", dataset.data.nbytes, lambda: dataset.push_to_hub(
+            repo_id, split="train", token=token if isinstance(token, str) else None, private=private,
+            commit_message=commit_message)),
+    )
+    for what, num_bytes, call in calls:
+        deadline = upload_deadline(num_bytes)
+        try:
+            commit = hub_call(call, what=f"{what} to the Hub dataset repo {repo_id!r}", timeout=deadline)
+        except HubError:
+            raise
+        except Exception as err:
+            raise HubError(f"{what} to the Hub dataset repo {repo_id!r} failed: {error_line(err)}") from err
     url = getattr(commit, "commit_url", None)
     return url if isinstance(url, str) else f"https://huggingface.co/datasets/{repo_id}"
 

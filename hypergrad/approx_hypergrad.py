@@ -24,29 +24,22 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from .methods import DEFAULT_NYSTROM_SKETCH, check_problem_size, get_method, method_options
-from .products import linearize_inner
-from .utils import (
-    DEFAULT_HVP_MODE,
-    HVPMode,
-    ParamsLike,
-    check_mode,
-    check_params,
-    check_positive_int,
-    gradient,
-    identity as _no_op,
-    scalar_objective,
-    tree_numel,
-    tree_sub,
+from .autodiff import DEFAULT_HVP_MODE, HVPMode, check_mode, gradient, scalar_objective
+from .distributed import DataParallel
+from .methods import (
+    DEFAULT_NYSTROM_SKETCH,
+    check_problem_size,
+    get_method,
+    method_options,
 )
-
-if TYPE_CHECKING:  # only for annotations: distributed.py imports this module's rule
-    from .distributed import DataParallel
+from .products import linearize_inner
+from .trees import check_params, tree_numel, tree_sub
+from .utils import ParamsLike, check_positive_int
+from .utils import identity as _no_op
 
 __all__ = [
     "Objective",

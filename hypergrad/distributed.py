@@ -1,4 +1,4 @@
-"""Hypergradients when the inner model is trained by several processes.
+"""Process collectives for hypergradients when the inner model is trained by several processes.
 
 Two layouts, two strategies (measured on torch 2.13 with gloo and NCCL):
 
@@ -9,7 +9,7 @@ Two layouts, two strategies (measured on torch 2.13 with gloo and NCCL):
   averaged explicitly with :class:`DataParallel` (``dist=DataParallel()`` in
   :mod:`hypergrad.approx_hypergrad`): every process then solves the same full-batch system.
 * **Sharded (FSDP2 ``fully_shard``)**: parameters are ``DTensor`` shards, and double backward
-  and ``jvp`` break. :func:`sharded_hypergrad` takes central finite-difference HVPs *in
+  and ``jvp`` break. :func:`hypergrad.sharded.sharded_hypergrad` takes central finite-difference HVPs *in
   place*: it perturbs each process's local shards, runs two ordinary forward/backward passes
   (FSDP gathers the shards and reduce-scatters the gradients), and restores the shards. Every
   IHVP vector and the Nyström sketch live as local shards, so memory per process is
@@ -21,7 +21,6 @@ process applies the same update (:func:`broadcast_tree` re-synchronises them if 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +28,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .utils import ParamsLike, finite_difference_step, one_at_a_time, tree_leaves, tree_unflatten
+from .trees import tree_leaves, tree_unflatten
+from .utils import ParamsLike
 
 __all__ = [
     "DataParallel",
@@ -39,7 +39,6 @@ __all__ = [
     "broadcast_tree",
     "local_shard",
     "reshard",
-    "sharded_hypergrad",
 ]
 
 
@@ -122,87 +121,3 @@ def local_shard(param: Tensor) -> Tensor:
     """This process's part of a parameter: the local tensor of a ``DTensor`` (a view that
     shares its storage), or the tensor itself."""
     return param.to_local() if hasattr(param, "to_local") else param
-
-
-def sharded_hypergrad(
-    module: nn.Module,
-    inner_loss: Callable[[Mapping[str, Tensor]], Tensor],
-    outer_loss: Callable[[Mapping[str, Tensor]], Tensor],
-    out_params: Mapping[str, Tensor],
-    solve: Callable[..., ParamsLike],
-    group: Any = None,
-) -> dict[str, Tensor]:
-    """Hypergradient for a module whose trainable parameters may be sharded (FSDP2).
-
-    ``inner_loss(phi)`` and ``outer_loss(phi)`` compute this process's losses with the
-    module's *current* parameters (call the sharded module as in training) and the outer
-    parameters ``phi`` (a dict of replicated tensors). ``solve`` comes from
-    :func:`hypergrad.approx_hypergrad.make_solver`; use the ``"gaussian"`` Nyström sketch, CG
-    or Neumann (the ``"column"`` sketch samples coordinates per shard). The module must
-    average first-order gradients over processes itself, as FSDP2 and DDP do; with
-    ``DTensor`` (sharded) parameters, inner products are summed over the shards. Every Hessian-vector
-    product is a central difference of two gradients with the shards perturbed in place by
-    ``+-r v``; the error is ``O(u^(2/3))`` relative (about ``1e-4`` in float32). The module
-    is left exactly as it was. Returns ``dg/dphi`` keyed like ``out_params``.
-    """
-    reshard(module)
-    if not any(p.requires_grad for p in module.parameters()):
-        raise ValueError("`module` has no trainable parameters.")
-
-    def current_shards() -> list[Tensor]:
-        """The local shards, looked up again after resharding: FSDP2 swaps the registered
-        parameters between sharded and unsharded tensors around forward passes."""
-        reshard(module)
-        return [local_shard(p) for p in module.parameters() if p.requires_grad]
-
-    original = [s.detach().clone() for s in current_shards()]
-    average = DataParallel(group).average
-    sharded = any(hasattr(p, "to_local") for p in module.parameters() if p.requires_grad)
-
-    def reduce(x: Tensor) -> Tensor:  # partial inner products over shards; replicas need none
-        return all_reduce_sum(x, group) if sharded else x
-
-    def gradients(loss_fn) -> tuple[list[Tensor], dict[str, Tensor]]:
-        phi = {k: v.detach().clone().requires_grad_(True) for k, v in out_params.items()}
-        module.zero_grad(set_to_none=True)
-        with torch.enable_grad():
-            loss_fn(phi).backward()
-        reshard(module)
-        params = [p for p in module.parameters() if p.requires_grad]
-        theta_grads = [
-            torch.zeros_like(x0) if p.grad is None else local_shard(p.grad).detach().clone()
-            for p, x0 in zip(params, original)
-        ]
-        module.zero_grad(set_to_none=True)
-        phi_grads = {k: torch.zeros_like(v) if v.grad is None else v.grad.detach() for k, v in phi.items()}
-        return theta_grads, average(phi_grads)
-
-    def at_perturbation(v: list[Tensor], r: Tensor, loss_fn):
-        with torch.no_grad():
-            for s, x0, d in zip(current_shards(), original, v):
-                s.copy_(x0 + r.to(s.dtype) * d)
-        try:
-            return gradients(loss_fn)
-        finally:
-            with torch.no_grad():
-                for s, x0 in zip(current_shards(), original):
-                    s.copy_(x0)
-
-    def central_difference(v: list[Tensor]):
-        r = finite_difference_step(original, v, reduce=reduce)
-        (t_plus, p_plus), (t_minus, p_minus) = at_perturbation(v, r, inner_loss), at_perturbation(v, -r, inner_loss)
-        theta_part = [(a - b) / (2 * r.to(a.dtype)) for a, b in zip(t_plus, t_minus)]
-        phi_part = {k: (p_plus[k] - p_minus[k]) / (2 * r.to(p_plus[k].dtype)) for k in p_plus}
-        return theta_part, phi_part
-
-    def matvec(v):
-        return tuple(central_difference(list(v))[0])
-
-    def mixed(v):
-        return central_difference(list(v))[1]
-
-    grad_in, grad_out = gradients(outer_loss)
-    from .approx_hypergrad import hypergrad_from_products
-
-    return hypergrad_from_products(tuple(grad_in), grad_out, matvec, one_at_a_time(matvec), mixed, solve, reduce)
-

@@ -18,11 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .utils import (
-    ParamsLike,
-    check_positive_float,
-    check_positive_int,
-    identity,
+from .trees import (
     tree_axpy,
     tree_dot,
     tree_flatten_vector,
@@ -34,6 +30,7 @@ from .utils import (
     tree_unflatten,
     tree_unflatten_vector,
 )
+from .utils import ParamsLike, check_positive_float, check_positive_int, identity
 
 __all__ = [
     "NystromFactor",

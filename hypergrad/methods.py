@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .autodiff import one_at_a_time
 from .linear_solvers import (
     NYSTROM_SKETCHES,
     NystromFactor,
@@ -32,7 +33,8 @@ from .linear_solvers import (
     solve_neumann,
     solve_pcg,
 )
-from .utils import ParamsLike, identity, one_at_a_time, tree_leaves, tree_scale, tree_unflatten
+from .trees import tree_leaves, tree_scale, tree_unflatten
+from .utils import ParamsLike, identity
 
 __all__ = [
     "IHVPMethod",
@@ -52,16 +54,21 @@ __all__ = [
     "options_from_arguments",
     "options_metadata",
     "check_problem_size",
+    "methods_reading",
+    "argument_default",
+    "DEFAULT_REFRESH_STEPS",
 ]
 
 DEFAULT_NYSTROM_SKETCH = "gaussian"
-"""Default Nyström sketch. On the four problems of ``benchmarks/ihvp_accuracy.py`` (ridge,
-logistic regression, an MLP, dataset distillation) the orthonormal Gaussian sketch was never
-less accurate than column sampling at the same rank and rho, and 5-10% more accurate on the
-three with non-isotropic Hessians, at the same cost; see the README's accuracy table."""
+"""Default Nyström sketch: an orthonormal Gaussian sketch, at the cost of column sampling and never less accurate
+on the problems of ``benchmarks/ihvp_accuracy.py`` (docs/ihvp-methods.md)."""
 
 EXACT_MAX_PARAMS = 20_000
 """``exact`` builds a dense ``p x p`` Hessian; above this many inner parameters it is refused."""
+
+DEFAULT_REFRESH_STEPS = 10
+"""A Nyström sketch serves this many consecutive hypergradients (1 sketches anew every time); how close a reused
+sketch stays to a fresh one: docs/ihvp-methods.md."""
 
 
 def _arg(argument: str, key: str | None = None) -> dict[str, str]:
@@ -116,7 +123,7 @@ class NystromOptions:
     rank: int = field(default=5, metadata=_arg("nystrom_rank", "rank"))
     rho: float = field(default=0.1, metadata=_arg("nystrom_rho", "rho"))
     sketch: str = field(default=DEFAULT_NYSTROM_SKETCH, metadata=_arg("nystrom_sketch", "sketch"))
-    refresh_steps: int = field(default=1, metadata=_arg("nystrom_refresh_steps", "refresh_steps"))
+    refresh_steps: int = field(default=DEFAULT_REFRESH_STEPS, metadata=_arg("nystrom_refresh_steps", "refresh_steps"))
 
     def __post_init__(self) -> None:
         check_positive_int(self.rank, "rank")
@@ -136,10 +143,10 @@ class NystromPCGOptions:
 
     rank: int = field(default=5, metadata=_arg("nystrom_rank", "rank"))
     rho: float = field(default=0.1, metadata=_arg("nystrom_rho", "rho"))
-    num_iters: int = field(default=5, metadata=_arg("ihvp_iters", "iters"))
+    num_iters: int = field(default=10, metadata=_arg("ihvp_iters", "iters"))
     sketch: str = field(default=DEFAULT_NYSTROM_SKETCH, metadata=_arg("nystrom_sketch", "sketch"))
     tol: float = 0.0
-    refresh_steps: int = field(default=1, metadata=_arg("nystrom_refresh_steps", "refresh_steps"))
+    refresh_steps: int = field(default=DEFAULT_REFRESH_STEPS, metadata=_arg("nystrom_refresh_steps", "refresh_steps"))
     warm_start: bool = field(default=False, metadata=_arg("ihvp_warm_start", "warm_start"))
 
     def __post_init__(self) -> None:
@@ -244,7 +251,8 @@ class NystromSolver:
     ``state_dict``/``load_state_dict`` carry the factor and the call count (and the last PCG
     solution with ``warm_start``), so a resumed run continues the refresh schedule exactly."""
 
-    def __init__(self, rank: int, rho: float, sketch: str = DEFAULT_NYSTROM_SKETCH, refresh_steps: int = 1,
+    def __init__(self, rank: int, rho: float, sketch: str = DEFAULT_NYSTROM_SKETCH,
+                 refresh_steps: int = DEFAULT_REFRESH_STEPS,
                  pcg_iters: int | None = None, tol: float = 0.0, warm_start: bool = False) -> None:
         self.rank, self.rho, self.sketch = rank, rho, sketch
         self.refresh_steps, self.pcg_iters, self.tol = refresh_steps, pcg_iters, tol
@@ -321,13 +329,23 @@ def _identity_solve(o: IdentityOptions) -> Solve:
 @dataclass(frozen=True)
 class IHVPMethod:
     """One IHVP method: its options class, its solver factory, a one-line summary (shown in
-    ``--help``) and whether it runs on FSDP-sharded parameters."""
+    ``--help``) and its capabilities, which the trainer and the arguments read instead of method names:
+
+    * ``shardable``: runs on FSDP-sharded parameters (its products and inner products reduce across ranks);
+    * ``hessian_free``: computes no Hessian-vector product (runs where exact products cannot, e.g. under FSDP
+      for an outer module that needs them);
+    * ``max_params``: the largest number of inner parameters it accepts (``None``: no limit).
+
+    Which shared arguments a method reads (``ihvp_iters``, ``ihvp_warm_start``, ...) follows from its options
+    class's fields (:func:`methods_reading`)."""
 
     name: str
     options: type
     build: Callable[[Any], Solve]
     summary: str
     shardable: bool = True
+    hessian_free: bool = False
+    max_params: int | None = None
 
 
 METHODS: dict[str, IHVPMethod] = {
@@ -337,8 +355,10 @@ METHODS: dict[str, IHVPMethod] = {
         IHVPMethod("nystrom_pcg", NystromPCGOptions, _nystrom_pcg, "Nyström-preconditioned conjugate gradient"),
         IHVPMethod("cg", CGOptions, _cg, "conjugate gradient"),
         IHVPMethod("neumann", NeumannOptions, _neumann, "truncated Neumann series"),
-        IHVPMethod("identity", IdentityOptions, _identity_solve, "first-order: H^-1 ~ scale * I (no HVP)"),
-        IHVPMethod("exact", ExactOptions, _exact, "dense Hessian, exact solve (small problems)", shardable=False),
+        IHVPMethod("identity", IdentityOptions, _identity_solve, "first-order: H^-1 ~ scale * I (no HVP)",
+                   hessian_free=True),
+        IHVPMethod("exact", ExactOptions, _exact, "dense Hessian, exact solve (small problems)", shardable=False,
+                   max_params=EXACT_MAX_PARAMS),
     )
 }
 
@@ -357,6 +377,23 @@ def method_options(name: str, **options: Any):
     if unknown:
         raise TypeError(f"IHVP method {name!r} has no option(s) {unknown}; it takes {sorted(known)}.")
     return cls(**options)
+
+
+def methods_reading(argument: str) -> tuple[str, ...]:
+    """The methods whose options read the ``BilevelTrainingArguments`` field ``argument``."""
+    return tuple(m.name for m in METHODS.values()
+                 if any(f.metadata.get("argument") == argument for f in dataclasses.fields(m.options)))
+
+
+def argument_default(argument: str) -> Any:
+    """The one default of the ``BilevelTrainingArguments`` field ``argument``: that of every option reading it
+    (the options classes are the single place where a default is set; methods that share an argument agree)."""
+    defaults = {f.default for m in METHODS.values() for f in dataclasses.fields(m.options)
+                if f.metadata.get("argument") == argument}
+    if len(defaults) != 1:
+        raise ValueError(f"the options reading argument {argument!r} have defaults {sorted(map(str, defaults))}; "
+                         "they must agree on one")
+    return defaults.pop()
 
 
 def options_from_arguments(name: str, arguments: Any):
@@ -390,6 +427,7 @@ def check_problem_size(name: str, options: Any, num_params: int, argument_names:
         label = fields["rank"].metadata["argument"] if argument_names else "rank"
         raise ValueError(f"`{label}` ({rank}) must not exceed the number of inner parameters ({num_params}); "
                          f"use `{label}` <= {num_params}.")
-    if name == "exact" and num_params > EXACT_MAX_PARAMS:
-        raise ValueError(f"ihvp_method='exact' builds a dense {num_params}x{num_params} Hessian; "
-                         f"use 'nystrom' or 'cg'.")
+    limit = get_method(name).max_params
+    if limit is not None and num_params > limit:
+        raise ValueError(f"ihvp_method={name!r} accepts at most {limit} inner parameters (got {num_params}); "
+                         f"use one of {tuple(m for m, method in METHODS.items() if method.max_params is None)}.")

@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .utils import ParamsLike, check_same_structure, tree_leaves, tree_unflatten
+from .trees import check_same_structure, tree_leaves, tree_unflatten
+from .utils import ParamsLike
 
 __all__ = ["diff_sgd", "diff_adam", "diff_adamw", "OptimizerState"]
 

@@ -27,7 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .utils import ParamsLike, check_same_structure, tree_leaves
+from .trees import check_same_structure, tree_leaves
+from .utils import ParamsLike
 
 __all__ = ["NonFiniteError", "OuterStepHistory", "OuterStepResult", "apply_outer_update", "first_non_finite"]
 

@@ -18,7 +18,8 @@ import torch
 from torch.nn import functional as F
 
 from hypergrad.approx_hypergrad import conjugate_gradient, exact, neumann, nystrom
-from hypergrad.utils import HVP_MODES, tree_flatten_vector, tree_leaves, tree_unflatten_vector
+from hypergrad.autodiff import HVP_MODES
+from hypergrad.trees import tree_flatten_vector, tree_leaves, tree_unflatten_vector
 
 KINDS = ["tuple", "dict"]
 DTYPES = [torch.float64, torch.float32]

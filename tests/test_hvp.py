@@ -10,13 +10,10 @@ import pytest
 import torch
 from torch.func import hessian, jacfwd, jacrev
 
-from hypergrad.utils import (
-    HVP_MODES,
-    batched_hvp,
+from hypergrad.autodiff import HVP_MODES, batched_hvp, hvp, mixed_vjp
+from hypergrad.trees import (
     check_params,
     check_same_structure,
-    hvp,
-    mixed_vjp,
     tree_flatten_vector,
     tree_leaves,
     tree_unflatten_vector,

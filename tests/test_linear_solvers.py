@@ -22,7 +22,12 @@ from hypergrad.linear_solvers import (
     solve_nystrom,
     solve_pcg,
 )
-from hypergrad.utils import tree_flatten_vector, tree_leaves, tree_unflatten, tree_unflatten_vector
+from hypergrad.trees import (
+    tree_flatten_vector,
+    tree_leaves,
+    tree_unflatten,
+    tree_unflatten_vector,
+)
 
 KINDS = ["tuple", "dict"]
 SHAPES = {"a": (2, 3), "b": (), "c": (5,)}  # 12 unknowns, one 0-d leaf

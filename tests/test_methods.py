@@ -6,8 +6,15 @@ import functools
 
 import pytest
 import torch
+from test_approx_hypergrad import P, Ridge, flat64, rel_err
 
-from hypergrad.approx_hypergrad import identity, implicit_hypergrad, make_solver, nystrom, nystrom_pcg
+from hypergrad.approx_hypergrad import (
+    identity,
+    implicit_hypergrad,
+    make_solver,
+    nystrom,
+    nystrom_pcg,
+)
 from hypergrad.linear_solvers import NystromFactor, solve_pcg
 from hypergrad.methods import (
     METHODS,
@@ -17,9 +24,7 @@ from hypergrad.methods import (
     method_options,
     options_metadata,
 )
-from hypergrad.utils import tree_flatten_vector
-
-from test_approx_hypergrad import P, Ridge, flat64, rel_err
+from hypergrad.trees import tree_flatten_vector
 
 
 @pytest.mark.parametrize("kind", ["tuple", "dict"])

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from hypergrad.optimizers import diff_adam, diff_adamw, diff_sgd
-from hypergrad.utils import tree_leaves
+from hypergrad.trees import tree_leaves
 
 KINDS = ["tuple", "dict"]
 NAMES = ["weight", "bias", "scale"]

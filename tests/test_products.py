@@ -5,8 +5,10 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from hypergrad.products import linearize_inner, mixed_reverse_over_forward, probe_hvp_mode
-from hypergrad.utils import HVP_MODES, hvp, mixed_vjp, tree_leaves, tree_map
+from hypergrad.autodiff import HVP_MODES, hvp, mixed_vjp
+from hypergrad.mode_probe import probe_hvp_mode
+from hypergrad.products import linearize_inner, mixed_reverse_over_forward
+from hypergrad.trees import tree_leaves, tree_map
 
 
 def _mlp_problem(kind, dtype=torch.float64, seed=0):

@@ -262,11 +262,13 @@ class OuterModule(nn.Module):
                 folder, metadata=metadata, optimizer_state=None, card_repo_id=resolved_id
             ),
             repo_id,
+            files=[serialization.OUTER_PARAMS_NAME, serialization.OUTER_CONFIG_NAME, serialization.MODEL_CARD_NAME],
             commit_message=commit_message,
             private=private,
             token=token,
             create_pr=create_pr,
         )
+
 
 def _short_config(config: Mapping[str, Any]) -> str:
     parts = []

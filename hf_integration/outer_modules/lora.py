@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -11,12 +10,13 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+from transformers.utils import logging
 
 from ..model_card import CardText
 from .base import OuterModule, _require
 from .weighting import promote
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 __all__ = ["LoraRegularization", "find_lora_modules", "parse_layer_index"]
 

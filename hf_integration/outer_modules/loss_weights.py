@@ -35,41 +35,36 @@ class LossWeights(ExampleWeighting):
     Warm-up (``warmup_steps``): over the first ``warmup_steps`` inner steps the tilt grows linearly from none,
     ``w_i = sigmoid(-r * loss_scale * stop_grad(l_i))`` with ``r = min(1, step / warmup_steps)`` (the step as told
     by :meth:`set_inner_step`; `BilevelTrainer` does this), so that the model first learns every kind of
-    example, the hard but clean ones included, at nearly uniform weights. Measured on the instruction job
-    (SmolLM2, 3 seeds, from ``loss_scale = 1``): a warm-up over half the run lowered the test loss where a tilt
-    from the start had hurt it most (seed 0: 0.929 vs 0.971) and left the mean unchanged (0.739 vs 0.740), at
-    a slightly lower AUC (0.920 vs 0.927); that job does not use it by default.
+    example, the hard but clean ones included, at nearly uniform weights (its effect on the instruction job:
+    ``docs/instruction-data.md``).
 
-    Two measured choices: no offset (with ``sigmoid(bias - ...)`` the outer problem drove ``bias`` up until every
-    weight saturated near 1 and the weighting switched itself off) and a positive scale (a signed one went
-    negative, up-weighting the noisy examples, in 5 of 27 runs of ``benchmarks/reweighting_outcome.py``; the
-    worst a positive one can do is stay near uniform).
+    No offset and a positive scale, by design: with ``sigmoid(bias - ...)`` the outer problem can drive ``bias`` up
+    until every weight saturates near 1 and the weighting switches itself off, and a signed scale can go
+    negative, up-weighting the noisy examples; the worst a positive one can do is stay near uniform (the runs
+    behind both choices: ``docs/data-reweighting.md``).
 
     Trusted rows (``trusted_column``): when the inner problem also trains on the clean validation examples (the
     data-weighting script's ``--train_on_validation``), a true value in that batch column marks them, and they
     are not weighted by their loss: weighting the validation examples by their loss too let the outer problem
-    prefer keeping its own hard examples, and ``loss_scale`` drifted back to uniform (measured in
-    ``benchmarks/reweighting_outcome.py``: scipy_docs with 30% pairwise noise, AUC 0.86 -> 0.94 at seed 0).
-    ``trusted_share`` says how much they count:
+    prefer keeping its own hard examples, and ``loss_scale`` drifted back to uniform
+    (``docs/data-reweighting.md``). ``trusted_share`` says how much they count:
 
     * ``"max_weight"`` (default): the weight of a zero-loss example, ``sigmoid(0) = 1/2``, the largest there is,
       normalized with the rest. A larger ``loss_scale`` then also shifts the batch's mass onto the trusted rows,
       which are the outer objective's own rows.
     * ``"uniform"``: they keep their uniform share of each batch, ``n_trusted / n``, and the weights only divide
       the rest among the training rows (:func:`_normalized_weighted_mean` with ``fixed_share``), so the outer
-      problem cannot lower its loss by training more on its own rows. Measured on the instruction job (SmolLM2,
-      3 seeds): test loss 0.728 / 0.637 / 0.532 vs 0.971 / 0.653 / 0.595 with ``"max_weight"`` (uniform SFT:
-      0.905 / 0.730 / 0.707) at an AUC of 0.920 / 0.901 / 0.908 vs 0.940 / 0.924 / 0.918; that job's default.
-      On the classification job's real-text sets it lowered the AUC and test accuracy at 30% pairwise noise
-      (e.g. ``scipy_docs``: 0.909 / 69.4% vs 0.938 / 73.1%), so that job keeps ``"max_weight"``.
+      problem cannot lower its loss by training more on its own rows. The ``instruction_data_weighting``
+      recipe's choice; the ``data_weighting`` recipe keeps ``"max_weight"`` (the comparisons behind both:
+      ``docs/instruction-data.md``, ``docs/data-reweighting.md``).
 
     As in Meta-Weight-Net, the weights are inputs to the inner step, not functions it differentiates: the
     inner gradient is ``sum_i w_i grad l_i / sum_i w_i`` and the Hessian of the hypergradient is that of the
     weighted loss with the weights held at their current values (``stops_gradients``). Exact HVP modes compute
     exactly this; finite differences of gradients would also differentiate the weights, so the trainer
     refuses ``hvp_mode="finite_diff"`` with this module and checks its exact modes against each other.
-    (Differentiating through the weights instead makes the loss a redescending robust loss; measured on the
-    real-text sets it learned worse weights and, on one set, the opposite sign.)
+    (Differentiating through the weights instead makes the loss a redescending robust loss, which learned worse
+    weights on the real-text sets: ``docs/data-reweighting.md``.)
 
     No example ids are needed (``id_column`` is ``None``), so any collator works (one that keeps
     ``trusted_column`` when it is set).

@@ -20,7 +20,8 @@ from torch import nn
 from torch.func import functional_call
 
 from hypergrad.approx_hypergrad import conjugate_gradient, make_solver, nystrom
-from hypergrad.distributed import DataParallel, reshard, sharded_hypergrad
+from hypergrad.distributed import DataParallel, reshard
+from hypergrad.sharded import sharded_hypergrad
 
 N_TRAIN, N_VAL, DIM, HIDDEN, OUT = 16, 8, 4, 6, 2
 

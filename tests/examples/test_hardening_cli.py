@@ -16,14 +16,14 @@ import numpy as np
 import pytest
 import torch
 from filelock import FileLock
-
-from hf_integration import BilevelTrainer, DataWeights, hub
-from hf_integration.hub import CheckpointError, HubError
-from hypergrad.outer_step import NonFiniteError
-from hf_integration import classification as text_classification
-from hf_integration import runs
-from hf_integration.runs import LOCK_NAME, InputError, RunError
 from repo_scripts import load
+
+from hf_integration import BilevelTrainer, DataWeights, hub, runs
+from hf_integration import classification as text_classification
+from hf_integration.checkpoints import CheckpointError
+from hf_integration.hub import HubError
+from hf_integration.runs import LOCK_NAME, InputError, RunError
+from hypergrad.outer_step import NonFiniteError
 
 data_reweighting = load("examples/data_reweighting.py")
 peft_regularization = load("examples/peft_regularization.py")
@@ -520,7 +520,11 @@ def test_every_model_is_scored_by_the_plain_loss_under_label_smoothing(tiny_mode
     """--label_smoothing_factor used to change the rivals (Trainer smooths its evaluation loss too) and not the
     bilevel run: the comparison of test losses was unfair. Every model now trains with it and is scored without."""
     import datasets
-    from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments
+    from transformers import (
+        AutoModelForSequenceClassification,
+        Trainer,
+        TrainingArguments,
+    )
 
     model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir)
     with torch.no_grad():

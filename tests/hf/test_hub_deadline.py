@@ -121,7 +121,7 @@ def test_a_repo_creation_that_does_not_finish_is_abandoned_at_its_deadline(monke
     release = threading.Event()
     monkeypatch.setattr(constants, "HF_HUB_ETAG_TIMEOUT", 0.25)
     monkeypatch.setattr(constants, "HF_HUB_DOWNLOAD_TIMEOUT", 0.25)
-    with mock.patch.object(hub, "HfApi") as api_cls, mock.patch.object(hub, "ensure_hub_timeout"):
+    with mock.patch.object(hub, "HfApi") as api_cls:
         api_cls.return_value.endpoint = "https://hub.example"
         api_cls.return_value.create_repo.side_effect = lambda *args, **kwargs: release.wait(60)
         start = time.monotonic()
@@ -137,7 +137,7 @@ def test_a_repo_creation_that_does_not_finish_is_abandoned_at_its_deadline(monke
 def test_an_upload_that_does_not_finish_is_abandoned_at_its_deadline(monkeypatch):
     release = threading.Event()
     monkeypatch.setattr(hub, "_upload_deadline", lambda folder, names: 0.5)
-    with mock.patch.object(hub, "HfApi") as api_cls, mock.patch.object(hub, "ensure_hub_timeout"):
+    with mock.patch.object(hub, "HfApi") as api_cls:
         api_cls.return_value.create_repo.return_value = mock.Mock(repo_id="me/x")
         api_cls.return_value.upload_folder.side_effect = lambda **kwargs: release.wait(60)
         start = time.monotonic()
@@ -149,6 +149,25 @@ def test_an_upload_that_does_not_finish_is_abandoned_at_its_deadline(monkeypatch
                         r"HF_HUB_DOWNLOAD_TIMEOUT\) \+ 1 s per 100 kB\): the Hub does not answer or is too slow; "
                         r"check the connection or raise HF_HUB_DOWNLOAD_TIMEOUT \(the upload may still complete in "
                         r"the background\)", str(info.value)), str(info.value)
+
+
+def test_a_weighted_dataset_push_that_does_not_finish_is_abandoned_at_its_deadline(monkeypatch):
+    import datasets
+
+    from hf_integration import weights_dataset
+
+    release = threading.Event()
+    monkeypatch.setattr(weights_dataset, "upload_deadline", lambda num_bytes: 0.5)
+    table = datasets.Dataset.from_dict({"text": ["a", "b"], "weight": [0.5, 1.0]})
+    with mock.patch.object(hub, "HfApi") as api_cls, mock.patch.object(weights_dataset, "HfApi"), \
+            mock.patch("datasets.Dataset.push_to_hub", side_effect=lambda *args, **kwargs: release.wait(60)):
+        api_cls.return_value.create_repo.return_value = mock.Mock(repo_id="me/weights")
+        start = time.monotonic()
+        with pytest.raises(hub.HubError, match=r"^uploading the weighted dataset to the Hub dataset repo 'me/weights' "
+                                               r"did not finish within 0\.5 s"):
+            weights_dataset.push_weights_dataset(table, "me/weights", card="# c", token="hf_x")
+        assert time.monotonic() - start < BOUND_S
+    release.set()
 
 
 def test_the_upload_deadline_grows_with_the_hub_timeouts_and_the_size(monkeypatch, tmp_path):

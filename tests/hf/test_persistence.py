@@ -11,9 +11,9 @@ from unittest import mock
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from safetensors import safe_open
 from safetensors.torch import save_file
-from huggingface_hub import ModelCard
 
 from hf_integration import (
     OUTER_CONFIG_NAME,
@@ -22,11 +22,14 @@ from hf_integration import (
     DataWeights,
     LoraRegularization,
     OuterModule,
+    atomic_files,
     atomic_write,
+    checkpoints,
+    hub,
     load_optimizer_state,
     save_optimizer_state,
+    serialization,
 )
-from hf_integration import hub, serialization
 
 META = {
     "method": "nystrom",
@@ -133,7 +136,7 @@ def test_model_card(tmp_path, trained_weights, trained_reg):
 
 
 def test_model_card_base_model_is_a_hub_id_never_a_local_path(tmp_path, trained_weights):
-    from hf_integration.serialization import hub_model_id
+    from hf_integration.public_names import hub_model_id
 
     local = tmp_path / "local_model"
     local.mkdir()
@@ -158,8 +161,8 @@ def test_format_version_newer_is_refused_with_a_clear_message(tmp_path, trained_
     file = tmp_path / OUTER_PARAMS_NAME
     with safe_open(str(file), framework="pt") as f:
         header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    assert header["outer_format_version"] == hub.FORMAT_VERSION
-    save_file(tensors, str(file), metadata={**header, "outer_format_version": str(int(hub.FORMAT_VERSION) + 1)})
+    assert header["outer_format_version"] == serialization.FORMAT_VERSION
+    save_file(tensors, str(file), metadata={**header, "outer_format_version": str(int(serialization.FORMAT_VERSION) + 1)})
     with pytest.raises(ValueError, match=r"format version 2, newer than this hypergrad supports \(up to version 1\); "
                                          "upgrade hypergrad"):
         DataWeights.from_pretrained(str(tmp_path))
@@ -503,13 +506,13 @@ def _write_raw_safetensors(path, header: dict, data: bytes = b"") -> None:
         f.write(len(raw).to_bytes(8, "little") + raw + data)
 
 
-@pytest.mark.parametrize("case, match", [
-    ("short", "less than the 8-byte header length"),
-    ("huge_header", "its header claims"),
-    ("bad_json", "unreadable JSON header"),
-    ("offsets_outside", "is not inside the file"),
-    ("shape_vs_bytes", "declares shape"),
-    ("bad_dtype", "no valid dtype"),
+@pytest.mark.parametrize("case, match", [  # safetensors' own header check, named with the file
+    ("short", "header too small"),
+    ("huge_header", "header too large"),
+    ("bad_json", "invalid JSON in header"),
+    ("offsets_outside", "not fully covered"),
+    ("shape_vs_bytes", "invalid shape, data type, or offset"),
+    ("bad_dtype", "unknown variant `X9`"),
 ])
 def test_corrupt_headers_are_refused_before_loading(tmp_path, case, match):
     path = tmp_path / OUTER_PARAMS_NAME
@@ -603,16 +606,16 @@ def test_atomic_write_dir_replaces_whole_folders(tmp_path):
                 f.write(content)
         return write
 
-    hub.atomic_write_dir(target, writer("old"))
+    atomic_files.atomic_write_dir(target, writer("old"))
 
     def failing(folder):
         writer("half")(folder)
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        hub.atomic_write_dir(target, failing)
+        atomic_files.atomic_write_dir(target, failing)
     assert (target / "data.txt").read_text() == "old"
-    hub.atomic_write_dir(target, writer("new"))
+    atomic_files.atomic_write_dir(target, writer("new"))
     assert (target / "data.txt").read_text() == "new"
     assert sorted(os.listdir(tmp_path)) == ["table"]  # no temporary or old folder left
 
@@ -642,19 +645,19 @@ def test_checkpoint_problems_and_last_complete_checkpoint(tmp_path, caplog):
     _fake_checkpoint(tmp_path / "checkpoint-10", state=False)  # killed during the save
     _fake_checkpoint(tmp_path / "checkpoint-8", outer=(OUTER_PARAMS_NAME,))
     (tmp_path / "checkpoint-9").write_text("a file")
-    assert hub.checkpoint_problem(good) is None
-    assert "no trainer_state.json" in hub.checkpoint_problem(tmp_path / "checkpoint-10")
-    assert f"has no {OUTER_OPTIMIZER_NAME}" in hub.checkpoint_problem(tmp_path / "checkpoint-8")
-    assert "holds no model weights" in hub.checkpoint_problem(_fake_checkpoint(tmp_path / "x", weights=False))
+    assert checkpoints.checkpoint_problem(good) is None
+    assert "no trainer_state.json" in checkpoints.checkpoint_problem(tmp_path / "checkpoint-10")
+    assert f"has no {OUTER_OPTIMIZER_NAME}" in checkpoints.checkpoint_problem(tmp_path / "checkpoint-8")
+    assert "holds no model weights" in checkpoints.checkpoint_problem(_fake_checkpoint(tmp_path / "x", weights=False))
     (tmp_path / "x" / "trainer_state.json").write_text("{trunc")
-    assert "trainer_state.json is unreadable" in hub.checkpoint_problem(tmp_path / "x")
-    assert "is not a folder" in hub.checkpoint_problem(tmp_path / "missing")
+    assert "trainer_state.json is unreadable" in checkpoints.checkpoint_problem(tmp_path / "x")
+    assert "is not a folder" in checkpoints.checkpoint_problem(tmp_path / "missing")
     with caplog.at_level("WARNING", logger="hf_integration.hub"):
-        assert hub.last_checkpoint(tmp_path) == good
+        assert checkpoints.last_checkpoint(tmp_path) == good
     assert sum("Skipping incomplete checkpoint" in r.getMessage() for r in caplog.records) == 2
     plain = _fake_checkpoint(tmp_path / "plain" / "checkpoint-3", outer=())
-    assert hub.last_checkpoint(tmp_path / "plain") is None
-    assert hub.last_checkpoint(tmp_path / "plain", outer_files=()) == plain
+    assert checkpoints.last_checkpoint(tmp_path / "plain") is None
+    assert checkpoints.last_checkpoint(tmp_path / "plain", outer_files=()) == plain
 
 
 def _damage(folder, name, content):
@@ -687,9 +690,9 @@ CHECKPOINT_DAMAGE = {
 def test_a_damaged_checkpoint_is_refused_in_one_line(tmp_path, case):
     name, content, message = CHECKPOINT_DAMAGE[case]
     folder = _damage(_fake_checkpoint(tmp_path / "checkpoint-6"), name, content)
-    problem = hub.checkpoint_problem(folder)
+    problem = checkpoints.checkpoint_problem(folder)
     assert problem is not None and re.search(message, problem) and "\n" not in problem
-    assert hub.last_checkpoint(tmp_path) is None  # never resumed from, explicitly or by resume_from_checkpoint=True
+    assert checkpoints.last_checkpoint(tmp_path) is None  # never resumed from, explicitly or by resume_from_checkpoint=True
 
 
 # ---------------------------------------------------------------------------------------- hardening: Hub
@@ -706,7 +709,8 @@ def default_hub_client():
     set_client_factory(default_client_factory)
 
 
-def test_hub_requests_time_out_against_a_server_that_never_answers(default_hub_client, monkeypatch):
+def test_hub_requests_end_against_a_server_that_never_answers_and_leave_the_shared_client_alone(
+        default_hub_client, monkeypatch):
     import socket
     import time
 
@@ -714,23 +718,22 @@ def test_hub_requests_time_out_against_a_server_that_never_answers(default_hub_c
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(hub.constants, "HF_HUB_OFFLINE", False)
-    assert get_session().timeout.read is None  # huggingface_hub's default: API calls can hang forever
+    monkeypatch.setattr(hub.constants, "HF_HUB_ETAG_TIMEOUT", 0.5)
+    monkeypatch.setattr(hub.constants, "HF_HUB_DOWNLOAD_TIMEOUT", 0.5)
+    client = get_session()
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(4)  # accepts connections (the kernel completes them) and never answers
     try:
         start = time.perf_counter()
-        hub.ensure_hub_timeout(1.0)
         with pytest.raises(hub.HubError, match=r"cannot create or reach the Hub repo 'me/x' at http://127.0.0.1:\d+: "
-                                               r"ReadTimeout") as info:
+                                               r"no answer within 1 s") as info:
             hub.check_hub_repo("me/x", token="hf_x", endpoint=f"http://127.0.0.1:{server.getsockname()[1]}")
         assert time.perf_counter() - start < 10
         assert "\n" not in str(info.value)
     finally:
         server.close()
-    assert get_session().timeout.read == 1.0
-    hub.ensure_hub_timeout(5.0)  # a client that has a timeout is kept
-    assert get_session().timeout.read == 1.0
+    assert get_session() is client and client.timeout.read is None  # the user's client, as it was
 
 
 def test_hub_failures_are_one_line_errors(default_hub_client):

@@ -13,6 +13,7 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from sklearn.metrics import roc_auc_score
 from torch import nn
 from torch.func import functional_call
@@ -20,13 +21,27 @@ from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import default_data_collator
 
-from hf_integration import (BilevelTrainer, CombinedWeights, DataWeights, LoraRegularization, LossWeights, OuterModule,
-                            SourceWeights, dataset_fingerprint_metadata)
+from hf_integration import (
+    BilevelTrainer,
+    CombinedWeights,
+    DataWeights,
+    LoraRegularization,
+    LossWeights,
+    OuterModule,
+    SourceWeights,
+    dataset_fingerprint_metadata,
+)
 from hf_integration.trainer import outer_batch_columns
 from hypergrad import approx_hypergrad
-from hypergrad.utils import tree_flatten_vector, tree_unflatten_vector
+from hypergrad.trees import tree_flatten_vector, tree_unflatten_vector
 
-from .trainer_utils import bilevel_args, datasets_with_ids, tiny_bert_classifier, tiny_classifier, token_task
+from .trainer_utils import (
+    bilevel_args,
+    datasets_with_ids,
+    tiny_bert_classifier,
+    tiny_classifier,
+    token_task,
+)
 
 
 def _weights_auc(weights: DataWeights, dataset) -> float:
@@ -355,11 +370,14 @@ def test_push_to_hub_uploads_outer_params_and_card(tmp_path):
     assert uploaded["repo_id"] == "user/weights"
     assert {"outer_params.safetensors", "outer_config.json", "adapter_model.safetensors", "README.md"} <= uploaded["files"]
     assert "nystrom" in uploaded["card"] and "data weights" in uploaded["card"].lower()
+    # one card for save and push: the adapter's library (PEFT), the hypergrad section, the same text
+    trainer.save_model(str(tmp_path / "saved"))
+    saved = (tmp_path / "saved" / "README.md").read_text(encoding="utf-8")
+    assert ModelCard(uploaded["card"]).data.library_name == ModelCard(saved).data.library_name == "peft"
+    assert uploaded["card"] == saved
 
 
-def test_save_model_card_replaces_peft_template_and_never_holds_a_local_path(tmp_path):
-    from huggingface_hub import ModelCard
-
+def test_save_model_card_is_peft_s_and_trainer_s_with_ours_and_never_holds_a_local_path(tmp_path):
     train, val = datasets_with_ids(32, 16)
     model = tiny_classifier()
     local = tmp_path / "local_base"
@@ -375,8 +393,11 @@ def test_save_model_card_replaces_peft_template_and_never_holds_a_local_path(tmp
         trainer.save_model(str(out))
         text = (out / "README.md").read_text(encoding="utf-8")
         card = ModelCard(text)
-        assert card.data.base_model == hub_id and card.data.library_name == "hypergrad"
+        assert card.data.base_model == hub_id and card.data.library_name == "peft"  # listed as an adapter
+        assert {"lora", "generated_from_trainer", "hypergrad", "data-weights"} <= set(card.data.tags)
+        assert all("base_model" not in tag or tag.endswith(str(hub_id)) for tag in card.data.tags)
         assert name_or_path not in text and "[More Information Needed]" not in text
+        assert "### Training hyperparameters" in text  # Trainer's part
         assert "Learned data weights" in text and "nystrom" in text and "AutoPeftModel" in text
         assert DataWeights.from_pretrained(str(out)).metadata.get("base_model") == hub_id
 
