@@ -42,7 +42,7 @@ def noisy_files(name: str, kind: str, rate: float, seed: int, data_dir: str, out
     flipped (``kind``)."""
     import datasets
 
-    from hf_integration.classification import flip_labels
+    from hf_integration.label_noise import flip_labels
 
     folder = os.path.join(data_dir, name + ("-" + "-".join(map(str, sizes.values())) if sizes else ""))
     if not os.path.isfile(os.path.join(folder, "test.jsonl")):

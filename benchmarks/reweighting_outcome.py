@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from hf_integration.label_noise import NOISE_TYPES
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
@@ -44,10 +46,10 @@ MODELS = ("bilevel", "uniform", "uniform_train_val", "loss_filter")
 
 
 def parse_noise(text: str) -> tuple[str, float]:
-    """``"symmetric:0.4"`` -> ``("symmetric", 0.4)``."""
+    """``"symmetric:0.4"`` -> ``("symmetric", 0.4)``; the kinds of :data:`hf_integration.label_noise.NOISE_TYPES`."""
     kind, _, rate = text.partition(":")
-    if kind not in ("symmetric", "pairwise") or not rate:
-        raise argparse.ArgumentTypeError(f"--noise {text!r}: expected symmetric:RATE or pairwise:RATE")
+    if kind not in NOISE_TYPES or not rate:
+        raise argparse.ArgumentTypeError(f"--noise {text!r}: expected KIND:RATE with KIND one of {NOISE_TYPES}")
     return kind, float(rate)
 
 
@@ -111,14 +113,22 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     for model in MODELS:
         summary[f"{model}_test_accuracy"] = values(lambda r, m=model: model_metrics(r, m)["test_accuracy"])
         summary[f"{model}_test_loss"] = values(lambda r, m=model: model_metrics(r, m)["test_loss"])
+        summary[f"{model}_test_ece"] = values(lambda r, m=model: model_metrics(r, m)["test_ece"])
     summary["mean"] = {k: float(np.nanmean(v)) if v and not all(math.isnan(x) for x in v) else math.nan
                        for k, v in summary.items() if isinstance(v, list)}
     return summary
 
 
+def _lowest(mean: dict[str, float], metric: str) -> float:
+    """The best (lowest) rival's mean ``metric``; NaN when no rival has it (results of an older run)."""
+    known = [mean[f"{k}_{metric}"] for k in MODELS[1:] if not math.isnan(mean[f"{k}_{metric}"])]
+    return min(known) if known else math.nan
+
+
 def table(summaries: dict[str, dict[str, Any]]) -> str:
     header = ["set", "noise", "AUC", "P@k", "loss-filter AUC", "test acc bilevel", "uniform", "uniform train+val",
-              "loss filter", "bilevel - best rival", "val-test gap", "time / uniform"]
+              "loss filter", "bilevel - best rival", "test loss bilevel", "best rival's", "test ECE bilevel",
+              "best rival's", "val-test gap", "time / uniform"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for key, s in summaries.items():
         m = s["mean"]
@@ -127,6 +137,8 @@ def table(summaries: dict[str, dict[str, Any]]) -> str:
         cells = [name, noise, f"{m['auc']:.3f}", f"{m['precision_at_k']:.3f}", f"{m['loss_filter_auc']:.3f}",
                  *(f"{100 * m[f'{k}_test_accuracy']:.1f}" for k in MODELS),
                  f"{100 * (m['bilevel_test_accuracy'] - rivals):+.1f}",
+                 f"{m['bilevel_test_loss']:.3f}", f"{_lowest(m, 'test_loss'):.3f}",
+                 f"{m['bilevel_test_ece']:.3f}", f"{_lowest(m, 'test_ece'):.3f}",
                  # the validation set is training data there: its accuracy says nothing about overfitting
                  "n/a" if s.get("train_on_validation") else f"{100 * m['bilevel_val_minus_test_acc']:+.1f}",
                  f"{m['time_ratio_to_uniform']:.2f}x"]

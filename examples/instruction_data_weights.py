@@ -51,7 +51,7 @@ from hf_integration.rivals import train_rival
 from hf_integration.runs import (InputError, OutputWriter, RunArguments, agree, check_outer_steps, configuring,
                                  parse_arguments, push_outputs, resume_point, run_main, scheduled_outer_steps,
                                  start_run, write_json)
-from hf_integration.serialization import atomic_write_text
+from hf_integration.atomic_files import atomic_write_text
 from hf_integration.sft import BilevelSFTConfig, BilevelSFTTrainer, check_rows_kept
 from hf_integration.training_callbacks import NonFiniteGuard
 from hf_integration.weights_dataset import (check_weights_repo, push_weights_dataset, render_weights_card,

@@ -1,5 +1,5 @@
 """Text classification for a training script: the model and data arguments, the data loaded and checked before any
-work, label noise on purpose, tokenization, the pretrained classifier with its LoRA adapter, and the evaluation.
+work, tokenization, the pretrained classifier with its LoRA adapter, and the evaluation.
 
 The data is the embedded generated sentiment set (:mod:`hf_integration.demo.sentiment`, no download), a Hub
 dataset (``--dataset_name``) or local csv/json files (``--train_file`` ...); bad input is refused before training
@@ -31,11 +31,13 @@ from .data_files import (
 from .demo.sentiment import make_splits
 from .embedded_models import minilm_path
 from .hub import error_line
+from .label_noise import NOISE_TYPES
 from .public_names import looks_like_local_path
+from .reporting import calibration_error
 from .runs import InputError, loading, require_finite
 
-__all__ = ["EMBEDDED_NAME", "EMBEDDED_SIZES", "NOISE_TYPES", "ModelArguments", "DataArguments", "TextSplits",
-           "load_splits", "flip_labels", "tokenize_splits", "build_lora_model", "lora_layer_indices", "load_tokenizer",
+__all__ = ["EMBEDDED_NAME", "EMBEDDED_SIZES", "ModelArguments", "DataArguments", "TextSplits",
+           "load_splits", "tokenize_splits", "build_lora_model", "lora_layer_indices", "load_tokenizer",
            "check_sequence_length", "check_cache_options", "accuracy_metrics", "evaluate_splits"]
 
 
@@ -45,7 +47,6 @@ EMBEDDED_NAME = "embedded synthetic sentiment (hf_integration.demo.sentiment)"
 # both the validation and the test size).
 EMBEDDED_SIZES = {"train": 512, "validation": 256, "test": 1000}
 
-NOISE_TYPES = ("symmetric", "pairwise")
 
 @dataclass
 class ModelArguments:
@@ -143,8 +144,11 @@ class DataArguments:
         default="symmetric",
         metadata={"help": "How --noise_rate corrupts a label: 'symmetric' = another class uniformly at random; "
                   "'pairwise' = class c becomes class c+1 (mod the number of classes), a class-dependent noise "
-                  "that looks like systematic confusion between neighbouring classes.",
-                  "choices": ("symmetric", "pairwise")},
+                  "that looks like systematic confusion between neighbouring classes; 'confusable' = the examples "
+                  "a cross-validated TF-IDF + logistic-regression model finds most confusable, each flipped to its "
+                  "likeliest wrong class (instance-dependent noise, as annotators make it; "
+                  "hf_integration.label_noise).",
+                  "choices": NOISE_TYPES},
     )
     max_train_samples: int | None = field(
         default=None,
@@ -299,36 +303,6 @@ def _label_values(dataset: datasets.Dataset, column: str) -> list:
                          "supported by this script).")
     return values
 
-def flip_labels(dataset: datasets.Dataset, rate: float, num_labels: int, seed: int,
-                noise_type: str = "symmetric") -> datasets.Dataset:
-    """Replace the label of ``round(rate * n)`` random examples by another class: uniformly among the others
-    (``noise_type="symmetric"``) or the next one, ``c -> (c + 1) mod num_labels`` (``"pairwise"``).
-
-    The flipped examples are marked ``True`` in a boolean ``corrupted`` column (ground truth for judging learned
-    data weights). ``rate == 0`` leaves the labels alone and keeps an existing ``corrupted`` column, else adds an
-    all-``False`` one.
-    """
-    n = len(dataset)
-    if rate == 0.0:
-        if "corrupted" in dataset.column_names:
-            return dataset
-        return dataset.add_column("corrupted", [False] * n)
-    rng = np.random.default_rng(seed)
-    flipped = np.zeros(n, dtype=bool)
-    flipped[rng.permutation(n)[: int(round(rate * n))]] = True
-    labels = np.asarray(dataset["labels"])
-    if noise_type not in NOISE_TYPES:
-        raise ValueError(f"noise_type must be one of {NOISE_TYPES}, got {noise_type!r}")
-    shift = rng.integers(1, num_labels, size=n)  # a different class, uniformly among the others
-    if noise_type == "pairwise":
-        shift = np.ones(n, dtype=np.int64)
-    new_labels = np.where(flipped, (labels + shift) % num_labels, labels)
-    if "corrupted" in dataset.column_names:
-        dataset = dataset.remove_columns("corrupted")
-    features = dataset.features
-    dataset = dataset.remove_columns("labels").add_column("labels", new_labels.tolist())
-    dataset = dataset.cast_column("labels", features["labels"])
-    return dataset.add_column("corrupted", flipped.tolist())
 
 def tokenize_splits(splits: Mapping[str, datasets.Dataset], tokenizer: Any, max_length: int,
                     keep: Sequence[str] = ("labels",)) -> dict[str, datasets.Dataset]:
@@ -422,14 +396,19 @@ def load_tokenizer(model_args: ModelArguments) -> Any:
     return tokenizer
 
 def accuracy_metrics(eval_pred: Any) -> dict[str, float]:
-    """``compute_metrics`` for `Trainer`: classification accuracy."""
+    """``compute_metrics`` for `Trainer`: classification accuracy and expected calibration error
+    (:func:`~hf_integration.reporting.calibration_error`, 15 bins)."""
     logits, labels = eval_pred.predictions, eval_pred.label_ids
     if isinstance(logits, tuple):
         logits = logits[0]
-    return {"accuracy": float((np.argmax(logits, axis=-1) == labels).mean())}
+    logits = np.asarray(logits, dtype=np.float64)
+    probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)
+    return {"accuracy": float((np.argmax(logits, axis=-1) == labels).mean()),
+            "ece": calibration_error(probs, np.asarray(labels))}
 
 def evaluate_splits(trainer: Any, datasets_by_role: dict[str, Any]) -> dict[str, float]:
-    """``{role}_accuracy`` and ``{role}_loss`` (mean cross-entropy, no weights, penalty or label smoothing:
+    """``{role}_accuracy``, ``{role}_ece`` and ``{role}_loss`` (mean cross-entropy, no weights, penalty or label smoothing:
     `BilevelTrainer` evaluates the plain loss, and so is every rival's, whose `Trainer` would otherwise report
     the smoothed loss under ``--label_smoothing_factor``) of the trainer's model on each dataset; ``None``
     datasets are skipped."""
@@ -442,6 +421,7 @@ def evaluate_splits(trainer: Any, datasets_by_role: dict[str, Any]) -> dict[str,
             metrics = trainer.evaluate(eval_dataset=dataset, metric_key_prefix=role)
             out[f"{role}_accuracy"] = float(metrics[f"{role}_accuracy"])
             out[f"{role}_loss"] = float(metrics[f"{role}_loss"])
+            out[f"{role}_ece"] = float(metrics[f"{role}_ece"])
     finally:
         trainer.label_smoother = smoother
     return out

@@ -17,7 +17,7 @@ import numpy as np
 from .atomic_files import atomic_write
 from .runs import describe_steps, format_table
 
-__all__ = ["weights_auc", "ranking_figures", "auc_by_kind", "plot_weights", "print_summary"]
+__all__ = ["calibration_error", "weights_auc", "ranking_figures", "auc_by_kind", "plot_weights", "print_summary"]
 
 
 def weights_auc(weights: np.ndarray, corrupted: np.ndarray) -> float:
@@ -29,6 +29,21 @@ def weights_auc(weights: np.ndarray, corrupted: np.ndarray) -> float:
     if corrupted.all() or not corrupted.any():
         return math.nan
     return float(roc_auc_score(corrupted.astype(int), -np.asarray(weights)))
+
+
+def calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    """Expected calibration error: ``sum_b (n_b / n) |accuracy_b - confidence_b|`` over ``bins`` equal-width bins of
+    the confidence ``max_c p(c | x)`` (Guo et al., 2017), in [0, 1]; 0 when the confidence of each bin equals its
+    accuracy. ``probs``: ``(n, num_classes)`` rows summing to 1; ``labels``: ``(n,)`` class indices."""
+    probs = np.asarray(probs, dtype=np.float64)
+    confidence, predicted = probs.max(axis=1), probs.argmax(axis=1)
+    correct = (predicted == np.asarray(labels)).astype(np.float64)
+    which = np.minimum((confidence * bins).astype(np.int64), bins - 1)  # bin b: [b/bins, (b+1)/bins), 1 in the last
+    total = 0.0
+    for b in np.unique(which):
+        members = which == b
+        total += members.sum() * abs(correct[members].mean() - confidence[members].mean())
+    return float(total / len(correct)) if len(correct) else math.nan
 
 
 def ranking_figures(weights: np.ndarray, corrupted: np.ndarray) -> dict[str, float]:

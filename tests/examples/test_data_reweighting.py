@@ -24,7 +24,7 @@ METRIC_KEYS = {
     "outer_steps", "wall_time_bilevel_s", "wall_time_baselines_s", "wall_time_total_s", "noise_type",
     "weight_spread", "cached_frozen_layers",
 }
-SPLIT_METRICS = {"validation_accuracy", "validation_loss", "test_accuracy", "test_loss"}
+SPLIT_METRICS = {"validation_accuracy", "validation_loss", "validation_ece", "test_accuracy", "test_loss", "test_ece"}
 
 
 def test_end_to_end_outputs(tiny_model_dir, tmp_path, capsys):

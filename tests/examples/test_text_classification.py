@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from hf_integration.demo.sentiment import NEGATIVE_WORDS, POSITIVE_WORDS, make_splits
-from hf_integration.classification import DataArguments, flip_labels, load_splits
+from hf_integration.classification import DataArguments, load_splits
+from hf_integration.label_noise import flip_labels
 from hf_integration.runs import InputError
 
 from .script_utils import write_csv
@@ -84,5 +85,45 @@ def test_pairwise_noise_moves_each_corrupted_label_to_the_next_class():
 
 
 def test_bad_noise_type_names_the_argument():
-    with pytest.raises(InputError, match=r"--noise_type must be one of \('symmetric', 'pairwise'\)"):
+    with pytest.raises(InputError, match=r"--noise_type must be one of \('symmetric', 'pairwise', 'confusable'\)"):
         DataArguments(noise_type="uniform")
+
+
+def _topic_set(seed: int = 0) -> datasets.Dataset:
+    """Three topics of distinct words; the last 5 rows of each topic also hold words of the next topic (the
+    confusable ones)."""
+    vocab = [[f"{topic}{i}" for i in range(12)] for topic in ("sun", "rain", "snow")]
+    rng = np.random.default_rng(seed)
+    texts, labels = [], []
+    for label in range(3):
+        for row in range(30):
+            words = list(rng.choice(vocab[label], 6))
+            if row >= 25:  # as many words of the next topic: a cheap model cannot tell
+                words += list(rng.choice(vocab[(label + 1) % 3], 6))
+            texts.append(" ".join(words))
+            labels.append(label)
+    return datasets.Dataset.from_dict({"text": texts, "labels": labels}).cast_column(
+        "labels", datasets.ClassLabel(names=["sun", "rain", "snow"]))
+
+
+def test_confusable_noise_flips_the_ambiguous_examples_to_their_likeliest_wrong_class():
+    dataset = _topic_set()
+    noisy = flip_labels(dataset, 1 / 6, num_labels=3, seed=0, noise_type="confusable")
+    flipped = np.array(noisy["corrupted"])
+    ambiguous = np.array([row % 30 >= 25 for row in range(90)])
+    assert flipped.sum() == 15
+    np.testing.assert_array_equal(flipped, ambiguous)  # the mixed rows, not random ones
+    before, after = np.array(dataset["labels"]), np.array(noisy["labels"])
+    np.testing.assert_array_equal(after[flipped], (before[flipped] + 1) % 3)  # to the topic they also speak of
+    np.testing.assert_array_equal(after[~flipped], before[~flipped])
+    assert noisy["labels"] == flip_labels(dataset, 1 / 6, num_labels=3, seed=0, noise_type="confusable")["labels"]
+    assert noisy.features["labels"] == dataset.features["labels"]
+
+
+def test_confusable_noise_refuses_what_it_cannot_judge():
+    dataset = _topic_set()
+    with pytest.raises(ValueError, match="has none of the columns"):
+        flip_labels(dataset.rename_column("text", "body"), 0.2, num_labels=3, seed=0, noise_type="confusable")
+    lonely = dataset.select([*range(89), 89]).select(list(range(60)) + [60])  # one example of the third class
+    with pytest.raises(ValueError, match="at least 2 training examples of every class"):
+        flip_labels(lonely, 0.2, num_labels=3, seed=0, noise_type="confusable")
