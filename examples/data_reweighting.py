@@ -62,9 +62,8 @@ from hf_integration.reporting import (
     plot_weights,
     print_summary,
     ranking_figures,
-    weights_auc,
 )
-from hf_integration.rivals import train_rival
+from hf_integration.rivals import filter_ranking, train_rival
 from hf_integration.runs import (
     InputError,
     OutputWriter,
@@ -191,9 +190,8 @@ def _experiment(model_args, data_args, exp_args, training_args, run) -> dict[str
             callbacks=[NonFiniteGuard()], processing_class=tokenizer, compute_metrics=accuracy_metrics,
             resume=resume_point(run, os.path.join(training_args.output_dir, f"baseline-{name}"), bilevel=False))
         rivals[name] = {**evaluate_splits(rival, {"validation": val_ds, "test": test_ds}), "wall_time_s": seconds}
-        if name == "loss_filter" and corrupted.any():
-            rivals[name]["auc_high_loss_vs_corrupted"] = weights_auc(-rival.losses[train_raw["example_id"]], corrupted)
-            rivals[name]["fraction_dropped"] = fraction
+        if name == "loss_filter":
+            rivals[name].update(filter_ranking(rival, train_raw["example_id"], corrupted))
 
     # ---------------------------------------------------------------- outputs
     results: dict[str, Any] = {

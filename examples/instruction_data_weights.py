@@ -31,34 +31,67 @@ from typing import Any
 
 import numpy as np
 import torch
-
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from hf_integration import CombinedWeights, SourceWeights, add_example_ids
+from hf_integration.atomic_files import atomic_write_text
 from hf_integration.classification import check_cache_options, check_sequence_length
 from hf_integration.collators import ResponseCollator
 from hf_integration.data import add_source_ids
 from hf_integration.data_files import check_batch_sizes
 from hf_integration.experiment import WEIGHTINGS, filter_fraction
-from hf_integration.frozen_trunk import CachedTrunkCausalLM, SharedTrunkCache, add_feature_rows
+from hf_integration.filters import SCORE_FILTERS, filter_scores
+from hf_integration.frozen_trunk import (
+    CachedTrunkCausalLM,
+    SharedTrunkCache,
+    add_feature_rows,
+)
 from hf_integration.hub import HubError
-from hf_integration.instruction import (InstructionDataArguments, InstructionExperimentArguments, LMModelArguments,
-                                        build_lora_lm, evaluate_lm, load_base_model, load_instruction_splits,
-                                        to_prompt_completion)
+from hf_integration.instruction import (
+    InstructionDataArguments,
+    InstructionExperimentArguments,
+    LMModelArguments,
+    build_lora_lm,
+    evaluate_lm,
+    load_base_model,
+    load_instruction_splits,
+    to_prompt_completion,
+)
 from hf_integration.recipe import TRUSTED_COLUMN, build_outer_module, steps_per_epoch
-from hf_integration.reporting import auc_by_kind, plot_weights, print_summary, ranking_figures, weights_auc
-from hf_integration.rivals import train_rival
-from hf_integration.runs import (InputError, OutputWriter, RunArguments, agree, check_outer_steps, configuring,
-                                 parse_arguments, push_outputs, resume_point, run_main, scheduled_outer_steps,
-                                 start_run, write_json)
-from hf_integration.atomic_files import atomic_write_text
+from hf_integration.reporting import (
+    auc_by_kind,
+    plot_weights,
+    print_summary,
+    ranking_figures,
+)
+from hf_integration.rivals import filter_ranking, train_rival
+from hf_integration.runs import (
+    InputError,
+    OutputWriter,
+    RunArguments,
+    agree,
+    check_outer_steps,
+    configuring,
+    parse_arguments,
+    push_outputs,
+    resume_point,
+    run_main,
+    scheduled_outer_steps,
+    start_run,
+    write_json,
+)
 from hf_integration.sft import BilevelSFTConfig, BilevelSFTTrainer, check_rows_kept
 from hf_integration.training_callbacks import NonFiniteGuard
-from hf_integration.weights_dataset import (check_weights_repo, push_weights_dataset, render_weights_card,
-                                            save_weights_dataset)
+from hf_integration.weights_dataset import (
+    check_weights_repo,
+    push_weights_dataset,
+    render_weights_card,
+    save_weights_dataset,
+)
 
 RIVAL_LABELS = {"uniform": "uniform weights (plain SFT)", "loss_filter": "loss filter (initial model)",
-                "uniform_train_val": "uniform on train + validation"}
+                "uniform_train_val": "uniform on train + validation", "length_filter": "length filter (shortest)",
+                "ifd_filter": "IFD filter (initial model)"}
 # transformers 5 renamed gradient_checkpointing (TRL still sets the old name, an alias)
 CHECKPOINTING = ("activation_checkpointing" if "activation_checkpointing" in BilevelSFTConfig.__dataclass_fields__
                  else "gradient_checkpointing")
@@ -69,7 +102,7 @@ DEMO_DEFAULTS: dict[str, Any] = {
     "learning_rate": 1e-2, "warmup_steps": 5, "per_device_train_batch_size": 16, "per_device_eval_batch_size": 32,
     "max_length": 128, "bf16": False, CHECKPOINTING: False,  # TRL's SFTConfig defaults: 1024, True, True
     "logging_steps": 25, "save_strategy": "no", "report_to": "none", "seed": 0, "trusted_share": "uniform",
-    "baselines": ["uniform", "loss_filter", "uniform_train_val"],
+    "baselines": ["uniform", "loss_filter", "uniform_train_val", "length_filter", "ifd_filter"],
 }
 
 
@@ -180,17 +213,18 @@ def _experiment(model_args, data_args, exp_args, training_args, run) -> dict[str
     base_args = dataclasses.replace(training_args, max_steps=trainer.state.global_step)
     rival_train = train_ds.remove_columns([c for c in ("source_id", TRUSTED_COLUMN) if c in train_ds.column_names])
     for name in exp_args.baselines if exp_args.run_baseline else ():
+        scores = None
+        if name in SCORE_FILTERS:  # ranked once, before training, by example id (the initial model: the base model)
+            scores = np.full(max(rival_train["example_id"]) + 1, np.nan)
+            scores[rival_train["example_id"]] = filter_scores(name, rival_train, base_model, tokenizer.pad_token_id,
+                                                              training_args.per_device_eval_batch_size)
         rival, seconds = train_rival(
             name, build_model, base_args, rival_train, val_ds, filter_fraction=fraction, filter_step=0,
-            callbacks=[NonFiniteGuard()], processing_class=tokenizer, data_collator=collator,
+            callbacks=[NonFiniteGuard()], processing_class=tokenizer, data_collator=collator, filter_scores=scores,
             resume=resume_point(run, os.path.join(training_args.output_dir, f"baseline-{name}"), bilevel=False))
         rivals[name] = {**evaluate(rival.model), "wall_time_s": seconds}
-        if name == "loss_filter":
-            losses = rival.losses[train_raw["example_id"]]
-            rivals[name].update(ranking_time_s=rival.ranking_time_s, fraction_dropped=fraction)
-            if known:
-                rivals[name].update(auc_high_loss_vs_corrupted=weights_auc(-losses, corrupted),
-                                    auc_high_loss_by_corruption=auc_by_kind(-losses, train_raw["corruption"]))
+        if name.endswith("_filter"):
+            rivals[name].update(filter_ranking(rival, train_raw["example_id"], corrupted, train_raw["corruption"]))
 
     # ---------------------------------------------------------------- outputs
     results: dict[str, Any] = {

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from .filters import SCORE_FILTERS
 from .outer_modules import LossWeights
 from .rivals import RIVALS
 from .runs import InputError
@@ -51,11 +52,13 @@ class WeightingArguments:
                   "schedule and number of inner steps as the bilevel run)."},
     )
     baselines: list[str] = field(
-        default_factory=lambda: list(RIVALS),
+        default_factory=lambda: [r for r in RIVALS if r not in SCORE_FILTERS],
         metadata={"help": "Which rivals to train: 'uniform' (plain mean loss), 'uniform_train_val' (plain mean "
                   "loss on training + validation data: the validation set is what the bilevel run learns from), "
-                  "'loss_filter' (drop the highest-loss --loss_filter_fraction of the training set).",
-                  "nargs": "+", "choices": RIVALS},
+                  "'loss_filter' (drop the highest-loss --loss_filter_fraction of the training set); on instruction "
+                  "data also 'length_filter' (drop the shortest responses) and 'ifd_filter' (drop the highest "
+                  "instruction-following difficulty under the initial model), dropping as many "
+                  "(hf_integration.filters).", "nargs": "+", "choices": RIVALS},
     )
     loss_filter_fraction: float | None = field(
         default=None,
@@ -74,13 +77,15 @@ class WeightingArguments:
 
     # the --weighting choices; one that is not a key of WEIGHTINGS is built by the script (e.g. per-source weights)
     weighting_choices: ClassVar[tuple[str, ...]] = tuple(WEIGHTINGS)
+    # the rivals this job can train (the response filters need prompt/response rows)
+    rival_choices: ClassVar[tuple[str, ...]] = tuple(r for r in RIVALS if r not in SCORE_FILTERS)
 
     def __post_init__(self) -> None:
         if self.weighting not in self.weighting_choices:
             raise InputError(f"--weighting must be one of {self.weighting_choices}, got {self.weighting!r}.")
-        unknown = [b for b in self.baselines if b not in RIVALS]
+        unknown = [b for b in self.baselines if b not in self.rival_choices]
         if unknown:
-            raise InputError(f"--baselines: unknown {unknown}; choose from {list(RIVALS)}.")
+            raise InputError(f"--baselines: {unknown} cannot run here; choose from {list(self.rival_choices)}.")
         if self.loss_filter_fraction is not None and not 0.0 <= self.loss_filter_fraction < 1.0:
             raise InputError(f"--loss_filter_fraction must be in [0, 1), got {self.loss_filter_fraction}.")
         if self.train_on_validation is None:

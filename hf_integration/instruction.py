@@ -45,6 +45,7 @@ from .embedded_models import load_smollm2
 from .experiment import WEIGHTINGS, WeightingArguments
 from .frozen_trunk import FEATURE_ROW, CachedTrunkCausalLM
 from .losses import IGNORE_INDEX
+from .rivals import RIVALS
 from .runs import InputError, loading
 
 __all__ = ["EMBEDDED_NAME", "EMBEDDED_SIZES", "EMBEDDED_NOISE_RATE", "LMModelArguments", "InstructionDataArguments",
@@ -156,6 +157,7 @@ class InstructionExperimentArguments(WeightingArguments):
     the rivals (:class:`~hf_integration.experiment.WeightingArguments`), generation for exact match, and what to write."""
 
     weighting_choices = (*WEIGHTINGS, "source", "source+per_example", "source+loss")
+    rival_choices = RIVALS
     weighting: str = field(default="loss", metadata={
         "help": "What the outer problem learns: 'loss' (LossWeights), 'per_example' (DataWeights), 'source' "
                 "(SourceWeights, one weight per --source_column value), 'source+per_example' or 'source+loss' "

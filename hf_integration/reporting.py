@@ -93,6 +93,14 @@ def plot_weights(weights: np.ndarray, corrupted: np.ndarray | None, path: str, t
     plt.close(fig)
 
 
+def _ranking(metrics: Mapping[str, Any]) -> tuple[float | None, dict[str, float] | None]:
+    """A filter rival's ranking AUC and AUC by corruption kind (:func:`hf_integration.rivals.filter_ranking`)."""
+    for key in ("auc_high_loss", "auc_ranking"):
+        if metrics.get(f"{key}_vs_corrupted") is not None:
+            return metrics[f"{key}_vs_corrupted"], metrics.get(f"{key}_by_corruption")
+    return None, None
+
+
 def print_summary(results: Mapping[str, Any], *, rival_labels: Mapping[str, str],
                   metrics: Sequence[tuple[str, str, str]], what: str,
                   bilevel_label: str = "learned data weights (bilevel)") -> None:
@@ -121,15 +129,16 @@ def print_summary(results: Mapping[str, Any], *, rival_labels: Mapping[str, str]
         header = ["AUC (low weight vs corrupted)", "precision@#corrupted", "mean weight clean", "mean weight corrupted"]
         values = [results[k] for k in ("auc_low_weight_vs_corrupted", "precision_at_num_corrupted",
                                        "mean_weight_clean", "mean_weight_corrupted")]
-        loss_filter = results["baselines"].get("loss_filter", {})
-        if loss_filter.get("auc_high_loss_vs_corrupted") is not None:
-            header.append("AUC of the loss filter's ranking")
-            values.append(loss_filter["auc_high_loss_vs_corrupted"])
+        rankings = {name: _ranking(m) for name, m in results["baselines"].items()}
+        for name, (auc, _) in rankings.items():
+            if auc is not None:
+                header.append(f"AUC of the {name.replace('_', ' ')}'s ranking")
+                values.append(auc)
         print(format_table(header, [values]))
         kinds = list(results.get("auc_low_weight_by_corruption", {}))
         if kinds:
             table = [["bilevel weights", *(results["auc_low_weight_by_corruption"][k] for k in kinds)]]
-            if "auc_high_loss_by_corruption" in loss_filter:
-                table.append(["loss filter", *(loss_filter["auc_high_loss_by_corruption"][k] for k in kinds)])
+            table += [[name.replace("_", " "), *(by_kind[k] for k in kinds)]
+                      for name, (_, by_kind) in rankings.items() if by_kind]
             print(format_table(["AUC by corruption kind", *kinds], table))
     print(f"Total wall time: {results['wall_time_total_s']:.0f} s.")

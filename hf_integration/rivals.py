@@ -9,6 +9,9 @@ optimizer, schedule, number of inner steps), so that a comparison measures the w
   step ``filter_step`` (0: before training, the initial model's ranking), then the ``fraction`` of training examples
   with the highest loss under the model of that step get weight 0 for the rest of training (the batch loss is the
   mean over the kept examples).
+* ``length_filter`` and ``ifd_filter`` (instruction data): the same ``fraction`` dropped before training by a score
+  computed once (:mod:`hf_integration.filters`): the shortest responses, or the highest instruction-following
+  difficulty under the initial model.
 
 Every checkpoint of a weighted rival holds its example weights (``example_weights.safetensors``; for the loss
 filter also the ranking losses), so a resumed rival trains on what the interrupted one did: the loss filter's
@@ -33,15 +36,17 @@ from transformers import Trainer, TrainerCallback
 
 from .atomic_files import atomic_write
 from .checkpoints import CheckpointError, ResumeFinishedRun
+from .filters import SCORE_FILTERS
 from .frozen_trunk import CachedTrunk, CachedTrunkCheckpoints
 from .losses import per_example_loss
 from .recipe import append_outer_rows
+from .reporting import auc_by_kind, weights_auc
 from .serialization import load_tensors
 
 __all__ = ["RIVALS", "EXAMPLE_WEIGHTS_NAME", "UniformTrainer", "WeightedTrainer", "LossFilterTrainer",
-           "dataset_losses", "train_rival"]
+           "ScoreFilterTrainer", "dataset_losses", "train_rival", "filter_ranking"]
 
-RIVALS = ("uniform", "uniform_train_val", "loss_filter")
+RIVALS = ("uniform", "uniform_train_val", "loss_filter", *SCORE_FILTERS)
 EXAMPLE_WEIGHTS_NAME = "example_weights.safetensors"  # in every checkpoint of a weighted rival
 
 
@@ -199,6 +204,22 @@ class LossFilterTrainer(WeightedTrainer):
         super()._restore_weights(saved, checkpoint)
 
 
+class ScoreFilterTrainer(LossFilterTrainer):
+    """`Trainer` that drops the ``fraction`` of the training set with the highest fixed ``scores`` (indexed by example
+    id, computed before training, e.g. :func:`hf_integration.filters.filter_scores`) at the start; checkpoints keep
+    the scores and the dropped set as the loss filter's do."""
+
+    def __init__(self, *args: Any, scores: np.ndarray, **kwargs: Any) -> None:
+        super().__init__(*args, filter_step=0, **kwargs)
+        self.scores = np.asarray(scores, dtype=np.float64)
+
+    def apply_filter(self) -> None:
+        ids = np.asarray(self.train_dataset[self.id_column])
+        if self.scores.shape[0] <= ids.max():
+            raise ValueError(f"scores cover {self.scores.shape[0]} example ids, the training rows go up to {ids.max()}")
+        self._set_filter(ids, self.scores[ids])
+
+
 class _FilterAt(TrainerCallback):
     def __init__(self, trainer: LossFilterTrainer) -> None:
         self.trainer = trainer
@@ -219,17 +240,23 @@ class _FilterAt(TrainerCallback):
 
 def train_rival(name: str, build_model: Callable[[], nn.Module], training_args: Any, train_dataset: datasets.Dataset,
                 outer_dataset: datasets.Dataset, *, filter_fraction: float = 0.2, filter_step: int = 0,
-                resume: str | None = None, id_column: str = "example_id",
+                resume: str | None = None, id_column: str = "example_id", filter_scores: np.ndarray | None = None,
                 **trainer_kwargs: Any) -> tuple[Trainer, float]:
     """Train rival ``name`` (one of :data:`RIVALS`) in ``<output_dir>/baseline-<name>`` and return the trainer and its
     training wall time. ``train_dataset`` carries the example-id column; ``outer_dataset`` is the evaluation set (and,
-    for ``uniform_train_val``, extra training data)."""
+    for ``uniform_train_val``, extra training data); ``filter_scores`` (by example id) are the dropping scores of a
+    score filter (``length_filter``, ``ifd_filter``)."""
     if name not in RIVALS:
         raise ValueError(f"unknown rival {name!r}; choose from {RIVALS}")
+    if (name in SCORE_FILTERS) != (filter_scores is not None):
+        raise ValueError(f"rival {name!r} {'needs' if name in SCORE_FILTERS else 'takes no'} filter_scores")
     args = dataclasses.replace(training_args, output_dir=os.path.join(training_args.output_dir, f"baseline-{name}"))
     common = dict(model=build_model(), args=args, eval_dataset=outer_dataset, **trainer_kwargs)
-    if name == "loss_filter":
-        trainer: Trainer = LossFilterTrainer(train_dataset=train_dataset, fraction=filter_fraction,
+    if name in SCORE_FILTERS:
+        trainer: Trainer = ScoreFilterTrainer(train_dataset=train_dataset, fraction=filter_fraction,
+                                              scores=filter_scores, id_column=id_column, **common)
+    elif name == "loss_filter":
+        trainer = LossFilterTrainer(train_dataset=train_dataset, fraction=filter_fraction,
                                              filter_step=filter_step, id_column=id_column, **common)
     else:
         data = (append_outer_rows(train_dataset, outer_dataset, flag_column=None, drop=(id_column,))
@@ -238,3 +265,22 @@ def train_rival(name: str, build_model: Callable[[], nn.Module], training_args: 
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume)
     return trainer, time.perf_counter() - start
+
+
+def filter_ranking(rival: LossFilterTrainer, example_ids: Any, corrupted: Any, kinds: Any = None) -> dict[str, Any]:
+    """What a filter rival's ranking says of the corrupted examples: ``fraction_dropped``, ``ranking_time_s`` and,
+    when the flags hold both groups, the AUC of its dropping score against them (``auc_high_loss_vs_corrupted``
+    for the loss filter, ``auc_ranking_vs_corrupted`` for a score filter) and, with ``kinds`` (``""`` = clean), the
+    AUC per corruption kind (``..._by_corruption``). Scores are looked up by ``example_ids``, the flags' order."""
+    key = "auc_high_loss" if type(rival) is LossFilterTrainer else "auc_ranking"
+    out: dict[str, Any] = {"fraction_dropped": rival.fraction, "ranking_time_s": rival.ranking_time_s}
+    scores = rival.losses[np.asarray(example_ids)]
+    finite = np.isfinite(scores)
+    low, high = (scores[finite].min() - 1.0, scores[finite].max() + 1.0) if finite.any() else (0.0, 1.0)
+    scores = np.where(finite, scores, np.where(scores == np.inf, high, low))  # +inf dropped first; -inf, NaN kept
+    corrupted = np.asarray(corrupted, dtype=bool)
+    if corrupted.any() and not corrupted.all():
+        out[f"{key}_vs_corrupted"] = weights_auc(-scores, corrupted)
+        if kinds is not None:
+            out[f"{key}_by_corruption"] = auc_by_kind(-scores, kinds)
+    return out

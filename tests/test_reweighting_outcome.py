@@ -45,5 +45,6 @@ def test_missing_baselines_are_nan():
 
 def test_noise_settings_parse():
     assert reweighting_outcome.parse_noise("pairwise:0.3") == ("pairwise", 0.3)
-    with pytest.raises(argparse.ArgumentTypeError, match="expected symmetric:RATE or pairwise:RATE"):
+    assert reweighting_outcome.parse_noise("confusable:0.2") == ("confusable", 0.2)
+    with pytest.raises(argparse.ArgumentTypeError, match=r"expected KIND:RATE with KIND one of \('symmetric', "):
         reweighting_outcome.parse_noise("gaussian:0.1")

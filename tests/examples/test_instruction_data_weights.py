@@ -66,13 +66,17 @@ def test_end_to_end_outputs(tiny_chat_dir, tmp_path, capsys):
     by_source = metrics["reweighted"]["test_loss_by_source"]
     assert set(by_source) == set(metrics["reweighted"]["test_exact_match_by_source"])
     assert min(by_source.values()) <= metrics["reweighted"]["test_loss"] <= max(by_source.values())
-    assert set(metrics["baselines"]) == {"uniform", "loss_filter", "uniform_train_val"}
+    assert set(metrics["baselines"]) == {"uniform", "loss_filter", "uniform_train_val", "length_filter", "ifd_filter"}
     for name, baseline in metrics["baselines"].items():
         assert SPLIT_METRICS <= set(baseline) and baseline["wall_time_s"] > 0
         assert metrics["wall_time_baselines_s"][name] == baseline["wall_time_s"]
         assert np.isfinite(baseline["test_loss"]) and 0.0 <= baseline["test_exact_match"] <= 1.0
     loss_filter = metrics["baselines"]["loss_filter"]
     assert 0.0 <= loss_filter["auc_high_loss_vs_corrupted"] <= 1.0 and loss_filter["fraction_dropped"] == 0.3
+    for name in ("length_filter", "ifd_filter"):  # ranked before training, reported like the loss filter
+        ranking = metrics["baselines"][name]
+        assert 0.0 <= ranking["auc_ranking_vs_corrupted"] <= 1.0 and ranking["fraction_dropped"] == 0.3
+        assert set(ranking["auc_ranking_by_corruption"]) == set(metrics["auc_low_weight_by_corruption"])
     assert metrics["cached_frozen_layers"] is True
     assert metrics["train_on_validation"] is True  # the default with --weighting loss
 
@@ -100,6 +104,7 @@ def test_end_to_end_outputs(tiny_chat_dir, tmp_path, capsys):
     assert "| learned data weights (loss, bilevel)" in printed and "| uniform weights (plain SFT) |" in printed
     assert "| loss filter (initial model) |" in printed and "AUC of the loss filter's ranking" in printed
     assert "test exact match" in printed and "AUC by corruption kind" in printed
+    assert "AUC of the ifd filter's ranking" in printed and "| length filter |" in printed  # per kind too
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

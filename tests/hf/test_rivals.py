@@ -10,7 +10,9 @@ from torch import nn
 from transformers import TrainingArguments
 
 from hf_integration.recipe import TRUSTED_COLUMN, append_outer_rows
-from hf_integration.rivals import RIVALS, LossFilterTrainer, WeightedTrainer, train_rival
+from hf_integration.filters import SCORE_FILTERS
+from hf_integration.rivals import (RIVALS, LossFilterTrainer, ScoreFilterTrainer, WeightedTrainer, filter_ranking,
+                                  train_rival)
 
 
 class Linear(nn.Module):
@@ -74,14 +76,37 @@ def test_loss_filter_drops_the_highest_loss_fraction_at_its_step(tmp_path):
 def test_train_rival_runs_each_rival_in_its_own_folder(name, tmp_path):
     data = _data()
     validation = data.select(range(8, 16)).remove_columns("example_id")
+    scores = -np.arange(len(data), dtype=float) if name in SCORE_FILTERS else None
     trainer, seconds = train_rival(name, Linear, _args(tmp_path, 3), data, validation, filter_fraction=0.2,
-                                   filter_step=2)
+                                   filter_step=2, filter_scores=scores)
     assert seconds > 0 and trainer.state.global_step == 3
     assert trainer.args.output_dir.endswith(f"baseline-{name}")
-    expected = {"uniform": 40, "uniform_train_val": 48, "loss_filter": 40}[name]
+    expected = {"uniform": 40, "uniform_train_val": 48}.get(name, 40)
     assert len(trainer.train_dataset) == expected
     with pytest.raises(ValueError, match="unknown rival"):
         train_rival("nope", Linear, _args(tmp_path, 1), data, validation, filter_fraction=0.2, filter_step=1)
+
+
+def test_a_score_filter_drops_the_highest_scores_before_training_and_reports_its_ranking(tmp_path):
+    data = _data()
+    scores = np.where(np.arange(40) < 8, 10.0 + np.arange(40), np.arange(40) / 100)  # the 8 mislabelled score high
+    scores[3] = np.inf
+    with pytest.raises(ValueError, match="needs filter_scores"):
+        train_rival("length_filter", Linear, _args(tmp_path, 1), data, data, filter_fraction=0.2)
+    with pytest.raises(ValueError, match="takes no filter_scores"):
+        train_rival("uniform", Linear, _args(tmp_path, 1), data, data, filter_scores=scores)
+    trainer, _ = train_rival("ifd_filter", Linear, _args(tmp_path, 2), data, data, filter_fraction=0.2,
+                             filter_scores=scores)
+    assert isinstance(trainer, ScoreFilterTrainer) and trainer.state.global_step == 2
+    assert set(trainer.dropped.tolist()) == set(range(8)) and trainer.weights.sum() == 32
+    corrupted = np.arange(40) < 8
+    report = filter_ranking(trainer, data["example_id"], corrupted, ["bad"] * 8 + [""] * 32)
+    assert report["fraction_dropped"] == 0.2 and report["auc_ranking_vs_corrupted"] == 1.0
+    assert report["auc_ranking_by_corruption"] == {"bad": 1.0}
+    loss_filter = LossFilterTrainer(model=Linear(), args=_args(tmp_path, 2), train_dataset=data, fraction=0.2,
+                                    filter_step=0)
+    loss_filter.train()
+    assert "auc_high_loss_vs_corrupted" in filter_ranking(loss_filter, data["example_id"], corrupted)
 
 
 def test_outer_rows_join_the_training_rows_flagged_or_not():
