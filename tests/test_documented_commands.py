@@ -60,6 +60,9 @@ TINY = {
     "benchmarks/own_script_vs_example.py": lambda tiny: [
         "--sets", "scipy_docs", "--noise", "symmetric:0.3", "--seeds", "0", "--model", tiny["bert"], "--sizes", "40",
         "20", "20", "--out", "own_script_vs_example", "--extra_args", *_tiny_classification(tiny)],
+    "benchmarks/real_instruction_sets.py": lambda tiny: ["--train", "24", "--validation", "8", "--test", "8"],
+    "benchmarks/instruction_outcome.py": lambda tiny: [
+        "--sets", "scipy_qa", "--seeds", "0", "--out", "instruction_outcome", "--extra_args", *_tiny_instruction(tiny)],
     "benchmarks/reweighting_outcome.py": lambda tiny: [
         "--sets", "embedded", "scipy_docs", "--noise", "symmetric:0.3", "--seeds", "0", "--output_dir", "outcome",
         "--extra_args", *_tiny_classification(tiny), "--loss_filter_epochs", "0.2"],
