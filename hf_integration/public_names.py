@@ -26,18 +26,25 @@ def is_hub_id(name: str) -> bool:
 def hub_model_id(name_or_path: str | os.PathLike | None) -> str | None:
     """The Hub id of a model given as a Hub id or a local folder, or ``None`` when none is known.
 
-    A Hub id (``name`` or ``org/name``, not an existing local path) is returned as is; a local folder of a
-    model embedded in a Python package (:data:`EMBEDDED_MODEL_HUB_IDS`) gives that model's Hub id; any other
-    local path gives ``None``: a machine path must never reach the Hub metadata.
+    A Hub id (``name`` or ``org/name``, not an existing local path) is returned as is; a snapshot folder of the
+    Hub cache (``.../models--<org>--<name>/snapshots/<revision>``, what ``from_pretrained`` and
+    ``snapshot_download`` load) gives the id it caches; a local folder of a model embedded in a Python package
+    (:data:`~hf_integration.embedded_models.EMBEDDED_MODEL_HUB_IDS`) gives that model's Hub id; any other local path
+    gives ``None``: a machine path must never reach the Hub metadata.
     """
     if not name_or_path:
         return None
     name = os.fspath(name_or_path)
     if is_hub_id(name):
         return name
-    parts = {part.lower() for part in re.split(r"[\\/]", os.path.normpath(name))}
+    parts = re.split(r"[\\/]", os.path.normpath(name))
+    for part in parts:  # a snapshot in the Hub cache: .../models--<org>--<name>/snapshots/<revision>
+        cached = re.fullmatch(r"models--([A-Za-z0-9][\w.\-]*?)(?:--([A-Za-z0-9][\w.\-]*))?", part)
+        if cached:
+            return "/".join(p for p in cached.groups() if p)
+    lowered = {part.lower() for part in parts}
     for package, hub_id in EMBEDDED_MODEL_HUB_IDS.items():
-        if package in parts:
+        if package in lowered:
             return hub_id
     return None
 

@@ -4,7 +4,6 @@ question, drawn deterministically; a small build of ``scipy_qa`` from the instal
 from __future__ import annotations
 
 import pytest
-
 from repo_scripts import load
 
 ris = load("benchmarks/real_instruction_sets.py")

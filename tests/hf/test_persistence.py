@@ -144,6 +144,10 @@ def test_model_card_base_model_is_a_hub_id_never_a_local_path(tmp_path, trained_
     assert hub_model_id(embedded) == "sentence-transformers/all-MiniLM-L6-v2"
     assert hub_model_id("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert hub_model_id(str(local)) is None and hub_model_id("") is None
+    snapshot = tmp_path / "hub" / "models--HuggingFaceTB--SmolLM2-135M-Instruct" / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)  # what from_pretrained loads from the Hub cache
+    assert hub_model_id(str(snapshot)) == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert hub_model_id(str(tmp_path / "hub" / "models--gpt2" / "snapshots" / "0123abc")) == "gpt2"
 
     trained_weights.save_pretrained(str(tmp_path / "embedded"), metadata={"base_model": embedded, "method": "cg"})
     card = ModelCard.load(tmp_path / "embedded" / "README.md")
