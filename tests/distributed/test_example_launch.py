@@ -70,6 +70,7 @@ def test_instruction_data_weights_under_accelerate_launch_with_two_processes(tmp
     torch.testing.assert_close(saved.loss_scale_raw.detach().reshape(-1), result["rank0"])
     assert float(saved.loss_scale_raw.detach()) != float(LossWeights().loss_scale_raw.detach())  # outer steps moved it
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics["baselines"]) == {"uniform", "loss_filter", "uniform_train_val"}
+    assert set(metrics["baselines"]) == {"uniform", "loss_filter", "uniform_train_val", "length_filter", "ifd_filter"}
+    assert all(0.0 <= metrics["baselines"][f]["auc_ranking_vs_corrupted"] <= 1.0 for f in ("length_filter", "ifd_filter"))
     assert metrics["num_train"] == 32 and metrics["num_test"] == 8
     assert (out / "train_with_weights").is_dir() and (out / "top_weighted.jsonl").stat().st_size > 0
