@@ -12,14 +12,12 @@ the same batches and the same Nyström sketch. Accelerate ignores FSDP on CPU, s
 from __future__ import annotations
 
 import os
+import runpy
 import sys
 import tempfile
 
 import torch
 import torch.distributed as dist
-
-import runpy
-
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import TrainerCallback
 

@@ -61,17 +61,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, hessian
 from torch.nn import functional as F
 
-from hypergrad.approx_hypergrad import (
-    DEFAULT_NYSTROM_SKETCH,
-    conjugate_gradient,
-    exact,
-    identity,
-    implicit_hypergrad,
-    make_solver,
-    neumann,
-    nystrom,
-    nystrom_pcg,
-)
+from hypergrad.approx_hypergrad import (DEFAULT_NYSTROM_SKETCH, conjugate_gradient, exact, identity,
+                                        implicit_hypergrad, make_solver, neumann, nystrom, nystrom_pcg)
 from hypergrad.autodiff import batched_hvp, hvp
 from hypergrad.trees import tree_flatten_vector, tree_unflatten_vector
 

@@ -174,8 +174,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "seeds": args.seeds, "extra_args": args.extra_args, "summaries": summaries,
               "wall_time_s": time.perf_counter() - started}
     os.makedirs(args.output_dir, exist_ok=True)
-    from hf_integration.runs import write_json
     from hf_integration.atomic_files import atomic_write_text
+    from hf_integration.runs import write_json
 
     write_json(os.path.join(args.output_dir, "reweighting_outcome.json"), report)
     text = table(summaries)

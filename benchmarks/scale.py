@@ -135,8 +135,19 @@ class Meter:
 def english_rows(tokenizer, rows: int, seq_len: int) -> list[list[int]]:
     """``rows`` rows of ``seq_len`` real English tokens: docstrings of standard-library modules and their members,
     present on every Python install (repeated if they run short)."""
-    import argparse as m1, collections as m2, functools as m3, inspect, json as m4, logging as m5, pathlib as m6
-    import subprocess as m7, threading as m8, unittest as m9, typing as m10, tarfile as m11, zipfile as m12
+    import argparse as m1
+    import collections as m2
+    import functools as m3
+    import inspect
+    import json as m4
+    import logging as m5
+    import pathlib as m6
+    import subprocess as m7
+    import tarfile as m11
+    import threading as m8
+    import typing as m10
+    import unittest as m9
+    import zipfile as m12
 
     parts = []
     for module in (m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12):

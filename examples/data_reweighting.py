@@ -37,48 +37,19 @@ import numpy as np
 import torch
 
 from hf_integration import BilevelTrainer, BilevelTrainingArguments, add_example_ids
-from hf_integration.classification import (
-    DataArguments,
-    ModelArguments,
-    accuracy_metrics,
-    build_lora_model,
-    check_cache_options,
-    check_sequence_length,
-    evaluate_splits,
-    load_splits,
-    load_tokenizer,
-    tokenize_splits,
-)
+from hf_integration.classification import (DataArguments, ModelArguments, accuracy_metrics, build_lora_model,
+                                           check_cache_options, check_sequence_length, evaluate_splits, load_splits,
+                                           load_tokenizer, tokenize_splits)
 from hf_integration.data_files import check_batch_sizes, resolve_noise_rate
 from hf_integration.experiment import WeightingArguments, filter_fraction
-from hf_integration.frozen_trunk import (
-    CachedTrunkClassifier,
-    SharedTrunkCache,
-    add_feature_rows,
-)
+from hf_integration.frozen_trunk import CachedTrunkClassifier, SharedTrunkCache, add_feature_rows
 from hf_integration.label_noise import flip_labels
 from hf_integration.recipe import steps_per_epoch
-from hf_integration.reporting import (
-    plot_weights,
-    print_summary,
-    ranking_figures,
-)
+from hf_integration.reporting import plot_weights, print_summary, ranking_figures
 from hf_integration.rivals import filter_ranking, train_rival
-from hf_integration.runs import (
-    InputError,
-    OutputWriter,
-    RunArguments,
-    check_outer_steps,
-    configuring,
-    parse_arguments,
-    push_outputs,
-    resume_point,
-    run_main,
-    scheduled_outer_steps,
-    start_run,
-    total_inner_steps,
-    write_json,
-)
+from hf_integration.runs import (InputError, OutputWriter, RunArguments, check_outer_steps, configuring,
+                                 parse_arguments, push_outputs, resume_point, run_main, scheduled_outer_steps,
+                                 start_run, total_inner_steps, write_json)
 from hf_integration.training_callbacks import NonFiniteGuard
 from hf_integration.weights_dataset import render_weights_card, save_weights_dataset
 

@@ -41,53 +41,21 @@ from hf_integration.data import add_source_ids
 from hf_integration.data_files import check_batch_sizes
 from hf_integration.experiment import WEIGHTINGS, filter_fraction
 from hf_integration.filters import SCORE_FILTERS, filter_scores
-from hf_integration.frozen_trunk import (
-    CachedTrunkCausalLM,
-    SharedTrunkCache,
-    add_feature_rows,
-)
+from hf_integration.frozen_trunk import CachedTrunkCausalLM, SharedTrunkCache, add_feature_rows
 from hf_integration.hub import HubError
-from hf_integration.instruction import (
-    InstructionDataArguments,
-    InstructionExperimentArguments,
-    LMModelArguments,
-    build_lora_lm,
-    evaluate_lm,
-    load_base_model,
-    load_instruction_splits,
-    to_prompt_completion,
-)
+from hf_integration.instruction import (InstructionDataArguments, InstructionExperimentArguments, LMModelArguments,
+                                        build_lora_lm, evaluate_lm, load_base_model, load_instruction_splits,
+                                        to_prompt_completion)
 from hf_integration.recipe import TRUSTED_COLUMN, build_outer_module, steps_per_epoch
-from hf_integration.reporting import (
-    auc_by_kind,
-    plot_weights,
-    print_summary,
-    ranking_figures,
-)
+from hf_integration.reporting import auc_by_kind, plot_weights, print_summary, ranking_figures
 from hf_integration.rivals import filter_ranking, train_rival
-from hf_integration.runs import (
-    InputError,
-    OutputWriter,
-    RunArguments,
-    agree,
-    check_outer_steps,
-    configuring,
-    parse_arguments,
-    push_outputs,
-    resume_point,
-    run_main,
-    scheduled_outer_steps,
-    start_run,
-    write_json,
-)
+from hf_integration.runs import (InputError, OutputWriter, RunArguments, agree, check_outer_steps, configuring,
+                                 parse_arguments, push_outputs, resume_point, run_main, scheduled_outer_steps,
+                                 start_run, write_json)
 from hf_integration.sft import BilevelSFTConfig, BilevelSFTTrainer, check_rows_kept
 from hf_integration.training_callbacks import NonFiniteGuard
-from hf_integration.weights_dataset import (
-    check_weights_repo,
-    push_weights_dataset,
-    render_weights_card,
-    save_weights_dataset,
-)
+from hf_integration.weights_dataset import (check_weights_repo, push_weights_dataset, render_weights_card,
+                                            save_weights_dataset)
 
 RIVAL_LABELS = {"uniform": "uniform weights (plain SFT)", "loss_filter": "loss filter (initial model)",
                 "uniform_train_val": "uniform on train + validation", "length_filter": "length filter (shortest)",

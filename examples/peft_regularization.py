@@ -42,36 +42,14 @@ from typing import Any
 
 import torch
 
-from hf_integration.classification import (
-    DataArguments,
-    ModelArguments,
-    accuracy_metrics,
-    build_lora_model,
-    check_sequence_length,
-    evaluate_splits,
-    load_splits,
-    load_tokenizer,
-    tokenize_splits,
-)
+from hf_integration.classification import (DataArguments, ModelArguments, accuracy_metrics, build_lora_model,
+                                           check_sequence_length, evaluate_splits, load_splits, load_tokenizer,
+                                           tokenize_splits)
 from hf_integration.data_files import check_batch_sizes, resolve_noise_rate
 from hf_integration.label_noise import flip_labels
-from hf_integration.runs import (
-    InputError,
-    OutputWriter,
-    RunArguments,
-    check_outer_steps,
-    configuring,
-    describe_steps,
-    format_table,
-    parse_arguments,
-    push_outputs,
-    resume_point,
-    run_main,
-    scheduled_outer_steps,
-    start_run,
-    total_inner_steps,
-    write_json,
-)
+from hf_integration.runs import (InputError, OutputWriter, RunArguments, check_outer_steps, configuring,
+                                 describe_steps, format_table, parse_arguments, push_outputs, resume_point, run_main,
+                                 scheduled_outer_steps, start_run, total_inner_steps, write_json)
 
 logger = logging.getLogger("peft_regularization")
 

@@ -20,21 +20,21 @@
   (optional dependency ``trl``: imported on first use of these names, never by ``import hf_integration``).
 """
 
-from .data import add_example_ids, dataset_fingerprint_metadata, num_example_ids
-from .data import MixtureSampler, add_source_ids, example_sampling_probabilities, mixture_sampler, source_counts
+from .arguments import BilevelTrainingArguments
 from .atomic_files import atomic_write, atomic_write_text
-from .serialization import MODEL_CARD_NAME, OUTER_CONFIG_NAME, OUTER_OPTIMIZER_NAME, OUTER_PARAMS_NAME
+from .checkpoints import CheckpointError
+from .data import (MixtureSampler, add_example_ids, add_source_ids, dataset_fingerprint_metadata,
+                   example_sampling_probabilities, mixture_sampler, num_example_ids, source_counts)
+from .hub import HubError
 from .model_card import outer_params_card_section
 from .optimizer_state import load_optimizer_state, save_optimizer_state
-from .outer_modules import DataWeights, LoraRegularization, LossWeights, OuterModule, find_lora_modules, parse_layer_index
-from .outer_modules import CombinedWeights, ExampleWeighting, SourceWeights
-from .arguments import BilevelTrainingArguments
-from .checkpoints import CheckpointError
-from .hub import HubError
+from .outer_modules import (CombinedWeights, DataWeights, ExampleWeighting, LoraRegularization, LossWeights,
+                            OuterModule, SourceWeights, find_lora_modules, parse_layer_index)
+from .recipe import RECIPES, TRUSTED_COLUMN, append_outer_rows
+from .serialization import MODEL_CARD_NAME, OUTER_CONFIG_NAME, OUTER_OPTIMIZER_NAME, OUTER_PARAMS_NAME
 from .trainer import BilevelTrainer, NonFiniteGuard
 from .weights_dataset import push_weights_dataset, render_weights_card, save_weights_dataset, weight_summary
 from .weights_out import example_weights, weighted_dataset
-from .recipe import RECIPES, TRUSTED_COLUMN, append_outer_rows
 
 __all__ = [
     # trainer

@@ -10,12 +10,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from hypergrad.linear_solvers import NYSTROM_SKETCHES
-from hypergrad.methods import (
-    METHODS,
-    argument_default,
-    methods_reading,
-    options_from_arguments,
-)
+from hypergrad.methods import METHODS, argument_default, methods_reading, options_from_arguments
 
 from .recipe import OUTER_MODULE_KINDS, RECIPES, apply_recipe
 

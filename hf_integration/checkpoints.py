@@ -13,11 +13,7 @@ from collections.abc import Sequence
 
 from transformers.utils import logging
 
-from .serialization import (
-    OUTER_OPTIMIZER_NAME,
-    OUTER_PARAMS_NAME,
-    read_safetensors_metadata,
-)
+from .serialization import OUTER_OPTIMIZER_NAME, OUTER_PARAMS_NAME, read_safetensors_metadata
 
 logger = logging.get_logger(__name__)
 
@@ -44,14 +40,8 @@ def checkpoint_problem(folder: str | os.PathLike, *, outer_files: Sequence[str] 
     optimizer state and, with an outer module, the outer parameters (pass ``()`` for a plain ``Trainer``).
     """
     from transformers.trainer import TRAINER_STATE_NAME
-    from transformers.utils import (
-        ADAPTER_SAFE_WEIGHTS_NAME,
-        ADAPTER_WEIGHTS_NAME,
-        SAFE_WEIGHTS_INDEX_NAME,
-        SAFE_WEIGHTS_NAME,
-        WEIGHTS_INDEX_NAME,
-        WEIGHTS_NAME,
-    )
+    from transformers.utils import (ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME,
+                                    SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME)
 
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
@@ -106,9 +96,7 @@ def _rng_state_problem(folder: str, files: set[str]) -> str | None:
     """Why the random-number states cannot be restored: no ``rng_state*.pth`` file (``Trainer`` would go on with
     fresh random states, a run that differs from the one interrupted), or one that does not load."""
     import torch
-    from transformers.trainer_pt_utils import (
-        safe_globals,  # the numpy types Trainer's own loading allows
-    )
+    from transformers.trainer_pt_utils import safe_globals  # the numpy types Trainer's own loading allows
 
     found = sorted(f for f in files if f.startswith("rng_state") and f.endswith(".pth"))
     if not found:

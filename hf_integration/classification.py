@@ -20,14 +20,7 @@ import datasets
 import numpy as np
 import torch
 
-from .data_files import (
-    check_source_arguments,
-    embedded_split_sizes,
-    load_split,
-    parse_flags,
-    source_name,
-    subset,
-)
+from .data_files import check_source_arguments, embedded_split_sizes, load_split, parse_flags, source_name, subset
 from .demo.sentiment import make_splits
 from .embedded_models import minilm_path
 from .hub import error_line

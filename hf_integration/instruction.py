@@ -24,22 +24,9 @@ from accelerate.utils import send_to_device
 
 from .classification import ModelArguments, load_tokenizer, lora_layer_indices
 from .collators import ResponseCollator
-from .data_files import (
-    check_source_arguments,
-    embedded_split_sizes,
-    load_split,
-    parse_flags,
-    resolve_noise_rate,
-    source_name,
-    subset,
-)
-from .demo.instructions import (
-    CORRUPTIONS,
-    FEATURES,
-    corrupt_responses,
-    make_instruction_splits,
-    wrong_answer,
-)
+from .data_files import (check_source_arguments, embedded_split_sizes, load_split, parse_flags, resolve_noise_rate,
+                         source_name, subset)
+from .demo.instructions import CORRUPTIONS, FEATURES, corrupt_responses, make_instruction_splits, wrong_answer
 from .embedded_models import HUB_ID as SMOLLM2
 from .embedded_models import load_smollm2
 from .experiment import WEIGHTINGS, WeightingArguments

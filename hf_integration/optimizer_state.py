@@ -18,12 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from .atomic_files import atomic_write
-from .serialization import (
-    check_finite,
-    check_format_version,
-    load_tensors,
-    read_safetensors_metadata,
-)
+from .serialization import check_finite, check_format_version, load_tensors, read_safetensors_metadata
 
 __all__ = ["save_optimizer_state", "load_optimizer_state"]
 

@@ -24,13 +24,7 @@ import datasets
 from torch import nn
 
 from .data import add_example_ids, num_example_ids
-from .outer_modules import (
-    DataWeights,
-    ExampleWeighting,
-    LoraRegularization,
-    LossWeights,
-    OuterModule,
-)
+from .outer_modules import DataWeights, ExampleWeighting, LoraRegularization, LossWeights, OuterModule
 
 __all__ = ["RECIPES", "TRUSTED_COLUMN", "OUTER_MODULE_KINDS", "apply_recipe", "append_outer_rows",
            "prepare_training_rows", "steps_per_epoch", "build_outer_module", "reads_trusted_rows"]

@@ -36,12 +36,7 @@ from hypergrad.outer_step import NonFiniteError
 from hypergrad.solver import count_outer_steps
 
 from .atomic_files import atomic_write_text
-from .checkpoints import (
-    BILEVEL_CHECKPOINT_FILES,
-    CheckpointError,
-    last_checkpoint,
-    resolve_checkpoint,
-)
+from .checkpoints import BILEVEL_CHECKPOINT_FILES, CheckpointError, last_checkpoint, resolve_checkpoint
 from .hub import HubError, check_hub_reachable, check_hub_repo, error_line
 from .recipe import steps_per_epoch
 

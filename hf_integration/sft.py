@@ -21,10 +21,7 @@ from typing import Any
 from torch import nn
 from transformers.utils import logging
 from trl import SFTConfig, SFTTrainer
-from trl.trainer.sft_trainer import (
-    DataCollatorForLanguageModeling,
-    DataCollatorForVisionLanguageModeling,
-)
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling, DataCollatorForVisionLanguageModeling
 
 from .arguments import BilevelTrainingArguments
 from .collators import KeepColumnsCollator

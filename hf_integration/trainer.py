@@ -27,12 +27,7 @@ from transformers import Trainer
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.utils import logging
 
-from hypergrad.methods import (
-    METHODS,
-    check_problem_size,
-    get_method,
-    options_from_arguments,
-)
+from hypergrad.methods import METHODS, check_problem_size, get_method, options_from_arguments
 from hypergrad.outer_step import OuterStepHistory
 from hypergrad.solver import count_outer_steps
 
@@ -48,16 +43,8 @@ from .recipe import build_outer_module, prepare_training_rows, steps_per_epoch
 from .serialization import OUTER_OPTIMIZER_NAME
 from .trainer_checks import InputChecksMixin
 from .trainer_persistence import OuterPersistenceMixin
-from .training_callbacks import (
-    NonFiniteGuard,
-    _merged_outer_metrics,
-    _OuterStepCallback,
-)
-from .weights_dataset import (
-    push_weights_dataset,
-    render_weights_card,
-    save_weights_dataset,
-)
+from .training_callbacks import NonFiniteGuard, _merged_outer_metrics, _OuterStepCallback
+from .weights_dataset import push_weights_dataset, render_weights_card, save_weights_dataset
 from .weights_out import example_weights, weighted_dataset, weights_report
 
 __all__ = ["BilevelTrainer", "OUTER_OPTIMIZER_NAME", "outer_batch_columns"]

@@ -20,19 +20,10 @@ from .atomic_files import atomic_write_text
 from .checkpoints import CheckpointError, checkpoint_problem, resolve_checkpoint
 from .data import dataset_fingerprint_metadata
 from .hub import error_line
-from .model_card import (
-    model_folder_card,
-    model_tensors_card_section,
-    outer_params_card_section,
-)
+from .model_card import model_folder_card, model_tensors_card_section, outer_params_card_section
 from .optimizer_state import load_optimizer_state, save_optimizer_state
 from .public_names import hub_model_id, is_hub_id
-from .serialization import (
-    DATA_METADATA_KEYS,
-    MODEL_CARD_NAME,
-    OUTER_OPTIMIZER_NAME,
-    OUTER_PARAMS_NAME,
-)
+from .serialization import DATA_METADATA_KEYS, MODEL_CARD_NAME, OUTER_OPTIMIZER_NAME, OUTER_PARAMS_NAME
 
 __all__ = ["OuterPersistenceMixin"]
 

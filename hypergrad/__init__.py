@@ -14,24 +14,8 @@ Submodules:
     products; :mod:`hypergrad.utils`: shared types and checks.
 """
 
-from . import (
-    approx_hypergrad,
-    linear_solvers,
-    methods,
-    optimizers,
-    products,
-    solver,
-    utils,
-)
-from .approx_hypergrad import (
-    conjugate_gradient,
-    exact,
-    identity,
-    implicit_hypergrad,
-    neumann,
-    nystrom,
-    nystrom_pcg,
-)
+from . import approx_hypergrad, linear_solvers, methods, optimizers, products, solver, utils
+from .approx_hypergrad import conjugate_gradient, exact, identity, implicit_hypergrad, neumann, nystrom, nystrom_pcg
 from .autodiff import hvp
 from .optimizers import diff_adam, diff_adamw, diff_sgd
 from .solver import BaseImplicitSolver, BaseSolver

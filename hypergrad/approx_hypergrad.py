@@ -30,12 +30,7 @@ from torch import Tensor
 
 from .autodiff import DEFAULT_HVP_MODE, HVPMode, check_mode, gradient, scalar_objective
 from .distributed import DataParallel
-from .methods import (
-    DEFAULT_NYSTROM_SKETCH,
-    check_problem_size,
-    get_method,
-    method_options,
-)
+from .methods import DEFAULT_NYSTROM_SKETCH, check_problem_size, get_method, method_options
 from .products import linearize_inner
 from .trees import check_params, tree_numel, tree_sub
 from .utils import ParamsLike, check_positive_int

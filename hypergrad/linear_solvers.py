@@ -18,18 +18,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .trees import (
-    tree_axpy,
-    tree_dot,
-    tree_flatten_vector,
-    tree_leaves,
-    tree_map,
-    tree_numel,
-    tree_scale,
-    tree_sub,
-    tree_unflatten,
-    tree_unflatten_vector,
-)
+from .trees import (tree_axpy, tree_dot, tree_flatten_vector, tree_leaves, tree_map, tree_numel, tree_scale, tree_sub,
+                    tree_unflatten, tree_unflatten_vector)
 from .utils import ParamsLike, check_positive_float, check_positive_int, identity
 
 __all__ = [

@@ -23,16 +23,8 @@ import torch
 from torch import Tensor
 
 from .autodiff import one_at_a_time
-from .linear_solvers import (
-    NYSTROM_SKETCHES,
-    NystromFactor,
-    check_positive_float,
-    check_positive_int,
-    solve_cg,
-    solve_dense,
-    solve_neumann,
-    solve_pcg,
-)
+from .linear_solvers import (NYSTROM_SKETCHES, NystromFactor, check_positive_float, check_positive_int, solve_cg,
+                             solve_dense, solve_neumann, solve_pcg)
 from .trees import tree_leaves, tree_scale, tree_unflatten
 from .utils import ParamsLike, identity
 

@@ -45,16 +45,7 @@ import torch
 from torch import Tensor
 from torch.autograd import forward_ad
 
-from .autodiff import (
-    HVPMode,
-    batched_hvp,
-    check_mode,
-    finite_difference_step,
-    gradient,
-    hvp,
-    mixed_vjp,
-    one_at_a_time,
-)
+from .autodiff import HVPMode, batched_hvp, check_mode, finite_difference_step, gradient, hvp, mixed_vjp, one_at_a_time
 from .trees import tree_leaves, tree_map, tree_numel, tree_unflatten
 from .utils import ParamsLike, check_positive_int, identity
 

@@ -11,13 +11,7 @@ import torch
 from torch.func import hessian, jacfwd, jacrev
 
 from hypergrad.autodiff import HVP_MODES, batched_hvp, hvp, mixed_vjp
-from hypergrad.trees import (
-    check_params,
-    check_same_structure,
-    tree_flatten_vector,
-    tree_leaves,
-    tree_unflatten_vector,
-)
+from hypergrad.trees import check_params, check_same_structure, tree_flatten_vector, tree_leaves, tree_unflatten_vector
 
 DTYPES = [torch.float64, torch.float32]
 KINDS = ["tuple", "dict"]

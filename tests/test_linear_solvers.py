@@ -11,23 +11,9 @@ import itertools
 import pytest
 import torch
 
-from hypergrad.linear_solvers import (
-    NYSTROM_SKETCHES,
-    _initial_iterate,
-    _sample_indices,
-    nystrom_sketch,
-    solve_cg,
-    solve_dense,
-    solve_neumann,
-    solve_nystrom,
-    solve_pcg,
-)
-from hypergrad.trees import (
-    tree_flatten_vector,
-    tree_leaves,
-    tree_unflatten,
-    tree_unflatten_vector,
-)
+from hypergrad.linear_solvers import (NYSTROM_SKETCHES, _initial_iterate, _sample_indices, nystrom_sketch, solve_cg,
+                                      solve_dense, solve_neumann, solve_nystrom, solve_pcg)
+from hypergrad.trees import tree_flatten_vector, tree_leaves, tree_unflatten, tree_unflatten_vector
 
 KINDS = ["tuple", "dict"]
 SHAPES = {"a": (2, 3), "b": (), "c": (5,)}  # 12 unknowns, one 0-d leaf

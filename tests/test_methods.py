@@ -8,22 +8,9 @@ import pytest
 import torch
 from test_approx_hypergrad import P, Ridge, flat64, rel_err
 
-from hypergrad.approx_hypergrad import (
-    identity,
-    implicit_hypergrad,
-    make_solver,
-    nystrom,
-    nystrom_pcg,
-)
+from hypergrad.approx_hypergrad import identity, implicit_hypergrad, make_solver, nystrom, nystrom_pcg
 from hypergrad.linear_solvers import NystromFactor, solve_pcg
-from hypergrad.methods import (
-    METHODS,
-    NystromSolver,
-    check_problem_size,
-    get_method,
-    method_options,
-    options_metadata,
-)
+from hypergrad.methods import METHODS, NystromSolver, check_problem_size, get_method, method_options, options_metadata
 from hypergrad.trees import tree_flatten_vector
 
 

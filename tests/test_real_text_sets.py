@@ -10,7 +10,6 @@ import subprocess
 from collections import Counter
 
 import pytest
-
 from repo_scripts import ROOT, load
 
 rts = load("benchmarks/real_text_sets.py")

@@ -6,7 +6,6 @@ import argparse
 import math
 
 import pytest
-
 from repo_scripts import load
 
 reweighting_outcome = load("benchmarks/reweighting_outcome.py")

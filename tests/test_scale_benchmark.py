@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from repo_scripts import load
 
 scale = load("benchmarks/scale.py")

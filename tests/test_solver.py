@@ -16,13 +16,6 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
-from torch.nn import functional as F
-from torch.optim import SGD
-from torch.utils.data import DataLoader, TensorDataset
-
-from hypergrad.approx_hypergrad import conjugate_gradient
-from hypergrad.solver import BaseImplicitSolver, BaseSolver, count_outer_steps, is_outer_step
 
 # ---------------------------------------------------------------------------------------
 # The spec's example, AS WRITTEN in seed-solver.md (imports included).
@@ -30,10 +23,12 @@ from hypergrad.solver import BaseImplicitSolver, BaseSolver, count_outer_steps, 
 from functorch import grad_and_value, make_functional
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.optim import SGD
+from torch.utils.data import DataLoader, TensorDataset
 
-from hypergrad.approx_hypergrad import nystrom
+from hypergrad.approx_hypergrad import conjugate_gradient, nystrom
 from hypergrad.optimizers import diff_sgd
-from hypergrad.solver import BaseImplicitSolver
+from hypergrad.solver import BaseImplicitSolver, BaseSolver, count_outer_steps, is_outer_step
 from hypergrad.utils import Params
 
 

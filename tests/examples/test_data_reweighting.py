@@ -9,10 +9,10 @@ from unittest import mock
 
 import numpy as np
 import pytest
+from repo_scripts import load
 
 from hf_integration import DataWeights, LossWeights, hub
 from hf_integration.runs import InputError
-from repo_scripts import load
 
 data_reweighting = load("examples/data_reweighting.py")
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+import datasets
 import pytest
 import torch
 from transformers import DataCollatorWithPadding
 
-from hf_integration.frozen_trunk import FEATURE_ROW, CachedTrunkClassifier, add_feature_rows
 from hf_integration.classification import ModelArguments, build_lora_model, load_tokenizer, tokenize_splits
-
-import datasets
+from hf_integration.frozen_trunk import FEATURE_ROW, CachedTrunkClassifier, add_feature_rows
 
 
 @pytest.fixture

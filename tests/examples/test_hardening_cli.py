@@ -520,11 +520,7 @@ def test_every_model_is_scored_by_the_plain_loss_under_label_smoothing(tiny_mode
     """--label_smoothing_factor used to change the rivals (Trainer smooths its evaluation loss too) and not the
     bilevel run: the comparison of test losses was unfair. Every model now trains with it and is scored without."""
     import datasets
-    from transformers import (
-        AutoModelForSequenceClassification,
-        Trainer,
-        TrainingArguments,
-    )
+    from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments
 
     model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir)
     with torch.no_grad():

@@ -14,18 +14,16 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-
+from repo_scripts import load
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
+from hf_integration import LossWeights, hub, weights_dataset
 from hf_integration.collators import ResponseCollator, response_window
-from hf_integration.frozen_trunk import CachedTrunkCausalLM, add_feature_rows
-from hf_integration import LossWeights, hub
-from hf_integration import weights_dataset
-from hf_integration.losses import per_example_loss
 from hf_integration.demo.instructions import CORRUPTIONS, make_instruction_splits
+from hf_integration.frozen_trunk import CachedTrunkCausalLM, add_feature_rows
 from hf_integration.instruction import to_prompt_completion
+from hf_integration.losses import per_example_loss
 from hf_integration.runs import InputError
-from repo_scripts import load
 
 script = load("examples/instruction_data_weights.py")
 

@@ -10,9 +10,9 @@ import sys
 
 import datasets
 import numpy as np
+from repo_scripts import ROOT
 
 from hf_integration import LossWeights
-from repo_scripts import ROOT
 
 SCRIPT = ROOT / "examples" / "bilevel_in_your_script.py"
 

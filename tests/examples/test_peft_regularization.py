@@ -7,10 +7,10 @@ import json
 from unittest import mock
 
 import pytest
+from repo_scripts import load
 
 from hf_integration import LoraRegularization, hub
 from hf_integration.runs import InputError
-from repo_scripts import load
 
 peft_regularization = load("examples/peft_regularization.py")
 

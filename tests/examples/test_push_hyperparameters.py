@@ -7,9 +7,9 @@ from unittest import mock
 
 import pytest
 import torch
+from repo_scripts import load
 
 from hf_integration import DataWeights, LoraRegularization, hub
-from repo_scripts import load
 
 push_hyperparameters = load("examples/push_hyperparameters.py")
 

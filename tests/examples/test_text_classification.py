@@ -7,8 +7,8 @@ import datasets
 import numpy as np
 import pytest
 
-from hf_integration.demo.sentiment import NEGATIVE_WORDS, POSITIVE_WORDS, make_splits
 from hf_integration.classification import DataArguments, load_splits
+from hf_integration.demo.sentiment import NEGATIVE_WORDS, POSITIVE_WORDS, make_splits
 from hf_integration.label_noise import flip_labels
 from hf_integration.runs import InputError
 

@@ -12,12 +12,7 @@ from unittest import mock
 import pytest
 import torch
 
-from hf_integration import (
-    BilevelTrainer,
-    BilevelTrainingArguments,
-    DataWeights,
-    LoraRegularization,
-)
+from hf_integration import BilevelTrainer, BilevelTrainingArguments, DataWeights, LoraRegularization
 from hf_integration.checkpoints import CheckpointError
 from hf_integration.serialization import OUTER_OPTIMIZER_NAME
 from hf_integration.training_callbacks import NonFiniteGuard

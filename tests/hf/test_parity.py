@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers.trainer_pt_utils import LabelSmoother
 
-from hf_integration import BilevelTrainer, DataWeights, OUTER_PARAMS_NAME
+from hf_integration import OUTER_PARAMS_NAME, BilevelTrainer, DataWeights
 from hf_integration.losses import IGNORE_INDEX, per_example_loss
 
 from .trainer_utils import bilevel_args, datasets_with_ids, tiny_classifier

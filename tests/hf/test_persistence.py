@@ -15,21 +15,9 @@ from huggingface_hub import ModelCard
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from hf_integration import (
-    OUTER_CONFIG_NAME,
-    OUTER_OPTIMIZER_NAME,
-    OUTER_PARAMS_NAME,
-    DataWeights,
-    LoraRegularization,
-    OuterModule,
-    atomic_files,
-    atomic_write,
-    checkpoints,
-    hub,
-    load_optimizer_state,
-    save_optimizer_state,
-    serialization,
-)
+from hf_integration import (OUTER_CONFIG_NAME, OUTER_OPTIMIZER_NAME, OUTER_PARAMS_NAME, DataWeights,
+                            LoraRegularization, OuterModule, atomic_files, atomic_write, checkpoints, hub,
+                            load_optimizer_state, save_optimizer_state, serialization)
 
 META = {
     "method": "nystrom",

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 from transformers import TrainingArguments
 
-from hf_integration.recipe import TRUSTED_COLUMN, append_outer_rows
 from hf_integration.filters import SCORE_FILTERS
+from hf_integration.recipe import TRUSTED_COLUMN, append_outer_rows
 from hf_integration.rivals import (RIVALS, LossFilterTrainer, ScoreFilterTrainer, WeightedTrainer, filter_ranking,
-                                  train_rival)
+                                   train_rival)
 
 
 class Linear(nn.Module):

@@ -12,9 +12,9 @@ import torch
 from datasets import ClassLabel, Dataset, DatasetDict
 from torch.func import functional_call, grad, jvp, vmap
 
-from hf_integration import (BilevelTrainer, CombinedWeights, DataWeights, LoraRegularization, LossWeights,
-                            OuterModule, SourceWeights, add_source_ids, example_sampling_probabilities,
-                            mixture_sampler, source_counts)
+from hf_integration import (BilevelTrainer, CombinedWeights, DataWeights, LoraRegularization, LossWeights, OuterModule,
+                            SourceWeights, add_source_ids, example_sampling_probabilities, mixture_sampler,
+                            source_counts)
 from hypergrad import approx_hypergrad
 
 from .trainer_utils import bilevel_args, tiny_classifier, token_task

@@ -21,27 +21,13 @@ from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import default_data_collator
 
-from hf_integration import (
-    BilevelTrainer,
-    CombinedWeights,
-    DataWeights,
-    LoraRegularization,
-    LossWeights,
-    OuterModule,
-    SourceWeights,
-    dataset_fingerprint_metadata,
-)
+from hf_integration import (BilevelTrainer, CombinedWeights, DataWeights, LoraRegularization, LossWeights, OuterModule,
+                            SourceWeights, dataset_fingerprint_metadata)
 from hf_integration.trainer import outer_batch_columns
 from hypergrad import approx_hypergrad
 from hypergrad.trees import tree_flatten_vector, tree_unflatten_vector
 
-from .trainer_utils import (
-    bilevel_args,
-    datasets_with_ids,
-    tiny_bert_classifier,
-    tiny_classifier,
-    token_task,
-)
+from .trainer_utils import bilevel_args, datasets_with_ids, tiny_bert_classifier, tiny_classifier, token_task
 
 
 def _weights_auc(weights: DataWeights, dataset) -> float:
