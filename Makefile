@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/data_reweighting.py
+	$(PY) examples/data_reweighting.py --overwrite_output_dir
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
