@@ -26,14 +26,15 @@ import sys
 import numpy as np
 
 from hf_integration.atomic_files import atomic_write_text
+from hf_integration.filters import SCORE_FILTERS
+from hf_integration.reporting import ranking_aucs
+from hf_integration.rivals import RIVALS
 from hf_integration.runs import write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 SETS = ("scipy_qa", "debian_qa")
-RIVALS = ("uniform", "uniform_train_val", "loss_filter", "length_filter", "ifd_filter")
-FILTERS = {"loss_filter": "auc_high_loss_vs_corrupted", "length_filter": "auc_ranking_vs_corrupted",
-           "ifd_filter": "auc_ranking_vs_corrupted"}
+FILTERS = ("loss_filter", *SCORE_FILTERS)
 
 
 def set_files(name: str, data_dir: str) -> dict[str, str]:
@@ -60,11 +61,17 @@ def run_one(name: str, seed: int, args: argparse.Namespace) -> dict:
         return json.load(handle)
 
 
+def _ranking_auc(metrics: dict) -> float:
+    """A filter rival's ranking AUC against the corrupted flags; NaN when the rival did not run."""
+    auc = ranking_aucs(metrics)[0]
+    return math.nan if auc is None else auc
+
+
 def row(name: str, seed: int | str, m: dict) -> dict:
     """One table row of a run's metrics (or of the means of a set's runs)."""
     rivals = m["baselines"]
     return {"set": name, "seed": seed, "auc": m["auc_low_weight_vs_corrupted"],
-            **{f"{f} auc": rivals.get(f, {}).get(key, math.nan) for f, key in FILTERS.items()},
+            **{f"{f} auc": _ranking_auc(rivals.get(f, {})) for f in FILTERS},
             "test loss bilevel": m["reweighted"]["test_loss"],
             **{f"test loss {r}": rivals.get(r, {}).get("test_loss", math.nan) for r in RIVALS},
             "time / uniform": m["wall_time_bilevel_s"] / rivals["uniform"]["wall_time_s"]

@@ -17,7 +17,7 @@ import numpy as np
 from .atomic_files import atomic_write
 from .runs import describe_steps, format_table
 
-__all__ = ["calibration_error", "weights_auc", "ranking_figures", "auc_by_kind", "plot_weights", "print_summary"]
+__all__ = ["calibration_error", "ranking_aucs", "weights_auc", "ranking_figures", "auc_by_kind", "plot_weights", "print_summary"]
 
 
 def weights_auc(weights: np.ndarray, corrupted: np.ndarray) -> float:
@@ -93,7 +93,7 @@ def plot_weights(weights: np.ndarray, corrupted: np.ndarray | None, path: str, t
     plt.close(fig)
 
 
-def _ranking(metrics: Mapping[str, Any]) -> tuple[float | None, dict[str, float] | None]:
+def ranking_aucs(metrics: Mapping[str, Any]) -> tuple[float | None, dict[str, float] | None]:
     """A filter rival's ranking AUC and AUC by corruption kind (:func:`hf_integration.rivals.filter_ranking`)."""
     for key in ("auc_high_loss", "auc_ranking"):
         if metrics.get(f"{key}_vs_corrupted") is not None:
@@ -129,7 +129,7 @@ def print_summary(results: Mapping[str, Any], *, rival_labels: Mapping[str, str]
         header = ["AUC (low weight vs corrupted)", "precision@#corrupted", "mean weight clean", "mean weight corrupted"]
         values = [results[k] for k in ("auc_low_weight_vs_corrupted", "precision_at_num_corrupted",
                                        "mean_weight_clean", "mean_weight_corrupted")]
-        rankings = {name: _ranking(m) for name, m in results["baselines"].items()}
+        rankings = {name: ranking_aucs(m) for name, m in results["baselines"].items()}
         for name, (auc, _) in rankings.items():
             if auc is not None:
                 header.append(f"AUC of the {name.replace('_', ' ')}'s ranking")
