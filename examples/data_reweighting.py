@@ -8,8 +8,9 @@ clean validation set (`hf_integration.BilevelTrainer` with the library's ``recip
 validation rows also trained on as trusted rows) or ``per_example`` (`DataWeights`, one free weight per example).
 
 Default run (no download, CPU, under a minute): the embedded MiniLM-L6 encoder + LoRA on its last layer, on a
-generated sentiment-like dataset with 30% of the training labels flipped, a clean validation split (the outer
-objective) and a clean test split::
+generated sentiment-like dataset with 30% of the training labels flipped where annotators err (``--noise_type
+confusable``: the examples a cross-validated TF-IDF model finds most confusable, each given its likeliest wrong class),
+a clean validation split (the outer objective) and a clean test split::
 
     python examples/data_reweighting.py                          # = make demo
     python examples/data_reweighting.py --train_file train.jsonl --validation_file val.jsonl \\
@@ -61,7 +62,7 @@ DEMO_DEFAULTS: dict[str, Any] = {
     "output_dir": "outputs/data_reweighting", "recipe": "data_weighting", "lora_layers": [-1], "hvp_mode": "rev_rev",
     "max_steps": -1, "num_train_epochs": 8, "learning_rate": 3e-3, "warmup_steps": 10,
     "per_device_train_batch_size": 16, "per_device_eval_batch_size": 128, "logging_steps": 20, "save_strategy": "no",
-    "report_to": "none", "seed": 0, "nystrom_rank": 5, "nystrom_rho": 0.1,
+    "report_to": "none", "seed": 0, "nystrom_rank": 5, "nystrom_rho": 0.1, "noise_type": "confusable",
 }
 
 

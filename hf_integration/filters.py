@@ -23,7 +23,8 @@ from torch import nn
 
 from .losses import per_example_loss
 
-__all__ = ["SCORE_FILTERS", "response_lengths", "ifd_scores", "filter_scores"]
+__all__ = ["SCORE_FILTERS", "response_lengths", "response_losses_with_and_without_prompt", "ifd_scores",
+           "filter_scores"]
 
 SCORE_FILTERS = ("length_filter", "ifd_filter")
 
@@ -54,15 +55,17 @@ def _padded(sequences: Sequence[Sequence[int]], labels: Sequence[Sequence[int]],
 
 
 @torch.no_grad()
-def ifd_scores(model: nn.Module, dataset, pad_token_id: int, batch_size: int = 16) -> np.ndarray:
-    """``L(response | prompt) / L(response)`` of each row under ``model`` (a causal LM, in evaluation mode), in the
-    rows' order. ``L(response)`` is scored on the response tokens alone (its first token is predicted by nothing, as
-    in the IFD paper); a row whose response has fewer than 2 tokens gets ``NaN`` (no unconditioned prediction)."""
+def response_losses_with_and_without_prompt(model: nn.Module, dataset, pad_token_id: int, batch_size: int = 16
+                                            ) -> tuple[np.ndarray, np.ndarray]:
+    """``(L(response | prompt), L(response))`` of each row under ``model`` (a causal LM, in evaluation mode), in the
+    rows' order: the mean next-token cross-entropy of the response tokens after the prompt, and of the response
+    tokens scored alone (its first token is predicted by nothing, as in the IFD paper; a row whose response has fewer
+    than 2 tokens gets ``NaN`` there: no unconditioned prediction)."""
     input_ids, labels = _rows(dataset)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    out = []
+    conditioned, alone = [], []
     try:
         for start in range(0, len(input_ids), batch_size):
             ids, lab = input_ids[start:start + batch_size], labels[start:start + batch_size]
@@ -73,10 +76,18 @@ def ifd_scores(model: nn.Module, dataset, pad_token_id: int, batch_size: int = 1
                 logits = model(input_ids=batch_ids.to(device), attention_mask=mask.to(device)).logits
                 losses.append(per_example_loss(logits, batch_labels.to(device), causal_lm=True).double().cpu())
             short = torch.tensor([len(r) < 2 for r in responses])
-            out.append(torch.where(short, torch.nan, losses[0] / losses[1].clamp_min(1e-12)))
+            conditioned.append(losses[0])
+            alone.append(torch.where(short, torch.nan, losses[1]))
     finally:
         model.train(was_training)
-    return torch.cat(out).numpy()
+    return torch.cat(conditioned).numpy(), torch.cat(alone).numpy()
+
+
+def ifd_scores(model: nn.Module, dataset, pad_token_id: int, batch_size: int = 16) -> np.ndarray:
+    """``L(response | prompt) / L(response)`` of each row under ``model``, in the rows' order
+    (:func:`response_losses_with_and_without_prompt`); ``NaN`` where ``L(response)`` is undefined."""
+    conditioned, alone = response_losses_with_and_without_prompt(model, dataset, pad_token_id, batch_size)
+    return conditioned / np.maximum(alone, 1e-12)
 
 
 def filter_scores(name: str, dataset, model: nn.Module | None = None, pad_token_id: int | None = None,

@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from hf_integration.filters import filter_scores, ifd_scores, response_lengths
+from hf_integration.filters import (filter_scores, ifd_scores, response_lengths,
+                                    response_losses_with_and_without_prompt)
 
 
 def _llama():
@@ -48,17 +49,19 @@ def test_response_lengths_count_the_labelled_tokens():
 
 def test_ifd_is_the_ratio_of_the_response_loss_with_and_without_its_prompt():
     model, rows = _llama(), _rows()
-    expected = []
+    conditioned, alone = [], []
     for ids, labels in zip(rows["input_ids"], rows["labels"]):
         start = next(i for i, y in enumerate(labels) if y != -100)
         response = ids[start:]
-        if len(response) < 2:
-            expected.append(np.nan)
-            continue
-        expected.append(_mean_nll(model, ids, start) / _mean_nll(model, response, 1))
+        conditioned.append(_mean_nll(model, ids, start))
+        alone.append(_mean_nll(model, response, 1) if len(response) >= 2 else np.nan)
+    expected = np.array(conditioned) / np.array(alone)
     for batch_size in (1, 2, 5):  # right padding and batching change nothing
         np.testing.assert_allclose(ifd_scores(model, rows, pad_token_id=0, batch_size=batch_size), expected,
                                    rtol=2e-5, equal_nan=True)
+        both = response_losses_with_and_without_prompt(model, rows, pad_token_id=0, batch_size=batch_size)
+        np.testing.assert_allclose(both[0], conditioned, rtol=2e-5)
+        np.testing.assert_allclose(both[1], alone, rtol=2e-5, equal_nan=True)
     scores = filter_scores("ifd_filter", rows, model, pad_token_id=0)
     assert scores[-1] == -np.inf and np.isfinite(scores[:-1]).all()  # an undefined IFD is never dropped
 
