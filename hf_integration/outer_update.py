@@ -17,7 +17,8 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.utils import logging
 
-from hypergrad.approx_hypergrad import implicit_hypergrad
+from hypergrad.approx_hypergrad import hypergrad_from_products, implicit_hypergrad
+from hypergrad.autodiff import gradient
 from hypergrad.distributed import DataParallel, any_process, broadcast_tree
 from hypergrad.methods import METHODS, get_method
 from hypergrad.mode_probe import probe_hvp_mode
@@ -26,6 +27,7 @@ from hypergrad.sharded import sharded_hypergrad
 
 from .losses import per_example_loss
 from .outer_modules import ExampleWeighting
+from .outer_modules.weighting import promote
 from .weights_out import weight_spread
 
 __all__ = ["OuterUpdateMixin"]
@@ -33,6 +35,8 @@ __all__ = ["OuterUpdateMixin"]
 logger = logging.get_logger(__name__)
 
 _MODULE_PREFIX = "outer_module."
+# the per-example mixed product takes one backward pass per outer number; the general one about two and a half
+WEIGHTED_GRADIENT_MAX_PARAMS = 2
 _MODEL_PREFIX = "model."
 
 
@@ -52,22 +56,28 @@ class OuterUpdateMixin:
         """``validate`` of :func:`~hypergrad.outer_step.apply_outer_update`: after an outer step, a reason to
         roll it back when the inner objective on ``batch`` is no longer finite (e.g. an L2 strength or a
         weight normalization that overflowed). One verdict for all processes."""
+        known = self.__dict__.pop("_hypergradient_losses", None)
         with torch.no_grad(), self._second_order_context():
-            model = self.model_wrapped if self.is_fsdp_enabled else self._unwrapped
-            phi = {k: v.detach() for k, v in self._outer_param_tree().items()}
-            loss, outputs = self._objective(model, None, phi, batch, weighted=True)
-            self._weight_spread = self._batch_weight_spread(outputs, batch)
+            if known is not None and known[1] is batch:  # the model did not move: its losses are the hypergradient's
+                losses = known[0]
+                loss = self.outer_module(losses, batch, self._inner_param_tree())
+            else:
+                model = self.model_wrapped if self.is_fsdp_enabled else self._unwrapped
+                phi = {k: v.detach() for k, v in self._outer_param_tree().items()}
+                loss, outputs = self._objective(model, None, phi, batch, weighted=True)
+                losses = (per_example_loss(outputs["logits"], batch["labels"], self._causal_lm)
+                          if isinstance(self.outer_module, ExampleWeighting) else None)
+            self._weight_spread = self._batch_weight_spread(losses, batch)
         self._checked_inner_loss = float(loss)
         if any_process(not bool(torch.isfinite(loss)), self.args.device):
             return f"non-finite inner objective: {float(loss)} with the new outer parameters"
         return None
 
-    def _batch_weight_spread(self, outputs: Any, batch: Mapping[str, Any]) -> float | None:
-        """std/mean of the outer module's weights of the batch's training rows (trusted rows aside), from the model
-        outputs at hand (no extra forward pass); ``None`` for a module that weights no examples."""
+    def _batch_weight_spread(self, losses: Tensor | None, batch: Mapping[str, Any]) -> float | None:
+        """std/mean of the outer module's weights of the batch's training rows (trusted rows aside), from the
+        per-example losses at hand (no extra forward pass); ``None`` for a module that weights no examples."""
         if not isinstance(self.outer_module, ExampleWeighting):
             return None
-        losses = per_example_loss(outputs["logits"], batch["labels"], self._causal_lm)
         weights = self.outer_module.example_weights(losses, batch)
         if self.trusted_column in batch:
             weights = weights[~torch.as_tensor(batch[self.trusted_column], device=weights.device).bool()]
@@ -165,6 +175,8 @@ class OuterUpdateMixin:
                     lambda o: self._objective(model, None, o, eval_batch, weighted=False)[0],
                     phi, solve)
             data_parallel = DataParallel() if self.args.world_size > 1 else None
+            if self._takes_per_example_mixed_product():
+                return self._per_example_hypergradient(train_batch, eval_batch, phi, solve, data_parallel)
             budget = self.args.hvp_memory_budget_mb
             try:
                 grads, outer_value = implicit_hypergrad(
@@ -183,6 +195,63 @@ class OuterUpdateMixin:
                     "differences) or 'finite_diff'.") from err
             self._last_outer_loss = float(outer_value)  # this process's validation loss at the current weights
             return grads
+
+    def _takes_per_example_mixed_product(self) -> bool:
+        """Whether the hypergradient's one second-order product is taken as weighted gradients (see
+        :meth:`_per_example_hypergradient`): an IHVP method without Hessian-vector products, an outer module that
+        weights examples by values of their losses with at most :data:`WEIGHTED_GRADIENT_MAX_PARAMS` numbers, and no
+        model tensor among the outer parameters."""
+        module = self.outer_module
+        return (self.__dict__.get("_per_example_mixed", True) and isinstance(module, ExampleWeighting)
+                and module.weights_hold_losses_fixed and not self.outer_model_param_names
+                and get_method(self.args.ihvp_method).hessian_free
+                and sum(p.numel() for p in module.parameters()) <= WEIGHTED_GRADIENT_MAX_PARAMS)
+
+    def _per_example_hypergradient(self, train_batch: Mapping[str, Any], eval_batch: Mapping[str, Any],
+                                   phi: Mapping[str, Tensor], solve: Callable,
+                                   data_parallel: DataParallel | None) -> dict[str, Tensor]:
+        """The hypergradient of a data weighting ``L(theta, phi) = sum_i w_i(phi, l_i) l_i(theta) / sum_i w_i``
+        whose weights read the losses as values only, by an IHVP method that needs no Hessian-vector product.
+
+        The rule is :func:`hypergrad.approx_hypergrad.hypergrad_from_products`'s, ``grad_phi g - M solve(grad_theta
+        g)``, and its only second-order product is the mixed one. With ``wh_i(phi)`` the normalized weights of the
+        batch (:meth:`~hf_integration.outer_modules.ExampleWeighting.weighted_mean`), ``grad_theta L =
+        sum_i wh_i grad l_i``, so for each scalar ``phi_j``::
+
+            (M v)_j = d/dphi_j (grad_theta L . v) = grad_theta (sum_i c_ij l_i) . v,    c_ij = d wh_i / d phi_j
+
+        one backward pass of the ``c_j``-weighted loss per outer number, after one forward pass, instead of a
+        gradient graph and a backward through it; the same value (tested against the general path). The slopes
+        ``c_ij`` come from the weights alone (no model). The forward pass's losses also serve the post-step check
+        (:meth:`_outer_step_problem`): the outer step does not move the model."""
+        average = data_parallel.average if data_parallel is not None else (lambda tree: tree)
+        theta = self._theta()
+        (grad_in, grad_out), value = gradient(lambda i, o: self.outer_forward(i, o, eval_batch), (0, 1), "rev_rev",
+                                              with_value=True)(theta, phi)
+        module, model = self.outer_module, self._unwrapped
+        live = {_MODULE_PREFIX + n: p for n, p in module.named_parameters()}
+
+        def mixed(v: Mapping[str, Tensor]) -> dict[str, Tensor]:
+            out = {k: torch.zeros_like(p) for k, p in live.items()}
+            with torch.enable_grad():
+                leaves = {k: x.detach().requires_grad_(True) for k, x in theta.items()}
+                losses = self._per_example_losses(model, leaves, {}, train_batch, weighted=True)[0]
+                self._hypergradient_losses = (losses.detach(), train_batch)  # the post-step check's losses
+                slopes = _weight_slopes(module, losses.detach(), train_batch, live)
+                for n, (key, index, c) in enumerate(slopes):
+                    c, weighted = promote(c, losses)
+                    grads = torch.autograd.grad((c * weighted).sum(), list(leaves.values()), allow_unused=True,
+                                                retain_graph=n < len(slopes) - 1)
+                    out[key].view(-1)[index] = sum((g.to(v[k].dtype) * v[k]).sum()
+                                                   for k, g in zip(leaves, grads) if g is not None)
+            return average(out)
+
+        def no_products(_v):
+            raise RuntimeError(f"ihvp_method={self.args.ihvp_method!r} asked for a Hessian-vector product")
+
+        grads = hypergrad_from_products(average(grad_in), average(grad_out), no_products, no_products, mixed, solve)
+        self._last_outer_loss = float(value)
+        return grads
 
     def _gradient_runs(self, phi: Mapping[str, Tensor], batch: Mapping[str, Any]) -> bool:
         """Whether a plain first-order gradient of the inner objective on ``batch`` runs (an explicit HVP mode
@@ -278,3 +347,24 @@ class OuterUpdateMixin:
         self.hvp_mode, self._hvp_mode_checked = mode, True
         logger.info("Hessian-vector products: hvp_mode=%s (requested %s).", mode, requested)
         return mode
+
+
+def _weight_slopes(module: ExampleWeighting, losses: Tensor, batch: Mapping[str, Any],
+                   params: Mapping[str, Tensor]) -> list[tuple[str, int, Tensor]]:
+    """``(name, index, c)`` for every scalar ``phi_j`` of the outer ``params``: ``c_i = d wh_i / d phi_j``, the
+    slopes of the batch's normalized weights ``wh = d/du weighted_mean(losses, u)`` (the mean is linear in ``u``),
+    each by a backward pass through the weights alone (``r`` picks the column: ``d/dr (d (wh . r) / d phi_j)``)."""
+    u = torch.zeros_like(losses, requires_grad=True)
+    weights = torch.autograd.grad(module.weighted_mean(losses, u, batch), u, create_graph=True)[0]
+    r = torch.zeros_like(weights, requires_grad=True)
+    names = list(params)
+    per_param = torch.autograd.grad((weights * r).sum(), [params[k] for k in names], create_graph=True,
+                                    allow_unused=True)
+    slopes = []
+    for name, d in zip(names, per_param):
+        for index in range(params[name].numel()):
+            if d is None or not d.requires_grad:  # these weights do not depend on this number
+                slopes.append((name, index, torch.zeros_like(losses)))
+                continue
+            slopes.append((name, index, torch.autograd.grad(d.reshape(-1)[index], r, retain_graph=True)[0]))
+    return slopes

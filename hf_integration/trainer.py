@@ -229,6 +229,24 @@ class BilevelTrainer(InputChecksMixin, OuterUpdateMixin, OuterPersistenceMixin, 
                 self._signature_columns.append(column)
 
     # ------------------------------------------------------------------ objectives
+    def _per_example_losses(self, model: nn.Module, in_params: Mapping[str, Tensor] | None,
+                            out_params: Mapping[str, Tensor], batch: Mapping[str, Any], weighted: bool):
+        """Each example's loss of ``batch`` (label smoothing for the inner objective, ``weighted``) and the model
+        outputs; the model is called as :meth:`_objective` says."""
+        self._check_batch_columns(batch, weighted)
+        inputs = {k: v for k, v in batch.items() if k != "labels" and k not in self.outer_columns}
+        if self._causal_lm:
+            inputs.setdefault("use_cache", False)  # no key/value cache in training or in the products
+        model_outer = {k[len(_MODEL_PREFIX):]: v for k, v in out_params.items() if k.startswith(_MODEL_PREFIX)}
+        if in_params is None:
+            outputs = model(**inputs)
+        else:
+            outputs = functional_call(model, {**in_params, **model_outer}, (), inputs, strict=False)
+        # the inner objective (training steps, and the hypergradient's inner problem) is what training minimizes,
+        # label smoothing included; the outer objective and evaluation are the plain loss
+        smoothing = self.args.label_smoothing_factor if weighted else 0.0
+        return per_example_loss(outputs["logits"], batch["labels"], self._causal_lm, label_smoothing=smoothing), outputs
+
     def _objective(self, model: nn.Module, in_params: Mapping[str, Tensor] | None,
                    out_params: Mapping[str, Tensor], batch: Mapping[str, Any], weighted: bool):
         """Loss of ``batch`` (and the model outputs).
@@ -237,21 +255,8 @@ class BilevelTrainer(InputChecksMixin, OuterUpdateMixin, OuterPersistenceMixin, 
         inner training steps do; otherwise the unwrapped model is called functionally with
         ``in_params`` and the model part of ``out_params``. ``weighted`` selects the inner
         objective (through the outer module) instead of the plain mean loss."""
-        self._check_batch_columns(batch, weighted)
-        inputs = {k: v for k, v in batch.items() if k != "labels" and k not in self.outer_columns}
-        if self._causal_lm:
-            inputs.setdefault("use_cache", False)  # no key/value cache in training or in the products
-        model_outer = {k[len(_MODEL_PREFIX):]: v for k, v in out_params.items() if k.startswith(_MODEL_PREFIX)}
-        if in_params is None:
-            outputs = model(**inputs)
-            inner_named = self._inner_param_tree()
-        else:
-            outputs = functional_call(model, {**in_params, **model_outer}, (), inputs, strict=False)
-            inner_named = in_params
-        # the inner objective (training steps, and the hypergradient's inner problem) is what training minimizes,
-        # label smoothing included; the outer objective and evaluation are the plain loss
-        smoothing = self.args.label_smoothing_factor if weighted else 0.0
-        losses = per_example_loss(outputs["logits"], batch["labels"], self._causal_lm, label_smoothing=smoothing)
+        losses, outputs = self._per_example_losses(model, in_params, out_params, batch, weighted)
+        inner_named = self._inner_param_tree() if in_params is None else in_params
         if weighted and self.outer_module is not None:
             module_params = {k[len(_MODULE_PREFIX):]: v for k, v in out_params.items() if k.startswith(_MODULE_PREFIX)}
             loss = functional_call(self.outer_module, module_params, (losses, batch, inner_named))

@@ -82,6 +82,11 @@ class CombinedWeights(ExampleWeighting):
         """True when any part stops gradients (its weights are constants for the Hessian)."""
         return any(part.stops_gradients for part in self.parts)
 
+    @property
+    def weights_hold_losses_fixed(self) -> bool:  # type: ignore[override]
+        """True when every part's weights read the losses as values only."""
+        return all(part.weights_hold_losses_fixed for part in self.parts)
+
     def example_weights(self, per_example_loss: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
         """Unnormalized weights ``prod_k w^(k)_i`` of the batch's examples, shape ``(batch_size,)``."""
         _check_per_example_loss(per_example_loss)

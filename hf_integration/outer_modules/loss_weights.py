@@ -79,6 +79,7 @@ class LossWeights(ExampleWeighting):
     kind: ClassVar[str] = "loss_weights"
     stops_gradients: ClassVar[bool] = True
     accepts_trusted_rows: ClassVar[bool] = True
+    weights_hold_losses_fixed: ClassVar[bool] = True  # the losses are read detached
     id_column = None
 
     TRUSTED_SHARES: ClassVar[tuple[str, ...]] = ("max_weight", "uniform")

@@ -70,6 +70,12 @@ class ExampleWeighting(OuterModule):
 
     accepts_trusted_rows: ClassVar[bool] = False
     trusted_column: str | None = None
+    # True when example_weights reads the losses as values only (detached, or not at all), so that the inner
+    # gradient is sum_i w_i grad l_i / sum_i w_i and the mixed derivative d/dphi (grad_theta L . v) is
+    # d/dphi [sum_i w_i (grad l_i . v) / sum_i w_i]: BilevelTrainer then takes it from each example's directional
+    # derivative (one forward-mode pass) instead of a double backward. A subclass differentiating its weights
+    # through the losses leaves it False.
+    weights_hold_losses_fixed: ClassVar[bool] = False
 
     def example_weights(self, per_example_loss: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
         """Unnormalized weights of the batch's examples, shape ``(batch_size,)``."""
@@ -81,16 +87,21 @@ class ExampleWeighting(OuterModule):
         del batch, batch_size
         return None
 
+    def weighted_mean(self, per_example_loss: Tensor, values: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
+        """``sum_i w_i v_i / sum_i w_i`` with ``w_i`` the weights of the losses ``per_example_loss``
+        (:meth:`example_weights`; the rows of :meth:`fixed_share_rows`, if any, at their uniform share) and ``v_i``
+        the ``values``: the inner objective for ``values = per_example_loss``, its mixed derivative's integrand
+        for ``values`` the losses' directional derivatives (see ``weights_hold_losses_fixed``)."""
+        weights = self.example_weights(per_example_loss, batch)
+        return _normalized_weighted_mean(weights, values, self.fixed_share_rows(batch, per_example_loss.shape[0]))
+
     def forward(
         self, per_example_loss: Tensor, batch: Mapping[str, Tensor], inner_params: Mapping[str, Tensor]
     ) -> Tensor:
-        """``sum_i w_i l_i / sum_i w_i`` with ``w_i`` from :meth:`example_weights` (the rows of
-        :meth:`fixed_share_rows`, if any, at their uniform share); ``inner_params`` is unused (the weights depend
-        on the example and its loss, not on the model's parameters)."""
+        """``sum_i w_i l_i / sum_i w_i`` (:meth:`weighted_mean` of the losses themselves); ``inner_params`` is
+        unused (the weights depend on the example and its loss, not on the model's parameters)."""
         del inner_params
-        weights = self.example_weights(per_example_loss, batch)
-        return _normalized_weighted_mean(weights, per_example_loss,
-                                         self.fixed_share_rows(batch, per_example_loss.shape[0]))
+        return self.weighted_mean(per_example_loss, per_example_loss, batch)
 
 def _batch_index_column(
     batch: Mapping[str, Tensor],
@@ -139,6 +150,7 @@ class IndexedWeighting(ExampleWeighting):
     hold ``num_ids`` weights (:meth:`weights`) and say how a missing column or an id out of range is explained."""
 
     id_what: ClassVar[str] = "id"  # what the ids are, in messages ("example id", "source id")
+    weights_hold_losses_fixed: ClassVar[bool] = True  # the weights do not read the losses
     check_ids: bool = True  # False skips the (host-syncing) range check
 
     @property
