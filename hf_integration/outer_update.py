@@ -57,8 +57,10 @@ class OuterUpdateMixin:
         roll it back when the inner objective on ``batch`` is no longer finite (e.g. an L2 strength or a
         weight normalization that overflowed). One verdict for all processes."""
         known = self.__dict__.pop("_hypergradient_losses", None)
-        with torch.no_grad(), self._second_order_context():
-            if known is not None and known[1] is batch:  # the model did not move: its losses are the hypergradient's
+        # the model did not move: with the hypergradient's losses of this batch at hand, only the weights are new
+        reuse = known is not None and known[1] is batch
+        with torch.no_grad(), contextlib.nullcontext() if reuse else self._second_order_context():
+            if reuse:
                 losses = known[0]
                 loss = self.outer_module(losses, batch, self._inner_param_tree())
             else:
