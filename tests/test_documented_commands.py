@@ -63,6 +63,8 @@ TINY = {
     "benchmarks/real_instruction_sets.py": lambda tiny: ["--train", "24", "--validation", "8", "--test", "8"],
     "benchmarks/instruction_outcome.py": lambda tiny: [
         "--sets", "scipy_qa", "--seeds", "0", "--out", "instruction_outcome", "--extra_args", *_tiny_instruction(tiny)],
+    "benchmarks/core_nystrom_cost.py": lambda tiny: ["--batch-size", "2", "--seq-len", "8", "--repeats", "1", "--out",
+                                                     "core_nystrom_cost.json"],
     "benchmarks/instruction_signals.py": lambda tiny: [
         "--sets", "scipy_qa", "--seeds", "0", "--model_name_or_path", tiny["llama"], "--out", "signals.json"],
     "benchmarks/reweighting_outcome.py": lambda tiny: [
