@@ -25,7 +25,6 @@ from hypergrad.mode_probe import probe_hvp_mode
 from hypergrad.outer_step import NonFiniteError, apply_outer_update
 from hypergrad.sharded import sharded_hypergrad
 
-from .losses import per_example_loss
 from .outer_modules import ExampleWeighting
 from .outer_modules.weighting import promote
 from .weights_out import weight_spread
@@ -35,9 +34,9 @@ __all__ = ["OuterUpdateMixin"]
 logger = logging.get_logger(__name__)
 
 _MODULE_PREFIX = "outer_module."
-# the per-example mixed product takes one backward pass per outer number; the general one about two and a half
-WEIGHTED_GRADIENT_MAX_PARAMS = 2
 _MODEL_PREFIX = "model."
+# the weighted-gradient mixed product takes one backward pass per outer number; the general one about two and a half
+WEIGHTED_GRADIENT_MAX_PARAMS = 2
 
 
 class OuterUpdateMixin:
@@ -62,13 +61,11 @@ class OuterUpdateMixin:
         with torch.no_grad(), contextlib.nullcontext() if reuse else self._second_order_context():
             if reuse:
                 losses = known[0]
-                loss = self.outer_module(losses, batch, self._inner_param_tree())
             else:
                 model = self.model_wrapped if self.is_fsdp_enabled else self._unwrapped
-                phi = {k: v.detach() for k, v in self._outer_param_tree().items()}
-                loss, outputs = self._objective(model, None, phi, batch, weighted=True)
-                losses = (per_example_loss(outputs["logits"], batch["labels"], self._causal_lm)
-                          if isinstance(self.outer_module, ExampleWeighting) else None)
+                losses = self._per_example_losses(model, None, {}, batch, weighted=True)[0]
+            phi = {k: v.detach() for k, v in self._outer_param_tree().items()}
+            loss = self._weighted_loss(losses, batch, phi, self._inner_param_tree())
             self._weight_spread = self._batch_weight_spread(losses, batch)
         self._checked_inner_loss = float(loss)
         if any_process(not bool(torch.isfinite(loss)), self.args.device):
@@ -77,7 +74,8 @@ class OuterUpdateMixin:
 
     def _batch_weight_spread(self, losses: Tensor | None, batch: Mapping[str, Any]) -> float | None:
         """std/mean of the outer module's weights of the batch's training rows (trusted rows aside), from the
-        per-example losses at hand (no extra forward pass); ``None`` for a module that weights no examples."""
+        per-example losses the inner objective weights (no extra forward pass); ``None`` for a module that weights no
+        examples."""
         if not isinstance(self.outer_module, ExampleWeighting):
             return None
         weights = self.outer_module.example_weights(losses, batch)
@@ -177,8 +175,8 @@ class OuterUpdateMixin:
                     lambda o: self._objective(model, None, o, eval_batch, weighted=False)[0],
                     phi, solve)
             data_parallel = DataParallel() if self.args.world_size > 1 else None
-            if self._takes_per_example_mixed_product():
-                return self._per_example_hypergradient(train_batch, eval_batch, phi, solve, data_parallel)
+            if self._takes_weighted_gradient_mixed_product():
+                return self._weighted_gradient_hypergradient(train_batch, eval_batch, phi, solve, data_parallel)
             budget = self.args.hvp_memory_budget_mb
             try:
                 grads, outer_value = implicit_hypergrad(
@@ -198,18 +196,17 @@ class OuterUpdateMixin:
             self._last_outer_loss = float(outer_value)  # this process's validation loss at the current weights
             return grads
 
-    def _takes_per_example_mixed_product(self) -> bool:
+    def _takes_weighted_gradient_mixed_product(self) -> bool:
         """Whether the hypergradient's one second-order product is taken as weighted gradients (see
-        :meth:`_per_example_hypergradient`): an IHVP method without Hessian-vector products, an outer module that
+        :meth:`_weighted_gradient_hypergradient`): an IHVP method without Hessian-vector products, an outer module that
         weights examples by values of their losses with at most :data:`WEIGHTED_GRADIENT_MAX_PARAMS` numbers, and no
         model tensor among the outer parameters."""
         module = self.outer_module
-        return (self.__dict__.get("_per_example_mixed", True) and isinstance(module, ExampleWeighting)
-                and module.weights_hold_losses_fixed and not self.outer_model_param_names
+        return (isinstance(module, ExampleWeighting) and module.weights_hold_losses_fixed and not self.outer_model_param_names
                 and get_method(self.args.ihvp_method).hessian_free
                 and sum(p.numel() for p in module.parameters()) <= WEIGHTED_GRADIENT_MAX_PARAMS)
 
-    def _per_example_hypergradient(self, train_batch: Mapping[str, Any], eval_batch: Mapping[str, Any],
+    def _weighted_gradient_hypergradient(self, train_batch: Mapping[str, Any], eval_batch: Mapping[str, Any],
                                    phi: Mapping[str, Tensor], solve: Callable,
                                    data_parallel: DataParallel | None) -> dict[str, Tensor]:
         """The hypergradient of a data weighting ``L(theta, phi) = sum_i w_i(phi, l_i) l_i(theta) / sum_i w_i``

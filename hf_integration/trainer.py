@@ -256,13 +256,19 @@ class BilevelTrainer(InputChecksMixin, OuterUpdateMixin, OuterPersistenceMixin, 
         ``in_params`` and the model part of ``out_params``. ``weighted`` selects the inner
         objective (through the outer module) instead of the plain mean loss."""
         losses, outputs = self._per_example_losses(model, in_params, out_params, batch, weighted)
+        if not weighted:
+            return losses.mean(), outputs
         inner_named = self._inner_param_tree() if in_params is None else in_params
-        if weighted and self.outer_module is not None:
-            module_params = {k[len(_MODULE_PREFIX):]: v for k, v in out_params.items() if k.startswith(_MODULE_PREFIX)}
-            loss = functional_call(self.outer_module, module_params, (losses, batch, inner_named))
-        else:
-            loss = losses.mean()
-        return loss, outputs
+        return self._weighted_loss(losses, batch, out_params, inner_named), outputs
+
+    def _weighted_loss(self, losses: Tensor, batch: Mapping[str, Any], out_params: Mapping[str, Tensor],
+                       inner_named: Mapping[str, Tensor]) -> Tensor:
+        """The inner objective from the batch's per-example ``losses``: the outer module's combination, called with
+        the module part of ``out_params`` and the inner parameters ``inner_named``, or their mean without a module."""
+        if self.outer_module is None:
+            return losses.mean()
+        module_params = {k[len(_MODULE_PREFIX):]: v for k, v in out_params.items() if k.startswith(_MODULE_PREFIX)}
+        return functional_call(self.outer_module, module_params, (losses, batch, inner_named))
 
     def inner_forward(self, in_params: Mapping[str, Tensor], out_params: Mapping[str, Tensor],
                       batch: Mapping[str, Any]) -> Tensor:

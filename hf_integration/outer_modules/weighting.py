@@ -72,9 +72,9 @@ class ExampleWeighting(OuterModule):
     trusted_column: str | None = None
     # True when example_weights reads the losses as values only (detached, or not at all), so that the inner
     # gradient is sum_i w_i grad l_i / sum_i w_i and the mixed derivative d/dphi (grad_theta L . v) is
-    # d/dphi [sum_i w_i (grad l_i . v) / sum_i w_i]: BilevelTrainer then takes it from each example's directional
-    # derivative (one forward-mode pass) instead of a double backward. A subclass differentiating its weights
-    # through the losses leaves it False.
+    # d/dphi [sum_i w_i (grad l_i . v) / sum_i w_i]: BilevelTrainer then takes it as gradients of the loss weighted by
+    # the weights' slopes in phi instead of a double backward. A subclass differentiating its weights through the
+    # losses leaves it False.
     weights_hold_losses_fixed: ClassVar[bool] = False
 
     def example_weights(self, per_example_loss: Tensor, batch: Mapping[str, Tensor]) -> Tensor:

@@ -1,4 +1,4 @@
-"""The hypergradient of a data weighting by weighted-gradient mixed products (`BilevelTrainer._per_example_hypergradient`):
+"""The hypergradient of a data weighting by weighted-gradient mixed products (`BilevelTrainer._weighted_gradient_hypergradient`):
 equal to the general path's double-backward product for every module that weights examples by values of their
 losses, not taken where it would be wrong, and its post-step check equal to a fresh forward pass."""
 
@@ -22,14 +22,14 @@ def _trainer(tmp_path, module, trusted: bool = False, **overrides):
                           eval_dataset=val, outer_module=module)
 
 
-def _both_paths(trainer):
+def _both_paths(trainer, monkeypatch):
     train_batch, eval_batch, generator = trainer._batches(step=3)
     fast = trainer.compute_hypergradient(train_batch, eval_batch, generator)
     took_fast = "_hypergradient_losses" in trainer.__dict__
     trainer.__dict__.pop("_hypergradient_losses", None)
-    trainer._per_example_mixed = False  # the general path: implicit_hypergrad's double-backward mixed product
-    general = trainer.compute_hypergradient(train_batch, eval_batch, generator)
-    trainer._per_example_mixed = True
+    with monkeypatch.context() as patch:  # the general path: implicit_hypergrad's double-backward mixed product
+        patch.setattr(trainer, "_takes_weighted_gradient_mixed_product", lambda: False)
+        general = trainer.compute_hypergradient(train_batch, eval_batch, generator)
     return fast, general, took_fast
 
 
@@ -43,10 +43,10 @@ MODULES = {
 
 
 @pytest.mark.parametrize("name", sorted(MODULES))
-def test_per_example_mixed_product_equals_the_double_backward_one(tmp_path, name):
+def test_weighted_gradient_mixed_product_equals_the_double_backward_one(tmp_path, monkeypatch, name):
     module = MODULES[name]().double()  # float64 like the model: the two paths agree to rounding
     trainer = _trainer(tmp_path, module, trusted="trusted" in name)
-    fast, general, took_fast = _both_paths(trainer)
+    fast, general, took_fast = _both_paths(trainer, monkeypatch)
     assert took_fast
     assert list(fast) == list(general)
     for key in fast:
@@ -96,7 +96,7 @@ def test_weightings_with_more_numbers_take_the_general_path(tmp_path):
     with torch.no_grad():
         weights.logits.copy_(torch.linspace(-1, 1, 32, dtype=weights.logits.dtype))
     trainer = _trainer(tmp_path, weights)
-    assert not trainer._takes_per_example_mixed_product()
+    assert not trainer._takes_weighted_gradient_mixed_product()
     train_batch, eval_batch, generator = trainer._batches(step=3)
     assert trainer.compute_hypergradient(train_batch, eval_batch, generator)["outer_module.logits"].abs().max() > 0
     assert "_hypergradient_losses" not in trainer.__dict__
