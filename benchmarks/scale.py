@@ -179,15 +179,28 @@ def build_model(name: str, settings: dict, dtype: torch.dtype, device: torch.dev
 
         model, tokenizer = load_smollm2(dtype=dtype)
         return model.to(device), english_rows(tokenizer, rows, seq_len)
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    hidden, layers, heads, kv_heads, intermediate, vocab = LLAMA_SIZES[name]
-    config = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                         num_key_value_heads=kv_heads, intermediate_size=intermediate, vocab_size=vocab,
-                         max_position_embeddings=max(seq_len, 128))
+    config = llama_config(name, seq_len)
     with torch.device(device):
         model = LlamaForCausalLM(config).to(dtype)
-    return model, torch.randint(0, vocab, (rows, seq_len)).tolist()
+    return model, torch.randint(0, config.vocab_size, (rows, seq_len)).tolist()
+
+
+def llama_config(name: str, seq_len: int):
+    """The `LlamaConfig` of ``LLAMA_SIZES[name]``, positions for ``seq_len`` tokens (at least 128)."""
+    from transformers import LlamaConfig
+
+    hidden, layers, heads, kv_heads, intermediate, vocab = LLAMA_SIZES[name]
+    return LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                       num_key_value_heads=kv_heads, intermediate_size=intermediate, vocab_size=vocab,
+                       max_position_embeddings=max(seq_len, 128))
+
+
+def model_settings(name: str, args) -> dict:
+    """The settings of model ``name``: the defaults, the model's own, then what the command line set."""
+    return {**DEFAULTS, **MODEL_DEFAULTS.get(name, {}),
+            **{k: getattr(args, k) for k in SETTINGS if getattr(args, k) is not None}}
 
 
 def make_trainer(model, tokens, settings: dict, args, device, output_dir: str, hvp_mode: str):
@@ -351,14 +364,9 @@ def print_estimate(args, device: torch.device) -> None:
     """The CPU-side memory estimate of llama-8B at the preset's batch and at 4 x 1024 (written next to ``--out``)."""
     import runpy
 
-    from transformers import LlamaConfig
-
     estimate = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "memory_estimate.py"))
-    hidden, layers, heads, kv_heads, intermediate, vocab = LLAMA_SIZES["llama-8B"]
-    config = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                         num_key_value_heads=kv_heads, intermediate_size=intermediate, vocab_size=vocab)
-    settings = {**DEFAULTS, **MODEL_DEFAULTS["llama-8B"],
-                **{k: getattr(args, k) for k in SETTINGS if getattr(args, k) is not None}}
+    settings = model_settings("llama-8B", args)
+    config = llama_config("llama-8B", settings["seq_len"])
     budget = torch.cuda.get_device_properties(device).total_memory / 1024 ** 3 if device.type == "cuda" else 80.0
     text = "\n\n".join(estimate["table"](config, batch, settings["seq_len"], settings["lora_rank"], args.dtype
                                            if device.type == "cuda" else "bf16", budget)
@@ -420,9 +428,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             names = [n for n in names if n != "smollm2"] or PRESETS["cpu"]
     results = []
     for name in names:
-        settings = {**DEFAULTS, **MODEL_DEFAULTS.get(name, {}),
-                    **{k: getattr(args, k) for k in SETTINGS if getattr(args, k) is not None}}
-        results.extend(measure(name, settings, args, device))
+        results.extend(measure(name, model_settings(name, args), args, device))
     processor = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
     extra = f", extra args {args.extra_args}" if args.extra_args else ""
