@@ -24,13 +24,15 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-from .autodiff import DEFAULT_HVP_MODE, HVPMode, check_mode, gradient, scalar_objective
+from .autodiff import check_mode, gradient, scalar_objective
 from .distributed import DataParallel
 from .methods import DEFAULT_NYSTROM_SKETCH, check_problem_size, get_method, method_options
+from .mode_probe import DEFAULT_MAX_MEMORY_RATIO, resolve_hvp_mode
 from .products import linearize_inner
 from .trees import check_params, tree_numel, tree_sub
 from .utils import ParamsLike, check_positive_int
@@ -48,9 +50,15 @@ __all__ = [
     "identity",
     "exact",
     "DEFAULT_NYSTROM_SKETCH",
+    "HypergradHVPMode",
 ]
 
 Objective = Callable[[ParamsLike, ParamsLike], Tensor]
+HypergradHVPMode = Literal["auto", "fwd_rev", "rev_rev", "finite_diff"]
+"""``hvp_mode`` of the functions here: a product mode of :mod:`hypergrad.autodiff`, or ``"auto"`` (the
+default), which :func:`hypergrad.mode_probe.resolve_hvp_mode` turns into the first exact mode that runs correctly
+within ``hvp_max_memory_ratio`` times one gradient's memory, else ``"finite_diff"``, once per objective and
+shapes (deterministic: the same model and shapes always get the same mode)."""
 Reduce = Callable[[Tensor], Tensor]
 Solve = Callable[..., ParamsLike]
 """``solve(matvec, batched_matvec, b, reduce) -> x``, an approximation of ``H^{-1} b``."""
@@ -93,13 +101,14 @@ def implicit_hypergrad(
     in_params: ParamsLike,
     out_params: ParamsLike,
     solve: Solve,
-    hvp_mode: HVPMode = DEFAULT_HVP_MODE,
+    hvp_mode: HypergradHVPMode = "auto",
     data_parallel: DataParallel | None = None,
     hvp_chunk_size: int | None = None,
     *,
     hvp_memory_budget: int | None = None,
     return_outer_value: bool = False,
     dist: DataParallel | None = None,
+    hvp_max_memory_ratio: float | None = DEFAULT_MAX_MEMORY_RATIO,
 ) -> ParamsLike | tuple[ParamsLike, Tensor]:
     """The implicit-differentiation rule with a pluggable IHVP solver.
 
@@ -121,16 +130,27 @@ def implicit_hypergrad(
     is given, as many products as fit in it (``rev_rev``); without either, ``rev_rev`` takes
     one product at a time and ``fwd_rev`` vectorizes all.
 
+    ``hvp_mode="auto"`` (the default): the first exact mode (``rev_rev``, then ``fwd_rev``) whose
+    products run correctly and hold at most ``hvp_max_memory_ratio`` times the memory of one gradient
+    of ``inner_obj`` (or at most :data:`hypergrad.mode_probe.CORE_FREE_BYTES`), else
+    ``"finite_diff"`` (about one gradient's memory); probed once per objective and shapes
+    (:func:`hypergrad.mode_probe.resolve_hvp_mode`), never by timing. Objectives holding a
+    stop-gradient (a detached function of ``theta``) need an explicit exact mode.
+
     ``return_outer_value``: also return ``g(theta, phi)`` (detached), which the outer
     gradient computes anyway, as ``(hypergradient, value)``.
     """
     check_params(in_params, "in_params")
     check_params(out_params, "out_params")
-    check_mode(hvp_mode)
+    if hvp_mode != "auto":
+        check_mode(hvp_mode)
+    if hvp_max_memory_ratio is not None and not hvp_max_memory_ratio > 0:
+        raise ValueError(f"`hvp_max_memory_ratio` must be > 0 or None, got {hvp_max_memory_ratio!r}.")
     for name, value in (("hvp_chunk_size", hvp_chunk_size), ("hvp_memory_budget", hvp_memory_budget)):
         if value is not None:
             check_positive_int(value, name)
     data_parallel = _data_parallel(data_parallel, dist)
+    hvp_mode = resolve_hvp_mode(inner_obj, in_params, out_params, hvp_mode, hvp_max_memory_ratio, data_parallel)
     average = data_parallel.average if data_parallel is not None else _no_op
 
     def inner(i: ParamsLike, o: ParamsLike) -> Tensor:
@@ -159,13 +179,15 @@ def _bind(method: str, options, generator: torch.Generator | None) -> Solve:
 
 
 def _solve_with(method: str, inner_obj, outer_obj, in_params, out_params, hvp_mode, data_parallel, dist,
-                hvp_chunk_size=None, generator=None, **options) -> ParamsLike:
+                hvp_chunk_size=None, generator=None, hvp_max_memory_ratio=DEFAULT_MAX_MEMORY_RATIO,
+                **options) -> ParamsLike:
     """Validate, then run the implicit rule with ``method``'s solver."""
     validated = method_options(method, **options)
     check_params(in_params, "in_params")
     check_problem_size(method, validated, tree_numel(in_params))
     return implicit_hypergrad(inner_obj, outer_obj, in_params, out_params, _bind(method, validated, generator),
-                              hvp_mode, _data_parallel(data_parallel, dist), hvp_chunk_size)
+                              hvp_mode, _data_parallel(data_parallel, dist), hvp_chunk_size,
+                              hvp_max_memory_ratio=hvp_max_memory_ratio)
 
 
 def conjugate_gradient(
@@ -176,9 +198,10 @@ def conjugate_gradient(
     num_iters: int,
     lr: float = 1.0,
     tol: float = 0.0,
-    hvp_mode: HVPMode = DEFAULT_HVP_MODE,
+    hvp_mode: HypergradHVPMode = "auto",
     data_parallel: DataParallel | None = None,
     *,
+    hvp_max_memory_ratio: float | None = DEFAULT_MAX_MEMORY_RATIO,
     dist: DataParallel | None = None,
 ) -> ParamsLike:
     """Hypergradient with the IHVP from ``num_iters`` steps of conjugate gradient.
@@ -188,7 +211,7 @@ def conjugate_gradient(
     ``tol`` stops early once the relative residual is below it.
     """
     return _solve_with("cg", inner_obj, outer_obj, in_params, out_params, hvp_mode, data_parallel, dist,
-                       num_iters=num_iters, lr=lr, tol=tol)
+                       num_iters=num_iters, lr=lr, tol=tol, hvp_max_memory_ratio=hvp_max_memory_ratio)
 
 
 def neumann(
@@ -198,16 +221,17 @@ def neumann(
     out_params: ParamsLike,
     num_iters: int,
     lr: float,
-    hvp_mode: HVPMode = DEFAULT_HVP_MODE,
+    hvp_mode: HypergradHVPMode = "auto",
     data_parallel: DataParallel | None = None,
     *,
+    hvp_max_memory_ratio: float | None = DEFAULT_MAX_MEMORY_RATIO,
     dist: DataParallel | None = None,
 ) -> ParamsLike:
     """Hypergradient with the IHVP from the truncated Neumann series
     ``lr * sum_{j<=num_iters} (I - lr H)^j b`` (Lorraine et al., 2020); needs
     ``lr < 2 / lambda_max(H)``."""
     return _solve_with("neumann", inner_obj, outer_obj, in_params, out_params, hvp_mode, data_parallel, dist,
-                       num_iters=num_iters, lr=lr)
+                       num_iters=num_iters, lr=lr, hvp_max_memory_ratio=hvp_max_memory_ratio)
 
 
 def nystrom(
@@ -219,10 +243,11 @@ def nystrom(
     rho: float,
     sketch: str = DEFAULT_NYSTROM_SKETCH,
     generator: torch.Generator | None = None,
-    hvp_mode: HVPMode = DEFAULT_HVP_MODE,
+    hvp_mode: HypergradHVPMode = "auto",
     data_parallel: DataParallel | None = None,
     hvp_chunk_size: int | None = None,
     *,
+    hvp_max_memory_ratio: float | None = DEFAULT_MAX_MEMORY_RATIO,
     dist: DataParallel | None = None,
 ) -> ParamsLike:
     """Hypergradient with the Nyström IHVP ``(H_nys + rho I)^{-1} b`` (Hataya & Yamada, 2023).
@@ -236,7 +261,7 @@ def nystrom(
     :func:`implicit_hypergrad` with it.
     """
     return _solve_with("nystrom", inner_obj, outer_obj, in_params, out_params, hvp_mode, data_parallel, dist,
-                       hvp_chunk_size, generator, rank=rank, rho=rho, sketch=sketch)
+                       hvp_chunk_size, generator, hvp_max_memory_ratio, rank=rank, rho=rho, sketch=sketch)
 
 
 def nystrom_pcg(
@@ -250,16 +275,19 @@ def nystrom_pcg(
     sketch: str = DEFAULT_NYSTROM_SKETCH,
     tol: float = 0.0,
     generator: torch.Generator | None = None,
-    hvp_mode: HVPMode = DEFAULT_HVP_MODE,
+    hvp_mode: HypergradHVPMode = "auto",
     data_parallel: DataParallel | None = None,
     hvp_chunk_size: int | None = None,
+    *,
+    hvp_max_memory_ratio: float | None = DEFAULT_MAX_MEMORY_RATIO,
 ) -> ParamsLike:
     """Hypergradient with ``H^{-1} b`` by conjugate gradient preconditioned with a rank-``rank``
     Nyström approximation (Frangella, Tropp & Udell, 2023): ``rank`` batched products build
     the preconditioner ``P^{-1} = (lam_k + rho) U (Lam + rho I)^{-1} U^T + (I - U U^T)``,
     then ``num_iters`` CG products refine toward the undamped solution."""
     return _solve_with("nystrom_pcg", inner_obj, outer_obj, in_params, out_params, hvp_mode, data_parallel, None,
-                       hvp_chunk_size, generator, rank=rank, num_iters=num_iters, rho=rho, sketch=sketch, tol=tol)
+                       hvp_chunk_size, generator, hvp_max_memory_ratio, rank=rank, num_iters=num_iters, rho=rho,
+                       sketch=sketch, tol=tol)
 
 
 def identity(
@@ -268,15 +296,17 @@ def identity(
     in_params: ParamsLike,
     out_params: ParamsLike,
     scale: float = 1.0,
-    hvp_mode: HVPMode = DEFAULT_HVP_MODE,
+    hvp_mode: HypergradHVPMode = "auto",
     data_parallel: DataParallel | None = None,
+    *,
+    hvp_max_memory_ratio: float | None = DEFAULT_MAX_MEMORY_RATIO,
 ) -> ParamsLike:
     """First-order hypergradient with ``H^{-1} ~ scale * I``: ``grad_phi g - scale * M grad_theta g``
     (the one-step / T1-T2 approximation; Luketina et al., 2016). No Hessian-vector product,
     one mixed product: the cheapest method, biased wherever ``H`` is far from a multiple of
     the identity (on ``H = A`` the error is ``M (scale I - A^{-1}) grad_theta g``)."""
     return _solve_with("identity", inner_obj, outer_obj, in_params, out_params, hvp_mode, data_parallel, None,
-                       scale=scale)
+                       scale=scale, hvp_max_memory_ratio=hvp_max_memory_ratio)
 
 
 def exact(
@@ -284,11 +314,13 @@ def exact(
     outer_obj: Objective,
     in_params: ParamsLike,
     out_params: ParamsLike,
-    hvp_mode: HVPMode = DEFAULT_HVP_MODE,
+    hvp_mode: HypergradHVPMode = "auto",
     data_parallel: DataParallel | None = None,
     *,
+    hvp_max_memory_ratio: float | None = DEFAULT_MAX_MEMORY_RATIO,
     dist: DataParallel | None = None,
 ) -> ParamsLike:
     """Hypergradient with a dense Hessian and an exact solve: ground truth for small
     problems (``p`` products, ``O(p^2)`` memory)."""
-    return _solve_with("exact", inner_obj, outer_obj, in_params, out_params, hvp_mode, data_parallel, dist)
+    return _solve_with("exact", inner_obj, outer_obj, in_params, out_params, hvp_mode, data_parallel, dist,
+                       hvp_max_memory_ratio=hvp_max_memory_ratio)

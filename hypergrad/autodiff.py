@@ -19,8 +19,9 @@ __all__ = ["HVPMode", "HVP_MODES", "DEFAULT_HVP_MODE", "scalar_objective", "fini
 
 HVPMode = Literal["fwd_rev", "rev_rev", "finite_diff"]
 HVP_MODES: tuple[str, ...] = ("fwd_rev", "rev_rev", "finite_diff")
-# The default of every core function: reverse over reverse lets a whole solve share one gradient graph
-# (hypergrad.products); measurements in docs/ihvp-methods.md.
+# The default product mode of the single-point functions here (reverse over reverse lets a whole solve share one
+# gradient graph, hypergrad.products); the hypergradient functions of hypergrad.approx_hypergrad default to "auto"
+# (hypergrad.mode_probe.resolve_hvp_mode), measurements in docs/ihvp-methods.md.
 DEFAULT_HVP_MODE: HVPMode = "rev_rev"
 
 

@@ -52,7 +52,7 @@ from .utils import ParamsLike, check_positive_int, identity
 logger = logging.getLogger(__name__)
 
 __all__ = ["InnerProducts", "linearize_inner", "mixed_reverse_over_forward", "count_saved_bytes",
-           "EXACT_MODES"]
+           "SavedBytesLimitExceeded", "EXACT_MODES"]
 
 EXACT_MODES: tuple[str, ...] = ("rev_rev", "fwd_rev")
 """The exact modes, in the order ``auto`` tries them when their timings tie."""
@@ -169,9 +169,11 @@ class _ReverseLinearization(InnerProducts):
     The graph is built lazily, at the first product, and lives as long as this object."""
 
     def __init__(self, inner: Objective, in_params: ParamsLike, out_params: ParamsLike,
-                 chunk_size: int | None, memory_budget: int | None, average) -> None:
+                 chunk_size: int | None, memory_budget: int | None, average,
+                 saved_bytes_limit: float | None = None) -> None:
         super().__init__(average)
         self._inner, self._chunk_size, self._memory_budget = inner, chunk_size, memory_budget
+        self._saved_bytes_limit = saved_bytes_limit
         self.graph_bytes = 0
         self._theta_in, self._phi_in = in_params, out_params
         self._forward_mixed = True
@@ -184,10 +186,14 @@ class _ReverseLinearization(InnerProducts):
         """``grad_theta f`` with its graph (built on first use)."""
         if self._grads is None:
             theta = tree_leaves(self._theta)
-            with torch.enable_grad(), count_saved_bytes() as saved:
+            with torch.enable_grad(), count_saved_bytes(self._saved_bytes_limit) as saved:
                 value = self._inner(self._theta, self._phi)
-                grads = torch.autograd.grad(value, theta, create_graph=True, allow_unused=True)
+                if not saved[1]:  # the forward's tensors were all kept: its backward can run
+                    grads = torch.autograd.grad(value, theta, create_graph=True, allow_unused=True)
             self.graph_bytes = saved[0]
+            if saved[1]:
+                raise SavedBytesLimitExceeded(f"the gradient graph saved more than {self._saved_bytes_limit:.0f} "
+                                              f"bytes ({saved[0]})")
             self._grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, theta)]
         return self._grads
 
@@ -273,35 +279,51 @@ def linearize_inner(
     chunk_size: int | None = None,
     average: Callable[[ParamsLike], ParamsLike] | None = None,
     memory_budget: int | None = None,
+    saved_bytes_limit: float | None = None,
 ) -> InnerProducts:
     """The products of ``inner(theta, phi)`` at ``(in_params, out_params)`` in ``mode``.
 
     ``chunk_size`` bounds how many products of a batched call are in flight at once (the
     activation memory of a batched product grows linearly with it). When it is ``None``,
     ``rev_rev`` fits as many as ``memory_budget`` (bytes) allows, one without a budget;
-    ``fwd_rev`` vectorizes all."""
+    ``fwd_rev`` vectorizes all. ``saved_bytes_limit`` (``rev_rev``): building the gradient graph
+    raises :class:`SavedBytesLimitExceeded` as soon as it has saved more bytes than this, so that
+    finding a graph too large never holds all of it."""
     check_mode(mode)
     for name, value in (("chunk_size", chunk_size), ("memory_budget", memory_budget)):
         if value is not None:
             check_positive_int(value, name)
     if mode == "rev_rev":
-        return _ReverseLinearization(inner, in_params, out_params, chunk_size, memory_budget, average)
+        return _ReverseLinearization(inner, in_params, out_params, chunk_size, memory_budget, average,
+                                     saved_bytes_limit)
     if mode == "finite_diff":
         return _FiniteDifferences(inner, in_params, out_params, mode, chunk_size, average)
     return _PerProduct(inner, in_params, out_params, mode, chunk_size, average)
 
 
+class SavedBytesLimitExceeded(RuntimeError):
+    """Autograd saved more bytes than the ``limit`` of :func:`count_saved_bytes`."""
+
+
 @contextlib.contextmanager
-def count_saved_bytes():
+def count_saved_bytes(limit: float | None = None):
     """Count the bytes of the tensors autograd saves for backward inside the block:
     ``with count_saved_bytes() as saved: ...; saved[0]``. Tensors saved several times count
     several times and parameters count too, so this is an upper bound of the activation memory
-    a backward pass will hold (the same bound for every mode it compares)."""
-    total = [0]
+    a backward pass will hold (the same bound for every mode it compares).
 
-    def pack(x: Tensor) -> Tensor:
+    ``limit``: once the count passes it, tensors are counted but no longer kept (``saved[1]`` turns
+    true), so that measuring a graph too large never holds it; the graph built in the block can then
+    never be differentiated, and the block must discard it (raising inside autograd's hooks instead
+    would leak the graph)."""
+    total = [0, False]
+
+    def pack(x: Tensor) -> Tensor | None:
         total[0] += x.numel() * x.element_size()
-        return x
+        if limit is not None and total[0] > limit:
+            total[1] = True
+            return None
+        return x.detach()  # not x itself: a saved output holding its own grad_fn is a cycle that leaks the graph
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
         yield total

@@ -22,6 +22,7 @@ the module through :func:`torch.func.functional_call` with the tuple of tensors
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import time
@@ -33,6 +34,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from .autodiff import check_mode
+from .mode_probe import DEFAULT_MAX_MEMORY_RATIO, resolve_hvp_mode
 from .outer_step import OuterStepHistory, OuterStepResult, apply_outer_update
 from .utils import ParamsLike
 
@@ -407,6 +410,12 @@ class BaseImplicitSolver(BaseSolver):
     e.g. ``functools.partial(nystrom, rank=5, rho=0.1)``; it is available as
     ``self.approx_ihvp(inner_obj, outer_obj, in_params, out_params)`` and each call's wall
     time is recorded as ``ihvp_time``. ``inner_params`` are detached whenever assigned.
+
+    The Hessian-vector-product mode is fixed at the first hypergradient and kept in
+    :attr:`hvp_mode`: ``hvp_mode="auto"`` (the core functions' default) is resolved there by
+    :func:`hypergrad.mode_probe.resolve_hvp_mode` and every later call gets the same mode. Save
+    ``solver.hvp_mode`` with a checkpoint and set it back before :meth:`run` on resume: the
+    resumed run then takes the same products without probing.
     """
 
     detach_inner_params = True
@@ -432,10 +441,45 @@ class BaseImplicitSolver(BaseSolver):
         super().__init__(inner, outer, inner_loader, outer_loader, inner_optimizer, outer_optimizer,
                          num_iters, unroll_steps, outer_patience_iters, log_freq, progress_bar)
         self._approx_ihvp = approx_ihvp
+        self._bound = _bound_defaults(approx_ihvp, ("hvp_mode", "hvp_max_memory_ratio", "data_parallel"))
+        self._hvp_mode: str | None = None
+
+    @property
+    def hvp_mode(self) -> str | None:
+        """The product mode of this run's hypergradients (``None`` before the first one, and for an
+        ``approx_ihvp`` without an ``hvp_mode`` argument)."""
+        return self._hvp_mode
+
+    @hvp_mode.setter
+    def hvp_mode(self, mode: str | None) -> None:
+        if mode is not None:
+            check_mode(mode)
+            if "hvp_mode" not in self._bound:
+                raise ValueError("`hvp_mode` cannot be set: this solver's `approx_ihvp` takes no `hvp_mode` argument.")
+        self._hvp_mode = mode
 
     def approx_ihvp(self, inner_obj: Callable, outer_obj: Callable, in_params: ParamsLike,
                     out_params: ParamsLike) -> ParamsLike:
         start = time.perf_counter()
-        grads = self._approx_ihvp(inner_obj, outer_obj, in_params, out_params)
+        options = {}
+        if "hvp_mode" in self._bound:
+            if self._hvp_mode is None:
+                self._hvp_mode = resolve_hvp_mode(
+                    inner_obj, in_params, out_params, self._bound["hvp_mode"],
+                    self._bound.get("hvp_max_memory_ratio", DEFAULT_MAX_MEMORY_RATIO), self._bound.get("data_parallel"))
+                logger.info("Hessian-vector products: hvp_mode=%s.", self._hvp_mode)
+            options["hvp_mode"] = self._hvp_mode
+        grads = self._approx_ihvp(inner_obj, outer_obj, in_params, out_params, **options)
         self.record(ihvp_time=time.perf_counter() - start)
         return grads
+
+
+def _bound_defaults(fn: Callable, names: tuple[str, ...]) -> dict[str, Any]:
+    """The values ``fn`` uses for those of ``names`` it accepts when they are not passed (its defaults, or
+    what a ``functools.partial`` bound)."""
+    try:
+        parameters = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a callable without a signature: nothing to read
+        return {}
+    return {name: parameters[name].default for name in names
+            if name in parameters and parameters[name].default is not inspect.Parameter.empty}
