@@ -48,6 +48,7 @@ from hf_integration.label_noise import flip_labels
 from hf_integration.recipe import steps_per_epoch
 from hf_integration.reporting import plot_weights, print_summary, ranking_figures
 from hf_integration.rivals import filter_ranking, train_rival
+from hf_integration.sharding import shard_model
 from hf_integration.runs import (InputError, OutputWriter, RunArguments, check_outer_steps, configuring,
                                  parse_arguments, push_outputs, resume_point, run_main, scheduled_outer_steps,
                                  start_run, total_inner_steps, write_json)
@@ -103,7 +104,7 @@ def _experiment(model_args, data_args, exp_args, training_args, run) -> dict[str
     from transformers import DataCollatorWithPadding
 
     start = time.perf_counter()
-    check_cache_options(exp_args.cache_frozen_layers, training_args)
+    check_cache_options(exp_args.cache_frozen_layers, training_args, run.fully_shard)
     splits = load_splits(data_args)
     train_raw = add_example_ids(flip_labels(splits.train, data_args.noise_rate, len(splits.label_names),
                                             data_args.dataset_seed, data_args.noise_type))
@@ -132,6 +133,8 @@ def _experiment(model_args, data_args, exp_args, training_args, run) -> dict[str
     def build_model() -> torch.nn.Module:
         model = build_lora_model(model_args, splits.label_names, training_args.seed, tokenizer=tokenizer)
         check_sequence_length(model.config, data_args.max_seq_length)
+        if run.fully_shard:
+            shard_model(model)
         if not exp_args.cache_frozen_layers:
             return model
         try:

@@ -49,6 +49,7 @@ from hf_integration.instruction import (InstructionDataArguments, InstructionExp
 from hf_integration.recipe import TRUSTED_COLUMN, build_outer_module, steps_per_epoch
 from hf_integration.reporting import auc_by_kind, plot_weights, print_summary, ranking_figures
 from hf_integration.rivals import filter_ranking, train_rival
+from hf_integration.sharding import shard_model
 from hf_integration.runs import (InputError, OutputWriter, RunArguments, agree, check_outer_steps, configuring,
                                  parse_arguments, push_outputs, resume_point, run_main, scheduled_outer_steps,
                                  start_run, write_json)
@@ -97,7 +98,7 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
 
 def _experiment(model_args, data_args, exp_args, training_args, run) -> dict[str, Any]:
     start = time.perf_counter()
-    check_cache_options(exp_args.cache_frozen_layers, training_args)
+    check_cache_options(exp_args.cache_frozen_layers, training_args, run.fully_shard)
     splits = load_instruction_splits(data_args)
     train_raw = add_example_ids(splits.train)  # stable ids, before the trainer shuffles
     sources = sorted(set(train_raw["source"]))
@@ -135,7 +136,8 @@ def _experiment(model_args, data_args, exp_args, training_args, run) -> dict[str
 
     def build_model() -> CachedTrunkCausalLM:
         try:
-            return cache(build_lora_lm(base_model, model_args, training_args.seed))
+            model = build_lora_lm(base_model, model_args, training_args.seed)
+            return cache(shard_model(model) if run.fully_shard else model)
         except ValueError as err:
             raise InputError(str(err)) from err
 

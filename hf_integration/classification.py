@@ -355,9 +355,15 @@ def check_sequence_length(config: Any, max_seq_length: int | None, argument: str
         raise InputError(f"{argument} {max_seq_length} exceeds the model's {positions} positions "
                          f"(max_position_embeddings); use {argument} {positions} or less.")
 
-def check_cache_options(cache_frozen_layers: bool, training_args: Any) -> None:
+def check_cache_options(cache_frozen_layers: bool, training_args: Any, fully_shard: bool = False) -> None:
     """Refuse ``--gradient_checkpointing`` with ``--cache_frozen_layers``: the cached trunk runs only the adapted
-    layers, from stored activations, and is not a model whose checkpointing `Trainer` can switch on."""
+    layers, from stored activations, and is not a model whose checkpointing `Trainer` can switch on. Refuse
+    ``--fully_shard`` with it too: the cached trunk calls the model's parts one by one, outside the sharded
+    model's own forward pass, which is where FSDP2 gathers the shards."""
+    if cache_frozen_layers and fully_shard:
+        raise InputError("--fully_shard does not apply with --cache_frozen_layers (the cached trunk runs the model's "
+                         "layers outside its forward pass, where FSDP2 gathers the shards); pass "
+                         "--cache_frozen_layers False.")
     if cache_frozen_layers and training_args.gradient_checkpointing:
         raise InputError("--gradient_checkpointing does not apply with --cache_frozen_layers (the frozen layers run "
                          "once, before training, and the adapted ones keep their activations for the exact "

@@ -38,6 +38,8 @@ import torch
 from accelerate.utils import send_to_device
 from torch import Tensor, nn
 
+from hypergrad.distributed import is_fully_sharded
+
 from .losses import per_example_loss
 
 __all__ = ["FEATURE_ROW", "RESPONSE_POSITIONS", "add_feature_rows", "CachedTrunk", "CachedTrunkClassifier",
@@ -278,6 +280,12 @@ class CachedTrunkCausalLM(CachedTrunk):
                 labels: Tensor | None = None, feature_row: Tensor | None = None, **kwargs: Any) -> dict:
         from transformers.modeling_outputs import CausalLMOutput
 
+        if not self.cache and is_fully_sharded(self.model):
+            # FSDP2 gathers the shards in the model's own forward pass: run it whole, then keep the response window
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+            logits = logits.gather(1, response_positions.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+            loss = None if labels is None else per_example_loss(logits, labels, causal_lm=False).mean()
+            return CausalLMOutput(loss=loss, logits=logits)
         causal, decoder = _decoder_parts(self.model)
         if self.cache:
             hidden, layers = self._cached(feature_row, input_ids.shape[1]), decoder.layers[self.first_layer:]

@@ -13,7 +13,7 @@ from typing import Any
 
 import datasets
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.utils import logging
 
@@ -62,7 +62,7 @@ class OuterUpdateMixin:
             if reuse:
                 losses = known[0]
             else:
-                model = self.model_wrapped if self.is_fsdp_enabled else self._unwrapped
+                model = self.model_wrapped if self.is_sharded else self._unwrapped
                 losses = self._per_example_losses(model, None, {}, batch, weighted=True)[0]
             phi = {k: v.detach() for k, v in self._outer_param_tree().items()}
             loss = self._weighted_loss(losses, batch, phi, self._inner_param_tree())
@@ -167,13 +167,13 @@ class OuterUpdateMixin:
         solve = self._solver(generator if generator is not None else torch.Generator().manual_seed(self.args.seed))
         phi = {k: v.detach() for k, v in self._outer_param_tree().items()}
         with self._second_order_context():
-            if self.is_fsdp_enabled:
+            if self.is_sharded:
                 model = self.model_wrapped
                 return sharded_hypergrad(
                     model,
                     lambda o: self._objective(model, None, o, train_batch, weighted=True)[0],
                     lambda o: self._objective(model, None, o, eval_batch, weighted=False)[0],
-                    phi, solve)
+                    phi, solve, **self._sharded_stop_gradient_mixed(model, train_batch))
             data_parallel = DataParallel() if self.args.world_size > 1 else None
             if self._takes_weighted_gradient_mixed_product():
                 return self._weighted_gradient_hypergradient(train_batch, eval_batch, phi, solve, data_parallel)
@@ -195,6 +195,27 @@ class OuterUpdateMixin:
                     "differences) or 'finite_diff'.") from err
             self._last_outer_loss = float(outer_value)  # this process's validation loss at the current weights
             return grads
+
+    def _sharded_stop_gradient_mixed(self, model: nn.Module, batch: Mapping[str, Any]) -> dict[str, Callable]:
+        """For an outer module whose weights read the losses as values (a stop-gradient, e.g. `LossWeights`), the
+        mixed product of :func:`hypergrad.sharded.sharded_hypergrad` from the losses' directional derivatives
+        (finite differences of gradients would differentiate through the stop-gradient): the inner objective is
+        ``sum_i wh_i(phi, sg(l)) l_i(theta)``, so ``M v = grad_phi weighted_mean(l, dl)`` with ``dl`` the losses'
+        derivatives along ``v``. ``{}`` for every other outer module (their mixed products are finite differences)."""
+        module = self.outer_module
+        if not (isinstance(module, ExampleWeighting) and module.stops_gradients and module.weights_hold_losses_fixed):
+            return {}
+        live = {_MODULE_PREFIX + n: p for n, p in module.named_parameters()}
+
+        def losses() -> Tensor:
+            return self._per_example_losses(model, None, {}, batch, weighted=True)[0]
+
+        def mixed_from_directional(values: Tensor, directional: Tensor) -> dict[str, Tensor]:
+            weighted = module.weighted_mean(values, directional.to(values.dtype), batch)
+            grads = torch.autograd.grad(weighted, list(live.values()), allow_unused=True)
+            return {k: torch.zeros_like(p) if g is None else g for (k, p), g in zip(live.items(), grads)}
+
+        return {"inner_outputs": losses, "mixed_from_directional": mixed_from_directional}
 
     def _takes_weighted_gradient_mixed_product(self) -> bool:
         """Whether the hypergradient's one second-order product is taken as weighted gradients (see
@@ -273,7 +294,7 @@ class OuterUpdateMixin:
         outer_loss = self.__dict__.pop("_last_outer_loss", None)
         if outer_loss is None:  # the sharded path does not report it
             with torch.no_grad(), self._second_order_context():
-                model = self.model_wrapped if self.is_fsdp_enabled else self._unwrapped
+                model = self.model_wrapped if self.is_sharded else self._unwrapped
                 phi = {k: v.detach() for k, v in self._outer_param_tree().items()}
                 outer_loss = float(self._objective(model, None, phi, eval_batch, weighted=False)[0])
         self._checked_inner_loss = math.nan
@@ -319,11 +340,15 @@ class OuterUpdateMixin:
             return self.hvp_mode
         requested = self.args.hvp_mode
         exact_only = self.outer_module is not None and self.outer_module.stops_gradients
-        if self.is_fsdp_enabled and exact_only and not get_method(self.args.ihvp_method).hessian_free:
+        if self.is_sharded and exact_only and not get_method(self.args.ihvp_method).hessian_free:
             free = tuple(m.name for m in METHODS.values() if m.hessian_free)
             raise ValueError(f"{type(self.outer_module).__name__} needs exact Hessian-vector products, which FSDP-sharded "
                              f"parameters cannot run; use an ihvp_method without products under FSDP: {free}.")
-        if self.is_fsdp_enabled:
+        if self.is_sharded and exact_only and not self._sharded_stop_gradient_mixed(self.model_wrapped, {}):
+            raise ValueError(f"{type(self.outer_module).__name__} holds a stop-gradient that the mixed product on "
+                             "FSDP-sharded parameters can respect only for example weights that read the losses as "
+                             "values (LossWeights); train this outer module without sharding (DDP).")
+        if self.is_sharded:
             if requested not in ("auto", "finite_diff"):
                 raise ValueError(f"hvp_mode={requested!r} cannot run on FSDP-sharded parameters (they break jvp "
                                  f"and double backward); use hvp_mode='auto' or 'finite_diff'.")

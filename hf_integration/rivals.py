@@ -42,6 +42,7 @@ from .losses import per_example_loss
 from .recipe import append_outer_rows
 from .reporting import auc_by_kind, weights_auc
 from .serialization import load_tensors
+from .sharding import ShardedModelTrainerMixin
 
 __all__ = ["RIVALS", "EXAMPLE_WEIGHTS_NAME", "UniformTrainer", "WeightedTrainer", "LossFilterTrainer",
            "ScoreFilterTrainer", "dataset_losses", "train_rival", "filter_ranking"]
@@ -79,12 +80,12 @@ def dataset_losses(trainer: Trainer, dataset: datasets.Dataset) -> np.ndarray:
     return torch.cat(out).double().numpy()
 
 
-class UniformTrainer(CachedTrunkCheckpoints, ResumeFinishedRun, Trainer):
+class UniformTrainer(CachedTrunkCheckpoints, ResumeFinishedRun, ShardedModelTrainerMixin, Trainer):
     """`Trainer` (the mean loss); a cached-trunk model checkpoints as its adapter, and a resume from the last step's
     checkpoint takes no step more."""
 
 
-class WeightedTrainer(CachedTrunkCheckpoints, ResumeFinishedRun, Trainer):
+class WeightedTrainer(CachedTrunkCheckpoints, ResumeFinishedRun, ShardedModelTrainerMixin, Trainer):
     """`Trainer` whose training loss is a fixed weighted mean: ``sum_{i in B} w_i l_i / sum_{i in B} w_i`` over a batch
     ``B`` (0 when every weight of the batch is 0), with ``w_i = weights[example_id_i]``. Checkpoints hold the weights;
     resuming from one whose weights differ from this trainer's is refused."""

@@ -140,6 +140,13 @@ class RunArguments:
                   "--resume_from_checkpoint to continue that run)."},
     )
     threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads (default: torch's own choice)."})
+    fully_shard: bool = field(
+        default=False,
+        metadata={"help": "Shard every model the run trains across the launched processes with FSDP2's fully_shard "
+                  "(each transformer block, then the root: hf_integration.sharding.shard_model) instead of "
+                  "replicating it (DDP). For CPUs and other setups where Accelerate's FSDP plugin does not apply; "
+                  "hypergradients then take finite-difference products on the shards."},
+    )
 
     def __post_init__(self) -> None:
         if self.threads is not None and self.threads < 1:
@@ -155,6 +162,7 @@ class RunContext:
     resume: str | None
     backup: str | None = None  # the previous run's outputs, moved aside by --overwrite_output_dir
     committed: bool = False
+    fully_shard: bool = False  # --fully_shard: the scripts shard every model they build (shard_model)
 
     def commit(self) -> None:
         self.committed = True
@@ -258,7 +266,7 @@ def start_run(training_args: Any, run_args: RunArguments, repo_example: str) -> 
         error = InputError(f"--output_dir {output_dir!r} is not writable: {err.strerror or err}.")
     except (InputError, HubError) as err:
         error = err
-    run = RunContext(push=push, resume=resume, backup=backup)
+    run = RunContext(push=push, resume=resume, backup=backup, fully_shard=run_args.fully_shard)
     try:
         agree(error, training_args)
         yield run

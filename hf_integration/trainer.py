@@ -42,6 +42,7 @@ from .public_names import public_name
 from .recipe import build_outer_module, prepare_training_rows, steps_per_epoch
 from .serialization import OUTER_OPTIMIZER_NAME
 from .trainer_checks import InputChecksMixin
+from .sharding import ShardedModelTrainerMixin
 from .trainer_persistence import OuterPersistenceMixin
 from .training_callbacks import NonFiniteGuard, _merged_outer_metrics, _OuterStepCallback
 from .weights_dataset import push_weights_dataset, render_weights_card, save_weights_dataset
@@ -93,7 +94,7 @@ def _split_outer_dataset(prepared: Any, eval_dataset: Any, outer_dataset: Any) -
 
 
 class BilevelTrainer(InputChecksMixin, OuterUpdateMixin, OuterPersistenceMixin, CachedTrunkCheckpoints,
-                     ResumeFinishedRun, Trainer):
+                     ResumeFinishedRun, ShardedModelTrainerMixin, Trainer):
     """`Trainer` for bilevel fine-tuning with implicit hypergradients.
 
     Args:
@@ -157,7 +158,7 @@ class BilevelTrainer(InputChecksMixin, OuterUpdateMixin, OuterPersistenceMixin, 
             logging.get_logger(name).setLevel(args.get_process_log_level())
         self.eval_dataset, self.outer_dataset = _split_outer_dataset(self.eval_dataset, eval_dataset, outer_dataset)
         self.loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean
-        if self.is_fsdp_enabled and self.outer_model_param_names:
+        if self.is_sharded and self.outer_model_param_names:
             raise ValueError("`outer_param_patterns` (model tensors as outer parameters) is not supported with FSDP: "
                              "the shards are inner parameters of the sharded model. Use DDP, or an outer module.")
         if outer_module is None and args.outer_module is not None:  # built now: the model is wrapped (PEFT)
@@ -177,14 +178,14 @@ class BilevelTrainer(InputChecksMixin, OuterUpdateMixin, OuterPersistenceMixin, 
         self.inner_param_names = [n for n, p in self._unwrapped.named_parameters() if p.requires_grad]
         if not self.inner_param_names:
             raise ValueError("The model has no trainable (inner) parameters left: nothing to fine-tune.")
-        if outer_module is not None and outer_module.stops_gradients and args.hvp_mode == "finite_diff" and not self.is_fsdp_enabled:
+        if outer_module is not None and outer_module.stops_gradients and args.hvp_mode == "finite_diff" and not self.is_sharded:
             raise ValueError(f"hvp_mode='finite_diff' cannot differentiate the objective of {type(outer_module).__name__}: "
                              "it holds a stop-gradient, which finite differences of gradients differentiate too. Use "
                              "hvp_mode='auto', 'rev_rev' or 'fwd_rev'.")
         self.ihvp_options = options_from_arguments(args.ihvp_method, args)
         check_problem_size(args.ihvp_method, self.ihvp_options, sum(p.numel() for p in self._inner_param_tree().values()),
                            argument_names=True)
-        if self.is_fsdp_enabled and not get_method(args.ihvp_method).shardable:
+        if self.is_sharded and not get_method(args.ihvp_method).shardable:
             raise ValueError(f"ihvp_method={args.ihvp_method!r} cannot run on FSDP-sharded parameters; "
                              f"use one of {tuple(m.name for m in METHODS.values() if m.shardable)}.")
         self.ihvp_solver = get_method(args.ihvp_method).build(self.ihvp_options)
@@ -199,6 +200,13 @@ class BilevelTrainer(InputChecksMixin, OuterUpdateMixin, OuterPersistenceMixin, 
         self.add_callback(_OuterStepCallback(self))
 
     # ------------------------------------------------------------------ helpers
+    @property
+    def is_sharded(self) -> bool:
+        """Whether the model's parameters are FSDP2 shards: Accelerate's FSDP plugin, or the user's own
+        ``fully_shard`` (then hypergradients take finite-difference products in place on the shards,
+        :func:`hypergrad.sharded.sharded_hypergrad`)."""
+        return self.is_fsdp_enabled or self._user_sharded
+
     @property
     def _unwrapped(self) -> nn.Module:
         accelerator = getattr(self, "accelerator", None)

@@ -85,7 +85,9 @@ class OuterPersistenceMixin:
                 return self._save(output_dir, None)
             finally:
                 self.model = wrapper
-        named = state_dict if state_dict is not None else dict(self._unwrapped.named_parameters())
+        # a sharded model's tensors are checked once gathered (ShardedModelTrainerMixin._save)
+        named = state_dict if state_dict is not None else {} if self._user_sharded else dict(
+            self._unwrapped.named_parameters())
         bad = first_non_finite(named) or first_non_finite(self._outer_param_tree())
         if bad is not None:
             raise NonFiniteError(f"refusing to save to {output_dir or self.args.output_dir!r}: {bad} holds NaN/inf "
@@ -135,7 +137,7 @@ class OuterPersistenceMixin:
             counters = {"outer_history": self.outer_history.state_dict(),
                         "skipped_inner_steps": self.nonfinite_guard.skipped,
                         "hvp_mode": self.hvp_mode}
-            if hasattr(self.ihvp_solver, "state_dict") and not self.is_fsdp_enabled:
+            if hasattr(self.ihvp_solver, "state_dict") and not self.is_sharded:
                 # a reused Nyström factor and its refresh count (the same on every data-parallel process;
                 # under FSDP each process holds its own shards, so a resumed run sketches anew)
                 counters["ihvp_solver"] = self.ihvp_solver.state_dict()

@@ -48,7 +48,7 @@ def example_weights(trainer: Any, dataset: Any = None) -> np.ndarray:
     trusted = trainer.trusted_column
     if trusted and isinstance(data, datasets.Dataset) and trusted not in data.column_names:
         data = data.add_column(trusted, [0] * len(data))  # rows of the training set: none is a trusted one
-    model: nn.Module = trainer.model_wrapped if trainer.is_fsdp_enabled else trainer._unwrapped
+    model: nn.Module = trainer.model_wrapped if trainer.is_sharded else trainer._unwrapped
     was_training = model.training
     model.eval()
     out = []

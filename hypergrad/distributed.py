@@ -39,6 +39,7 @@ __all__ = [
     "broadcast_tree",
     "local_shard",
     "reshard",
+    "is_fully_sharded",
 ]
 
 
@@ -102,6 +103,16 @@ def broadcast_tree(tree: ParamsLike, src: int = 0, group: Any = None) -> None:
     with torch.no_grad():
         for leaf in tree_leaves(tree):
             dist.broadcast(leaf.data, src=src, group=group)
+
+
+def is_fully_sharded(module: nn.Module) -> bool:
+    """Whether FSDP2's ``fully_shard`` was applied to ``module`` or to one of its submodules (its
+    parameters, or some of them, are ``DTensor`` shards)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return False
+    return any(isinstance(sub, FSDPModule) for sub in module.modules())
 
 
 def reshard(module: nn.Module) -> None:

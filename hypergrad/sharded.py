@@ -25,6 +25,9 @@ def sharded_hypergrad(
     out_params: Mapping[str, Tensor],
     solve: Callable[..., ParamsLike],
     group: Any = None,
+    *,
+    inner_outputs: Callable[[], Tensor] | None = None,
+    mixed_from_directional: Callable[[Tensor, Tensor], Mapping[str, Tensor]] | None = None,
 ) -> dict[str, Tensor]:
     """Hypergradient for a module whose trainable parameters may be sharded (FSDP2).
 
@@ -38,7 +41,19 @@ def sharded_hypergrad(
     product is a central difference of two gradients with the shards perturbed in place by
     ``+-r v``; the error is ``O(u^(2/3))`` relative (about ``1e-4`` in float32). The module
     is left exactly as it was. Returns ``dg/dphi`` keyed like ``out_params``.
+
+    ``inner_outputs`` and ``mixed_from_directional``: for an inner objective that reads values of its own as
+    constants (a stop-gradient, e.g. example weights computed from detached losses), whose mixed product
+    finite differences of ``grad_phi f`` get wrong (they differentiate through the stop-gradient too). When
+    ``f = sum_i c_i(phi, sg(y)) y_i(theta)`` with ``y = inner_outputs()`` this process's per-example outputs
+    (e.g. losses; no gradient needed), the mixed product is ``M v = sum_i (d c_i / d phi) (d y_i / d theta) v``:
+    the directional derivatives ``dy = (y(theta + r v) - y(theta - r v)) / 2r`` take two forward passes on the
+    perturbed shards, and ``mixed_from_directional(y, dy)`` returns ``sum_i (d c_i / d phi) dy_i`` keyed like
+    ``out_params`` (averaged over processes here). Use it with a method without Hessian-vector products
+    (``identity``): the Hessian of such an objective has the same problem.
     """
+    if (inner_outputs is None) != (mixed_from_directional is None):
+        raise ValueError("Pass both `inner_outputs` and `mixed_from_directional`, or neither.")
     reshard(module)
     if not any(p.requires_grad for p in module.parameters()):
         raise ValueError("`module` has no trainable parameters.")
@@ -92,8 +107,30 @@ def sharded_hypergrad(
     def matvec(v):
         return tuple(central_difference(list(v))[0])
 
+    def outputs_at(v: list[Tensor], r: Tensor) -> Tensor:
+        with torch.no_grad():
+            for s, x0, d in zip(current_shards(), original, v):
+                s.copy_(x0 + r.to(s.dtype) * d)
+        try:
+            with torch.no_grad():
+                return inner_outputs().detach()
+        finally:
+            with torch.no_grad():
+                for s, x0 in zip(current_shards(), original):
+                    s.copy_(x0)
+
     def mixed(v):
-        return central_difference(list(v))[1]
+        if inner_outputs is None:
+            return central_difference(list(v))[1]
+        v = list(v)
+        r = finite_difference_step(original, v, reduce=reduce)
+        with torch.no_grad():
+            y = inner_outputs().detach()
+        directional = (outputs_at(v, r) - outputs_at(v, -r)) / (2 * r.to(y.dtype))
+        reshard(module)
+        with torch.enable_grad():
+            grads = mixed_from_directional(y, directional)
+        return average({k: grads[k].detach() if k in grads else torch.zeros_like(p) for k, p in out_params.items()})
 
     grad_in, grad_out = gradients(outer_loss)
     return hypergrad_from_products(tuple(grad_in), grad_out, matvec, one_at_a_time(matvec), mixed, solve, reduce)

@@ -280,6 +280,9 @@ class LoraRegularization(OuterModule):
         return module
 
 def _sq_norm(t: Tensor) -> Tensor:
+    """``|t|^2`` as a plain tensor: for an FSDP2 shard (``DTensor``) the sum over every process's part (its
+    gradient flows back to this process's shard)."""
     if t.dtype in (torch.float16, torch.bfloat16):
         t = t.float()
-    return t.pow(2).sum()
+    total = t.pow(2).sum()
+    return total.full_tensor() if hasattr(total, "full_tensor") else total

@@ -34,9 +34,12 @@ def launch_two_processes(script: str, gathered, args: list[str]) -> dict[str, to
     return load_file(str(gathered))
 
 
-def test_data_reweighting_under_accelerate_launch_with_two_processes(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("sharded", [False, True], ids=["ddp", "fully_shard"])
+def test_data_reweighting_under_accelerate_launch_with_two_processes(tmp_path, tiny_model_dir, sharded):
+    """Replicated (DDP) and sharded (``--fully_shard``: FSDP2 on the BERT layers)."""
     out, gathered = tmp_path / "out", tmp_path / "gathered.safetensors"
-    result = launch_two_processes("data_reweighting", gathered, [
+    sharding = ["--fully_shard", "True", "--hvp_mode", "auto", "--cache_frozen_layers", "False"] if sharded else []
+    result = launch_two_processes("data_reweighting", gathered, [*sharding,
         "--model_name_or_path", tiny_model_dir, "--output_dir", str(out), "--max_steps", "6", "--unroll_steps", "2",
         "--outer_patience_steps", "0", "--max_train_samples", "64", "--max_eval_samples", "32",
         "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16",
@@ -53,11 +56,15 @@ def test_data_reweighting_under_accelerate_launch_with_two_processes(tmp_path, t
     assert (out / "weights.png").stat().st_size > 0
 
 
-def test_instruction_data_weights_under_accelerate_launch_with_two_processes(tmp_path, tiny_chat_dir):
-    """The instruction job's default weighting (``loss``, trusted validation rows) and its three rivals: each
-    process computes the same hypergradient and takes the same outer steps; the main process writes the outputs."""
+@pytest.mark.parametrize("sharded", [False, True], ids=["ddp", "fully_shard"])
+def test_instruction_data_weights_under_accelerate_launch_with_two_processes(tmp_path, tiny_chat_dir, sharded):
+    """The instruction job's default weighting (``loss``, trusted validation rows) and its rivals, replicated (DDP)
+    and sharded (``--fully_shard``: FSDP2 on the Llama layers, LossWeights' mixed product from the losses'
+    directional derivatives): each process computes the same hypergradient and takes the same outer steps; the main
+    process writes the outputs."""
     out, gathered = tmp_path / "out", tmp_path / "gathered.safetensors"
-    result = launch_two_processes("instruction_data_weights", gathered, [
+    sharding = ["--fully_shard", "True", "--hvp_mode", "auto", "--cache_frozen_layers", "False"] if sharded else []
+    result = launch_two_processes("instruction_data_weights", gathered, [*sharding,
         "--model_name_or_path", tiny_chat_dir, "--output_dir", str(out), "--max_train_samples", "32",
         "--max_eval_samples", "8", "--max_length", "192", "--per_device_train_batch_size", "4",
         "--per_device_eval_batch_size", "8", "--max_steps", "4", "--unroll_steps", "1", "--outer_patience_steps", "2",
