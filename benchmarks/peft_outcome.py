@@ -108,11 +108,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--max_train_samples", type=int, default=128)
     parser.add_argument("--noise_rate", type=float, default=0.2)
-    parser.add_argument("--output_dir", default="outputs/peft_outcome")
-    parser.add_argument("--data_dir", default="outputs/real_text_sets")
-    parser.add_argument("--rerun", action="store_true", help="Run again even where metrics.json exists.")
-    parser.add_argument("--extra_args", nargs=argparse.REMAINDER, default=[],
-                        help="Options passed on to examples/peft_regularization.py (last).")
+    runpy.run_path(os.path.join(HERE, "reweighting_outcome.py"))["add_run_options"](
+        parser, "peft_outcome", "examples/peft_regularization.py")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 

@@ -146,17 +146,23 @@ def table(summaries: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def add_run_options(parser: argparse.ArgumentParser, name: str, script: str) -> None:
+    """The options every outcome benchmark of a script shares: where runs and data sets go, rerunning, and the
+    options passed on to ``script``."""
+    parser.add_argument("--output_dir", default=f"outputs/{name}")
+    parser.add_argument("--data_dir", default="outputs/real_text_sets")
+    parser.add_argument("--rerun", action="store_true", help="Run again even where metrics.json exists.")
+    parser.add_argument("--extra_args", nargs=argparse.REMAINDER, default=[],
+                        help=f"Options passed on to {script} (last).")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sets", nargs="+", default=list(SETS), choices=SETS)
     parser.add_argument("--noise", nargs="+", default=[parse_noise(n) for n in NOISES], type=parse_noise,
                         help="Noise settings, e.g. symmetric:0.4 pairwise:0.3.")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--output_dir", default="outputs/reweighting_outcome")
-    parser.add_argument("--data_dir", default="outputs/real_text_sets")
-    parser.add_argument("--rerun", action="store_true", help="Run again even where metrics.json exists.")
-    parser.add_argument("--extra_args", nargs=argparse.REMAINDER, default=[],
-                        help="Options passed on to examples/data_reweighting.py (last).")
+    add_run_options(parser, "reweighting_outcome", "examples/data_reweighting.py")
     args = parser.parse_args(argv)
     noises = args.noise
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
