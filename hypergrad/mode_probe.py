@@ -156,10 +156,10 @@ def probe_hvp_mode(
         return requested
     bound = max(max_memory_ratio * step, free_bytes) if max_memory_ratio is not None else None
     fitting = [m for m in correct if bound is None or memory[m] <= bound]
-    for mode in memory:
-        if bound is not None and memory[mode] > bound:
+    for mode, needed in memory.items():
+        if bound is not None and needed > bound:
             logger.info("hvp_mode %s needs %s a gradient's memory (limit %.1fx).", mode,
-                        f"~{memory[mode] / step:.1f}x" if memory[mode] < float("inf") else "more than the limit of",
+                        f"~{needed / step:.1f}x" if needed < float("inf") else "more than the limit of",
                         max_memory_ratio)
     if not fitting and exact_only and correct:
         logger.warning("no exact hvp_mode fits hvp_max_memory_ratio=%s, and finite differences cannot compute this "

@@ -10,13 +10,13 @@ import weakref
 
 import pytest
 import torch
+from repo_scripts import load
+from test_solver import Solver, build_spec_solver, make_ridge_solver, regression_loaders
 from torch import nn
 
 from hypergrad import mode_probe
 from hypergrad.approx_hypergrad import conjugate_gradient, nystrom
 from hypergrad.products import SavedBytesLimitExceeded, count_saved_bytes, linearize_inner
-from repo_scripts import load
-from test_solver import Solver, build_spec_solver, make_ridge_solver, regression_loaders
 
 
 @pytest.fixture(autouse=True)
@@ -183,7 +183,7 @@ def test_the_default_on_the_small_llama_is_lean_and_deterministic():
 
 
 def test_the_probe_leaves_the_global_random_state_alone():
-    inner, outer, theta, phi = ridge()
+    inner, _, theta, phi = ridge()
     torch.manual_seed(5)
     expected = torch.rand(3)
     torch.manual_seed(5)
