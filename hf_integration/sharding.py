@@ -11,7 +11,9 @@ CPU), and a resume loads every process's part back from them."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -66,6 +68,25 @@ class ShardedModelTrainerMixin:
         self._user_sharded = not self.is_fsdp_enabled and is_fully_sharded(self.model)
         if self._user_sharded:  # set after Trainer.__init__, whose check refuses to checkpoint such a model
             self.is_distributed_loading_by_transformers = True
+
+    @contextlib.contextmanager
+    def _defer_fsdp_gradient_reduction(self) -> Iterator[None]:
+        """Gradient accumulation: the shards' reduce-scatter waits for the last micro-batch (`Trainer`'s own
+        version reads a ``distributed_config`` that only models sharded at load time have)."""
+        if not self._user_sharded:
+            with super()._defer_fsdp_gradient_reduction():
+                yield
+            return
+        from torch.distributed.fsdp import FSDPModule
+
+        units = [m for m in self.model.modules() if isinstance(m, FSDPModule)]
+        for unit in units:
+            unit.set_requires_gradient_sync(False, recurse=False)
+        try:
+            yield
+        finally:
+            for unit in units:
+                unit.set_requires_gradient_sync(True, recurse=False)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if self._user_sharded and state_dict is None:

@@ -32,7 +32,7 @@ OUTER_NAME = {"lora": "outer_module.log_strength", "data_weights": "outer_module
               "loss_weights": "outer_module.loss_scale_raw"}
 
 
-def build(output_dir: str, outer: str, shard: bool):
+def build(output_dir: str, outer: str, shard: bool, batch_size: int = 8, accumulation: int = 1):
     """The trainer of this test (sharded with ``shard``; the single-process reference without)."""
     train, val = datasets_with_ids(64, 32, noise=0.2)
     model = tiny_classifier(train_head=False)
@@ -46,9 +46,9 @@ def build(output_dir: str, outer: str, shard: bool):
               "loss_weights": LossWeights}[outer]()
     # LossWeights holds a stop-gradient: no Hessian-vector product respects it on shards, so the first-order method
     method = {"ihvp_method": "identity"} if outer == "loss_weights" else {"ihvp_method": "cg", "ihvp_iters": 3}
-    args = bilevel_args(output_dir, max_steps=6, unroll_steps=2, per_device_train_batch_size=8,
-                        hypergrad_train_batch_size=8, outer_batch_size=8, save_strategy="steps", save_steps=4,
-                        outer_learning_rate=0.5, **method)
+    args = bilevel_args(output_dir, max_steps=6, unroll_steps=2, per_device_train_batch_size=batch_size,
+                        gradient_accumulation_steps=accumulation, hypergrad_train_batch_size=8, outer_batch_size=8,
+                        save_strategy="steps", save_steps=4, outer_learning_rate=0.5, **method)
     return BilevelTrainer(model=model, args=args, train_dataset=train, eval_dataset=val, outer_module=module)
 
 
@@ -64,9 +64,12 @@ def main() -> None:
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--outer", choices=sorted(OUTER_NAME), required=True)
     parser.add_argument("--resume", default=None)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--accumulation", type=int, default=1)
     args = parser.parse_args()
     dist.init_process_group("gloo")
-    trainer = build(args.output_dir, args.outer, shard=True)
+    trainer = build(args.output_dir, args.outer, shard=True, batch_size=args.batch_size,
+                    accumulation=args.accumulation)
     assert trainer.is_sharded and not trainer.is_fsdp_enabled and trainer.args.world_size == dist.get_world_size()
     results = {}
     if args.resume is None:
