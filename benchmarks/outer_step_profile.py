@@ -1,0 +1,125 @@
+"""Where the time of a bilevel run goes: the main job (`examples/data_reweighting.py`, or the instruction job with
+``--job instruction``) run once with its defaults, its trainer's methods timed, beside the uniform rival trained in
+the same process with the same steps.
+
+Each part of an outer step is a method of `BilevelTrainer`, wrapped with a timer (inclusive times: a part's time
+holds what it calls):
+
+* ``outer step``: ``outer_update``, the whole of it;
+* ``batches``: ``_batches``, sampling and collating the hypergradient's training and validation batches;
+* ``hypergradient``: ``compute_hypergradient``; within it ``products + solve``
+  (``hypergrad_from_products``: the mixed product, and for the weighted-gradient path the training batch's forward
+  pass), the rest being the outer gradient (the validation batch's forward and backward) and the checks;
+* ``post-step check``: ``_outer_step_problem``, the inner objective after the step (finite or rolled back);
+* ``inner step``: ``training_step``, one forward and backward pass of a training batch (not the optimizer step).
+
+Reported: seconds in all, per outer step, as inner steps, and as a share of the bilevel run; the bilevel run's wall
+time over the uniform run's. Extra arguments go to the job::
+
+    python benchmarks/outer_step_profile.py
+    python benchmarks/outer_step_profile.py --job classification --out outer_step_profile.json -- \\
+        --train_file train.jsonl --validation_file validation.jsonl --test_file test.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import runpy
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+JOBS = {"classification": "data_reweighting.py", "instruction": "instruction_data_weights.py"}
+PARTS = {  # label -> (object whose attribute is timed, attribute)
+    "outer step": ("trainer", "outer_update"),
+    "batches": ("trainer", "_batches"),
+    "hypergradient": ("trainer", "compute_hypergradient"),
+    "products + solve": ("outer_update", "hypergrad_from_products"),
+    "post-step check": ("trainer", "_outer_step_problem"),
+    "inner step": ("trainer", "training_step"),
+}
+
+
+def timed(function: Callable, label: str, totals: dict[str, list[float]]) -> Callable:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            totals[label].append(time.perf_counter() - start)
+
+    wrapper.__wrapped__ = function
+    return wrapper
+
+
+def profile(job: str, job_args: list[str]) -> dict[str, Any]:
+    """Run ``job`` with ``job_args`` (plus ``--baselines uniform``) with the parts timed; its metrics and timings."""
+    import hf_integration.outer_update as outer_update
+    from hf_integration import BilevelTrainer
+
+    totals: dict[str, list[float]] = defaultdict(list)
+    owners = {"trainer": BilevelTrainer, "outer_update": outer_update}
+    originals = {label: getattr(owners[owner], name) for label, (owner, name) in PARTS.items()}
+    for label, (owner, name) in PARTS.items():
+        setattr(owners[owner], name, timed(originals[label], label, totals))
+    try:
+        main = runpy.run_path(os.path.join(ROOT, "examples", JOBS[job]))["main"]
+        metrics = main([*job_args, "--baselines", "uniform"])
+    finally:
+        for label, (owner, name) in PARTS.items():
+            setattr(owners[owner], name, originals[label])
+    return {"metrics": metrics, "totals": {k: sum(v) for k, v in totals.items()},
+            "counts": {k: len(v) for k, v in totals.items()}}
+
+
+def table(result: dict[str, Any]) -> str:
+    totals, counts, metrics = result["totals"], result["counts"], result["metrics"]
+    steps = max(counts.get("outer step", 0), 1)
+    inner = totals.get("inner step", 0.0) / max(counts.get("inner step", 0), 1)
+    bilevel = metrics["wall_time_bilevel_s"]
+    uniform = metrics["baselines"]["uniform"]["wall_time_s"]
+    lines = [f"{counts.get('outer step', 0)} outer steps, {counts.get('inner step', 0)} inner steps "
+             f"({inner * 1000:.0f} ms each); bilevel run {bilevel:.1f} s, uniform run {uniform:.1f} s: "
+             f"{bilevel / uniform:.2f}x", "",
+             "| part | seconds | per outer step (ms) | inner steps | share of the bilevel run |", "|---|---|---|---|---|"]
+    for label in PARTS:
+        if label == "inner step":
+            continue
+        seconds = totals.get(label, 0.0)
+        lines.append(f"| {label} | {seconds:.2f} | {1000 * seconds / steps:.0f} | {seconds / steps / max(inner, 1e-9):.2f} "
+                     f"| {100 * seconds / bilevel:.1f}% |")
+    rest = bilevel - totals.get("outer step", 0.0)
+    lines.append(f"| inner training (the rest) | {rest:.2f} | | | {100 * rest / bilevel:.1f}% |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--job", choices=sorted(JOBS), default="classification")
+    parser.add_argument("--out", default=None, help="JSON results (and a .md table beside them).")
+    parser.add_argument("job_args", nargs=argparse.REMAINDER, help="Arguments of the job, after `--`.")
+    args = parser.parse_args(argv)
+    job_args = args.job_args[1:] if args.job_args[:1] == ["--"] else args.job_args
+    result = profile(args.job, job_args)
+    text = table(result)
+    print(text)
+    if args.out:
+        from hf_integration.atomic_files import atomic_write_text
+        from hf_integration.runs import write_json
+
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        write_json(args.out, {"job": args.job, "job_args": job_args, "totals": result["totals"],
+                              "counts": result["counts"],
+                              "wall_time_bilevel_s": result["metrics"]["wall_time_bilevel_s"],
+                              "wall_time_uniform_s": result["metrics"]["baselines"]["uniform"]["wall_time_s"]})
+        atomic_write_text(os.path.splitext(args.out)[0] + ".md", text + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""`benchmarks/outer_step_profile.py`: its timers leave the timed methods as they were, and its table's arithmetic."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from repo_scripts import load
+
+outer_step_profile = load("benchmarks/outer_step_profile.py")
+
+
+def test_timer_records_each_call_and_passes_results_and_errors_through():
+    totals = defaultdict(list)
+    wrapped = outer_step_profile.timed(lambda x: 2 * x, "part", totals)
+    assert wrapped(3) == 6 and wrapped(4) == 8 and len(totals["part"]) == 2
+
+    def broken():
+        raise KeyError("x")
+
+    try:
+        outer_step_profile.timed(broken, "broken", totals)()
+    except KeyError:
+        pass
+    assert len(totals["broken"]) == 1
+
+
+def test_table_expresses_parts_per_outer_step_and_in_inner_steps():
+    result = {"totals": {"outer step": 4.0, "batches": 0.2, "hypergradient": 3.0, "products + solve": 1.0,
+                         "post-step check": 0.1, "inner step": 10.0},
+              "counts": {"outer step": 10, "inner step": 100},
+              "metrics": {"wall_time_bilevel_s": 20.0, "baselines": {"uniform": {"wall_time_s": 16.0}}}}
+    lines = outer_step_profile.table(result).splitlines()
+    assert lines[0] == "10 outer steps, 100 inner steps (100 ms each); bilevel run 20.0 s, uniform run 16.0 s: 1.25x"
+    assert "| hypergradient | 3.00 | 300 | 3.00 | 15.0% |" in lines
+    assert lines[-1] == "| inner training (the rest) | 16.00 | | | 80.0% |"
