@@ -7,7 +7,8 @@ replicated trainable tensors kept in step), but it saves each process's shards a
 to checkpoint the optimizer. The mixin takes that route and makes saves and checkpoints hold full tensors: the writer
 process saves the same files as a single-process run (an adapter or model folder, ``optimizer.pt``), gathered with
 ``torch.distributed.checkpoint.state_dict`` (a collective: every process calls it, the writer gets the tensors on
-CPU), and a resume loads every process's part back from them."""
+CPU). `Trainer`'s own loading (a resume, ``load_best_model_at_end``) puts those full tensors back into every
+process's shards."""
 
 from __future__ import annotations
 
@@ -17,15 +18,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
-from transformers.utils import SAFE_WEIGHTS_NAME
 
 from hypergrad.distributed import is_distributed, is_fully_sharded
 from hypergrad.outer_step import NonFiniteError, first_non_finite
-
-from .checkpoints import CheckpointError
 
 __all__ = ["shard_model", "ShardedModelTrainerMixin"]
 
@@ -120,29 +117,4 @@ class ShardedModelTrainerMixin:
         state = torch.load(os.path.join(checkpoint, OPTIMIZER_NAME), map_location="cpu", weights_only=True)
         set_optimizer_state_dict(self.model, self.optimizer, state, options=_full_state_options())
         self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True))
-        return None
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        """`Trainer`'s, except for a model the user sharded: the checkpoint's full tensors (an adapter's, else the
-        model's single ``model.safetensors``) loaded into every process's shards."""
-        model = self.model if model is None else model
-        if not self._user_sharded:
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict
-
-        if hasattr(model, "peft_config"):  # PEFT saves an adapter's tensors without the adapter's name
-            from peft.utils import SAFETENSORS_WEIGHTS_NAME
-
-            saved = load_file(os.path.join(resume_from_checkpoint, SAFETENSORS_WEIGHTS_NAME))
-            adapter = getattr(model, "active_adapter", "default")
-            rename = {name: name.replace(f".{adapter}.", ".") for name, _ in model.named_parameters()}
-        else:
-            saved = load_file(os.path.join(resume_from_checkpoint, SAFE_WEIGHTS_NAME))
-            rename = {name: name for name, _ in model.named_parameters()}
-        tensors = {name: saved[key] for name, key in rename.items() if key in saved}
-        missing = [name for name, p in model.named_parameters() if p.requires_grad and name not in tensors]
-        if missing:
-            raise CheckpointError(f"cannot resume from {resume_from_checkpoint!r}: it holds no values for "
-                                  f"{len(missing)} trainable parameter(s), e.g. {missing[0]!r}")
-        set_model_state_dict(model, tensors, options=_full_state_options(strict=False))
         return None

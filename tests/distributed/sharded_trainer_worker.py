@@ -32,7 +32,7 @@ OUTER_NAME = {"lora": "outer_module.log_strength", "data_weights": "outer_module
               "loss_weights": "outer_module.loss_scale_raw"}
 
 
-def build(output_dir: str, outer: str, shard: bool, batch_size: int = 8, accumulation: int = 1):
+def build(output_dir: str, outer: str, shard: bool, batch_size: int = 8, accumulation: int = 1, best: bool = False):
     """The trainer of this test (sharded with ``shard``; the single-process reference without)."""
     train, val = datasets_with_ids(64, 32, noise=0.2)
     model = tiny_classifier(train_head=False)
@@ -48,7 +48,10 @@ def build(output_dir: str, outer: str, shard: bool, batch_size: int = 8, accumul
     method = {"ihvp_method": "identity"} if outer == "loss_weights" else {"ihvp_method": "cg", "ihvp_iters": 3}
     args = bilevel_args(output_dir, max_steps=6, unroll_steps=2, per_device_train_batch_size=batch_size,
                         gradient_accumulation_steps=accumulation, hypergrad_train_batch_size=8, outer_batch_size=8,
-                        save_strategy="steps", save_steps=4, outer_learning_rate=0.5, **method)
+                        save_strategy="steps", save_steps=2 if best else 4, outer_learning_rate=0.5, **method,
+                        **({"eval_strategy": "steps", "eval_steps": 2, "load_best_model_at_end": True,
+                            # "best" = the highest validation loss: an early checkpoint, not the last one
+                            "metric_for_best_model": "loss", "greater_is_better": True} if best else {}))
     return BilevelTrainer(model=model, args=args, train_dataset=train, eval_dataset=val, outer_module=module)
 
 
@@ -66,10 +69,11 @@ def main() -> None:
     parser.add_argument("--resume", default=None)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--accumulation", type=int, default=1)
+    parser.add_argument("--best", action="store_true", help="load_best_model_at_end (evaluation every 2 steps)")
     args = parser.parse_args()
     dist.init_process_group("gloo")
     trainer = build(args.output_dir, args.outer, shard=True, batch_size=args.batch_size,
-                    accumulation=args.accumulation)
+                    accumulation=args.accumulation, best=args.best)
     assert trainer.is_sharded and not trainer.is_fsdp_enabled and trainer.args.world_size == dist.get_world_size()
     results = {}
     if args.resume is None:
@@ -88,6 +92,8 @@ def main() -> None:
     for rank, part in enumerate(gathered(outer)):
         results[f"outer{rank}"] = part
     results["outer_steps"] = torch.tensor([trainer.outer_step])
+    if args.best:
+        results["best_step"] = torch.tensor([int(trainer.state.best_model_checkpoint.rsplit("-", 1)[1])])
     for name, param in trainer.model.named_parameters():
         if param.requires_grad:
             results[f"lora.{name}"] = param.full_tensor().detach() if hasattr(param, "full_tensor") else param.detach()

@@ -109,6 +109,19 @@ def test_gradient_accumulation_defers_the_shards_reduction(tmp_path):
     torch.testing.assert_close(accumulated["outer0"], whole["outer0"], rtol=2e-3, atol=1e-6)
 
 
+def test_load_best_model_at_end_loads_the_best_checkpoint_into_the_shards(tmp_path):
+    result = launch(tmp_path, "lora", 2, "best", extra=("--best",))
+    best = int(result["best_step"])
+    saved = load_file(str(tmp_path / "best" / f"checkpoint-{best}" / "adapter_model.safetensors"))
+    lora = {k[len("lora."):].replace(".default.", "."): v for k, v in result.items() if k.startswith("lora.")}
+    assert lora and set(saved) == set(lora)
+    for key, value in lora.items():  # the shards now hold the best checkpoint's adapter
+        assert torch.equal(saved[key], value), key
+    assert best < 6  # an earlier checkpoint than the last one (the worker ranks by the highest validation loss)
+    last = load_file(str(tmp_path / "best" / "checkpoint-6" / "adapter_model.safetensors"))
+    assert any(not torch.equal(last[k], saved[k]) for k in saved)
+
+
 @pytest.mark.slow
 def test_sharded_trainer_on_four_processes(tmp_path):
     check_run(tmp_path, "lora", 4)
