@@ -3,9 +3,10 @@
 Each process builds the same tiny Llama classifier with LoRA, shards it with FSDP2's own ``fully_shard`` (every
 decoder layer, then the root: the layout a user writes, which Accelerate's FSDP plugin does not see on CPU) and runs
 `BilevelTrainer` with LoRA-regularization strengths (``--outer lora``), per-example weights (``--outer
-data_weights``) or loss-based weights (``--outer loss_weights``, a stop-gradient) as outer parameters. Rank 0 saves (a) the hypergradient at the initial weights for fixed
-per-process batches and the batches of every process, (b) the outer parameters after training gathered from every
-process, and (c) the trained LoRA tensors gathered from the shards.
+data_weights``) or loss-based weights (``--outer loss_weights``, a stop-gradient) as outer parameters. Rank 0 saves
+(a) the hypergradient at the initial weights for fixed per-process batches and the batches of every process, (b) the
+outer parameters after training gathered from every process, and (c) the trained LoRA tensors gathered from the
+shards.
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ def build(output_dir: str, outer: str, shard: bool, batch_size: int = 8, accumul
         for layer in model.base_model.model.model.layers:
             fully_shard(layer)
         fully_shard(model)
-    module = {"lora": lambda: LoraRegularization.from_peft_model(model), "data_weights": lambda: DataWeights(len(train)),
-              "loss_weights": LossWeights}[outer]()
+    module = {"lora": lambda: LoraRegularization.from_peft_model(model),
+              "data_weights": lambda: DataWeights(len(train)), "loss_weights": LossWeights}[outer]()
     # LossWeights holds a stop-gradient: no Hessian-vector product respects it on shards, so the first-order method
     method = {"ihvp_method": "identity"} if outer == "loss_weights" else {"ihvp_method": "cg", "ihvp_iters": 3}
     args = bilevel_args(output_dir, max_steps=6, unroll_steps=2, per_device_train_batch_size=batch_size,
