@@ -48,10 +48,10 @@ from hf_integration.label_noise import flip_labels
 from hf_integration.recipe import steps_per_epoch
 from hf_integration.reporting import plot_weights, print_summary, ranking_figures
 from hf_integration.rivals import filter_ranking, train_rival
-from hf_integration.sharding import shard_model
 from hf_integration.runs import (InputError, OutputWriter, RunArguments, check_outer_steps, configuring,
                                  parse_arguments, push_outputs, resume_point, run_main, scheduled_outer_steps,
                                  start_run, total_inner_steps, write_json)
+from hf_integration.sharding import shard_model
 from hf_integration.training_callbacks import NonFiniteGuard
 from hf_integration.weights_dataset import render_weights_card, save_weights_dataset
 

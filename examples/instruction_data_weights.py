@@ -49,10 +49,10 @@ from hf_integration.instruction import (InstructionDataArguments, InstructionExp
 from hf_integration.recipe import TRUSTED_COLUMN, build_outer_module, steps_per_epoch
 from hf_integration.reporting import auc_by_kind, plot_weights, print_summary, ranking_figures
 from hf_integration.rivals import filter_ranking, train_rival
-from hf_integration.sharding import shard_model
 from hf_integration.runs import (InputError, OutputWriter, RunArguments, agree, check_outer_steps, configuring,
                                  parse_arguments, push_outputs, resume_point, run_main, scheduled_outer_steps,
                                  start_run, write_json)
+from hf_integration.sharding import shard_model
 from hf_integration.sft import BilevelSFTConfig, BilevelSFTTrainer, check_rows_kept
 from hf_integration.training_callbacks import NonFiniteGuard
 from hf_integration.weights_dataset import (check_weights_repo, push_weights_dataset, render_weights_card,

@@ -203,7 +203,7 @@ class OuterUpdateMixin:
         ``sum_i wh_i(phi, sg(l)) l_i(theta)``, so ``M v = grad_phi weighted_mean(l, dl)`` with ``dl`` the losses'
         derivatives along ``v``. ``{}`` for every other outer module (their mixed products are finite differences)."""
         module = self.outer_module
-        if not (isinstance(module, ExampleWeighting) and module.stops_gradients and module.weights_hold_losses_fixed):
+        if not (self._weights_hold_losses_fixed() and module.stops_gradients):
             return {}
         live = {_MODULE_PREFIX + n: p for n, p in module.named_parameters()}
 
@@ -222,10 +222,14 @@ class OuterUpdateMixin:
         :meth:`_weighted_gradient_hypergradient`): an IHVP method without Hessian-vector products, an outer module that
         weights examples by values of their losses with at most :data:`WEIGHTED_GRADIENT_MAX_PARAMS` numbers, and no
         model tensor among the outer parameters."""
-        module = self.outer_module
-        return (isinstance(module, ExampleWeighting) and module.weights_hold_losses_fixed and not self.outer_model_param_names
+        return (self._weights_hold_losses_fixed() and not self.outer_model_param_names
                 and get_method(self.args.ihvp_method).hessian_free
-                and sum(p.numel() for p in module.parameters()) <= WEIGHTED_GRADIENT_MAX_PARAMS)
+                and sum(p.numel() for p in self.outer_module.parameters()) <= WEIGHTED_GRADIENT_MAX_PARAMS)
+
+    def _weights_hold_losses_fixed(self) -> bool:
+        """Whether the outer module weights examples and reads their losses as values only
+        (:attr:`~hf_integration.outer_modules.ExampleWeighting.weights_hold_losses_fixed`)."""
+        return isinstance(self.outer_module, ExampleWeighting) and self.outer_module.weights_hold_losses_fixed
 
     def _weighted_gradient_hypergradient(self, train_batch: Mapping[str, Any], eval_batch: Mapping[str, Any],
                                    phi: Mapping[str, Tensor], solve: Callable,
@@ -344,7 +348,7 @@ class OuterUpdateMixin:
             free = tuple(m.name for m in METHODS.values() if m.hessian_free)
             raise ValueError(f"{type(self.outer_module).__name__} needs exact Hessian-vector products, which FSDP-sharded "
                              f"parameters cannot run; use an ihvp_method without products under FSDP: {free}.")
-        if self.is_sharded and exact_only and not self._sharded_stop_gradient_mixed(self.model_wrapped, {}):
+        if self.is_sharded and exact_only and not self._weights_hold_losses_fixed():
             raise ValueError(f"{type(self.outer_module).__name__} holds a stop-gradient that the mixed product on "
                              "FSDP-sharded parameters can respect only for example weights that read the losses as "
                              "values (LossWeights); train this outer module without sharding (DDP).")

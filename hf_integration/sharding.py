@@ -22,7 +22,7 @@ from torch import nn
 from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 
 from hypergrad.distributed import is_distributed, is_fully_sharded
-from hypergrad.outer_step import NonFiniteError, first_non_finite
+from hypergrad.outer_step import refuse_non_finite
 
 __all__ = ["shard_model", "ShardedModelTrainerMixin"]
 
@@ -92,10 +92,7 @@ class ShardedModelTrainerMixin:
             state_dict = get_model_state_dict(self.model, options=_full_state_options(cpu_offload=True))
             if not self.args.should_save:
                 return None  # this process's part of the gather is done; the writer saves
-            bad = first_non_finite(state_dict)
-            if bad is not None:
-                raise NonFiniteError(f"refusing to save to {output_dir or self.args.output_dir!r}: {bad} holds "
-                                     "NaN/inf values")
+            refuse_non_finite(f"save to {output_dir or self.args.output_dir!r}", state_dict)
         return super()._save(output_dir, state_dict)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:

@@ -41,8 +41,8 @@ from .outer_update import _MODEL_PREFIX, _MODULE_PREFIX, OuterUpdateMixin
 from .public_names import public_name
 from .recipe import build_outer_module, prepare_training_rows, steps_per_epoch
 from .serialization import OUTER_OPTIMIZER_NAME
-from .trainer_checks import InputChecksMixin
 from .sharding import ShardedModelTrainerMixin
+from .trainer_checks import InputChecksMixin
 from .trainer_persistence import OuterPersistenceMixin
 from .training_callbacks import NonFiniteGuard, _merged_outer_metrics, _OuterStepCallback
 from .weights_dataset import push_weights_dataset, render_weights_card, save_weights_dataset

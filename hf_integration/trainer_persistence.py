@@ -12,7 +12,7 @@ from transformers.modelcard import TrainingSummary
 from transformers.utils import logging
 
 from hypergrad.methods import options_metadata
-from hypergrad.outer_step import NonFiniteError, first_non_finite
+from hypergrad.outer_step import refuse_non_finite
 from hypergrad.products import EXACT_MODES
 from hypergrad.solver import count_outer_steps
 
@@ -88,10 +88,7 @@ class OuterPersistenceMixin:
         # a sharded model's tensors are checked once gathered (ShardedModelTrainerMixin._save)
         named = state_dict if state_dict is not None else {} if self._user_sharded else dict(
             self._unwrapped.named_parameters())
-        bad = first_non_finite(named) or first_non_finite(self._outer_param_tree())
-        if bad is not None:
-            raise NonFiniteError(f"refusing to save to {output_dir or self.args.output_dir!r}: {bad} holds NaN/inf "
-                                 "values")
+        refuse_non_finite(f"save to {output_dir or self.args.output_dir!r}", named, self._outer_param_tree())
         super()._save(output_dir, state_dict)
         if not self.args.should_save:
             return

@@ -85,9 +85,9 @@ def probe_hvp_mode(
     with count_saved_bytes() as step_bytes, torch.enable_grad():
         f(tree_map(lambda x: x.detach().requires_grad_(True), primal))
     step = max(step_bytes[0], 1)
+    bound = max(max_memory_ratio * step, free_bytes) if max_memory_ratio is not None else None  # bytes
     # auto with a limit (and a finite-difference fallback): what cannot fit is not run
-    limit = (max(max_memory_ratio * step, free_bytes) if auto and not exact_only and max_memory_ratio is not None
-             else None)
+    limit = bound if auto and not exact_only else None
     candidates = EXACT_MODES if auto else (requested,)
     products: dict[str, object] = {}  # a product, the error that stopped it, or None: over the limit, not run
     memory: dict[str, float] = {}  # bytes
@@ -154,7 +154,6 @@ def probe_hvp_mode(
                            mode, error)
     if not auto:
         return requested
-    bound = max(max_memory_ratio * step, free_bytes) if max_memory_ratio is not None else None
     fitting = [m for m in correct if bound is None or memory[m] <= bound]
     for mode, needed in memory.items():
         if bound is not None and needed > bound:

@@ -30,7 +30,8 @@ from torch import Tensor
 from .trees import check_same_structure, tree_leaves
 from .utils import ParamsLike
 
-__all__ = ["NonFiniteError", "OuterStepHistory", "OuterStepResult", "apply_outer_update", "first_non_finite"]
+__all__ = ["NonFiniteError", "OuterStepHistory", "OuterStepResult", "apply_outer_update", "first_non_finite",
+           "refuse_non_finite"]
 
 class NonFiniteError(FloatingPointError):
     """Training met NaN/inf values it could not recover from (the message names the step and the cause)."""
@@ -54,6 +55,15 @@ def first_non_finite(named: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]])
         if not bool(flags.all()):
             bad += [i for i, ok in zip(indices, flags.tolist()) if not ok]
     return items[min(bad)][0] if bad else None
+
+
+def refuse_non_finite(what: str, *trees: Mapping[str, Tensor]) -> None:
+    """Raise :class:`NonFiniteError` ("refusing to <what>: <name> holds NaN/inf values") naming the first tensor of
+    ``trees`` that is not finite (:func:`first_non_finite`)."""
+    for tree in trees:
+        bad = first_non_finite(tree)
+        if bad is not None:
+            raise NonFiniteError(f"refusing to {what}: {bad} holds NaN/inf values")
 
 
 @dataclass

@@ -286,9 +286,9 @@ def linearize_inner(
     ``chunk_size`` bounds how many products of a batched call are in flight at once (the
     activation memory of a batched product grows linearly with it). When it is ``None``,
     ``rev_rev`` fits as many as ``memory_budget`` (bytes) allows, one without a budget;
-    ``fwd_rev`` vectorizes all. ``saved_bytes_limit`` (``rev_rev``): building the gradient graph
-    raises :class:`SavedBytesLimitExceeded` as soon as it has saved more bytes than this, so that
-    finding a graph too large never holds all of it."""
+    ``fwd_rev`` vectorizes all. ``saved_bytes_limit`` (``rev_rev``): once the gradient graph has saved more bytes than this,
+    it keeps no more of them, and the first product raises :class:`SavedBytesLimitExceeded` when
+    autograd is done, so that finding a graph too large never holds all of it."""
     check_mode(mode)
     for name, value in (("chunk_size", chunk_size), ("memory_budget", memory_budget)):
         if value is not None:

@@ -86,12 +86,13 @@ def sharded_hypergrad(
         phi_grads = {k: torch.zeros_like(v) if v.grad is None else v.grad.detach() for k, v in phi.items()}
         return theta_grads, average(phi_grads)
 
-    def at_perturbation(v: list[Tensor], r: Tensor, loss_fn):
+    def at_perturbation(v: list[Tensor], r: Tensor, compute: Callable[[], Any]) -> Any:
+        """``compute()`` with the shards moved to ``x0 + r v`` (restored after)."""
         with torch.no_grad():
             for s, x0, d in zip(current_shards(), original, v):
                 s.copy_(x0 + r.to(s.dtype) * d)
         try:
-            return gradients(loss_fn)
+            return compute()
         finally:
             with torch.no_grad():
                 for s, x0 in zip(current_shards(), original):
@@ -99,7 +100,8 @@ def sharded_hypergrad(
 
     def central_difference(v: list[Tensor]):
         r = finite_difference_step(original, v, reduce=reduce)
-        (t_plus, p_plus), (t_minus, p_minus) = at_perturbation(v, r, inner_loss), at_perturbation(v, -r, inner_loss)
+        (t_plus, p_plus), (t_minus, p_minus) = (at_perturbation(v, r, lambda: gradients(inner_loss)),
+                                                at_perturbation(v, -r, lambda: gradients(inner_loss)))
         theta_part = [(a - b) / (2 * r.to(a.dtype)) for a, b in zip(t_plus, t_minus)]
         phi_part = {k: (p_plus[k] - p_minus[k]) / (2 * r.to(p_plus[k].dtype)) for k in p_plus}
         return theta_part, phi_part
@@ -107,26 +109,17 @@ def sharded_hypergrad(
     def matvec(v):
         return tuple(central_difference(list(v))[0])
 
-    def outputs_at(v: list[Tensor], r: Tensor) -> Tensor:
+    def outputs() -> Tensor:
         with torch.no_grad():
-            for s, x0, d in zip(current_shards(), original, v):
-                s.copy_(x0 + r.to(s.dtype) * d)
-        try:
-            with torch.no_grad():
-                return inner_outputs().detach()
-        finally:
-            with torch.no_grad():
-                for s, x0 in zip(current_shards(), original):
-                    s.copy_(x0)
+            return inner_outputs().detach()
 
     def mixed(v):
         if inner_outputs is None:
             return central_difference(list(v))[1]
         v = list(v)
         r = finite_difference_step(original, v, reduce=reduce)
-        with torch.no_grad():
-            y = inner_outputs().detach()
-        directional = (outputs_at(v, r) - outputs_at(v, -r)) / (2 * r.to(y.dtype))
+        y = outputs()
+        directional = (at_perturbation(v, r, outputs) - at_perturbation(v, -r, outputs)) / (2 * r.to(y.dtype))
         reshard(module)
         with torch.enable_grad():
             grads = mixed_from_directional(y, directional)
