@@ -147,6 +147,14 @@ class BilevelTrainingArguments(TrainingArguments):
         metadata={"help": "Training batch size of the inner objective inside the hypergradient "
                   "(default: per_device_train_batch_size)."},
     )
+    hypergrad_on_inner_batch: bool | None = field(
+        default=None,
+        metadata={"help": "Take each outer step inside the next inner step, its mixed product from that step's own "
+                  "batch and forward pass instead of a sampled batch of hypergrad_train_batch_size rows (one forward "
+                  "pass fewer; hf_integration.inner_batch_outer). For example weights read from the losses "
+                  "(loss_weights) with ihvp_method='identity', unsharded, without gradient checkpointing. Default: "
+                  "the recipe's, else False."},
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.outer_module_options, str) and self.outer_module_options.lstrip().startswith("{"):

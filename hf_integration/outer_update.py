@@ -143,12 +143,15 @@ class OuterUpdateMixin:
         return {k: v.detach().to(torch.promote_types(v.dtype, torch.float32))
                 for k, v in self._inner_param_tree().items()}
 
-    def _batches(self, step: int) -> tuple[dict, dict, torch.Generator]:
+    def _batches(self, step: int, with_training: bool = True) -> tuple[dict | None, dict, torch.Generator]:
+        """Outer step ``step``'s hypergradient batches: training rows (``hypergrad_train_batch_size``; ``None``
+        without ``with_training``), validation rows (``outer_batch_size``) and the sketch generator."""
         data_generator, sketch_generator = self._generators(step)
         args = self.args
         train_bs = args.hypergrad_train_batch_size or args.per_device_train_batch_size
         outer_bs = args.outer_batch_size or args.per_device_eval_batch_size
-        train_batch = self._sample_batch(self.train_dataset, train_bs, data_generator, "training")
+        train_batch = (self._sample_batch(self.train_dataset, train_bs, data_generator, "training")
+                       if with_training else None)
         eval_batch = self._sample_batch(self.outer_dataset, outer_bs, data_generator, "evaluation")
         return train_batch, eval_batch, sketch_generator
 
@@ -232,8 +235,8 @@ class OuterUpdateMixin:
         return isinstance(self.outer_module, ExampleWeighting) and self.outer_module.weights_hold_losses_fixed
 
     def _weighted_gradient_hypergradient(self, train_batch: Mapping[str, Any], eval_batch: Mapping[str, Any],
-                                   phi: Mapping[str, Tensor], solve: Callable,
-                                   data_parallel: DataParallel | None) -> dict[str, Tensor]:
+                                         phi: Mapping[str, Tensor], solve: Callable,
+                                         data_parallel: DataParallel | None) -> dict[str, Tensor]:
         """The hypergradient of a data weighting ``L(theta, phi) = sum_i w_i(phi, l_i) l_i(theta) / sum_i w_i``
         whose weights read the losses as values only, by an IHVP method that needs no Hessian-vector product.
 
@@ -248,24 +251,46 @@ class OuterUpdateMixin:
         gradient graph and a backward through it; the same value (tested against the general path). The slopes
         ``c_ij`` come from the weights alone (no model). The forward pass's losses also serve the post-step check
         (:meth:`_outer_step_problem`): the outer step does not move the model."""
-        average = data_parallel.average if data_parallel is not None else (lambda tree: tree)
         theta = self._theta()
+        outer_gradient = self._outer_gradient(eval_batch, theta, phi, data_parallel)
+
+        def losses() -> tuple[dict[str, Tensor], Tensor]:
+            leaves = {k: x.detach().requires_grad_(True) for k, x in theta.items()}
+            return leaves, self._per_example_losses(self._unwrapped, leaves, {}, train_batch, weighted=True)[0]
+
+        return self._weighted_gradient_mixed(outer_gradient, losses, train_batch, solve, data_parallel)
+
+    def _outer_gradient(self, eval_batch: Mapping[str, Any], theta: Mapping[str, Tensor], phi: Mapping[str, Tensor],
+                        data_parallel: DataParallel | None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """``(grad_theta g, grad_phi g)`` of the outer loss ``g`` on ``eval_batch`` (averaged over processes), one
+        forward and backward pass; the loss itself is kept for the outer step's metrics."""
+        average = data_parallel.average if data_parallel is not None else (lambda tree: tree)
         (grad_in, grad_out), value = gradient(lambda i, o: self.outer_forward(i, o, eval_batch), (0, 1), "rev_rev",
                                               with_value=True)(theta, phi)
-        module, model = self.outer_module, self._unwrapped
+        self._last_outer_loss = float(value)
+        return average(grad_in), average(grad_out)
+
+    def _weighted_gradient_mixed(self, outer_gradient: tuple[dict[str, Tensor], dict[str, Tensor]],
+                                 losses: Callable[[], tuple[dict[str, Tensor], Tensor]], batch: Mapping[str, Any],
+                                 solve: Callable, data_parallel: DataParallel | None,
+                                 keep_graph: bool = False) -> dict[str, Tensor]:
+        """:meth:`_weighted_gradient_hypergradient`'s rule from the outer gradient and ``losses()``: the inner
+        parameters the losses of ``batch`` were computed from and those losses, with their graph. ``keep_graph``
+        leaves the graph for a later backward pass (the inner step's own, :mod:`~hf_integration.inner_batch_outer`)."""
+        average = data_parallel.average if data_parallel is not None else (lambda tree: tree)
+        module = self.outer_module
         live = {_MODULE_PREFIX + n: p for n, p in module.named_parameters()}
 
         def mixed(v: Mapping[str, Tensor]) -> dict[str, Tensor]:
             out = {k: torch.zeros_like(p) for k, p in live.items()}
             with torch.enable_grad():
-                leaves = {k: x.detach().requires_grad_(True) for k, x in theta.items()}
-                losses = self._per_example_losses(model, leaves, {}, train_batch, weighted=True)[0]
-                self._hypergradient_losses = (losses.detach(), train_batch)  # the post-step check's losses
-                slopes = _weight_slopes(module, losses.detach(), train_batch, live)
+                leaves, values = losses()
+                self._hypergradient_losses = (values.detach(), batch)  # the post-step check's losses
+                slopes = _weight_slopes(module, values.detach(), batch, live)
                 for n, (key, index, c) in enumerate(slopes):
-                    c, weighted = promote(c, losses)
+                    c, weighted = promote(c, values)
                     grads = torch.autograd.grad((c * weighted).sum(), list(leaves.values()), allow_unused=True,
-                                                retain_graph=n < len(slopes) - 1)
+                                                retain_graph=keep_graph or n < len(slopes) - 1)
                     out[key].view(-1)[index] = sum((g.to(v[k].dtype) * v[k]).sum()
                                                    for k, g in zip(leaves, grads) if g is not None)
             return average(out)
@@ -273,9 +298,7 @@ class OuterUpdateMixin:
         def no_products(_v):
             raise RuntimeError(f"ihvp_method={self.args.ihvp_method!r} asked for a Hessian-vector product")
 
-        grads = hypergrad_from_products(average(grad_in), average(grad_out), no_products, no_products, mixed, solve)
-        self._last_outer_loss = float(value)
-        return grads
+        return hypergrad_from_products(*outer_gradient, no_products, no_products, mixed, solve)
 
     def _gradient_runs(self, phi: Mapping[str, Tensor], batch: Mapping[str, Any]) -> bool:
         """Whether a plain first-order gradient of the inner objective on ``batch`` runs (an explicit HVP mode
@@ -301,6 +324,13 @@ class OuterUpdateMixin:
                 model = self.model_wrapped if self.is_sharded else self._unwrapped
                 phi = {k: v.detach() for k, v in self._outer_param_tree().items()}
                 outer_loss = float(self._objective(model, None, phi, eval_batch, weighted=False)[0])
+        return self._apply_hypergradient(step, grads, train_batch, outer_loss, ihvp_time)
+
+    def _apply_hypergradient(self, step: int, grads: Mapping[str, Tensor], train_batch: Mapping[str, Any],
+                             outer_loss: float, ihvp_time: float) -> dict[str, float]:
+        """The outer optimizer's step on ``grads`` (rolled back when the inner objective on ``train_batch`` is no
+        longer finite after it), the replicas' parameters made identical, and the step's metrics queued for the
+        next training log."""
         self._checked_inner_loss = math.nan
         result = apply_outer_update(self.outer_optimizer, self._outer_param_tree(), grads, self.outer_history,
                                     validate=lambda: self._outer_step_problem(train_batch))

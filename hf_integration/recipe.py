@@ -54,7 +54,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 # The fields a recipe sets default to None ("not set"): this is what they are when neither the user nor a recipe
 # set them.
 UNSET_DEFAULTS = {"ihvp_method": "nystrom", "outer_learning_rate": 0.1, "unroll_steps": 10,
-                  "train_on_outer_data": False}
+                  "train_on_outer_data": False, "hypergrad_on_inner_batch": False}
 
 
 def apply_recipe(args: Any) -> None:
@@ -63,9 +63,12 @@ def apply_recipe(args: Any) -> None:
     latter. What the user set stays, even a value equal to a plain default."""
     if args.recipe is not None and args.recipe not in RECIPES:
         raise ValueError(f"`recipe` must be one of {sorted(RECIPES)} or None, got {args.recipe!r}.")
+    filled = set()
     for name, value in (RECIPES[args.recipe] if args.recipe else {}).items():
         if getattr(args, name) is None:
             setattr(args, name, copy.deepcopy(value))
+            filled.add(name)
+    args.fields_from_recipe = frozenset(filled)  # what the user did not ask for: checks may relax for these
     for name, value in UNSET_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, value)

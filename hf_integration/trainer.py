@@ -16,7 +16,7 @@ a LoRA adapter), which are then frozen for the inner optimizer.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import datasets
@@ -35,6 +35,7 @@ from .arguments import BilevelTrainingArguments
 from .checkpoints import ResumeFinishedRun
 from .collators import KeepColumnsCollator
 from .frozen_trunk import CachedTrunkCheckpoints
+from .inner_batch_outer import InnerBatchOuterStepMixin
 from .losses import per_example_loss
 from .outer_modules import OuterModule
 from .outer_update import _MODEL_PREFIX, _MODULE_PREFIX, OuterUpdateMixin
@@ -93,8 +94,30 @@ def _split_outer_dataset(prepared: Any, eval_dataset: Any, outer_dataset: Any) -
 
 
 
-class BilevelTrainer(InputChecksMixin, OuterUpdateMixin, OuterPersistenceMixin, CachedTrunkCheckpoints,
-                     ResumeFinishedRun, ShardedModelTrainerMixin, Trainer):
+class _LiveParams(Mapping):
+    """The inner parameters by name, looked up on first use: most outer modules never read them (data weights), and
+    walking the model's parameters at every training step costs about 2% of a small model's step."""
+
+    def __init__(self, tree: Callable[[], dict[str, Tensor]]) -> None:
+        self._tree, self._named = tree, None
+
+    def _resolved(self) -> dict[str, Tensor]:
+        if self._named is None:
+            self._named = self._tree()
+        return self._named
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self._resolved()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._resolved())
+
+    def __len__(self) -> int:
+        return len(self._resolved())
+
+
+class BilevelTrainer(InputChecksMixin, InnerBatchOuterStepMixin, OuterUpdateMixin, OuterPersistenceMixin,
+                     CachedTrunkCheckpoints, ResumeFinishedRun, ShardedModelTrainerMixin, Trainer):
     """`Trainer` for bilevel fine-tuning with implicit hypergradients.
 
     Args:
@@ -197,6 +220,7 @@ class BilevelTrainer(InputChecksMixin, OuterUpdateMixin, OuterPersistenceMixin, 
         self.outer_step = 0
         self._weight_spread: float | None = None  # std/mean of the last checked training batch's weights
         self._causal_lm = self._is_causal_lm(self._unwrapped)
+        self._check_inner_batch_outer_step()
         self.add_callback(_OuterStepCallback(self))
 
     # ------------------------------------------------------------------ helpers
@@ -222,8 +246,9 @@ class BilevelTrainer(InputChecksMixin, OuterUpdateMixin, OuterPersistenceMixin, 
         tree: dict[str, Tensor] = {}
         if self.outer_module is not None:
             tree.update({_MODULE_PREFIX + n: p for n, p in self.outer_module.named_parameters()})
-        named = dict(self._unwrapped.named_parameters())
-        tree.update({_MODEL_PREFIX + n: named[n] for n in self.outer_model_param_names})
+        if self.outer_model_param_names:  # walking the model's parameters costs a training step ~2%: only if needed
+            named = dict(self._unwrapped.named_parameters())
+            tree.update({_MODEL_PREFIX + n: named[n] for n in self.outer_model_param_names})
         return tree
 
     def _inner_param_tree(self) -> dict[str, Tensor]:
@@ -266,7 +291,7 @@ class BilevelTrainer(InputChecksMixin, OuterUpdateMixin, OuterPersistenceMixin, 
         losses, outputs = self._per_example_losses(model, in_params, out_params, batch, weighted)
         if not weighted:
             return losses.mean(), outputs
-        inner_named = self._inner_param_tree() if in_params is None else in_params
+        inner_named = _LiveParams(self._inner_param_tree) if in_params is None else in_params
         return self._weighted_loss(losses, batch, out_params, inner_named), outputs
 
     def _weighted_loss(self, losses: Tensor, batch: Mapping[str, Any], out_params: Mapping[str, Tensor],
@@ -289,10 +314,14 @@ class BilevelTrainer(InputChecksMixin, OuterUpdateMixin, OuterPersistenceMixin, 
         return self._objective(self._unwrapped, in_params, out_params, batch, weighted=False)[0]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """Inner objective during training (outer parameters held fixed); plain mean loss in
-        evaluation, so `evaluate()` reports the outer objective."""
-        out_params = {k: v.detach() for k, v in self._outer_param_tree().items()}
-        loss, outputs = self._objective(model, None, out_params, inputs, weighted=model.training)
+        """Inner objective during training (outer parameters held fixed; with ``hypergrad_on_inner_batch``, the
+        scheduled outer step taken on this batch first, :mod:`~hf_integration.inner_batch_outer`); plain mean loss
+        in evaluation, so `evaluate()` reports the outer objective."""
+        if model.training and self._outer_step_due_in_inner_step():
+            loss, outputs = self._inner_objective_with_outer_step(model, inputs)
+        else:
+            out_params = {k: v.detach() for k, v in self._outer_param_tree().items()}
+            loss, outputs = self._objective(model, None, out_params, inputs, weighted=model.training)
         return (loss, outputs) if return_outputs else loss
 
     def inner_update(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> Tensor:

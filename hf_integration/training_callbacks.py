@@ -21,7 +21,8 @@ logger = logging.get_logger(__name__)
 
 
 class _OuterStepCallback(TrainerCallback):
-    """Runs the outer update after each inner optimizer step that the schedule names.
+    """Runs the outer update after each inner optimizer step that the schedule names (or leaves it to the next inner
+    step, :mod:`~hf_integration.inner_batch_outer`).
 
     `on_step_end` comes after the inner optimizer step and before `Trainer` logs, evaluates
     and saves, so checkpoints hold the outer state of the same step."""
@@ -31,8 +32,9 @@ class _OuterStepCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         iteration = state.global_step - 1
-        if is_outer_step(iteration, args.unroll_steps, args.outer_patience_steps):
-            self.trainer.outer_update()
+        if is_outer_step(iteration, args.unroll_steps, args.outer_patience_steps) and self.trainer._run_outer_step_now(
+                state):
+            self.trainer.outer_update()  # otherwise the next inner step takes it, on its own batch
         return control
 
 
