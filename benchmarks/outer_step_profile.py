@@ -3,15 +3,21 @@
 the same process with the same steps.
 
 Each part of an outer step is a method of `BilevelTrainer`, wrapped with a timer (inclusive times: a part's time
-holds what it calls):
+holds what it calls). An outer step runs either after its inner step on sampled batches (``outer_update``) or, with
+``hypergrad_on_inner_batch`` (the classification recipe's default), inside the next inner step on that step's batch
+(``_inner_objective_with_outer_step``, :mod:`hf_integration.inner_batch_outer`); the parts are the same methods in
+both:
 
-* ``outer step``: ``outer_update``, the whole of it;
-* ``batches``: ``_batches``, sampling and collating the hypergradient's training and validation batches;
-* ``hypergradient``: ``compute_hypergradient``; within it ``products + solve``
-  (``hypergrad_from_products``: the mixed product, and for the weighted-gradient path the training batch's forward
-  pass), the rest being the outer gradient (the validation batch's forward and backward) and the checks;
-* ``post-step check``: ``_outer_step_problem``, the inner objective after the step (finite or rolled back);
-* ``inner step``: ``training_step``, one forward and backward pass of a training batch (not the optimizer step).
+* ``outer step``: the whole outer step: ``outer_update``, plus the parts below taken inside inner steps (not the inner
+  step's own forward pass, which that step takes anyway);
+* ``batches``: ``_batches``, sampling and collating the hypergradient's batches;
+* ``outer gradient``: ``_outer_gradient``, the validation batch's forward and backward pass (the weighted-gradient
+  path of loss-based weights; the general path computes it within ``products + solve``' caller);
+* ``products + solve``: ``hypergrad_from_products``: the mixed product (on a sampled batch: its forward pass too);
+* ``optimizer step + check``: ``_apply_hypergradient``, the outer optimizer's step and the post-step check (the inner
+  objective after the step, finite or rolled back);
+* ``inner step``: ``training_step``, one forward and backward pass of a training batch (not the optimizer step; an
+  inner step that takes an outer step counts without it).
 
 Reported: seconds in all, per outer step, as inner steps, and as a share of the bilevel run; the bilevel run's wall
 time over the uniform run's. Extra arguments go to the job::
@@ -38,20 +44,41 @@ JOBS = {"classification": "data_reweighting.py", "instruction": "instruction_dat
 PARTS = {  # label -> (object whose attribute is timed, attribute)
     "outer step": ("trainer", "outer_update"),
     "batches": ("trainer", "_batches"),
-    "hypergradient": ("trainer", "compute_hypergradient"),
+    "outer gradient": ("trainer", "_outer_gradient"),
     "products + solve": ("outer_update", "hypergrad_from_products"),
-    "post-step check": ("trainer", "_outer_step_problem"),
+    "optimizer step + check": ("trainer", "_apply_hypergradient"),
     "inner step": ("trainer", "training_step"),
 }
+IN_STEP = ("trainer", "_inner_objective_with_outer_step")
+"""The inner step's objective that takes an outer step on its batch: while it runs, the parts' times are the outer
+step's (and are taken out of the inner step's)."""
 
 
-def timed(function: Callable, label: str, totals: dict[str, list[float]]) -> Callable:
+def timed(function: Callable, label: str, totals: dict[str, list[float]], inside: list[bool] | None = None) -> Callable:
+    """``function`` recording its time under ``label``; while ``inside[0]`` (an outer step inside an inner step) also
+    under ``"in-step " + label``."""
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         start = time.perf_counter()
         try:
             return function(*args, **kwargs)
         finally:
-            totals[label].append(time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            totals[label].append(seconds)
+            if inside is not None and inside[0]:
+                totals["in-step " + label].append(seconds)
+
+    wrapper.__wrapped__ = function
+    return wrapper
+
+
+def flagging(function: Callable, inside: list[bool]) -> Callable:
+    """``function`` with ``inside[0]`` set while it runs."""
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        inside[0] = True
+        try:
+            return function(*args, **kwargs)
+        finally:
+            inside[0] = False
 
     wrapper.__wrapped__ = function
     return wrapper
@@ -63,18 +90,42 @@ def profile(job: str, job_args: list[str]) -> dict[str, Any]:
     from hf_integration import BilevelTrainer
 
     totals: dict[str, list[float]] = defaultdict(list)
+    inside = [False]
     owners = {"trainer": BilevelTrainer, "outer_update": outer_update}
-    originals = {label: getattr(owners[owner], name) for label, (owner, name) in PARTS.items()}
+    targets = {**PARTS, "in-step": IN_STEP}
+    originals = {label: getattr(owners[owner], name) for label, (owner, name) in targets.items()}
     for label, (owner, name) in PARTS.items():
-        setattr(owners[owner], name, timed(originals[label], label, totals))
+        setattr(owners[owner], name, timed(originals[label], label, totals, inside))
+    setattr(owners[IN_STEP[0]], IN_STEP[1], timed(flagging(originals["in-step"], inside), "in-step", totals))
     try:
         main = runpy.run_path(os.path.join(ROOT, "examples", JOBS[job]))["main"]
         metrics = main([*job_args, "--baselines", "uniform"])
     finally:
-        for label, (owner, name) in PARTS.items():
+        for label, (owner, name) in targets.items():
             setattr(owners[owner], name, originals[label])
-    return {"metrics": metrics, "totals": {k: sum(v) for k, v in totals.items()},
-            "counts": {k: len(v) for k, v in totals.items()}}
+    return {"metrics": metrics, "totals": outer_totals({k: sum(v) for k, v in totals.items()}),
+            "counts": outer_counts({k: len(v) for k, v in totals.items()})}
+
+
+IN_STEP_PARTS = ("batches", "outer gradient", "products + solve", "optimizer step + check")
+
+
+def outer_totals(totals: dict[str, float]) -> dict[str, float]:
+    """The raw timer totals with the outer steps taken inside inner steps moved: their parts join ``outer step`` and
+    leave ``inner step``."""
+    moved = sum(totals.get("in-step " + part, 0.0) for part in IN_STEP_PARTS)
+    out = {k: v for k, v in totals.items() if not k.startswith("in-step")}
+    out["outer step"] = out.get("outer step", 0.0) + moved
+    if "inner step" in out:
+        out["inner step"] -= moved
+    return out
+
+
+def outer_counts(counts: dict[str, int]) -> dict[str, int]:
+    """Call counts, the outer steps taken inside inner steps among the outer steps."""
+    out = {k: v for k, v in counts.items() if not k.startswith("in-step")}
+    out["outer step"] = out.get("outer step", 0) + counts.get("in-step", 0)
+    return out
 
 
 def table(result: dict[str, Any]) -> str:

@@ -77,6 +77,13 @@ class InnerBatchOuterStepMixin:
         return (self.takes_outer_steps_on_inner_batches and self.__dict__.get("_outer_step_taken_at") != step
                 and is_outer_step(step - 1, self.args.unroll_steps, self.args.outer_patience_steps))
 
+    def _outer_step_pending(self) -> bool:
+        """Whether the outer step scheduled after the last inner step taken is still to come (the next inner step
+        takes it): what a checkpoint of this step holds, and a resumed run's first step does."""
+        state, args = self.state, self.args
+        return (self.takes_outer_steps_on_inner_batches and state.global_step < state.max_steps
+                and is_outer_step(state.global_step - 1, args.unroll_steps, args.outer_patience_steps))
+
     def _inner_objective_with_outer_step(self, model: nn.Module, inputs: Mapping[str, Any]) -> tuple[Tensor, Any]:
         """The inner objective of ``inputs`` (and the model outputs), with the outer step due taken on the batch's
         forward pass in between (steps 1-4 of the module)."""

@@ -35,11 +35,11 @@ TRUSTED_COLUMN = "trusted"
 RECIPES: dict[str, dict[str, Any]] = {
     # The classification job's measured settings (examples/data_reweighting.py): loss-based weights with the
     # validation rows trained on as trusted rows, first-order hypergradients, an outer step every 10 inner steps
-    # after half an epoch, 32 + 32 examples per hypergradient.
+    # after half an epoch, 32 validation examples per hypergradient, its training side the next inner step's batch.
     "data_weighting": {
         "outer_module": "loss_weights", "train_on_outer_data": True, "ihvp_method": "identity",
         "outer_learning_rate": 0.3, "unroll_steps": 10, "outer_patience_epochs": 0.5,
-        "hypergrad_train_batch_size": 32, "outer_batch_size": 32,
+        "hypergrad_train_batch_size": 32, "outer_batch_size": 32, "hypergrad_on_inner_batch": True,
     },
     # The instruction job's (examples/instruction_data_weights.py): the same, with the trusted rows at their uniform
     # share of each batch, loss_scale starting at 1, an outer step every 8 inner steps and 50 validation rows each.

@@ -202,7 +202,7 @@ class OuterPersistenceMixin:
             self.ihvp_solver.factor, self.ihvp_solver.calls = None, 0
         self.nonfinite_guard.skipped = int(counters.get("skipped_inner_steps", 0))
         self.outer_step = count_outer_steps(self.state.global_step, self.args.unroll_steps,
-                                            self.args.outer_patience_steps)
+                                            self.args.outer_patience_steps) - self._outer_step_pending()
 
     def create_model_card(self, **kwargs: Any) -> None:
         """The card `push_to_hub` uploads: the same one ``save_model`` writes (:meth:`_write_card`), with

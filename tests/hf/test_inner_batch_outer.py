@@ -1,0 +1,116 @@
+"""Outer steps taken inside the next inner step, on its batch (`hypergrad_on_inner_batch`,
+`hf_integration.inner_batch_outer`): the hypergradient equals the sampled-batch path's on the same batches, the inner
+step's loss is the objective with the new outer parameters (and backpropagates), the schedule and checkpoints are
+kept, and where it cannot apply it is refused (or, set by a recipe, left aside)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hf_integration import BilevelTrainer, LossWeights
+from hypergrad.solver import count_outer_steps
+
+from .trainer_utils import bilevel_args, datasets_with_ids, tiny_classifier
+
+
+def _trainer(tmp_path, **overrides):
+    train, val = datasets_with_ids(48, 16)
+    args = bilevel_args(tmp_path, **{"ihvp_method": "identity", "hvp_mode": "rev_rev", "outer_patience_steps": 0,
+                                     "hypergrad_on_inner_batch": True, **overrides})
+    return BilevelTrainer(model=tiny_classifier(dtype=torch.float64), args=args, train_dataset=train, eval_dataset=val,
+                          outer_module=LossWeights(init_loss_scale=0.8).double())
+
+
+def _captured(trainer, monkeypatch):
+    captured = {}
+    apply = trainer._apply_hypergradient
+
+    def capture(step, grads, batch, outer_loss, ihvp_time):
+        captured.update(step=step, grads={k: v.clone() for k, v in grads.items()}, outer_loss=outer_loss)
+        return apply(step, grads, batch, outer_loss, ihvp_time)
+
+    monkeypatch.setattr(trainer, "_apply_hypergradient", capture)
+    return captured
+
+
+def test_the_inner_step_takes_the_outer_step_on_its_batch(tmp_path, monkeypatch):
+    trainer = _trainer(tmp_path)
+    assert trainer.takes_outer_steps_on_inner_batches
+    trainer.resolve_hvp_mode()
+    trainer.state.global_step = 3  # the step after inner iteration 2, which unroll_steps=2 schedules
+    batch = trainer._sample_batch(trainer.train_dataset, 16, torch.Generator().manual_seed(5), "training")
+    _, eval_batch, generator = trainer._batches(3, with_training=False)
+    expected = trainer.compute_hypergradient(batch, eval_batch, generator)  # the sampled-batch path, same batches
+    trainer.__dict__.pop("_hypergradient_losses", None)
+    trainer.__dict__.pop("_last_outer_loss", None)
+    captured = _captured(trainer, monkeypatch)
+    model = trainer.model.train()
+    before = {k: v.detach().clone() for k, v in trainer._outer_param_tree().items()}
+
+    loss = trainer.compute_loss(model, batch)
+
+    assert captured["step"] == 3 and trainer.outer_step == 1
+    for key, value in expected.items():
+        assert value.abs().max() > 0
+        torch.testing.assert_close(captured["grads"][key], value, rtol=1e-6, atol=1e-12)
+    after = {k: v.detach() for k, v in trainer._outer_param_tree().items()}
+    assert any(not torch.equal(before[k], after[k]) for k in after)  # the outer optimizer stepped
+    # the returned loss: the objective of the batch with the new outer parameters, with its graph intact
+    params = trainer._inner_param_tree()
+    grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+    fresh, _ = trainer._objective(model, None, after, batch, weighted=True)
+    torch.testing.assert_close(loss, fresh, rtol=1e-12, atol=0)
+    for g, f in zip(grads, torch.autograd.grad(fresh, list(params.values()), allow_unused=True)):
+        assert (g is None) == (f is None)
+        if g is not None:
+            torch.testing.assert_close(g, f, rtol=1e-10, atol=1e-14)
+    assert not trainer._outer_step_due_in_inner_step()  # once per optimizer step (gradient accumulation)
+    trainer.state.global_step = 4  # after iteration 3: nothing scheduled
+    assert not trainer._outer_step_due_in_inner_step()
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_a_run_takes_every_scheduled_outer_step(tmp_path, accumulation):
+    # iterations 2, 4, 6 are taken inside the next inner step; 8, the last, after it on a sampled batch
+    trainer = _trainer(tmp_path, max_steps=9, per_device_train_batch_size=16 // accumulation,
+                       gradient_accumulation_steps=accumulation)
+    calls = []
+    sampled = trainer.outer_update
+    trainer.outer_update = lambda: calls.append(trainer.state.global_step) or sampled()
+    trainer.train()
+    assert trainer.outer_step == count_outer_steps(9, 2, 0) == 4
+    assert calls == [9]
+    assert trainer.outer_history.applied == 4
+
+
+def test_a_resumed_run_ends_where_the_uninterrupted_run_ends(tmp_path):
+    # the checkpoint at step 3 is saved before the outer step scheduled after it (iteration 2), which the resumed
+    # run's first inner step then takes
+    full = _trainer(tmp_path / "full", max_steps=8, save_strategy="steps", save_steps=3)
+    full.train()
+    resumed = _trainer(tmp_path / "resumed", max_steps=8, save_strategy="steps", save_steps=3)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))
+    assert resumed.outer_step == full.outer_step == count_outer_steps(8, 2, 0)
+    # the adapter is float32 (PEFT's), and a resumed run reloads float32 optimizer state: tolerances that hold across
+    # CPUs, far below what one outer step moves (the loss scale) or one inner step moves (the adapter)
+    for key, value in full._outer_param_tree().items():
+        torch.testing.assert_close(resumed._outer_param_tree()[key], value, rtol=1e-5, atol=1e-9)
+    for key, value in full._inner_param_tree().items():
+        torch.testing.assert_close(resumed._inner_param_tree()[key], value, rtol=1e-4, atol=1e-8)
+    # the checkpoint holds the outer state before that step: the initial loss scale
+    saved = load_file(str(tmp_path / "full" / "checkpoint-3" / "outer_params.safetensors"))
+    initial = LossWeights(init_loss_scale=0.8).double().state_dict()
+    assert saved.keys() == initial.keys() and all(torch.equal(saved[k], initial[k]) for k in saved)
+
+
+def test_it_is_refused_where_it_cannot_apply_unless_a_recipe_set_it(tmp_path):
+    with pytest.raises(ValueError, match="hypergrad_on_inner_batch=True does not apply with .*ihvp_method='nystrom'"):
+        _trainer(tmp_path, ihvp_method="nystrom")
+    train, val = datasets_with_ids(48, 16)
+    args = bilevel_args(tmp_path, recipe="data_weighting", ihvp_method="nystrom", hvp_mode="rev_rev")
+    assert "hypergrad_on_inner_batch" in args.fields_from_recipe
+    trainer = BilevelTrainer(model=tiny_classifier(dtype=torch.float64), args=args, train_dataset=train,
+                             eval_dataset=val)
+    assert not trainer.takes_outer_steps_on_inner_batches  # the recipe's value, left aside: sampled batches
