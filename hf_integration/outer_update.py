@@ -252,13 +252,18 @@ class OuterUpdateMixin:
         ``c_ij`` come from the weights alone (no model). The forward pass's losses also serve the post-step check
         (:meth:`_outer_step_problem`): the outer step does not move the model."""
         theta = self._theta()
-        outer_gradient = self._outer_gradient(eval_batch, theta, phi, data_parallel)
+        grad_in, grad_out = self._outer_gradient(eval_batch, theta, phi, data_parallel)
 
-        def losses() -> tuple[dict[str, Tensor], Tensor]:
-            leaves = {k: x.detach().requires_grad_(True) for k, x in theta.items()}
-            return leaves, self._per_example_losses(self._unwrapped, leaves, {}, train_batch, weighted=True)[0]
+        def mixed(v: Mapping[str, Tensor]) -> dict[str, Tensor]:
+            with torch.enable_grad():
+                leaves = {k: x.detach().requires_grad_(True) for k, x in theta.items()}
+                losses = self._per_example_losses(self._unwrapped, leaves, {}, train_batch, weighted=True)[0]
+                return self._loss_weight_mixed_product(v, leaves, losses, train_batch, data_parallel)
 
-        return self._weighted_gradient_mixed(outer_gradient, losses, train_batch, solve, data_parallel)
+        return hypergrad_from_products(grad_in, grad_out, self._no_products, self._no_products, mixed, solve)
+
+    def _no_products(self, _v: Any) -> None:
+        raise RuntimeError(f"ihvp_method={self.args.ihvp_method!r} asked for a Hessian-vector product")
 
     def _outer_gradient(self, eval_batch: Mapping[str, Any], theta: Mapping[str, Tensor], phi: Mapping[str, Tensor],
                         data_parallel: DataParallel | None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -270,35 +275,25 @@ class OuterUpdateMixin:
         self._last_outer_loss = float(value)
         return average(grad_in), average(grad_out)
 
-    def _weighted_gradient_mixed(self, outer_gradient: tuple[dict[str, Tensor], dict[str, Tensor]],
-                                 losses: Callable[[], tuple[dict[str, Tensor], Tensor]], batch: Mapping[str, Any],
-                                 solve: Callable, data_parallel: DataParallel | None,
-                                 keep_graph: bool = False) -> dict[str, Tensor]:
-        """:meth:`_weighted_gradient_hypergradient`'s rule from the outer gradient and ``losses()``: the inner
-        parameters the losses of ``batch`` were computed from and those losses, with their graph. ``keep_graph``
-        leaves the graph for a later backward pass (the inner step's own, :mod:`~hf_integration.inner_batch_outer`)."""
-        average = data_parallel.average if data_parallel is not None else (lambda tree: tree)
+    def _loss_weight_mixed_product(self, v: Mapping[str, Tensor], params: Mapping[str, Tensor], losses: Tensor,
+                                   batch: Mapping[str, Any], data_parallel: DataParallel | None,
+                                   keep_graph: bool = False) -> dict[str, Tensor]:
+        """``M v`` of :meth:`_weighted_gradient_hypergradient` (averaged over processes): the per-example ``losses``
+        of ``batch``, with their graph from the inner ``params``, weighted by each outer number's slopes and
+        differentiated once per number. ``keep_graph`` leaves the graph for a later backward pass (the inner step's
+        own, :mod:`~hf_integration.inner_batch_outer`). The losses are kept for the post-step check."""
         module = self.outer_module
         live = {_MODULE_PREFIX + n: p for n, p in module.named_parameters()}
-
-        def mixed(v: Mapping[str, Tensor]) -> dict[str, Tensor]:
-            out = {k: torch.zeros_like(p) for k, p in live.items()}
-            with torch.enable_grad():
-                leaves, values = losses()
-                self._hypergradient_losses = (values.detach(), batch)  # the post-step check's losses
-                slopes = _weight_slopes(module, values.detach(), batch, live)
-                for n, (key, index, c) in enumerate(slopes):
-                    c, weighted = promote(c, values)
-                    grads = torch.autograd.grad((c * weighted).sum(), list(leaves.values()), allow_unused=True,
-                                                retain_graph=keep_graph or n < len(slopes) - 1)
-                    out[key].view(-1)[index] = sum((g.to(v[k].dtype) * v[k]).sum()
-                                                   for k, g in zip(leaves, grads) if g is not None)
-            return average(out)
-
-        def no_products(_v):
-            raise RuntimeError(f"ihvp_method={self.args.ihvp_method!r} asked for a Hessian-vector product")
-
-        return hypergrad_from_products(*outer_gradient, no_products, no_products, mixed, solve)
+        out = {k: torch.zeros_like(p) for k, p in live.items()}
+        self._hypergradient_losses = (losses.detach(), batch)  # the post-step check's losses
+        slopes = _weight_slopes(module, losses.detach(), batch, live)
+        for n, (key, index, c) in enumerate(slopes):
+            c, weighted = promote(c, losses)
+            grads = torch.autograd.grad((c * weighted).sum(), list(params.values()), allow_unused=True,
+                                        retain_graph=keep_graph or n < len(slopes) - 1)
+            out[key].view(-1)[index] = sum((g.to(v[k].dtype) * v[k]).sum()
+                                           for k, g in zip(params, grads) if g is not None)
+        return data_parallel.average(out) if data_parallel is not None else out
 
     def _gradient_runs(self, phi: Mapping[str, Tensor], batch: Mapping[str, Any]) -> bool:
         """Whether a plain first-order gradient of the inner objective on ``batch`` runs (an explicit HVP mode

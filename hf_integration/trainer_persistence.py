@@ -138,6 +138,8 @@ class OuterPersistenceMixin:
                 # a reused Nyström factor and its refresh count (the same on every data-parallel process;
                 # under FSDP each process holds its own shards, so a resumed run sketches anew)
                 counters["ihvp_solver"] = self.ihvp_solver.state_dict()
+            if self.outer_window_state() is not None:  # an outer step taken on inner batches, half done
+                counters["outer_window"] = self.outer_window_state()
             save_optimizer_state({**self.outer_optimizer.state_dict(), _COUNTERS_KEY: counters},
                                  os.path.join(output_dir, OUTER_OPTIMIZER_NAME))
 
@@ -201,6 +203,7 @@ class OuterPersistenceMixin:
         elif hasattr(self.ihvp_solver, "calls"):  # no saved factor (FSDP): sketch at the next outer step
             self.ihvp_solver.factor, self.ihvp_solver.calls = None, 0
         self.nonfinite_guard.skipped = int(counters.get("skipped_inner_steps", 0))
+        self.load_outer_window_state(counters.get("outer_window"))
         self.outer_step = count_outer_steps(self.state.global_step, self.args.unroll_steps,
                                             self.args.outer_patience_steps) - self._outer_step_pending()
 

@@ -32,6 +32,7 @@ class _OuterStepCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         iteration = state.global_step - 1
+        self.trainer._close_outer_window_at_the_end(state)
         if is_outer_step(iteration, args.unroll_steps, args.outer_patience_steps) and self.trainer._run_outer_step_now(
                 state):
             self.trainer.outer_update()  # otherwise the next inner step takes it, on its own batch

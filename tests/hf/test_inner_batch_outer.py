@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hf_integration import BilevelTrainer, LossWeights
+from hf_integration import OUTER_OPTIMIZER_NAME, BilevelTrainer, LossWeights
+from hf_integration.optimizer_state import load_optimizer_state
 from hypergrad.solver import count_outer_steps
 
 from .trainer_utils import bilevel_args, datasets_with_ids, tiny_classifier
@@ -71,6 +72,33 @@ def test_the_inner_step_takes_the_outer_step_on_its_batch(tmp_path, monkeypatch)
     assert not trainer._outer_step_due_in_inner_step()
 
 
+def test_an_outer_step_gathers_hypergrad_train_batch_size_rows_from_consecutive_batches(tmp_path, monkeypatch):
+    # 32 rows from two batches of 16: the first leaves the outer step open, the second applies it
+    trainer = _trainer(tmp_path, hypergrad_train_batch_size=32)
+    trainer.resolve_hvp_mode()
+    trainer.state.global_step = 3
+    batches = [trainer._sample_batch(trainer.train_dataset, 16, torch.Generator().manual_seed(s), "training")
+               for s in (5, 6)]
+    _, eval_batch, generator = trainer._batches(3, with_training=False)
+    # at the same inner weights the window's rule is the mean of the sampled path's hypergradients of its batches
+    expected = [trainer.compute_hypergradient(b, eval_batch, generator) for b in batches]
+    trainer.__dict__.pop("_hypergradient_losses", None)
+    captured = _captured(trainer, monkeypatch)
+    model = trainer.model.train()
+    before = {k: v.detach().clone() for k, v in trainer._outer_param_tree().items()}
+
+    trainer.compute_loss(model, batches[0])
+    assert not captured and trainer.outer_window_state()["rows"] == 16 and trainer._outer_step_pending()
+    assert all(torch.equal(before[k], v) for k, v in trainer._outer_param_tree().items())
+    trainer.state.global_step = 4  # the next inner step (its weights unchanged here: compute_loss takes no step)
+    trainer.compute_loss(model, batches[1])
+
+    assert captured["step"] == 3 and trainer.outer_window_state() is None and trainer.outer_step == 1
+    for key in expected[0]:
+        torch.testing.assert_close(captured["grads"][key], (expected[0][key] + expected[1][key]) / 2, rtol=1e-6,
+                                   atol=1e-12)
+
+
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_a_run_takes_every_scheduled_outer_step(tmp_path, accumulation):
     # iterations 2, 4, 6 are taken inside the next inner step; 8, the last, after it on a sampled batch
@@ -103,6 +131,23 @@ def test_a_resumed_run_ends_where_the_uninterrupted_run_ends(tmp_path):
     saved = load_file(str(tmp_path / "full" / "checkpoint-3" / "outer_params.safetensors"))
     initial = LossWeights(init_loss_scale=0.8).double().state_dict()
     assert saved.keys() == initial.keys() and all(torch.equal(saved[k], initial[k]) for k in saved)
+
+
+def test_a_run_resumed_inside_an_outer_step_window_ends_where_the_uninterrupted_run_ends(tmp_path):
+    # the window of the outer step scheduled after iteration 2 takes the batches of iterations 3 and 4; the checkpoint
+    # after iteration 3 holds it open, with its first batch's mixed product
+    kwargs = dict(max_steps=8, save_strategy="steps", save_steps=4, hypergrad_train_batch_size=32)
+    full = _trainer(tmp_path / "full", **kwargs)
+    full.train()
+    counters = load_optimizer_state(tmp_path / "full" / "checkpoint-4" / OUTER_OPTIMIZER_NAME)["bilevel_counters"]
+    assert counters["outer_window"]["step"] == 3 and counters["outer_window"]["rows"] == 16
+    resumed = _trainer(tmp_path / "resumed", **kwargs)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-4"))
+    assert resumed.outer_step == full.outer_step == count_outer_steps(8, 2, 0)
+    for key, value in full._outer_param_tree().items():
+        torch.testing.assert_close(resumed._outer_param_tree()[key], value, rtol=1e-5, atol=1e-9)
+    for key, value in full._inner_param_tree().items():
+        torch.testing.assert_close(resumed._inner_param_tree()[key], value, rtol=1e-4, atol=1e-8)
 
 
 def test_it_is_refused_where_it_cannot_apply_unless_a_recipe_set_it(tmp_path):
