@@ -10,7 +10,8 @@ backward passes (the graph kept for the step's own backward), and the sampled ba
 saved. Within inner step ``t + 1``, in order:
 
 1. the outer gradient on outer step ``t``'s validation batch, its graph freed before the inner forward pass (the
-   peak memory stays that of the larger of the two passes);
+   peak memory stays that of the larger of the two passes, plus ``v``, one vector of the inner parameters' size,
+   while the outer step is open);
 2. the inner forward pass: per-example losses ``l_i(theta_{t+1})`` with their graph;
 3. the mixed product from that graph and the outer optimizer's step, rolled back when the inner objective is no
    longer finite (as every outer step);
@@ -38,7 +39,6 @@ import torch
 from torch import Tensor, nn
 from transformers.utils import logging
 
-from hypergrad.distributed import DataParallel
 from hypergrad.solver import is_outer_step
 
 __all__ = ["InnerBatchOuterStepMixin"]
@@ -109,9 +109,6 @@ class InnerBatchOuterStepMixin:
         return _OuterWindow(step=step, ihvp=ihvp, grad_out=grad_out, mixed={k: torch.zeros_like(v) for k, v in
                                                                           grad_out.items()},
                             outer_loss=self.__dict__.pop("_last_outer_loss"), seconds=time.perf_counter() - start)
-
-    def _data_parallel(self) -> DataParallel | None:
-        return DataParallel() if self.args.world_size > 1 else None
 
     def _inner_objective_with_outer_step(self, model: nn.Module, inputs: Mapping[str, Any]) -> tuple[Tensor, Any]:
         """The inner objective of ``inputs`` (and the model outputs), with the open outer step's mixed product taken

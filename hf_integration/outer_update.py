@@ -177,7 +177,7 @@ class OuterUpdateMixin:
                     lambda o: self._objective(model, None, o, train_batch, weighted=True)[0],
                     lambda o: self._objective(model, None, o, eval_batch, weighted=False)[0],
                     phi, solve, **self._sharded_stop_gradient_mixed(model, train_batch))
-            data_parallel = DataParallel() if self.args.world_size > 1 else None
+            data_parallel = self._data_parallel()
             if self._takes_weighted_gradient_mixed_product():
                 return self._weighted_gradient_hypergradient(train_batch, eval_batch, phi, solve, data_parallel)
             budget = self.args.hvp_memory_budget_mb
@@ -261,6 +261,10 @@ class OuterUpdateMixin:
                 return self._loss_weight_mixed_product(v, leaves, losses, train_batch, data_parallel)
 
         return hypergrad_from_products(grad_in, grad_out, self._no_products, self._no_products, mixed, solve)
+
+    def _data_parallel(self) -> DataParallel | None:
+        """What averages the hypergradient's products over data-parallel processes (``None``: one process)."""
+        return DataParallel() if self.args.world_size > 1 else None
 
     def _no_products(self, _v: Any) -> None:
         raise RuntimeError(f"ihvp_method={self.args.ihvp_method!r} asked for a Hessian-vector product")

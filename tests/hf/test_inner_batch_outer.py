@@ -113,37 +113,26 @@ def test_a_run_takes_every_scheduled_outer_step(tmp_path, accumulation):
     assert trainer.outer_history.applied == 4
 
 
-def test_a_resumed_run_ends_where_the_uninterrupted_run_ends(tmp_path):
-    # the checkpoint at step 3 is saved before the outer step scheduled after it (iteration 2), which the resumed
-    # run's first inner step then takes
-    full = _trainer(tmp_path / "full", max_steps=8, save_strategy="steps", save_steps=3)
+@pytest.mark.parametrize("rows, save", [(None, 3), (32, 4)])
+def test_a_resumed_run_ends_where_the_uninterrupted_run_ends(tmp_path, rows, save):
+    # rows=None: the checkpoint at step 3 is saved before the outer step scheduled after iteration 2, which the
+    # resumed run's first inner step then takes. rows=32: that outer step's window takes the batches of iterations 3
+    # and 4, and the checkpoint after iteration 3 holds it open, with its first batch's mixed product.
+    kwargs = dict(max_steps=8, save_strategy="steps", save_steps=save, hypergrad_train_batch_size=rows)
+    full = _trainer(tmp_path / "full", **kwargs)
     full.train()
-    resumed = _trainer(tmp_path / "resumed", max_steps=8, save_strategy="steps", save_steps=3)
-    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))
+    checkpoint = tmp_path / "full" / f"checkpoint-{save}"
+    window = load_optimizer_state(checkpoint / OUTER_OPTIMIZER_NAME)["bilevel_counters"].get("outer_window")
+    assert (window is None) if rows is None else (window["step"] == 3 and window["rows"] == 16)
+    # either way the checkpoint holds the outer state before that step: the initial loss scale
+    saved = load_file(str(checkpoint / "outer_params.safetensors"))
+    initial = LossWeights(init_loss_scale=0.8).double().state_dict()
+    assert saved.keys() == initial.keys() and all(torch.equal(saved[k], initial[k]) for k in saved)
+    resumed = _trainer(tmp_path / "resumed", **kwargs)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
     assert resumed.outer_step == full.outer_step == count_outer_steps(8, 2, 0)
     # the adapter is float32 (PEFT's), and a resumed run reloads float32 optimizer state: tolerances that hold across
     # CPUs, far below what one outer step moves (the loss scale) or one inner step moves (the adapter)
-    for key, value in full._outer_param_tree().items():
-        torch.testing.assert_close(resumed._outer_param_tree()[key], value, rtol=1e-5, atol=1e-9)
-    for key, value in full._inner_param_tree().items():
-        torch.testing.assert_close(resumed._inner_param_tree()[key], value, rtol=1e-4, atol=1e-8)
-    # the checkpoint holds the outer state before that step: the initial loss scale
-    saved = load_file(str(tmp_path / "full" / "checkpoint-3" / "outer_params.safetensors"))
-    initial = LossWeights(init_loss_scale=0.8).double().state_dict()
-    assert saved.keys() == initial.keys() and all(torch.equal(saved[k], initial[k]) for k in saved)
-
-
-def test_a_run_resumed_inside_an_outer_step_window_ends_where_the_uninterrupted_run_ends(tmp_path):
-    # the window of the outer step scheduled after iteration 2 takes the batches of iterations 3 and 4; the checkpoint
-    # after iteration 3 holds it open, with its first batch's mixed product
-    kwargs = dict(max_steps=8, save_strategy="steps", save_steps=4, hypergrad_train_batch_size=32)
-    full = _trainer(tmp_path / "full", **kwargs)
-    full.train()
-    counters = load_optimizer_state(tmp_path / "full" / "checkpoint-4" / OUTER_OPTIMIZER_NAME)["bilevel_counters"]
-    assert counters["outer_window"]["step"] == 3 and counters["outer_window"]["rows"] == 16
-    resumed = _trainer(tmp_path / "resumed", **kwargs)
-    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-4"))
-    assert resumed.outer_step == full.outer_step == count_outer_steps(8, 2, 0)
     for key, value in full._outer_param_tree().items():
         torch.testing.assert_close(resumed._outer_param_tree()[key], value, rtol=1e-5, atol=1e-9)
     for key, value in full._inner_param_tree().items():
