@@ -4,7 +4,7 @@ the same process with the same steps.
 
 Each part of an outer step is a method of `BilevelTrainer`, wrapped with a timer (inclusive times: a part's time
 holds what it calls). An outer step runs either after its inner step on sampled batches (``outer_update``) or, with
-``hypergrad_on_inner_batch`` (the classification recipe's default), inside the next inner step on that step's batch
+``hypergrad_on_inner_batch=True``, inside the next inner steps on their batches
 (``_inner_objective_with_outer_step``, :mod:`hf_integration.inner_batch_outer`); the parts are the same methods in
 both:
 

@@ -37,13 +37,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers.utils import logging
-
 from hypergrad.solver import is_outer_step
 
 __all__ = ["InnerBatchOuterStepMixin"]
-
-logger = logging.get_logger(__name__)
 
 
 class InnerBatchOuterStepMixin:
@@ -51,18 +47,13 @@ class InnerBatchOuterStepMixin:
     module and the weighted-gradient rule of :class:`~hf_integration.outer_update.OuterUpdateMixin`)."""
 
     def _check_inner_batch_outer_step(self) -> None:
-        """Refuse ``hypergrad_on_inner_batch=True`` where it cannot apply, unless a recipe set it (then the outer steps
-        sample their batches, with an info line)."""
+        """Refuse ``hypergrad_on_inner_batch=True`` where it cannot apply, naming why."""
         args = self.args
         if not args.hypergrad_on_inner_batch or self.takes_outer_steps_on_inner_batches:
             return
         reason = ("FSDP-sharded parameters" if self.is_sharded else "gradient checkpointing"
                   if args.gradient_checkpointing else f"outer_module={type(self.outer_module).__name__}, "
                   f"ihvp_method={args.ihvp_method!r}")
-        if "hypergrad_on_inner_batch" in getattr(args, "fields_from_recipe", ()):
-            logger.info("Outer steps sample their training batch (hypergrad_on_inner_batch does not apply with %s).",
-                        reason)
-            return
         raise ValueError(f"hypergrad_on_inner_batch=True does not apply with {reason}: it needs example weights read "
                          "from the losses (loss_weights) with ihvp_method='identity', unsharded parameters and no "
                          "gradient checkpointing; set it to False.")

@@ -35,11 +35,11 @@ TRUSTED_COLUMN = "trusted"
 RECIPES: dict[str, dict[str, Any]] = {
     # The classification job's measured settings (examples/data_reweighting.py): loss-based weights with the
     # validation rows trained on as trusted rows, first-order hypergradients, an outer step every 10 inner steps
-    # after half an epoch, 32 validation examples per hypergradient, its training side the next inner step's batch.
+    # after half an epoch, 32 + 32 examples per hypergradient.
     "data_weighting": {
         "outer_module": "loss_weights", "train_on_outer_data": True, "ihvp_method": "identity",
         "outer_learning_rate": 0.3, "unroll_steps": 10, "outer_patience_epochs": 0.5,
-        "hypergrad_train_batch_size": 32, "outer_batch_size": 32, "hypergrad_on_inner_batch": True,
+        "hypergrad_train_batch_size": 32, "outer_batch_size": 32,
     },
     # The instruction job's (examples/instruction_data_weights.py): the same, with the trusted rows at their uniform
     # share of each batch, loss_scale starting at 1, an outer step every 8 inner steps and 50 validation rows each.
@@ -54,7 +54,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 # The fields a recipe sets default to None ("not set"): this is what they are when neither the user nor a recipe
 # set them.
 UNSET_DEFAULTS = {"ihvp_method": "nystrom", "outer_learning_rate": 0.1, "unroll_steps": 10,
-                  "train_on_outer_data": False, "hypergrad_on_inner_batch": False}
+                  "train_on_outer_data": False}
 
 
 def apply_recipe(args: Any) -> None:
@@ -63,12 +63,9 @@ def apply_recipe(args: Any) -> None:
     latter. What the user set stays, even a value equal to a plain default."""
     if args.recipe is not None and args.recipe not in RECIPES:
         raise ValueError(f"`recipe` must be one of {sorted(RECIPES)} or None, got {args.recipe!r}.")
-    filled = set()
     for name, value in (RECIPES[args.recipe] if args.recipe else {}).items():
         if getattr(args, name) is None:
             setattr(args, name, copy.deepcopy(value))
-            filled.add(name)
-    args.fields_from_recipe = frozenset(filled)  # what the user did not ask for: checks may relax for these
     for name, value in UNSET_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
