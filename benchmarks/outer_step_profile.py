@@ -13,7 +13,10 @@ both:
 * ``batches``: ``_batches``, sampling and collating the hypergradient's batches;
 * ``outer gradient``: ``_outer_gradient``, the validation batch's forward and backward pass (the weighted-gradient
   path of loss-based weights; the general path computes it within ``products + solve``' caller);
-* ``products + solve``: ``hypergrad_from_products``: the mixed product (on a sampled batch: its forward pass too);
+* ``products + solve``: ``hypergrad_from_products`` on sampled batches: the training batch's forward pass and the
+  mixed product;
+* ``mixed product``: ``_loss_weight_mixed_product``, the mixed product's backward passes (loss-based weights; within
+  ``products + solve`` on sampled batches, on each inner batch of the window inside inner steps);
 * ``optimizer step + check``: ``_apply_hypergradient``, the outer optimizer's step and the post-step check (the inner
   objective after the step, finite or rolled back);
 * ``inner step``: ``training_step``, one forward and backward pass of a training batch (not the optimizer step; an
@@ -46,12 +49,18 @@ PARTS = {  # label -> (object whose attribute is timed, attribute)
     "batches": ("trainer", "_batches"),
     "outer gradient": ("trainer", "_outer_gradient"),
     "products + solve": ("outer_update", "hypergrad_from_products"),
+    "mixed product": ("trainer", "_loss_weight_mixed_product"),
     "optimizer step + check": ("trainer", "_apply_hypergradient"),
     "inner step": ("trainer", "training_step"),
 }
 IN_STEP = ("trainer", "_inner_objective_with_outer_step")
-"""The inner step's objective that takes an outer step on its batch: while it runs, the parts' times are the outer
-step's (and are taken out of the inner step's)."""
+"""The inner step's objective that takes part in an outer step on its batch: while it runs, the parts' times are the
+outer step's (and are taken out of the inner step's)."""
+OPENED = ("trainer", "_open_outer_window")
+"""Opens an outer step inside an inner step: one call per outer step (its batches may span several inner steps)."""
+IN_STEP_PARTS = ("batches", "outer gradient", "mixed product", "optimizer step + check")
+"""The parts an outer step taken inside inner steps is made of (its training batches' forward passes are the inner
+steps' own)."""
 
 
 def timed(function: Callable, label: str, totals: dict[str, list[float]], inside: list[bool] | None = None) -> Callable:
@@ -92,11 +101,12 @@ def profile(job: str, job_args: list[str]) -> dict[str, Any]:
     totals: dict[str, list[float]] = defaultdict(list)
     inside = [False]
     owners = {"trainer": BilevelTrainer, "outer_update": outer_update}
-    targets = {**PARTS, "in-step": IN_STEP}
+    targets = {**PARTS, "in-step": IN_STEP, "opened": OPENED}
     originals = {label: getattr(owners[owner], name) for label, (owner, name) in targets.items()}
     for label, (owner, name) in PARTS.items():
         setattr(owners[owner], name, timed(originals[label], label, totals, inside))
-    setattr(owners[IN_STEP[0]], IN_STEP[1], timed(flagging(originals["in-step"], inside), "in-step", totals))
+    setattr(owners[IN_STEP[0]], IN_STEP[1], flagging(originals["in-step"], inside))
+    setattr(owners[OPENED[0]], OPENED[1], timed(originals["opened"], "opened", totals))
     try:
         main = runpy.run_path(os.path.join(ROOT, "examples", JOBS[job]))["main"]
         metrics = main([*job_args, "--baselines", "uniform"])
@@ -107,14 +117,11 @@ def profile(job: str, job_args: list[str]) -> dict[str, Any]:
             "counts": outer_counts({k: len(v) for k, v in totals.items()})}
 
 
-IN_STEP_PARTS = ("batches", "outer gradient", "products + solve", "optimizer step + check")
-
-
 def outer_totals(totals: dict[str, float]) -> dict[str, float]:
     """The raw timer totals with the outer steps taken inside inner steps moved: their parts join ``outer step`` and
     leave ``inner step``."""
     moved = sum(totals.get("in-step " + part, 0.0) for part in IN_STEP_PARTS)
-    out = {k: v for k, v in totals.items() if not k.startswith("in-step")}
+    out = {k: v for k, v in totals.items() if not k.startswith("in-step") and k != "opened"}
     out["outer step"] = out.get("outer step", 0.0) + moved
     if "inner step" in out:
         out["inner step"] -= moved
@@ -123,8 +130,8 @@ def outer_totals(totals: dict[str, float]) -> dict[str, float]:
 
 def outer_counts(counts: dict[str, int]) -> dict[str, int]:
     """Call counts, the outer steps taken inside inner steps among the outer steps."""
-    out = {k: v for k, v in counts.items() if not k.startswith("in-step")}
-    out["outer step"] = out.get("outer step", 0) + counts.get("in-step", 0)
+    out = {k: v for k, v in counts.items() if not k.startswith("in-step") and k != "opened"}
+    out["outer step"] = out.get("outer step", 0) + counts.get("opened", 0)
     return out
 
 
@@ -134,9 +141,13 @@ def table(result: dict[str, Any]) -> str:
     inner = totals.get("inner step", 0.0) / max(counts.get("inner step", 0), 1)
     bilevel = metrics["wall_time_bilevel_s"]
     uniform = metrics["baselines"]["uniform"]["wall_time_s"]
+    outer = totals.get("outer step", 0.0)
     lines = [f"{counts.get('outer step', 0)} outer steps, {counts.get('inner step', 0)} inner steps "
              f"({inner * 1000:.0f} ms each); bilevel run {bilevel:.1f} s, uniform run {uniform:.1f} s: "
              f"{bilevel / uniform:.2f}x", "",
+             # within the bilevel run: immune to the machine's load changing between the two runs
+             f"The outer steps add {100 * outer / (bilevel - outer):.0f}% to the bilevel run's other time "
+             f"({bilevel / (bilevel - outer):.2f}x).", "",
              "| part | seconds | per outer step (ms) | inner steps | share of the bilevel run |", "|---|---|---|---|---|"]
     for label in PARTS:
         if label == "inner step":
