@@ -33,7 +33,6 @@ time over the uniform run's. Extra arguments go to the job::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import runpy
 import time
@@ -142,12 +141,12 @@ def table(result: dict[str, Any]) -> str:
     bilevel = metrics["wall_time_bilevel_s"]
     uniform = metrics["baselines"]["uniform"]["wall_time_s"]
     outer = totals.get("outer step", 0.0)
-    lines = [f"{counts.get('outer step', 0)} outer steps, {counts.get('inner step', 0)} inner steps "
-             f"({inner * 1000:.0f} ms each); bilevel run {bilevel:.1f} s, uniform run {uniform:.1f} s: "
-             f"{bilevel / uniform:.2f}x", "",
+    lines = [(f"{counts.get('outer step', 0)} outer steps, {counts.get('inner step', 0)} inner steps "
+              f"({inner * 1000:.0f} ms each); bilevel run {bilevel:.1f} s, uniform run {uniform:.1f} s: "
+              f"{bilevel / uniform:.2f}x"), "",
              # within the bilevel run: immune to the machine's load changing between the two runs
-             f"The outer steps add {100 * outer / (bilevel - outer):.0f}% to the bilevel run's other time "
-             f"({bilevel / (bilevel - outer):.2f}x).", "",
+             (f"The outer steps add {100 * outer / (bilevel - outer):.0f}% to the bilevel run's other time "
+              f"({bilevel / (bilevel - outer):.2f}x)."), "",
              "| part | seconds | per outer step (ms) | inner steps | share of the bilevel run |", "|---|---|---|---|---|"]
     for label in PARTS:
         if label == "inner step":

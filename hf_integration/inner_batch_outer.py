@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
 from hypergrad.solver import is_outer_step
 
 __all__ = ["InnerBatchOuterStepMixin"]

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from hf_integration import BilevelTrainer, LossWeights, LoraRegularization
+from hf_integration import BilevelTrainer, LoraRegularization, LossWeights
 
 # the tests' tiny model and task, read from their file (this worker runs as a script of its own)
 _UTILS = runpy.run_path(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hf",

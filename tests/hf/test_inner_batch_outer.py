@@ -118,7 +118,7 @@ def test_a_resumed_run_ends_where_the_uninterrupted_run_ends(tmp_path, rows, sav
     # rows=None: the checkpoint at step 3 is saved before the outer step scheduled after iteration 2, which the
     # resumed run's first inner step then takes. rows=32: that outer step's window takes the batches of iterations 3
     # and 4, and the checkpoint after iteration 3 holds it open, with its first batch's mixed product.
-    kwargs = dict(max_steps=8, save_strategy="steps", save_steps=save, hypergrad_train_batch_size=rows)
+    kwargs = {"max_steps": 8, "save_strategy": "steps", "save_steps": save, "hypergrad_train_batch_size": rows}
     full = _trainer(tmp_path / "full", **kwargs)
     full.train()
     checkpoint = tmp_path / "full" / f"checkpoint-{save}"
