@@ -179,7 +179,8 @@ def _experiment(model_args, data_args, exp_args, training_args, run) -> dict[str
         "inner_steps": trainer.state.global_step, **steps, "hvp_mode": trainer.hvp_mode,
         "cached_frozen_layers": exp_args.cache_frozen_layers, "train_on_validation": exp_args.train_on_validation,
         "trusted_share": getattr(trainer.outer_module, "trusted_share", None), "resumed_from": run.resume,
-        "wall_time_bilevel_s": bilevel_time, "wall_time_baselines_s": {n: r["wall_time_s"] for n, r in rivals.items()},
+        "wall_time_bilevel_s": bilevel_time, "wall_time_outer_steps_s": trainer.outer_steps_seconds,
+        "wall_time_baselines_s": {n: r["wall_time_s"] for n, r in rivals.items()},
         "wall_time_total_s": math.nan, "torch_threads": torch.get_num_threads(),
     }
     out_dir = training_args.output_dir

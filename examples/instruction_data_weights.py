@@ -214,6 +214,7 @@ def _experiment(model_args, data_args, exp_args, training_args, run) -> dict[str
         "train_on_validation": exp_args.train_on_validation, "resumed_from": run.resume,
         "trusted_share": next((m.trusted_share for m in trainer.outer_module.modules() if hasattr(m, "trusted_share")),
                               None), "wall_time_cache_s": cache.seconds, "wall_time_bilevel_s": bilevel_time,
+        "wall_time_outer_steps_s": trainer.outer_steps_seconds,
         "wall_time_baselines_s": {n: r["wall_time_s"] for n, r in rivals.items()}, "wall_time_total_s": math.nan,
         "torch_threads": torch.get_num_threads(),
     }

@@ -106,9 +106,11 @@ class InnerBatchOuterStepMixin:
         """The inner objective of ``inputs`` (and the model outputs), with the open outer step's mixed product taken
         on the batch's forward pass in between, and the outer step applied once its rows are complete (steps 1-4 of
         the module)."""
+        start = time.perf_counter()
         window = self.__dict__.get("_outer_window")
         if window is None:
             window = self._outer_window = self._open_outer_window()
+        self.outer_steps_seconds += time.perf_counter() - start
         losses, outputs = self._per_example_losses(model, None, {}, inputs, weighted=True)
         start = time.perf_counter()
         live = self._inner_param_tree()
@@ -122,6 +124,7 @@ class InnerBatchOuterStepMixin:
         limit = self.args.unroll_steps * self.args.gradient_accumulation_steps
         if window.rows >= (self.args.hypergrad_train_batch_size or len(losses)) or window.batches >= limit:
             self._close_outer_window(inputs)
+        self.outer_steps_seconds += time.perf_counter() - start
         out_params = {k: v.detach() for k, v in self._outer_param_tree().items()}
         return self._weighted_loss(losses, inputs, out_params, live), outputs
 
@@ -137,7 +140,9 @@ class InnerBatchOuterStepMixin:
     def _close_outer_window_at_the_end(self, state: Any) -> None:
         """At the last inner step, an outer step whose window is still open is applied with the rows it holds."""
         if state.global_step >= state.max_steps and self.__dict__.get("_outer_window") is not None:
+            start = time.perf_counter()
             self._close_outer_window()
+            self.outer_steps_seconds += time.perf_counter() - start
 
     def outer_window_state(self) -> dict[str, Any] | None:
         """The open outer step, for a checkpoint (``None``: none is open)."""

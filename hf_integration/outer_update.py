@@ -312,6 +312,13 @@ class OuterUpdateMixin:
 
     def outer_update(self) -> dict[str, float]:
         """One outer step: hypergradient on fresh batches, outer optimizer step, metrics logged."""
+        started = time.perf_counter()
+        try:
+            return self._sampled_outer_update()
+        finally:
+            self.outer_steps_seconds += time.perf_counter() - started
+
+    def _sampled_outer_update(self) -> dict[str, float]:
         step = self.state.global_step
         train_batch, eval_batch, generator = self._batches(step)
         start = time.perf_counter()

@@ -218,6 +218,7 @@ class BilevelTrainer(InputChecksMixin, InnerBatchOuterStepMixin, OuterUpdateMixi
         self._hvp_mode_checked = False
         self._recorded_hvp_mode: str | None = None  # the mode of the checkpoint resumed from (hvp_mode="auto")
         self.outer_step = 0
+        self.outer_steps_seconds = 0.0  # wall time of the outer steps taken by this object (not the inner passes)
         self._weight_spread: float | None = None  # std/mean of the last checked training batch's weights
         self._causal_lm = self._is_causal_lm(self._unwrapped)
         self._check_inner_batch_outer_step()
