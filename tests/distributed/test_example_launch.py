@@ -56,6 +56,22 @@ def test_data_reweighting_under_accelerate_launch_with_two_processes(tmp_path, t
     assert (out / "weights.png").stat().st_size > 0
 
 
+def test_data_reweighting_outer_steps_on_inner_batches_under_accelerate_launch(tmp_path, tiny_model_dir):
+    """``--hypergrad_on_inner_batch True`` in the job as written (loss weights, the cached trunk), DDP on 2 processes:
+    outer steps of two 8-row batches each, the same outer parameters on both processes, their time recorded."""
+    out, gathered = tmp_path / "out", tmp_path / "gathered.safetensors"
+    result = launch_two_processes("data_reweighting", gathered, [
+        "--model_name_or_path", tiny_model_dir, "--output_dir", str(out), "--max_steps", "6", "--unroll_steps", "2",
+        "--outer_patience_steps", "0", "--max_train_samples", "64", "--max_eval_samples", "32",
+        "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16",
+        "--hypergrad_train_batch_size", "16", "--outer_batch_size", "16", "--run_baseline", "False",
+        "--hypergrad_on_inner_batch", "True", "--use_cpu", "--report_to", "none", "--save_strategy", "no"])
+    assert int(result["world"]) == 2 and int(result["outer_steps"]) == 2
+    assert torch.equal(result["rank0"], result["rank1"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["outer_steps"] == 2 and 0 < metrics["wall_time_outer_steps_s"] < metrics["wall_time_bilevel_s"]
+
+
 @pytest.mark.parametrize("sharded", [False, True], ids=["ddp", "fully_shard"])
 def test_instruction_data_weights_under_accelerate_launch_with_two_processes(tmp_path, tiny_chat_dir, sharded):
     """The instruction job's default weighting (``loss``, trusted validation rows) and its rivals, replicated (DDP)
