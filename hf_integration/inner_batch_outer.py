@@ -74,18 +74,20 @@ class InnerBatchOuterStepMixin:
         scheduled outer step (its first micro-batch opens it)."""
         if self.__dict__.get("_outer_window") is not None:
             return True
-        step = self.state.global_step
-        return (self.takes_outer_steps_on_inner_batches and self.__dict__.get("_outer_step_taken_at") != step
-                and is_outer_step(step - 1, self.args.unroll_steps, self.args.outer_patience_steps))
+        return self._left_to_this_inner_step() and self.__dict__.get("_outer_step_taken_at") != self.state.global_step
 
     def _outer_step_pending(self) -> bool:
         """Whether an outer step scheduled before the current inner step is not yet applied: its window is open, or
         the next inner step opens it. What a checkpoint of this step holds, and a resumed run's next steps take."""
         if self.__dict__.get("_outer_window") is not None:
             return True
-        state, args = self.state, self.args
-        return (self.takes_outer_steps_on_inner_batches and state.global_step < state.max_steps
-                and is_outer_step(state.global_step - 1, args.unroll_steps, args.outer_patience_steps))
+        return self._left_to_this_inner_step() and self.state.global_step < self.state.max_steps
+
+    def _left_to_this_inner_step(self) -> bool:
+        """Whether the schedule names the inner step before the current one and its outer step is left to this one."""
+        args = self.args
+        return self.takes_outer_steps_on_inner_batches and is_outer_step(
+            self.state.global_step - 1, args.unroll_steps, args.outer_patience_steps)
 
     def _open_outer_window(self) -> _OuterWindow:
         """Step 1: the outer gradient at the current inner weights and ``v = solve(grad_theta g)``."""

@@ -313,12 +313,6 @@ class OuterUpdateMixin:
     def outer_update(self) -> dict[str, float]:
         """One outer step: hypergradient on fresh batches, outer optimizer step, metrics logged."""
         started = time.perf_counter()
-        try:
-            return self._sampled_outer_update()
-        finally:
-            self.outer_steps_seconds += time.perf_counter() - started
-
-    def _sampled_outer_update(self) -> dict[str, float]:
         step = self.state.global_step
         train_batch, eval_batch, generator = self._batches(step)
         start = time.perf_counter()
@@ -330,7 +324,9 @@ class OuterUpdateMixin:
                 model = self.model_wrapped if self.is_sharded else self._unwrapped
                 phi = {k: v.detach() for k, v in self._outer_param_tree().items()}
                 outer_loss = float(self._objective(model, None, phi, eval_batch, weighted=False)[0])
-        return self._apply_hypergradient(step, grads, train_batch, outer_loss, ihvp_time)
+        metrics = self._apply_hypergradient(step, grads, train_batch, outer_loss, ihvp_time)
+        self.outer_steps_seconds += time.perf_counter() - started
+        return metrics
 
     def _apply_hypergradient(self, step: int, grads: Mapping[str, Tensor], train_batch: Mapping[str, Any],
                              outer_loss: float, ihvp_time: float) -> dict[str, float]:

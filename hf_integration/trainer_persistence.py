@@ -138,8 +138,9 @@ class OuterPersistenceMixin:
                 # a reused Nyström factor and its refresh count (the same on every data-parallel process;
                 # under FSDP each process holds its own shards, so a resumed run sketches anew)
                 counters["ihvp_solver"] = self.ihvp_solver.state_dict()
-            if self.outer_window_state() is not None:  # an outer step taken on inner batches, half done
-                counters["outer_window"] = self.outer_window_state()
+            window = self.outer_window_state()
+            if window is not None:  # an outer step taken on inner batches, half done
+                counters["outer_window"] = window
             save_optimizer_state({**self.outer_optimizer.state_dict(), _COUNTERS_KEY: counters},
                                  os.path.join(output_dir, OUTER_OPTIMIZER_NAME))
 
