@@ -85,16 +85,24 @@ class OuterUpdateMixin:
 
     def _sample_batch(self, dataset, batch_size: int, generator: torch.Generator, description: str) -> dict:
         """A random batch of ``dataset`` drawn with ``generator``: reproducible from the step."""
+        prepared = self._prepared_dataset(dataset, description)
+        size = min(batch_size, len(prepared))
+        return self._collate_rows(prepared, torch.randperm(len(prepared), generator=generator)[:size].tolist(),
+                                  description)
+
+    def _prepared_dataset(self, dataset, description: str):
+        """``dataset`` with the columns the model does not take removed, as `Trainer`'s loaders do (once per
+        ``description``)."""
         cache = self.__dict__.setdefault("_prepared_datasets", {})
         if description not in cache:
             cache[description] = (self._remove_unused_columns(dataset, description=description)
                                   if isinstance(dataset, datasets.Dataset) else dataset)
-        prepared = cache[description]
-        size = min(batch_size, len(prepared))
-        indices = torch.randperm(len(prepared), generator=generator)[:size].tolist()
+        return cache[description]
+
+    def _collate_rows(self, prepared, indices: list[int], description: str) -> dict:
+        """Rows ``indices`` of a prepared dataset, collated and on the device."""
         collator = self._get_collator_with_removed_columns(self.data_collator, description)
-        batch = collator([prepared[i] for i in indices])
-        return self._prepare_inputs(batch)
+        return self._prepare_inputs(collator([prepared[i] for i in indices]))
 
     def _generators(self, step: int) -> tuple[torch.Generator, torch.Generator]:
         """Random generators of outer step ``step``: one for the batches (different on every

@@ -68,6 +68,7 @@ TINY = {
     "benchmarks/instruction_signals.py": lambda tiny: [
         "--sets", "scipy_qa", "--seeds", "0", "--model_name_or_path", tiny["llama"], "--out", "signals.json"],
     "benchmarks/outer_step_profile.py": lambda tiny: ["--", *_tiny_classification(tiny), "--loss_filter_epochs", "0.2"],
+    "benchmarks/hypergradient_rows.py": lambda tiny: ["--", *_tiny_classification(tiny)],
     "benchmarks/peft_outcome.py": lambda tiny: [
         "--sets", "scipy_docs", "--seeds", "0", "--output_dir", "peft_outcome", "--extra_args",
         *_tiny_classification(tiny), "--grid", "0", "0.01"],
