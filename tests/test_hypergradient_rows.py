@@ -51,6 +51,21 @@ def test_training_batches_come_from_the_pool_while_open_and_the_trainer_is_resto
     assert ("_sample_batch" not in BilevelTrainer.__dict__) == inherited  # still the mixin's
 
 
+def test_random_rows_and_validation_batches_are_drawn_as_the_trainer_draws_them():
+    """``--rows random`` is the job's default draw (the benchmark's control), and validation batches never change."""
+    dataset = {"feature_row": list(range(100, 120))}
+
+    def draw(description, seed):
+        return BilevelTrainer._sample_batch(_Rows(), dataset, 4, torch.Generator().manual_seed(seed), description)
+
+    plain = {(d, seed): draw(d, seed) for d in ("training", "evaluation") for seed in range(3)}
+    with hypergradient_rows.drawing_rows("random"):
+        assert {(d, seed): draw(d, seed) for d in ("training", "evaluation") for seed in range(3)} == plain
+    with hypergradient_rows.drawing_rows("unvisited") as seen:
+        seen["visited"] = set(range(100, 116))
+        assert all(draw("evaluation", seed) == plain["evaluation", seed] for seed in range(3))
+
+
 def test_table_reports_the_run():
     result = {"rows": "visited", "auc": 0.8896, "test_accuracy": 0.7766, "test_loss": 0.6913, "weight_spread": 0.41,
               "loss_scale": 1.152}
