@@ -28,8 +28,6 @@ import runpy
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-import torch
-
 from hf_integration.frozen_trunk import FEATURE_ROW
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -75,10 +73,9 @@ def drawing_rows(rows: str) -> Iterator[dict[str, Any]]:
     def drawing_batch(self, dataset, batch_size, generator, description):
         if description != "training" or rows == "random":
             return sample_batch(self, dataset, batch_size, generator, description)
-        prepared = self._prepared_dataset(dataset, description)
-        pool = row_pool(prepared[FEATURE_ROW], seen["visited"], rows, batch_size)
-        picks = torch.randperm(len(pool), generator=generator)[:min(batch_size, len(pool))].tolist()
-        return self._collate_rows(prepared, [pool[i] for i in picks], description)
+        feature_rows = self._prepared_dataset(dataset, description)[FEATURE_ROW]
+        return sample_batch(self, dataset, batch_size, generator, description,
+                            rows=row_pool(feature_rows, seen["visited"], rows, batch_size))
 
     BilevelTrainer.training_step, BilevelTrainer._sample_batch = noting_step, drawing_batch
     try:
@@ -110,8 +107,8 @@ def table(result: dict[str, Any]) -> str:
 
     return "\n".join([
         "| rows | AUC | test acc | test loss | weight spread | final loss_scale |", "|---|---|---|---|---|---|",
-        f"| {result['rows']} | {number(result['auc'], 3)} | {100 * result['test_accuracy']:.1f} | "
-        f"{result['test_loss']:.3f} | {number(result['weight_spread'], 2)} | {number(result['loss_scale'], 2)} |"])
+        (f"| {result['rows']} | {number(result['auc'], 3)} | {100 * result['test_accuracy']:.1f} | "
+         f"{result['test_loss']:.3f} | {number(result['weight_spread'], 2)} | {number(result['loss_scale'], 2)} |")])
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

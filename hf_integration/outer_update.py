@@ -83,12 +83,15 @@ class OuterUpdateMixin:
             weights = weights[~torch.as_tensor(batch[self.trusted_column], device=weights.device).bool()]
         return weight_spread(weights)
 
-    def _sample_batch(self, dataset, batch_size: int, generator: torch.Generator, description: str) -> dict:
-        """A random batch of ``dataset`` drawn with ``generator``: reproducible from the step."""
+    def _sample_batch(self, dataset, batch_size: int, generator: torch.Generator, description: str,
+                      rows: list[int] | None = None) -> dict:
+        """A random batch of ``dataset`` drawn with ``generator`` (reproducible from the step), collated and on the
+        device: ``batch_size`` distinct rows among the positions ``rows`` of the prepared dataset (default: all)."""
         prepared = self._prepared_dataset(dataset, description)
-        size = min(batch_size, len(prepared))
-        return self._collate_rows(prepared, torch.randperm(len(prepared), generator=generator)[:size].tolist(),
-                                  description)
+        positions = range(len(prepared)) if rows is None else rows
+        picks = torch.randperm(len(positions), generator=generator)[:min(batch_size, len(positions))].tolist()
+        collator = self._get_collator_with_removed_columns(self.data_collator, description)
+        return self._prepare_inputs(collator([prepared[positions[i]] for i in picks]))
 
     def _prepared_dataset(self, dataset, description: str):
         """``dataset`` with the columns the model does not take removed, as `Trainer`'s loaders do (once per
@@ -98,11 +101,6 @@ class OuterUpdateMixin:
             cache[description] = (self._remove_unused_columns(dataset, description=description)
                                   if isinstance(dataset, datasets.Dataset) else dataset)
         return cache[description]
-
-    def _collate_rows(self, prepared, indices: list[int], description: str) -> dict:
-        """Rows ``indices`` of a prepared dataset, collated and on the device."""
-        collator = self._get_collator_with_removed_columns(self.data_collator, description)
-        return self._prepare_inputs(collator([prepared[i] for i in indices]))
 
     def _generators(self, step: int) -> tuple[torch.Generator, torch.Generator]:
         """Random generators of outer step ``step``: one for the batches (different on every

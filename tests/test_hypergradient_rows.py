@@ -3,11 +3,12 @@ methods it replaces only while open."""
 
 from __future__ import annotations
 
+import datasets
 import pytest
 import torch
+from repo_scripts import load
 
 from hf_integration import BilevelTrainer
-from repo_scripts import load
 
 hypergradient_rows = load("benchmarks/hypergradient_rows.py")
 
@@ -25,20 +26,25 @@ def test_the_pool_holds_the_requested_side_of_the_epoch():
 
 
 class _Rows:
-    """What the replaced `_sample_batch` asks of the trainer: the prepared dataset and the collated rows (here their
-    feature rows)."""
+    """What `_sample_batch` asks of the trainer: the prepared dataset and a collator (here one that returns the rows'
+    feature rows), on no device."""
+
+    data_collator = None
 
     def _prepared_dataset(self, dataset, description):
         return dataset
 
-    def _collate_rows(self, prepared, indices, description):
-        return [prepared["feature_row"][i] for i in indices]
+    def _get_collator_with_removed_columns(self, collator, description):
+        return lambda rows: [row["feature_row"] for row in rows]
+
+    def _prepare_inputs(self, batch):
+        return batch
 
 
 def test_training_batches_come_from_the_pool_while_open_and_the_trainer_is_restored():
     original = BilevelTrainer._sample_batch, BilevelTrainer.training_step
     inherited = "_sample_batch" not in BilevelTrainer.__dict__
-    dataset = {"feature_row": list(range(100, 120))}
+    dataset = datasets.Dataset.from_dict({"feature_row": list(range(100, 120))})
     with hypergradient_rows.drawing_rows("unvisited") as seen:
         seen["visited"] = set(range(100, 110))
         for seed in range(5):
@@ -53,7 +59,7 @@ def test_training_batches_come_from_the_pool_while_open_and_the_trainer_is_resto
 
 def test_random_rows_and_validation_batches_are_drawn_as_the_trainer_draws_them():
     """``--rows random`` is the job's default draw (the benchmark's control), and validation batches never change."""
-    dataset = {"feature_row": list(range(100, 120))}
+    dataset = datasets.Dataset.from_dict({"feature_row": list(range(100, 120))})
 
     def draw(description, seed):
         return BilevelTrainer._sample_batch(_Rows(), dataset, 4, torch.Generator().manual_seed(seed), description)
