@@ -40,7 +40,7 @@ from hf_integration.collators import ResponseCollator
 from hf_integration.data import add_source_ids
 from hf_integration.data_files import check_batch_sizes
 from hf_integration.experiment import WEIGHTINGS, filter_fraction
-from hf_integration.filters import SCORE_FILTERS, filter_scores
+from hf_integration.filters import SCORE_FILTERS, filter_scores, prompt_free_reference
 from hf_integration.frozen_trunk import CachedTrunkCausalLM, SharedTrunkCache, add_feature_rows
 from hf_integration.hub import HubError
 from hf_integration.instruction import (InstructionDataArguments, InstructionExperimentArguments, LMModelArguments,
@@ -61,6 +61,7 @@ from hf_integration.weights_dataset import (check_weights_repo, push_weights_dat
 RIVAL_LABELS = {"uniform": "uniform weights (plain SFT)", "loss_filter": "loss filter (initial model)",
                 "uniform_train_val": "uniform on train + validation", "length_filter": "length filter (shortest)",
                 "ifd_filter": "IFD filter (initial model)"}
+REFERENCE_COLUMN = "reference_loss"  # --loss_reference prompt_free: each row's prompt-free loss
 # transformers 5 renamed gradient_checkpointing (TRL still sets the old name, an alias)
 CHECKPOINTING = ("activation_checkpointing" if "activation_checkpointing" in BilevelSFTConfig.__dataclass_fields__
                  else "gradient_checkpointing")
@@ -116,8 +117,9 @@ def _experiment(model_args, data_args, exp_args, training_args, run) -> dict[str
         training_args.outer_patience_steps = int(round(training_args.outer_patience_epochs * per_epoch))
     scheduled_outer_steps(training_args, len(train_raw))
     inner_rows = len(train_raw) + (len(splits.validation) if exp_args.train_on_validation else 0)
-    exp_args.configure(training_args, init_loss_scale=exp_args.init_loss_scale, warmup_steps=int(round(
-        exp_args.loss_warmup_epochs * steps_per_epoch(training_args, inner_rows))))
+    loss_options = {"init_loss_scale": exp_args.init_loss_scale, "warmup_steps": int(round(
+        exp_args.loss_warmup_epochs * steps_per_epoch(training_args, inner_rows)))}
+    exp_args.configure(training_args, **loss_options)
     base_model, tokenizer = load_base_model(model_args)
     check_sequence_length(base_model.config, training_args.max_length, "--max_length")
     raw = {"train": train_raw, "validation": splits.validation, **({"test": splits.test} if splits.test else {})}
@@ -150,14 +152,32 @@ def _experiment(model_args, data_args, exp_args, training_args, run) -> dict[str
             options = {"init_loss_scale": exp_args.init_loss_scale} if part == "loss" else {}
             module = CombinedWeights([module, build_outer_module(WEIGHTINGS[part], options, model=None,
                                                                  train_dataset=rows["train"], trusted_column=None)])
-    with configuring():  # TRL renders the chat template, masks the prompt and truncates to --max_length
-        trainer = BilevelSFTTrainer(
-            model=build_model(), args=training_args, train_dataset=rows["train"], outer_dataset=rows["validation"],
-            eval_dataset={role: rows[role] for role in ("validation", "test") if role in rows}, outer_module=module,
-            dataset_name=data_args.source, data_collator=collator, dataset_split=splits.split_names["train"],
-            processing_class=tokenizer)
-        for role, prepared in trainer.eval_dataset.items():
-            check_rows_kept(prepared, len(rows[role]), role, training_args.max_length)
+
+    def sft_trainer(train, outer, evals) -> BilevelSFTTrainer:
+        with configuring():  # TRL renders the chat template, masks the prompt and truncates to --max_length
+            return BilevelSFTTrainer(
+                model=build_model(), args=training_args, train_dataset=train, outer_dataset=outer, eval_dataset=evals,
+                outer_module=module, dataset_name=data_args.source, data_collator=collator,
+                dataset_split=splits.split_names["train"], processing_class=tokenizer)
+
+    trainer = sft_trainer(rows["train"], rows["validation"],
+                          {role: rows[role] for role in ("validation", "test") if role in rows})
+    for role, prepared in trainer.eval_dataset.items():
+        check_rows_kept(prepared, len(rows[role]), role, training_args.max_length)
+    reference_seconds = 0.0
+    if exp_args.loss_reference == "prompt_free":
+        tic = time.perf_counter()
+        # each prepared row's response scored without its prompt by the initial model; the weights read it from the
+        # first batch on, so the trainer is built again on the rows TRL prepared (which it does not prepare twice)
+        prepared = {"train": trainer.train_dataset.select(range(trainer.num_training_rows)).remove_columns(
+            [c for c in (TRUSTED_COLUMN,) if c in trainer.train_dataset.column_names]), "outer": trainer.outer_dataset}
+        prepared = {role: d.add_column(REFERENCE_COLUMN, prompt_free_reference(
+            base_model, d, tokenizer.pad_token_id, training_args.per_device_eval_batch_size).tolist())
+            for role, d in prepared.items()}
+        reference_seconds = time.perf_counter() - tic
+        exp_args.configure(training_args, **loss_options, reference_column=REFERENCE_COLUMN,
+                           init_reference_scale=exp_args.init_reference_scale)
+        trainer = sft_trainer(prepared["train"], prepared["outer"], dict(trainer.eval_dataset))
     eval_sets = dict(trainer.eval_dataset)  # tokenized by TRL, in the rows' order
     train_ds, val_ds = trainer.train_dataset.select(range(trainer.num_training_rows)), trainer.outer_dataset
     cache.fill({"train": trainer.train_dataset, **eval_sets})
@@ -181,7 +201,8 @@ def _experiment(model_args, data_args, exp_args, training_args, run) -> dict[str
     known = bool(corrupted.any()) and not corrupted.all()
     rivals: dict[str, dict[str, Any]] = {}
     base_args = dataclasses.replace(training_args, max_steps=trainer.state.global_step)
-    rival_train = train_ds.remove_columns([c for c in ("source_id", TRUSTED_COLUMN) if c in train_ds.column_names])
+    rival_train = train_ds.remove_columns([c for c in ("source_id", TRUSTED_COLUMN, REFERENCE_COLUMN)
+                                           if c in train_ds.column_names])
     for name in exp_args.baselines if exp_args.run_baseline else ():
         scores = None
         if name in SCORE_FILTERS:  # ranked once, before training, by example id (the initial model: the base model)
@@ -212,8 +233,10 @@ def _experiment(model_args, data_args, exp_args, training_args, run) -> dict[str
         "num_train_epochs": training_args.num_train_epochs, "ihvp_method": training_args.ihvp_method,
         "hvp_mode": trainer.hvp_mode, "cached_frozen_layers": exp_args.cache_frozen_layers,
         "train_on_validation": exp_args.train_on_validation, "resumed_from": run.resume,
+        "loss_reference": exp_args.loss_reference, "outer_parameters": trainer.outer_module.summary_stats(),
         "trusted_share": next((m.trusted_share for m in trainer.outer_module.modules() if hasattr(m, "trusted_share")),
-                              None), "wall_time_cache_s": cache.seconds, "wall_time_bilevel_s": bilevel_time,
+                              None), "wall_time_cache_s": cache.seconds,
+        "wall_time_reference_s": reference_seconds, "wall_time_bilevel_s": bilevel_time,
         "wall_time_outer_steps_s": trainer.outer_steps_seconds,
         "wall_time_baselines_s": {n: r["wall_time_s"] for n, r in rivals.items()}, "wall_time_total_s": math.nan,
         "torch_threads": torch.get_num_threads(),

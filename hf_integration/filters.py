@@ -8,6 +8,8 @@ dropping, computed once before training, higher = dropped first (the rivals' ``l
   ``IFD = L(response | prompt) / L(response)``, each ``L`` the mean next-token cross-entropy of the response tokens
   under a causal LM (the initial model), with and without the prompt before them. A response its prompt does not
   help predict (swapped to another question, off-task) has an IFD near or above 1; the IFD filter drops the highest.
+* :func:`prompt_free_reference`: the IFD's denominator alone, ``L(response)``, defined for every row: the reference
+  loss a :class:`~hf_integration.outer_modules.LossWeights` measures each loss against (``reference_column``).
 
 Rows are prepared causal-LM rows (``input_ids`` and ``labels`` with ``-100`` on the prompt, as TRL's
 ``SFTTrainer`` prepares prompt/completion rows).
@@ -23,8 +25,8 @@ from torch import nn
 
 from .losses import per_example_loss
 
-__all__ = ["SCORE_FILTERS", "response_lengths", "response_losses_with_and_without_prompt", "ifd_scores",
-           "filter_scores"]
+__all__ = ["SCORE_FILTERS", "response_lengths", "response_losses_with_and_without_prompt", "prompt_free_reference",
+           "ifd_scores", "filter_scores"]
 
 SCORE_FILTERS = ("length_filter", "ifd_filter")
 
@@ -55,32 +57,51 @@ def _padded(sequences: Sequence[Sequence[int]], labels: Sequence[Sequence[int]],
 
 
 @torch.no_grad()
+def _response_losses(model: nn.Module, dataset, pad_token_id: int, batch_size: int, with_prompt: bool
+                     ) -> tuple[np.ndarray | None, np.ndarray]:
+    """``(L(response | prompt) or None, L(response))`` of each row (see
+    :func:`response_losses_with_and_without_prompt`); the conditioned losses only ``with_prompt``."""
+    input_ids, labels = _rows(dataset)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    conditioned, alone = [], []
+
+    def losses_of(sequences, targets) -> torch.Tensor:
+        batch_ids, batch_labels, mask = _padded(sequences, targets, pad_token_id)
+        logits = model(input_ids=batch_ids.to(device), attention_mask=mask.to(device)).logits
+        return per_example_loss(logits, batch_labels.to(device), causal_lm=True).double().cpu()
+
+    try:
+        for start in range(0, len(input_ids), batch_size):
+            ids, lab = input_ids[start:start + batch_size], labels[start:start + batch_size]
+            responses = [[t for t, y in zip(s, y_row) if y != -100] for s, y_row in zip(ids, lab)]
+            if with_prompt:
+                conditioned.append(losses_of(ids, lab))
+            short = torch.tensor([len(r) < 2 for r in responses])
+            alone.append(torch.where(short, torch.nan, losses_of(responses, responses)))
+    finally:
+        model.train(was_training)
+    return (torch.cat(conditioned).numpy() if with_prompt else None), torch.cat(alone).numpy()
+
+
 def response_losses_with_and_without_prompt(model: nn.Module, dataset, pad_token_id: int, batch_size: int = 16
                                             ) -> tuple[np.ndarray, np.ndarray]:
     """``(L(response | prompt), L(response))`` of each row under ``model`` (a causal LM, in evaluation mode), in the
     rows' order: the mean next-token cross-entropy of the response tokens after the prompt, and of the response
     tokens scored alone (its first token is predicted by nothing, as in the IFD paper; a row whose response has fewer
     than 2 tokens gets ``NaN`` there: no unconditioned prediction)."""
-    input_ids, labels = _rows(dataset)
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    conditioned, alone = [], []
-    try:
-        for start in range(0, len(input_ids), batch_size):
-            ids, lab = input_ids[start:start + batch_size], labels[start:start + batch_size]
-            responses = [[t for t, y in zip(s, y_row) if y != -100] for s, y_row in zip(ids, lab)]
-            losses = []
-            for sequences, targets in ((ids, lab), (responses, responses)):
-                batch_ids, batch_labels, mask = _padded(sequences, targets, pad_token_id)
-                logits = model(input_ids=batch_ids.to(device), attention_mask=mask.to(device)).logits
-                losses.append(per_example_loss(logits, batch_labels.to(device), causal_lm=True).double().cpu())
-            short = torch.tensor([len(r) < 2 for r in responses])
-            conditioned.append(losses[0])
-            alone.append(torch.where(short, torch.nan, losses[1]))
-    finally:
-        model.train(was_training)
-    return torch.cat(conditioned).numpy(), torch.cat(alone).numpy()
+    return _response_losses(model, dataset, pad_token_id, batch_size, with_prompt=True)
+
+
+def prompt_free_reference(model: nn.Module, dataset, pad_token_id: int, batch_size: int = 16) -> np.ndarray:
+    """``L(response)`` of each row under ``model`` (the response scored without its prompt, as in
+    :func:`response_losses_with_and_without_prompt`), the rows whose response has fewer than 2 tokens given the mean
+    of the others: a reference loss for :class:`~hf_integration.outer_modules.LossWeights`' ``reference_column``,
+    finite for every row (0 when no row has one)."""
+    alone = _response_losses(model, dataset, pad_token_id, batch_size, with_prompt=False)[1]
+    defined = alone[~np.isnan(alone)]
+    return np.where(np.isnan(alone), float(defined.mean()) if defined.size else 0.0, alone)
 
 
 def ifd_scores(model: nn.Module, dataset, pad_token_id: int, batch_size: int = 16) -> np.ndarray:

@@ -153,6 +153,16 @@ class InstructionExperimentArguments(WeightingArguments):
     loss_warmup_epochs: float = field(
         default=0.0, metadata={"help": "--weighting loss: the tilt grows from none to full over this many epochs "
                                        "(LossWeights' warmup_steps; 0: full tilt from the start)."})
+    loss_reference: str = field(
+        default="none", metadata={
+            "help": "--weighting loss: what each response's loss is measured against. 'prompt_free' = its loss "
+                    "without the prompt under the initial model (the IFD's denominator), so the weights tilt against "
+                    "l_i - reference_scale * ref_i with reference_scale learned too (LossWeights' reference_column): a "
+                    "generic reply fits without its prompt too; 'none' = the loss alone.",
+            "choices": ("none", "prompt_free")})
+    init_reference_scale: float = field(
+        default=0.0, metadata={"help": "--loss_reference prompt_free: the initial reference_scale (any finite "
+                                       "number; 0 starts from the loss alone)."})
     exact_match_splits: list[str] = field(
         default_factory=lambda: ["test"],
         metadata={"help": "Splits whose greedy answers are scored by exact match ('none': no generation).",
@@ -173,6 +183,11 @@ class InstructionExperimentArguments(WeightingArguments):
             raise InputError(f"--init_loss_scale must be > 0, got {self.init_loss_scale}.")
         if not (math.isfinite(self.loss_warmup_epochs) and self.loss_warmup_epochs >= 0):
             raise InputError(f"--loss_warmup_epochs must be >= 0, got {self.loss_warmup_epochs}.")
+        if self.loss_reference != "none" and self.weighting != "loss":
+            raise InputError(f"--loss_reference {self.loss_reference} needs --weighting loss, got --weighting "
+                             f"{self.weighting}.")
+        if not math.isfinite(self.init_reference_scale):
+            raise InputError(f"--init_reference_scale must be a finite number, got {self.init_reference_scale}.")
         if self.max_new_tokens < 1:
             raise InputError(f"--max_new_tokens must be >= 1, got {self.max_new_tokens}.")
         if self.push_weights_to_hub and not self.weights_repo_id:

@@ -138,6 +138,47 @@ def test_source_times_per_example_weights(tiny_chat_dir, tmp_path):
     np.testing.assert_allclose(table["weight"], expected, rtol=1e-5)
 
 
+def test_prompt_free_reference_weights(tiny_chat_dir, tmp_path):
+    """--loss_reference prompt_free: every training row carries its response's prompt-free loss under the initial
+    model, the outer problem learns reference_scale beside loss_scale, the saved module reads the column back, and
+    the exported table is the user's rows with finite, non-uniform weights (the column stays internal)."""
+    import datasets
+
+    from hf_integration import OuterModule
+
+    results = script.main(tiny_args(tiny_chat_dir, tmp_path, "--loss_reference", "prompt_free",
+                                    "--init_reference_scale", "0.5", "--run_baseline", "False",
+                                    "--exact_match_splits", "none"))
+    module = OuterModule.from_pretrained(str(tmp_path))
+    assert isinstance(module, LossWeights) and module.reference_column == script.REFERENCE_COLUMN
+    assert results["loss_reference"] == "prompt_free" and results["outer_steps"] == 2
+    scale = results["outer_parameters"]["reference_scale"]
+    assert scale == pytest.approx(float(module.reference_scale)) and scale != 0.5  # it learned
+    table = datasets.load_from_disk(str(tmp_path / "train_with_weights"))
+    assert script.REFERENCE_COLUMN not in table.column_names and len(table) == 24  # the user's rows, weighted
+    assert np.all(np.isfinite(table["weight"])) and np.ptp(table["weight"]) > 0
+
+
+def test_prompt_free_reference_matches_the_ifd_denominator(tiny_chat_dir, chat_tokenizer, tmp_path):
+    """The reference is L(response) of the IFD filter; a response of one token, which has none, gets the others'
+    mean."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_integration.filters import prompt_free_reference, response_losses_with_and_without_prompt
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_chat_dir)
+    rows = [{"input_ids": [5, 6, 7, 8, 9], "labels": [-100, -100, 7, 8, 9]},
+                            {"input_ids": [5, 6, 11], "labels": [-100, -100, 11]},
+                            {"input_ids": [4, 12, 13, 14], "labels": [-100, 12, 13, 14]}]
+    import datasets
+
+    data = datasets.Dataset.from_list(rows)
+    _, alone = response_losses_with_and_without_prompt(model, data, chat_tokenizer.pad_token_id, batch_size=2)
+    reference = prompt_free_reference(model, data, chat_tokenizer.pad_token_id, batch_size=2)
+    assert np.isnan(alone[1]) and len(rows) == 3
+    np.testing.assert_allclose(reference, [alone[0], (alone[0] + alone[2]) / 2, alone[2]], rtol=1e-12)
+
+
 # ------------------------------------------------------------------------- pieces
 def test_generated_data_is_deterministic_and_corrupted_as_described():
     a = make_instruction_splits(40, 10, 10, noise_rate=0.3, seed=3)
@@ -357,6 +398,13 @@ def test_negative_loss_warmup_is_refused(tmp_path, no_model):
         script.main(["--output_dir", str(tmp_path / "o"), "--loss_warmup_epochs", "-1"])
 
 
+def test_loss_reference_needs_loss_weights(tmp_path, no_model):
+    with pytest.raises(InputError, match=r"--loss_reference prompt_free needs --weighting loss, got --weighting "
+                                         r"per_example"):
+        script.main(["--output_dir", str(tmp_path / "o"), "--loss_reference", "prompt_free", "--weighting",
+                     "per_example"])
+
+
 def test_push_without_repo_id(tmp_path, no_model):
     with pytest.raises(InputError, match=r"--push_weights_to_hub needs --weights_repo_id"):
         script.main(["--output_dir", str(tmp_path / "o"), "--push_weights_to_hub", "True"])
@@ -388,7 +436,7 @@ def test_help_lists_the_options(capsys):
     for option in ("--weighting", "--messages_column", "--prompt_column", "--completion_column", "--noise_rate",
                    "--corruption_kinds", "--baselines", "--loss_filter_fraction", "--export_top_fraction",
                    "--push_weights_to_hub", "--weights_repo_id", "--exact_match_splits", "--cache_frozen_layers",
-                   "--lora_layers", "--outer_learning_rate"):
+                   "--lora_layers", "--outer_learning_rate", "--loss_reference", "--init_reference_scale"):
         assert option in printed
 
 

@@ -303,7 +303,9 @@ def test_loss_weights_errors_stats_and_config():
     weights = LossWeights(init_loss_scale=0.5)
     assert weights.summary_stats()["loss_scale"] == pytest.approx(0.5)
     assert weights.config_dict() == {"kind": "loss_weights", "init_loss_scale": 0.5, "trusted_column": None,
-                                     "warmup_steps": 0, "trusted_share": "max_weight"}
+                                     "warmup_steps": 0, "trusted_share": "max_weight", "reference_column": None,
+                                     "init_reference_scale": 0.0}
+    assert [n for n, _ in weights.named_parameters()] == ["loss_scale_raw"]  # one number without a reference
     with pytest.raises(ValueError, match=r"trusted_share must be one of \['max_weight', 'uniform'\]"):
         LossWeights(trusted_column="trusted", trusted_share="fixed")
     # without trusted rows there is nothing to share: the plain weighting (a trainer may set the column later)
@@ -335,6 +337,40 @@ def test_loss_weights_give_trusted_rows_the_weight_of_a_zero_loss():
         weights(losses, {"trusted": torch.tensor([0, 2, 0, 1])}, {})
     with pytest.raises(ValueError, match="trusted_column must be a column name or None"):
         LossWeights(trusted_column="")
+
+
+def test_loss_weights_against_a_reference_loss():
+    """w_i = sigmoid(-s (l_i - b ref_i)), trusted rows at 1/2, and the outer gradient of b in closed form."""
+    weights = LossWeights(init_loss_scale=1.5, trusted_column="trusted", reference_column="ref",
+                          init_reference_scale=0.4).double()
+    losses = torch.tensor([0.2, 3.0, 2.5, 0.9, 1.7], dtype=torch.float64)
+    ref = torch.tensor([0.5, 4.0, 1.0, 2.0, 3.0], dtype=torch.float64)
+    batch = {"trusted": torch.tensor([0, 0, 0, 1, 0]), "ref": ref}
+    w = torch.sigmoid(-1.5 * (losses - 0.4 * ref))
+    w[3] = 0.5
+    torch.testing.assert_close(weights.example_weights(losses, batch), w)
+    torch.testing.assert_close(weights(losses, batch, {}), (w * losses).sum() / w.sum())
+    # d w_i / d b = w_i (1 - w_i) s ref_i on the untrusted rows, none on the trusted one
+    (g_b,) = torch.autograd.grad(weights.example_weights(losses, batch).sum(), weights.reference_scale)
+    torch.testing.assert_close(g_b, sum(w[i] * (1 - w[i]) * 1.5 * ref[i] for i in (0, 1, 2, 4)))
+    # b = 0: exactly the loss tilt alone
+    zero = LossWeights(init_loss_scale=1.5, reference_column="ref").double()
+    torch.testing.assert_close(zero.example_weights(losses, batch), torch.sigmoid(-1.5 * losses))
+    assert weights.batch_columns() == ("trusted", "ref")
+    assert weights.summary_stats() == {"loss_scale": pytest.approx(1.5), "reference_scale": pytest.approx(0.4)}
+    with pytest.raises(KeyError, match="batch has no 'ref' column .*reference_column"):
+        weights(losses, {"trusted": batch["trusted"]}, {})
+    with pytest.raises(ValueError, match=r"batch\['ref'\] must hold one float reference loss per example \(5\)"):
+        weights(losses, {**batch, "ref": torch.tensor([1, 2, 3, 4, 5])}, {})
+    with pytest.raises(ValueError, match=r"batch\['ref'\] holds a non-finite reference loss"):
+        weights(losses, {**batch, "ref": torch.tensor([0.5, float("nan"), 1.0, 2.0, 3.0])}, {})
+    with pytest.raises(ValueError, match="needs each example's reference_loss"):
+        weights.weights_for(losses)
+    with pytest.raises(ValueError, match="reference_column must be a column name other than trusted_column"):
+        LossWeights(trusted_column="t", reference_column="t")
+    for bad in (float("inf"), True, "0.5"):
+        with pytest.raises(ValueError, match="init_reference_scale must be a finite number"):
+            LossWeights(reference_column="ref", init_reference_scale=bad)
 
 
 def test_loss_weights_keep_the_trusted_rows_uniform_share():
@@ -430,3 +466,11 @@ def test_loss_weights_save_and_load(tmp_path):
     assert "first 30 inner steps" in (tmp_path / "warmup" / "README.md").read_text()
     card = (tmp_path / "README.md").read_text()
     assert "sigmoid(-loss_scale * l_i)" in card and "loss_scale = 2.5000" in card
+    referenced = LossWeights(reference_column="ref", init_reference_scale=0.25)
+    with torch.no_grad():
+        referenced.reference_scale.fill_(0.75)
+    referenced.save_pretrained(str(tmp_path / "reference"))
+    loaded = OuterModule.from_pretrained(str(tmp_path / "reference"))
+    assert loaded.reference_column == "ref" and loaded.init_reference_scale == 0.25
+    assert float(loaded.reference_scale.detach()) == pytest.approx(0.75)
+    assert "reference_scale = 0.7500" in (tmp_path / "reference" / "README.md").read_text()

@@ -17,6 +17,8 @@ def _trainer(tmp_path, module, trusted: bool = False, **overrides):
     train, val = datasets_with_ids(32, 16)
     if trusted:
         train = train.add_column("trusted", [0] * 24 + [1] * 8)
+    if getattr(module, "reference_column", None):
+        train = train.add_column(module.reference_column, [0.25 + 0.1 * (i % 7) for i in range(32)])
     args = bilevel_args(tmp_path, **{"ihvp_method": "identity", "hvp_mode": "rev_rev", **overrides})
     return BilevelTrainer(model=tiny_classifier(dtype=torch.float64), args=args, train_dataset=train,
                           eval_dataset=val, outer_module=module)
@@ -38,6 +40,9 @@ MODULES = {
     "loss_weights_trusted_uniform": lambda: LossWeights(init_loss_scale=0.8, trusted_column="trusted",
                                                         trusted_share="uniform"),
     "loss_weights_trusted_max_weight": lambda: LossWeights(init_loss_scale=0.8, trusted_column="trusted"),
+    "loss_weights_trusted_reference": lambda: LossWeights(init_loss_scale=0.8, trusted_column="trusted",
+                                                          trusted_share="uniform", reference_column="reference",
+                                                          init_reference_scale=0.3),
     "two_numbers": lambda: CombinedWeights([LossWeights(init_loss_scale=0.5), LossWeights(init_loss_scale=1.5)]),
 }
 
