@@ -169,8 +169,10 @@ def _experiment(model_args, data_args, exp_args, training_args, run) -> dict[str
         tic = time.perf_counter()
         # each prepared row's response scored without its prompt by the initial model; the weights read it from the
         # first batch on, so the trainer is built again on the rows TRL prepared (which it does not prepare twice)
-        prepared = {"train": trainer.train_dataset.select(range(trainer.num_training_rows)).remove_columns(
-            [c for c in (TRUSTED_COLUMN,) if c in trainer.train_dataset.column_names]), "outer": trainer.outer_dataset}
+        train = trainer.train_dataset.select(range(trainer.num_training_rows))
+        if TRUSTED_COLUMN in train.column_names:  # the trainer appends the trusted rows again
+            train = train.remove_columns(TRUSTED_COLUMN)
+        prepared = {"train": train, "outer": trainer.outer_dataset}
         prepared = {role: d.add_column(REFERENCE_COLUMN, prompt_free_reference(
             base_model, d, tokenizer.pad_token_id, training_args.per_device_eval_batch_size).tolist())
             for role, d in prepared.items()}
