@@ -112,9 +112,7 @@ def _experiment(model_args, data_args, exp_args, training_args, run) -> dict[str
                       train_argument="--max_train_samples" if data_args.dataset_name is None
                       and data_args.train_file is None else splits.split_names["train"])
     per_epoch = steps_per_epoch(training_args, len(train_raw))
-    if training_args.outer_patience_epochs is not None and training_args.outer_patience_steps == 0:
-        training_args.outer_patience_steps = int(round(training_args.outer_patience_epochs * per_epoch))
-    scheduled_outer_steps(training_args, len(train_raw))
+    scheduled_outer_steps(training_args, len(train_raw))  # resolves outer_patience_epochs into steps
     filter_step, total = max(1, int(round(exp_args.loss_filter_epochs * per_epoch))), total_inner_steps(
         training_args, len(train_raw))
     if exp_args.run_baseline and "loss_filter" in exp_args.baselines and filter_step >= total:

@@ -113,9 +113,7 @@ def _experiment(model_args, data_args, exp_args, training_args, run) -> dict[str
                       train_argument="--max_train_samples" if data_args.dataset_name is None
                       and data_args.train_file is None else splits.split_names["train"])
     per_epoch = steps_per_epoch(training_args, len(train_raw))
-    if training_args.outer_patience_epochs is not None and training_args.outer_patience_steps == 0:
-        training_args.outer_patience_steps = int(round(training_args.outer_patience_epochs * per_epoch))
-    scheduled_outer_steps(training_args, len(train_raw))
+    scheduled_outer_steps(training_args, len(train_raw))  # resolves outer_patience_epochs into steps
     inner_rows = len(train_raw) + (len(splits.validation) if exp_args.train_on_validation else 0)
     loss_options = {"init_loss_scale": exp_args.init_loss_scale, "warmup_steps": int(round(
         exp_args.loss_warmup_epochs * steps_per_epoch(training_args, inner_rows)))}

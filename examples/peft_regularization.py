@@ -2,8 +2,9 @@
 
 Fine-tuning on a few examples overfits. An L2 penalty on the LoRA factors, ``1/2 lambda_m (|A_m|^2 + |B_m|^2)``,
 limits it, but which strength, and should every module get the same one? This script learns one strength per
-LoRA module (``hf_integration.LoraRegularization.from_peft_model(model, granularity="module")``) by implicit
-hypergradients of the validation loss, during a single training run (`hf_integration.BilevelTrainer`), and
+LoRA module by implicit hypergradients of the validation loss, during a single training run
+(`hf_integration.BilevelTrainer` with the library's ``recipe="lora_regularization"``, which builds
+``LoraRegularization.from_peft_model(model, granularity="module")`` and holds the measured settings), and
 compares it with the usual alternative: a grid search over one global strength, one full training run per grid
 value, keeping the best validation loss.
 
@@ -60,6 +61,7 @@ logger = logging.getLogger("peft_regularization")
 EMBEDDED_NOISE_RATE = 0.2
 DEMO_DEFAULTS: dict[str, Any] = {
     "output_dir": "outputs/peft_regularization",
+    "recipe": "lora_regularization",
     "max_train_samples": 64,
     "lora_target_modules": ["query", "value", "classifier"],
     "train_head": False,
@@ -72,14 +74,7 @@ DEMO_DEFAULTS: dict[str, Any] = {
     "save_strategy": "no",
     "report_to": "none",
     "seed": 0,
-    "unroll_steps": 2,
-    "outer_patience_steps": 4,
-    "outer_learning_rate": 0.3,
-    "nystrom_rank": 5,
-    "nystrom_rho": 0.1,
     "hvp_mode": "rev_rev",
-    "hypergrad_train_batch_size": 32,
-    "outer_batch_size": 64,
 }
 
 
@@ -87,12 +82,13 @@ DEMO_DEFAULTS: dict[str, Any] = {
 class RegularizationArguments:
     """The learned strengths and the grid they are compared with."""
 
-    granularity: str = field(
-        default="module",
-        metadata={"help": "One learned strength per LoRA 'module', per transformer 'layer', or one 'global'.",
-                  "choices": ["module", "layer", "global"]},
+    granularity: str | None = field(
+        default=None,
+        metadata={"help": "One learned strength per LoRA 'module', per transformer 'layer', or one 'global' "
+                  "(default: the recipe's, 'module').", "choices": ["module", "layer", "global"]},
     )
-    init_strength: float = field(default=1e-3, metadata={"help": "Initial value of every learned strength."})
+    init_strength: float | None = field(
+        default=None, metadata={"help": "Initial value of every learned strength (default: the recipe's, 1e-3)."})
     grid: list[float] = field(
         default_factory=lambda: [0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0],
         metadata={"help": "Global strengths of the grid search (one training run each)."},
@@ -100,7 +96,7 @@ class RegularizationArguments:
     run_grid: bool = field(default=True, metadata={"help": "Run the grid search (False: only the bilevel run)."})
 
     def __post_init__(self) -> None:
-        if not (self.init_strength > 0 and math.isfinite(self.init_strength)):
+        if self.init_strength is not None and not (self.init_strength > 0 and math.isfinite(self.init_strength)):
             raise InputError(f"--init_strength must be finite and > 0, got {self.init_strength}.")
         if any(not (s >= 0 and math.isfinite(s)) for s in self.grid):
             raise InputError(f"--grid values must be finite and >= 0, got {self.grid}.")
@@ -118,6 +114,14 @@ def parse_args(args: list[str] | None = None):
     parsed = parse_arguments((ModelArguments, DataArguments, RegularizationArguments, RunArguments,
                             BilevelTrainingArguments), DEMO_DEFAULTS, __doc__.split("\n\n")[0], args)
     resolve_noise_rate(parsed[1], EMBEDDED_NOISE_RATE)
+    reg_args, training_args = parsed[2], parsed[4]
+    if training_args.outer_module not in (None, "lora_regularization"):
+        raise InputError(f"--outer_module {training_args.outer_module} cannot be learned here: this script learns "
+                         "LoRA regularization strengths (--outer_module lora_regularization, or leave it out).")
+    options = dict(training_args.outer_module_options or {})
+    options.update({k: v for k, v in (("granularity", reg_args.granularity), ("init_strength", reg_args.init_strength))
+                    if v is not None})
+    training_args.outer_module, training_args.outer_module_options = "lora_regularization", options
     return parsed
 
 
@@ -156,7 +160,7 @@ def _experiment(model_args, data_args, reg_args, training_args, run) -> dict[str
         check_sequence_length(model.config, data_args.max_seq_length)
         return model
 
-    def run_one(model, regularization: LoraRegularization, run_args, resume: str | None
+    def run_one(model, regularization: LoraRegularization | None, run_args, resume: str | None
                 ) -> tuple[BilevelTrainer, dict[str, float], float]:
         with configuring():
             trainer = BilevelTrainer(model=model, args=run_args, train_dataset=train_ds, eval_dataset=val_ds,
@@ -169,10 +173,9 @@ def _experiment(model_args, data_args, reg_args, training_args, run) -> dict[str
         return trainer, evaluate_splits(trainer, eval_sets), seconds
 
     # ---------------------------------------------------------------- bilevel: learned strengths, one run
-    model = new_model()
-    learned = LoraRegularization.from_peft_model(model, granularity=reg_args.granularity,
-                                                 init_log_strength=math.log(reg_args.init_strength))
-    trainer, bilevel, bilevel_time = run_one(model, learned, training_args, run.resume)
+    # (the trainer builds them from the PEFT model: training_args.outer_module, set by the recipe)
+    trainer, bilevel, bilevel_time = run_one(new_model(), None, training_args, run.resume)
+    learned = trainer.outer_module
     steps = check_outer_steps(trainer, "L2 strengths")
     metadata = trainer.outer_metadata()
     strengths = {name: float(s) for name, s in zip(learned.group_names, learned.strengths().detach().cpu())}
@@ -185,8 +188,8 @@ def _experiment(model_args, data_args, reg_args, training_args, run) -> dict[str
         model = new_model()
         fixed = LoraRegularization.from_peft_model(
             model, granularity="global", init_log_strength=math.log(value) if value > 0 else ZERO_STRENGTH_LOG)
-        grid_args = dataclasses.replace(training_args, outer_patience_steps=no_outer,
-                                        output_dir=os.path.join(training_args.output_dir, f"grid_{value:g}"))
+        grid_args = dataclasses.replace(training_args, recipe=None, outer_module=None, outer_module_options=None,
+                                        outer_patience_steps=no_outer, output_dir=os.path.join(training_args.output_dir, f"grid_{value:g}"))
         grid_trainer, metrics, seconds = run_one(model, fixed, grid_args,
                                                  resume_point(run, grid_args.output_dir, bilevel=True))
         assert grid_trainer.outer_step == 0
@@ -202,7 +205,7 @@ def _experiment(model_args, data_args, reg_args, training_args, run) -> dict[str
         "num_test": len(test_ds) if test_ds is not None else 0,
         "noise_rate": data_args.noise_rate,
         "lora_modules": list(learned.module_names),
-        "granularity": reg_args.granularity,
+        "granularity": learned.granularity,
         "inner_steps": trainer.state.global_step,
         "learned": {**bilevel, "strengths": strengths, "training_runs": 1, **steps,
                     "hvp_mode": trainer.hvp_mode, "wall_time_s": bilevel_time},

@@ -35,8 +35,9 @@ class BilevelTrainingArguments(TrainingArguments):
         default=None,
         metadata={"help": "A named preset of measured settings, filling the fields left at their defaults: "
                   "'data_weighting' (loss-based weights, the outer data also trained on as trusted rows, first-order "
-                  "hypergradients every 10 steps after half an epoch) or 'sft_data_weighting' (the same for SFT, as "
-                  "the instruction job measured it); see hf_integration.recipe.RECIPES.",
+                  "hypergradients every 10 steps after half an epoch), 'sft_data_weighting' (the same for SFT, as "
+                  "the instruction job measured it) or 'lora_regularization' (one L2 strength per LoRA module, outer "
+                  "steps every 2 inner steps after a third of the run); see hf_integration.recipe.RECIPES.",
                   "choices": tuple(RECIPES)},
     )
     outer_module: str | None = field(
@@ -63,6 +64,12 @@ class BilevelTrainingArguments(TrainingArguments):
         metadata={"help": "No outer step during the first this many epochs of the training rows (the trusted outer "
                   "rows of train_on_outer_data aside; sets outer_patience_steps when that is 0): the model first fits "
                   "the clean signal."},
+    )
+    outer_patience_ratio: float | None = field(
+        default=None,
+        metadata={"help": "No outer step during the first this fraction (in [0, 1)) of the run's inner steps (sets "
+                  "outer_patience_steps when that and outer_patience_epochs leave it 0): for regularization strengths, "
+                  "whose hypergradient pushes them down until the model can overfit. Default: the recipe's, if any."},
     )
     outer_learning_rate: float | None = field(
         default=None, metadata={"help": "Learning rate of the outer optimizer (default: the recipe's, else 0.1)."})
@@ -220,6 +227,9 @@ class BilevelTrainingArguments(TrainingArguments):
         options_from_arguments(self.ihvp_method, self)
         if self.outer_patience_epochs is not None and not self.outer_patience_epochs >= 0:
             raise ValueError(f"`outer_patience_epochs` must be >= 0 or None, got {self.outer_patience_epochs!r}.")
+        if self.outer_patience_ratio is not None and not 0 <= self.outer_patience_ratio < 1:
+            raise ValueError(f"`outer_patience_ratio` must be in [0, 1) or None (a fraction of the inner steps), got "
+                             f"{self.outer_patience_ratio!r}.")
         if isinstance(self.outer_module_options, str):  # a path or a JSON object that is not one
             raise ValueError(f"`outer_module_options` must be a JSON object such as '{{\"trusted_share\": "
                              f"\"uniform\"}}', got {self.outer_module_options!r:.80}.")

@@ -1,11 +1,14 @@
-"""The data-weighting recipe as library options: presets of measured settings, the inner problem's data (training
-rows plus trusted outer rows), example ids, and outer modules described by a kind and its options.
+"""The data-weighting and regularization recipes as library options: presets of measured settings, the inner
+problem's data (training rows plus trusted outer rows), example ids, and outer modules described by a kind and its
+options.
 
 A data-weighting run that works on real data needs more than an outer module: the outer objective's rows are
 also trained on, as *trusted* rows the learned weighting leaves alone (:data:`TRUSTED_COLUMN`), the first outer
 step waits until the model has fit the clean signal (``outer_patience_epochs``), and a few settings were chosen
 by measurement (``docs/`` and ``benchmarks/`` hold the measurements). :data:`RECIPES` names those settings;
 ``BilevelTrainingArguments(recipe="data_weighting")`` fills the fields a user left at their defaults with them.
+``recipe="lora_regularization"`` does the same for learned LoRA regularization strengths, whose outer steps wait for
+a third of the run (``outer_patience_ratio``).
 
 Outer modules can be described instead of built (``outer_module="loss_weights"`` and ``outer_module_options``),
 so that a command line or a YAML file sets them, the run records them, and the trainer builds them when what
@@ -27,7 +30,8 @@ from .data import add_example_ids, num_example_ids
 from .outer_modules import DataWeights, ExampleWeighting, LoraRegularization, LossWeights, OuterModule
 
 __all__ = ["RECIPES", "TRUSTED_COLUMN", "OUTER_MODULE_KINDS", "apply_recipe", "append_outer_rows",
-           "prepare_training_rows", "steps_per_epoch", "build_outer_module", "reads_trusted_rows"]
+           "prepare_training_rows", "steps_per_epoch", "total_inner_steps", "resolve_outer_patience",
+           "build_outer_module", "reads_trusted_rows"]
 
 TRUSTED_COLUMN = "trusted"
 """The column flagging the outer rows appended to the inner problem's data (``train_on_outer_data``)."""
@@ -47,6 +51,15 @@ RECIPES: dict[str, dict[str, Any]] = {
         "outer_module": "loss_weights", "outer_module_options": {"init_loss_scale": 1.0, "trusted_share": "uniform"},
         "train_on_outer_data": True, "ihvp_method": "identity", "outer_learning_rate": 0.3, "unroll_steps": 8,
         "outer_patience_epochs": 0.5, "hypergrad_train_batch_size": 32, "outer_batch_size": 50,
+    },
+    # The PEFT regularization job's (examples/peft_regularization.py, docs/peft-regularization.md): one L2 strength
+    # per LoRA module starting at 1e-3, an outer step every 2 inner steps once a third of the run is done (earlier
+    # hypergradients see a model that cannot overfit yet and push every strength down), Adam lr 0.3 on the log
+    # strengths, Nystrom hypergradients of 32 training and 64 validation examples.
+    "lora_regularization": {
+        "outer_module": "lora_regularization", "outer_module_options": {"granularity": "module", "init_strength": 1e-3},
+        "outer_learning_rate": 0.3, "unroll_steps": 2, "outer_patience_ratio": 1 / 3,
+        "hypergrad_train_batch_size": 32, "outer_batch_size": 64,
     },
 }
 
@@ -76,6 +89,28 @@ def steps_per_epoch(args: Any, num_rows: int) -> int:
     and gradient accumulation)."""
     batches = math.ceil(num_rows / (args.per_device_train_batch_size * max(1, args.world_size)))
     return max(math.ceil(batches / args.gradient_accumulation_steps), 1)
+
+
+def total_inner_steps(args: Any, num_rows: int) -> int:
+    """The optimizer steps `Trainer` will run on ``num_rows`` rows: ``max_steps``, or the epochs' worth of batches."""
+    if args.max_steps > 0:
+        return args.max_steps
+    return math.ceil(args.num_train_epochs * steps_per_epoch(args, num_rows))
+
+
+def resolve_outer_patience(args: Any, num_training_rows: int, num_inner_rows: int | None = None) -> int:
+    """``args.outer_patience_steps``, first set (when it is 0) from ``outer_patience_epochs``, epochs of the
+    ``num_training_rows`` training rows, else from ``outer_patience_ratio``, that fraction of the run's inner steps on
+    ``num_inner_rows`` rows (default: the training rows; the trusted outer rows of ``train_on_outer_data`` count
+    there), rounded to the nearest step. Idempotent: once set, the steps stay."""
+    if args.outer_patience_steps == 0:
+        if args.outer_patience_epochs is not None:
+            args.outer_patience_steps = int(round(args.outer_patience_epochs
+                                                  * steps_per_epoch(args, num_training_rows)))
+        elif getattr(args, "outer_patience_ratio", None) is not None:
+            total = total_inner_steps(args, num_training_rows if num_inner_rows is None else num_inner_rows)
+            args.outer_patience_steps = int(round(args.outer_patience_ratio * total))
+    return args.outer_patience_steps
 
 
 def reads_trusted_rows(module: nn.Module | None, kind: str | None) -> bool:

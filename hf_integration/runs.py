@@ -38,7 +38,7 @@ from hypergrad.solver import count_outer_steps
 from .atomic_files import atomic_write_text
 from .checkpoints import BILEVEL_CHECKPOINT_FILES, CheckpointError, last_checkpoint, resolve_checkpoint
 from .hub import HubError, check_hub_reachable, check_hub_repo, error_line
-from .recipe import steps_per_epoch
+from .recipe import resolve_outer_patience, total_inner_steps
 
 logger = hf_logging.get_logger(__name__)
 
@@ -283,14 +283,11 @@ def start_run(training_args: Any, run_args: RunArguments, repo_example: str) -> 
         if lock is not None and lock.is_locked:
             lock.release(force=True)
 
-def total_inner_steps(training_args: Any, num_train: int) -> int:
-    """The number of optimizer steps `Trainer` will run: ``max_steps``, or the epochs' worth of batches."""
-    if training_args.max_steps > 0:
-        return training_args.max_steps
-    return math.ceil(training_args.num_train_epochs * steps_per_epoch(training_args, num_train))
-
 def scheduled_outer_steps(training_args: Any, num_train: int) -> int:
-    """How many outer steps the schedule (``unroll_steps``, ``outer_patience_steps``) holds; refuses none."""
+    """How many outer steps the schedule (``unroll_steps``, ``outer_patience_steps``) holds; refuses none. The
+    patience is resolved first (:func:`~hf_integration.recipe.resolve_outer_patience`: from ``outer_patience_epochs``
+    or ``outer_patience_ratio`` when ``outer_patience_steps`` is 0)."""
+    resolve_outer_patience(training_args, num_train)
     total = total_inner_steps(training_args, num_train)
     count = count_outer_steps(total, training_args.unroll_steps, training_args.outer_patience_steps)
     if count == 0:

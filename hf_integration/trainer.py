@@ -40,7 +40,7 @@ from .losses import per_example_loss
 from .outer_modules import OuterModule
 from .outer_update import _MODEL_PREFIX, _MODULE_PREFIX, OuterUpdateMixin
 from .public_names import public_name
-from .recipe import build_outer_module, prepare_training_rows, steps_per_epoch
+from .recipe import build_outer_module, prepare_training_rows, resolve_outer_patience, total_inner_steps
 from .serialization import OUTER_OPTIMIZER_NAME
 from .sharding import ShardedModelTrainerMixin
 from .trainer_checks import InputChecksMixin
@@ -195,9 +195,7 @@ class BilevelTrainer(InputChecksMixin, InnerBatchOuterStepMixin, OuterUpdateMixi
         self.id_column = outer_module.id_column if outer_module is not None else None
         if outer_module is not None:
             outer_module.to(self.args.device)
-        if args.outer_patience_epochs is not None and args.outer_patience_steps == 0:
-            args.outer_patience_steps = int(round(args.outer_patience_epochs
-                                                  * steps_per_epoch(args, self.num_training_rows)))
+        resolve_outer_patience(args, self.num_training_rows, len(self.train_dataset))
         self.inner_param_names = [n for n, p in self._unwrapped.named_parameters() if p.requires_grad]
         if not self.inner_param_names:
             raise ValueError("The model has no trainable (inner) parameters left: nothing to fine-tune.")
@@ -384,8 +382,7 @@ class BilevelTrainer(InputChecksMixin, InnerBatchOuterStepMixin, OuterUpdateMixi
         self.resolve_hvp_mode()
         self.nonfinite_guard  # noqa: B018 (installs the callback)
         settings = self.args
-        total = settings.max_steps if settings.max_steps > 0 else math.ceil(
-            settings.num_train_epochs * steps_per_epoch(settings, len(self.train_dataset)))
+        total = total_inner_steps(settings, len(self.train_dataset))
         if count_outer_steps(total, settings.unroll_steps, settings.outer_patience_steps) == 0:
             logger.warning("No outer step is scheduled: %d inner steps, and the first outer step follows inner step "
                            "max(outer_patience_steps=%d, unroll_steps=%d) + 1. The outer parameters will keep their "

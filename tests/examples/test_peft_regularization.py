@@ -9,7 +9,7 @@ from unittest import mock
 import pytest
 from repo_scripts import load
 
-from hf_integration import LoraRegularization, hub
+from hf_integration import RECIPES, LoraRegularization, hub
 from hf_integration.runs import InputError
 
 peft_regularization = load("examples/peft_regularization.py")
@@ -38,7 +38,8 @@ def test_end_to_end_outputs(tiny_model_dir, tmp_path, capsys):
     # The learned strengths moved away from their initial value; the file holds them with the module names.
     saved = LoraRegularization.from_pretrained(str(out), expected={"granularity": "module"})
     assert saved.module_names == metrics["lora_modules"]
-    assert not all(abs(s - 1e-3) < 1e-9 for s in saved.strengths().tolist())
+    initial = RECIPES["lora_regularization"]["outer_module_options"]["init_strength"]  # the script's default
+    assert not all(abs(s - initial) < 1e-5 * initial for s in saved.strengths().tolist())
     printed = capsys.readouterr().out
     assert "| best of grid:" in printed and "| learned per module" in printed
 
@@ -107,3 +108,22 @@ def test_help_lists_the_options(capsys):
     printed = capsys.readouterr().out
     for option in ("--grid", "--granularity", "--init_strength", "--lora_target_modules", "--unroll_steps"):
         assert option in printed
+
+
+def test_the_defaults_are_the_librarys_recipe(tmp_path):
+    """The script's settings are `recipe="lora_regularization"`'s: 150 steps wait 50 for the first outer step (a
+    third of the run), then 50 outer steps; --granularity and --init_strength become the module's options."""
+    from hf_integration.runs import scheduled_outer_steps
+
+    *_, training = peft_regularization.parse_args(["--output_dir", str(tmp_path)])
+    assert training.recipe == "lora_regularization" and training.outer_module == "lora_regularization"
+    assert training.outer_module_options == RECIPES["lora_regularization"]["outer_module_options"]
+    assert scheduled_outer_steps(training, 128) == 50 and training.outer_patience_steps == 50
+    *_, training = peft_regularization.parse_args(["--output_dir", str(tmp_path), "--granularity", "layer",
+                                                  "--init_strength", "0.5"])
+    assert training.outer_module_options == {"granularity": "layer", "init_strength": 0.5}
+
+
+def test_another_outer_module_is_refused(tmp_path):
+    with pytest.raises(InputError, match=r"--outer_module loss_weights cannot be learned here"):
+        peft_regularization.main(["--output_dir", str(tmp_path / "out"), "--outer_module", "loss_weights"])

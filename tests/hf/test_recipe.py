@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import re
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import torch
 from hf_integration import (RECIPES, TRUSTED_COLUMN, BilevelTrainer, BilevelTrainingArguments, DataWeights,
                             LoraRegularization, LossWeights)
 from hf_integration.losses import per_example_loss
+from hf_integration.recipe import resolve_outer_patience
 
 from .trainer_utils import bilevel_args, datasets_with_ids, tiny_classifier, token_task
 
@@ -37,7 +39,8 @@ def test_a_recipe_fills_the_fields_left_at_their_defaults(tmp_path):
     other = BilevelTrainingArguments(output_dir=str(tmp_path), use_cpu=True, recipe="sft_data_weighting")
     other.outer_module_options["init_loss_scale"] = 7.0  # a copy: the preset itself is untouched
     assert RECIPES["sft_data_weighting"]["outer_module_options"]["init_loss_scale"] == 1.0
-    with pytest.raises(ValueError, match=r"`recipe` must be one of \['data_weighting', 'sft_data_weighting'\]"):
+    with pytest.raises(ValueError, match=r"`recipe` must be one of \['data_weighting', 'lora_regularization', "
+                                         r"'sft_data_weighting'\]"):
         BilevelTrainingArguments(output_dir=str(tmp_path), use_cpu=True, recipe="fast")
 
 
@@ -75,6 +78,51 @@ def test_outer_modules_described_by_kind_are_built_from_the_data_and_the_model(t
     with pytest.raises(ValueError, match=r"pass `outer_module` or set `args.outer_module` \('data_weights'\), not both"):
         BilevelTrainer(model=tiny_classifier(), args=bilevel_args(tmp_path, outer_module="data_weights"),
                        train_dataset=train, eval_dataset=outer, outer_module=DataWeights(32))
+
+
+def test_the_lora_regularization_recipe_builds_strengths_that_wait_a_third_of_the_run(tmp_path):
+    """One argument for the PEFT job's settings: one strength per LoRA module at 1e-3, built from the PEFT model,
+    and no outer step before a third of the run (4 of 12 steps: the first follows inner step 5)."""
+    train, outer = datasets_with_ids(32, 16)
+    trainer = _trainer(tmp_path, train, outer, recipe="lora_regularization", max_steps=12, hvp_mode="rev_rev",
+                       hypergrad_train_batch_size=8, outer_batch_size=8)
+    module = trainer.outer_module
+    assert isinstance(module, LoraRegularization) and module.granularity == "module"
+    assert len(module.group_names) == 4  # q and v of 2 layers (the head is trained, not LoRA-adapted)
+    assert module.strengths().tolist() == pytest.approx([1e-3] * 4)
+    assert (trainer.args.outer_patience_steps, trainer.args.unroll_steps, trainer.args.outer_learning_rate) == (4, 2, 0.3)
+    steps = []
+    original = trainer._run_outer_step_now
+
+    def record(*args, **kwargs):
+        steps.append(trainer.state.global_step)
+        return original(*args, **kwargs)
+
+    with mock.patch.object(trainer, "_run_outer_step_now", record):
+        trainer.train()
+    assert steps == [5, 7, 9, 11] and trainer.outer_step == 4
+    assert module.strengths().tolist() != pytest.approx([1e-3] * 4)
+
+
+@pytest.mark.parametrize(("settings", "steps"), [
+    ({"outer_patience_ratio": 0.25}, 3),  # a quarter of the 12 steps
+    ({"outer_patience_ratio": 0.25, "num_train_epochs": 3, "max_steps": -1}, 3),  # 3 epochs of 4 steps
+    ({"outer_patience_ratio": 0.25, "outer_patience_epochs": 0.5}, 2),  # epochs first: half of 4 steps
+    ({"outer_patience_ratio": 0.25, "outer_patience_steps": 5}, 5),  # what the user set stays
+    ({}, 0),
+])
+def test_outer_patience_resolves_into_steps_once(tmp_path, settings, steps):
+    args = bilevel_args(tmp_path, **{"max_steps": 12, "per_device_train_batch_size": 8, **settings})
+    assert resolve_outer_patience(args, 32) == steps and args.outer_patience_steps == steps
+    if steps:  # resolved once: a later call (the trainer's, after the script's) keeps the steps
+        args.outer_patience_ratio, args.outer_patience_epochs = 0.5, None
+        assert resolve_outer_patience(args, 32) == steps
+
+
+@pytest.mark.parametrize("ratio", [1.0, -0.1, float("nan")])
+def test_outer_patience_ratio_is_a_fraction(tmp_path, ratio):
+    with pytest.raises(ValueError, match=r"`outer_patience_ratio` must be (in \[0, 1\) or None|a finite number)"):
+        BilevelTrainingArguments(output_dir=str(tmp_path), use_cpu=True, outer_patience_ratio=ratio)
 
 
 def test_the_outer_data_is_separate_from_the_evaluation_sets(tmp_path):
