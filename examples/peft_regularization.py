@@ -189,7 +189,8 @@ def _experiment(model_args, data_args, reg_args, training_args, run) -> dict[str
         fixed = LoraRegularization.from_peft_model(
             model, granularity="global", init_log_strength=math.log(value) if value > 0 else ZERO_STRENGTH_LOG)
         grid_args = dataclasses.replace(training_args, recipe=None, outer_module=None, outer_module_options=None,
-                                        outer_patience_steps=no_outer, output_dir=os.path.join(training_args.output_dir, f"grid_{value:g}"))
+                                        outer_patience_steps=no_outer,
+                                        output_dir=os.path.join(training_args.output_dir, f"grid_{value:g}"))
         grid_trainer, metrics, seconds = run_one(model, fixed, grid_args,
                                                  resume_point(run, grid_args.output_dir, bilevel=True))
         assert grid_trainer.outer_step == 0

@@ -106,7 +106,7 @@ def resolve_outer_patience(args: Any, num_training_rows: int, num_inner_rows: in
     if args.outer_patience_steps == 0:
         if args.outer_patience_epochs is not None:
             args.outer_patience_steps = round(args.outer_patience_epochs * steps_per_epoch(args, num_training_rows))
-        elif getattr(args, "outer_patience_ratio", None) is not None:
+        elif args.outer_patience_ratio is not None:
             total = total_inner_steps(args, num_training_rows if num_inner_rows is None else num_inner_rows)
             args.outer_patience_steps = round(args.outer_patience_ratio * total)
     return args.outer_patience_steps

@@ -90,7 +90,8 @@ def test_the_lora_regularization_recipe_builds_strengths_that_wait_a_third_of_th
     assert isinstance(module, LoraRegularization) and module.granularity == "module"
     assert len(module.group_names) == 4  # q and v of 2 layers (the head is trained, not LoRA-adapted)
     assert module.strengths().tolist() == pytest.approx([1e-3] * 4)
-    assert (trainer.args.outer_patience_steps, trainer.args.unroll_steps, trainer.args.outer_learning_rate) == (4, 2, 0.3)
+    settings = trainer.args
+    assert (settings.outer_patience_steps, settings.unroll_steps, settings.outer_learning_rate) == (4, 2, 0.3)
     steps = []
     original = trainer._run_outer_step_now
 
