@@ -28,7 +28,7 @@ import numpy as np
 from hf_integration.atomic_files import atomic_write_text
 from hf_integration.filters import SCORE_FILTERS
 from hf_integration.reporting import ranking_aucs
-from hf_integration.rivals import RIVALS
+from hf_integration.instruction import INSTRUCTION_RIVALS
 from hf_integration.runs import write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -55,8 +55,8 @@ def run_one(name: str, seed: int, args: argparse.Namespace) -> dict:
     main = runpy.run_path(os.path.join(ROOT, "examples", "instruction_data_weights.py"))["main"]
     main(["--train_file", files["train"], "--validation_file", files["validation"], "--test_file", files["test"],
           "--noise_rate", str(args.noise_rate), "--seed", str(seed), "--dataset_seed", str(seed),
-          "--exact_match_splits", "none", "--baselines", *RIVALS, "--output_dir", out, "--overwrite_output_dir",
-          "--disable_tqdm", "True", *args.extra_args])
+          "--exact_match_splits", "none", "--baselines", *INSTRUCTION_RIVALS, "--output_dir", out,
+          "--overwrite_output_dir", "--disable_tqdm", "True", *args.extra_args])
     with open(done, encoding="utf-8") as handle:
         return json.load(handle)
 
@@ -73,7 +73,7 @@ def row(name: str, seed: int | str, m: dict) -> dict:
     return {"set": name, "seed": seed, "auc": m["auc_low_weight_vs_corrupted"],
             **{f"{f} auc": _ranking_auc(rivals.get(f, {})) for f in FILTERS},
             "test loss bilevel": m["reweighted"]["test_loss"],
-            **{f"test loss {r}": rivals.get(r, {}).get("test_loss", math.nan) for r in RIVALS},
+            **{f"test loss {r}": rivals.get(r, {}).get("test_loss", math.nan) for r in INSTRUCTION_RIVALS},
             "time / uniform": m["wall_time_bilevel_s"] / rivals["uniform"]["wall_time_s"]
             if "uniform" in rivals else math.nan}
 

@@ -3,9 +3,11 @@ honest rivals, over data sets, label-noise settings and seeds.
 
 For every (data set, noise, seed) the main job runs with its defaults (plus ``--extra_args``), training the
 bilevel model and the baselines of `hf_integration.rivals` with the same model, seed, data order,
-optimizer, schedule and inner steps: uniform weights, uniform on train + validation, and the loss filter
-(told the true noise rate). Reported per setting, as mean and per-seed values: AUC of "low weight" as a
-detector of the corrupted labels and precision@#corrupted (and the AUC of the loss filter's ranking), test
+optimizer, schedule and inner steps: uniform weights, uniform on train + validation, the loss filter (told the
+true noise rate) and the reference filter (dropping as many, by the loss of their labels under a linear probe
+fitted on the validation rows). Reported per setting, as mean and per-seed values: AUC of "low weight" as a
+detector of the corrupted labels and precision@#corrupted (and the AUC of the loss filter's and of the probe's
+ranking), test
 accuracy and loss of every model, the validation-test accuracy gap of the bilevel model (how much the outer
 problem fits its small validation set; "n/a" when the inner problem also trains on the validation set, the
 main job's default with loss-based weights), and the wall time of the bilevel run as a ratio to the uniform run.
@@ -42,7 +44,7 @@ ROOT = os.path.dirname(HERE)
 
 SETS = ("embedded", "scipy_docs", "debian_packages")
 NOISES = ("symmetric:0.2", "symmetric:0.4", "pairwise:0.3")
-MODELS = ("bilevel", "uniform", "uniform_train_val", "loss_filter")
+MODELS = ("bilevel", "uniform", "uniform_train_val", "loss_filter", "reference_filter")
 
 
 def parse_noise(text: str) -> tuple[str, float]:
@@ -89,6 +91,13 @@ def model_metrics(result: dict[str, Any], model: str) -> dict[str, float] | None
     return result["baselines"].get(model)
 
 
+def bilevel_seconds(result: dict[str, Any]) -> float:
+    """The bilevel model's cost in seconds: its training, plus fitting the validation probe when its weights read
+    the probe's losses (``--loss_reference holdout_probe``; the reference filter rival alone does not charge it)."""
+    probe = result.get("holdout_reference", {}).get("time_s", 0.0)
+    return result["wall_time_bilevel_s"] + (probe if result.get("loss_reference") == "holdout_probe" else 0.0)
+
+
 def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     """Means and per-seed values of one setting's runs."""
     def values(get) -> list[float]:
@@ -105,12 +114,14 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
         "auc": values(lambda r: r["auc_low_weight_vs_corrupted"]),
         "precision_at_k": values(lambda r: r["precision_at_num_corrupted"]),
         "loss_filter_auc": values(lambda r: r["baselines"]["loss_filter"]["auc_high_loss_vs_corrupted"]),
+        # the validation probe's ranking (--loss_reference holdout_probe, and the reference_filter rival's)
+        "reference_auc": values(lambda r: r["holdout_reference"]["auc_high_reference_vs_corrupted"]),
         "bilevel_val_minus_test_acc": values(lambda r: r["reweighted"]["validation_accuracy"]
                                              - r["reweighted"]["test_accuracy"]),
-        "time_ratio_to_uniform": values(lambda r: r["wall_time_bilevel_s"] / r["baselines"]["uniform"]["wall_time_s"]),
+        "time_ratio_to_uniform": values(lambda r: bilevel_seconds(r) / r["baselines"]["uniform"]["wall_time_s"]),
         # the bilevel run over its own time outside the outer steps: what the outer steps add, measured within one
         # run, so immune to the load of a shared machine changing between the bilevel and the uniform run
-        "time_ratio_within_run": values(lambda r: r["wall_time_bilevel_s"]
+        "time_ratio_within_run": values(lambda r: bilevel_seconds(r)
                                         / (r["wall_time_bilevel_s"] - r["wall_time_outer_steps_s"])),
         "train_on_validation": any(r.get("train_on_validation", False) for r in results),
     }
@@ -123,26 +134,26 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
-def _lowest(mean: dict[str, float], metric: str) -> float:
-    """The best (lowest) rival's mean ``metric``; NaN when no rival has it (results of an older run)."""
+def _best(mean: dict[str, float], metric: str, pick=min) -> float:
+    """The best rival's mean ``metric`` (``pick``: ``min`` for losses, ``max`` for accuracy) among the rivals that
+    ran; NaN when none has it (results of an older run)."""
     known = [mean[f"{k}_{metric}"] for k in MODELS[1:] if not math.isnan(mean[f"{k}_{metric}"])]
-    return min(known) if known else math.nan
+    return pick(known) if known else math.nan
 
 
 def table(summaries: dict[str, dict[str, Any]]) -> str:
-    header = ["set", "noise", "AUC", "P@k", "loss-filter AUC", "test acc bilevel", "uniform", "uniform train+val",
-              "loss filter", "bilevel - best rival", "test loss bilevel", "best rival's", "test ECE bilevel",
+    header = ["set", "noise", "AUC", "P@k", "loss-filter AUC", "reference AUC", "test acc bilevel", "uniform",
+              "uniform train+val", "loss filter", "reference filter", "bilevel - best rival", "test loss bilevel", "best rival's", "test ECE bilevel",
               "best rival's", "val-test gap", "time / uniform", "time / its inner steps"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for key, s in summaries.items():
         m = s["mean"]
-        rivals = max(m["uniform_test_accuracy"], m["uniform_train_val_test_accuracy"], m["loss_filter_test_accuracy"])
         name, noise = key.split("/")
         cells = [name, noise, f"{m['auc']:.3f}", f"{m['precision_at_k']:.3f}", f"{m['loss_filter_auc']:.3f}",
-                 *(f"{100 * m[f'{k}_test_accuracy']:.1f}" for k in MODELS),
-                 f"{100 * (m['bilevel_test_accuracy'] - rivals):+.1f}",
-                 f"{m['bilevel_test_loss']:.3f}", f"{_lowest(m, 'test_loss'):.3f}",
-                 f"{m['bilevel_test_ece']:.3f}", f"{_lowest(m, 'test_ece'):.3f}",
+                 f"{m['reference_auc']:.3f}", *(f"{100 * m[f'{k}_test_accuracy']:.1f}" for k in MODELS),
+                 f"{100 * (m['bilevel_test_accuracy'] - _best(m, 'test_accuracy', max)):+.1f}",
+                 f"{m['bilevel_test_loss']:.3f}", f"{_best(m, 'test_loss'):.3f}",
+                 f"{m['bilevel_test_ece']:.3f}", f"{_best(m, 'test_ece'):.3f}",
                  # the validation set is training data there: its accuracy says nothing about overfitting
                  "n/a" if s.get("train_on_validation") else f"{100 * m['bilevel_val_minus_test_acc']:+.1f}",
                  f"{m['time_ratio_to_uniform']:.2f}x", f"{m['time_ratio_within_run']:.2f}x"]

@@ -44,9 +44,10 @@ from hf_integration.classification import (DataArguments, ModelArguments, accura
 from hf_integration.data_files import check_batch_sizes, resolve_noise_rate
 from hf_integration.experiment import WeightingArguments, filter_fraction
 from hf_integration.frozen_trunk import CachedTrunkClassifier, SharedTrunkCache, add_feature_rows
+from hf_integration.holdout_reference import check_reference_labels, holdout_reference
 from hf_integration.label_noise import flip_labels
 from hf_integration.recipe import steps_per_epoch
-from hf_integration.reporting import plot_weights, print_summary, ranking_figures
+from hf_integration.reporting import plot_weights, print_summary, ranking_figures, weights_auc
 from hf_integration.rivals import filter_ranking, train_rival
 from hf_integration.runs import (InputError, OutputWriter, RunArguments, check_outer_steps, configuring,
                                  parse_arguments, push_outputs, resume_point, run_main, scheduled_outer_steps,
@@ -57,19 +58,24 @@ from hf_integration.weights_dataset import render_weights_card, save_weights_dat
 
 EMBEDDED_NOISE_RATE = 0.3  # on the embedded set only: the user's own data is corrupted only on request
 RIVAL_LABELS = {"uniform": "uniform weights", "uniform_train_val": "uniform on train + validation",
-                "loss_filter": "loss filter"}
+                "loss_filter": "loss filter", "reference_filter": "reference filter"}
+REFERENCE_COLUMN = "reference_loss"  # --loss_reference holdout_probe: each row's loss under the validation probe
 # The demo's settings (a few minutes on a 2-core CPU, see docs/); they fill the fields the command line leaves.
 DEMO_DEFAULTS: dict[str, Any] = {
     "output_dir": "outputs/data_reweighting", "recipe": "data_weighting", "lora_layers": [-1], "hvp_mode": "rev_rev",
     "max_steps": -1, "num_train_epochs": 8, "learning_rate": 3e-3, "warmup_steps": 10,
     "per_device_train_batch_size": 16, "per_device_eval_batch_size": 128, "logging_steps": 20, "save_strategy": "no",
     "report_to": "none", "seed": 0, "nystrom_rank": 5, "nystrom_rho": 0.1, "noise_type": "confusable",
+    "baselines": ["uniform", "uniform_train_val", "loss_filter", "reference_filter"],
 }
 
 
 @dataclass
 class ExperimentArguments(WeightingArguments):
     """What to run besides the bilevel training, and how."""
+
+    loss_reference_choices = ("none", "holdout_probe")
+    default_loss_reference = "holdout_probe"  # measured: docs/data-reweighting.md
 
     loss_filter_epochs: float = field(
         default=2.0,
@@ -119,6 +125,13 @@ def _experiment(model_args, data_args, exp_args, training_args, run) -> dict[str
         raise InputError(f"--loss_filter_epochs {exp_args.loss_filter_epochs} puts the loss filter at inner step "
                          f"{filter_step}, but training has {total} steps: lower it, or leave loss_filter out of "
                          "--baselines.")
+    needs_reference = exp_args.loss_reference == "holdout_probe" or (exp_args.run_baseline
+                                                                     and "reference_filter" in exp_args.baselines)
+    if needs_reference:
+        try:
+            check_reference_labels(splits.validation["labels"], train_raw["labels"], len(splits.label_names))
+        except ValueError as err:
+            raise InputError(f"--loss_reference holdout_probe / --baselines reference_filter: {err}") from err
     tokenizer = load_tokenizer(model_args)
     raw = {"train": train_raw, "validation": splits.validation, **({"test": splits.test} if splits.test else {})}
     tokenized = tokenize_splits(raw, tokenizer, data_args.max_seq_length, keep=("labels", "example_id"))
@@ -139,6 +152,23 @@ def _experiment(model_args, data_args, exp_args, training_args, run) -> dict[str
             return cache(model)
         except ValueError as err:
             raise InputError(str(err)) from err
+
+    reference, reference_seconds = None, 0.0
+    if needs_reference:
+        tic = time.perf_counter()  # the initial model's encoder is the probe's (LoRA starts as the identity)
+        probe_model = build_model()
+        if not (exp_args.cache_frozen_layers or run.fully_shard):  # a cached or sharded model is placed already
+            probe_model.to(training_args.device)
+        reference = holdout_reference(probe_model, train_ds, val_ds, DataCollatorWithPadding(tokenizer),
+                                      len(splits.label_names), batch_size=training_args.per_device_eval_batch_size,
+                                      seed=training_args.seed)  # a cached trunk runs its top layers only
+        del probe_model
+        reference_seconds = time.perf_counter() - tic - cache.seconds  # the cache is every model's, filled once
+    if exp_args.loss_reference == "holdout_probe":
+        train_ds = train_ds.add_column(REFERENCE_COLUMN, reference.train.tolist())
+        val_ds = val_ds.add_column(REFERENCE_COLUMN, reference.outer.tolist())
+        exp_args.configure(training_args, reference_column=REFERENCE_COLUMN,
+                           init_reference_scale=exp_args.init_reference_scale)
 
     # ---------------------------------------------------------------- the bilevel run (trusted rows: the library's)
     with configuring():
@@ -161,9 +191,10 @@ def _experiment(model_args, data_args, exp_args, training_args, run) -> dict[str
         rival, seconds = train_rival(
             name, build_model, base_args, train_ds, val_ds, filter_fraction=fraction, filter_step=filter_step,
             callbacks=[NonFiniteGuard()], processing_class=tokenizer, compute_metrics=accuracy_metrics,
+            filter_scores=reference.train if name == "reference_filter" else None,
             resume=resume_point(run, os.path.join(training_args.output_dir, f"baseline-{name}"), bilevel=False))
         rivals[name] = {**evaluate_splits(rival, {"validation": val_ds, "test": test_ds}), "wall_time_s": seconds}
-        if name == "loss_filter":
+        if name in ("loss_filter", "reference_filter"):
             rivals[name].update(filter_ranking(rival, train_raw["example_id"], corrupted))
 
     # ---------------------------------------------------------------- outputs
@@ -174,6 +205,12 @@ def _experiment(model_args, data_args, exp_args, training_args, run) -> dict[str
         **ranking_figures(w, corrupted), "reweighted": reweighted, "baselines": rivals,
         "baseline_description": "same model initialisation, seed, data order, optimizer, schedule and number of inner "
                                 "steps as the bilevel run" if rivals else "not run",
+        "loss_reference": exp_args.loss_reference, "outer_parameters": trainer.outer_module.summary_stats(),
+        **({"holdout_reference": {
+            "auc_high_reference_vs_corrupted": weights_auc(-reference.train, corrupted),
+            "inverse_regularization": reference.inverse_regularization,
+            "probe_validation_accuracy": reference.outer_accuracy, "time_s": reference_seconds}}
+           if reference is not None else {}),
         "inner_steps": trainer.state.global_step, **steps, "hvp_mode": trainer.hvp_mode,
         "cached_frozen_layers": exp_args.cache_frozen_layers, "train_on_validation": exp_args.train_on_validation,
         "trusted_share": getattr(trainer.outer_module, "trusted_share", None), "resumed_from": run.resume,

@@ -5,6 +5,7 @@ to train beside it, and the frozen-trunk cache; :meth:`WeightingArguments.config
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -33,6 +34,14 @@ TRUSTED_SHARE_HELP = (
     "(down-weighting then also shifts the batch's mass onto the outer objective's own rows); 'uniform' = their "
     "uniform share of each batch, the weights only divide the rest among the training rows.")
 
+LOSS_REFERENCE_HELP = (
+    "--weighting loss: what each example's loss is measured against (LossWeights' reference_column), so that the "
+    "weights tilt against l_i - reference_scale * ref_i with reference_scale learned too. 'none' = the loss alone; "
+    "'holdout_probe' (classification) = the loss of the example's label under a linear probe of the initial "
+    "encoder fitted on the validation rows (hf_integration.holdout_reference); 'prompt_free' (instruction data) = "
+    "the response's loss without its prompt under the initial model (hf_integration.filters). Default: the job's "
+    "own with --weighting loss (holdout_probe on classification data, none on instruction data), else none.")
+
 
 @dataclass
 class WeightingArguments:
@@ -52,13 +61,14 @@ class WeightingArguments:
                   "schedule and number of inner steps as the bilevel run)."},
     )
     baselines: list[str] = field(
-        default_factory=lambda: [r for r in RIVALS if r not in SCORE_FILTERS],
+        default_factory=lambda: ["uniform", "uniform_train_val", "loss_filter"],
         metadata={"help": "Which rivals to train: 'uniform' (plain mean loss), 'uniform_train_val' (plain mean "
                   "loss on training + validation data: the validation set is what the bilevel run learns from), "
-                  "'loss_filter' (drop the highest-loss --loss_filter_fraction of the training set); on instruction "
-                  "data also 'length_filter' (drop the shortest responses) and 'ifd_filter' (drop the highest "
-                  "instruction-following difficulty under the initial model), dropping as many "
-                  "(hf_integration.filters).", "nargs": "+", "choices": RIVALS},
+                  "'loss_filter' (drop the highest-loss --loss_filter_fraction of the training set); on classification "
+                  "data also 'reference_filter' (drop the labels a linear probe fitted on the validation rows finds "
+                  "least likely, hf_integration.holdout_reference); on instruction data also 'length_filter' (drop "
+                  "the shortest responses) and 'ifd_filter' (drop the highest instruction-following difficulty under "
+                  "the initial model), dropping as many (hf_integration.filters).", "nargs": "+", "choices": RIVALS},
     )
     loss_filter_fraction: float | None = field(
         default=None,
@@ -75,10 +85,18 @@ class WeightingArguments:
                   "hf_integration.frozen_trunk). Every model of the run, the rivals included, does so."},
     )
 
+    loss_reference: str | None = field(default=None, metadata={"help": LOSS_REFERENCE_HELP})
+    init_reference_scale: float = field(
+        default=0.0, metadata={"help": "--loss_reference other than none: the initial reference_scale (any finite "
+                                       "number; 0 starts from the loss alone)."})
+
     # the --weighting choices; one that is not a key of WEIGHTINGS is built by the script (e.g. per-source weights)
     weighting_choices: ClassVar[tuple[str, ...]] = tuple(WEIGHTINGS)
     # the rivals this job can train (the response filters need prompt/response rows)
     rival_choices: ClassVar[tuple[str, ...]] = tuple(r for r in RIVALS if r not in SCORE_FILTERS)
+    # the --loss_reference choices this job computes, and its default with --weighting loss
+    loss_reference_choices: ClassVar[tuple[str, ...]] = ("none",)
+    default_loss_reference: ClassVar[str] = "none"
 
     def __post_init__(self) -> None:
         if self.weighting not in self.weighting_choices:
@@ -88,6 +106,16 @@ class WeightingArguments:
             raise InputError(f"--baselines: {unknown} cannot run here; choose from {list(self.rival_choices)}.")
         if self.loss_filter_fraction is not None and not 0.0 <= self.loss_filter_fraction < 1.0:
             raise InputError(f"--loss_filter_fraction must be in [0, 1), got {self.loss_filter_fraction}.")
+        if self.loss_reference is None:
+            self.loss_reference = self.default_loss_reference if self.weighting == "loss" else "none"
+        if self.loss_reference not in self.loss_reference_choices:
+            raise InputError(f"--loss_reference must be one of {list(self.loss_reference_choices)} here, got "
+                             f"{self.loss_reference!r}.")
+        if self.loss_reference != "none" and self.weighting != "loss":
+            raise InputError(f"--loss_reference {self.loss_reference} needs --weighting loss, got --weighting "
+                             f"{self.weighting}.")
+        if not math.isfinite(self.init_reference_scale):
+            raise InputError(f"--init_reference_scale must be a finite number, got {self.init_reference_scale}.")
         if self.train_on_validation is None:
             self.train_on_validation = self.weighting == "loss"
         if self.train_on_validation and self.weighting != "loss":

@@ -154,7 +154,9 @@ class CachedTrunkClassifier(CachedTrunk):
     """A BERT-style sequence classifier whose frozen bottom is a table lookup: ``features[r, :n_r]`` is the output
     of layer ``first_layer - 1`` (of the embeddings when ``first_layer`` is 0) for the example in feature row ``r``.
     The forward pass takes ``feature_row`` and ``attention_mask``, runs layers ``first_layer ..``, the pooler,
-    dropout and the head, and returns the model's ``loss`` (mean cross-entropy) and ``logits``."""
+    dropout and the head, and returns the model's ``loss`` (mean cross-entropy) and ``logits`` (and, with
+    ``output_hidden_states=True``, ``hidden_states`` holding the last layer's output alone: the layers below come
+    from the table)."""
 
     trunk_columns = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -192,7 +194,8 @@ class CachedTrunkClassifier(CachedTrunk):
         pooled = encoder.pooler(hidden) if encoder.pooler is not None else hidden[:, 0]
         logits = classifier.classifier(classifier.dropout(pooled))
         loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
-        return SequenceClassifierOutput(loss=loss, logits=logits)
+        return SequenceClassifierOutput(loss=loss, logits=logits,
+                                        hidden_states=(hidden,) if kwargs.get("output_hidden_states") else None)
 
 
 # ------------------------------------------------------------------------------------------------- decoders

@@ -35,7 +35,7 @@ from .losses import IGNORE_INDEX
 from .rivals import RIVALS
 from .runs import InputError, loading
 
-__all__ = ["EMBEDDED_NAME", "EMBEDDED_SIZES", "EMBEDDED_NOISE_RATE", "LMModelArguments", "InstructionDataArguments",
+__all__ = ["EMBEDDED_NAME", "EMBEDDED_SIZES", "EMBEDDED_NOISE_RATE", "INSTRUCTION_RIVALS", "LMModelArguments", "InstructionDataArguments",
            "InstructionExperimentArguments", "InstructionSplits", "to_messages", "load_instruction_splits", "to_prompt_completion",
            "load_base_model", "build_lora_lm", "response_losses", "greedy_answers",
            "evaluate_lm"]
@@ -138,13 +138,18 @@ class InstructionDataArguments:
         """Human-readable name of the data source (recorded in metrics and metadata)."""
         return source_name(self, EMBEDDED_NAME)
 
+# the rivals of instruction data: every one but the classification probe's reference filter
+INSTRUCTION_RIVALS = tuple(r for r in RIVALS if r != "reference_filter")
+
+
 @dataclass
 class InstructionExperimentArguments(WeightingArguments):
     """The instruction job's experiment: what the outer problem learns (``--weighting``, with per-source weights),
     the rivals (:class:`~hf_integration.experiment.WeightingArguments`), generation for exact match, and what to write."""
 
     weighting_choices = (*WEIGHTINGS, "source", "source+per_example", "source+loss")
-    rival_choices = RIVALS
+    rival_choices = INSTRUCTION_RIVALS
+    loss_reference_choices = ("none", "prompt_free")
     weighting: str = field(default="loss", metadata={
         "help": "What the outer problem learns: 'loss' (LossWeights), 'per_example' (DataWeights), 'source' "
                 "(SourceWeights, one weight per --source_column value), 'source+per_example' or 'source+loss' "
@@ -153,16 +158,6 @@ class InstructionExperimentArguments(WeightingArguments):
     loss_warmup_epochs: float = field(
         default=0.0, metadata={"help": "--weighting loss: the tilt grows from none to full over this many epochs "
                                        "(LossWeights' warmup_steps; 0: full tilt from the start)."})
-    loss_reference: str = field(
-        default="none", metadata={
-            "help": "--weighting loss: what each response's loss is measured against. 'prompt_free' = its loss "
-                    "without the prompt under the initial model (the IFD's denominator), so the weights tilt against "
-                    "l_i - reference_scale * ref_i with reference_scale learned too (LossWeights' reference_column): a "
-                    "generic reply fits without its prompt too; 'none' = the loss alone.",
-            "choices": ("none", "prompt_free")})
-    init_reference_scale: float = field(
-        default=0.0, metadata={"help": "--loss_reference prompt_free: the initial reference_scale (any finite "
-                                       "number; 0 starts from the loss alone)."})
     exact_match_splits: list[str] = field(
         default_factory=lambda: ["test"],
         metadata={"help": "Splits whose greedy answers are scored by exact match ('none': no generation).",
@@ -183,11 +178,6 @@ class InstructionExperimentArguments(WeightingArguments):
             raise InputError(f"--init_loss_scale must be > 0, got {self.init_loss_scale}.")
         if not (math.isfinite(self.loss_warmup_epochs) and self.loss_warmup_epochs >= 0):
             raise InputError(f"--loss_warmup_epochs must be >= 0, got {self.loss_warmup_epochs}.")
-        if self.loss_reference != "none" and self.weighting != "loss":
-            raise InputError(f"--loss_reference {self.loss_reference} needs --weighting loss, got --weighting "
-                             f"{self.weighting}.")
-        if not math.isfinite(self.init_reference_scale):
-            raise InputError(f"--init_reference_scale must be a finite number, got {self.init_reference_scale}.")
         if self.max_new_tokens < 1:
             raise InputError(f"--max_new_tokens must be >= 1, got {self.max_new_tokens}.")
         if self.push_weights_to_hub and not self.weights_repo_id:

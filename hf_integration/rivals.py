@@ -12,6 +12,9 @@ optimizer, schedule, number of inner steps), so that a comparison measures the w
 * ``length_filter`` and ``ifd_filter`` (instruction data): the same ``fraction`` dropped before training by a score
   computed once (:mod:`hf_integration.filters`): the shortest responses, or the highest instruction-following
   difficulty under the initial model.
+* ``reference_filter`` (classification): the same ``fraction`` dropped before training, those whose label has the
+  highest loss under a linear probe fitted on the outer rows (:mod:`hf_integration.holdout_reference`): the rival
+  that uses what ``--loss_reference holdout_probe`` gives the learned weights, without learning anything.
 
 Every checkpoint of a weighted rival holds its example weights (``example_weights.safetensors``; for the loss
 filter also the ranking losses), so a resumed rival trains on what the interrupted one did: the loss filter's
@@ -44,10 +47,11 @@ from .reporting import auc_by_kind, weights_auc
 from .serialization import load_tensors
 from .sharding import ShardedModelTrainerMixin
 
-__all__ = ["RIVALS", "EXAMPLE_WEIGHTS_NAME", "UniformTrainer", "WeightedTrainer", "LossFilterTrainer",
+__all__ = ["RIVALS", "FIXED_SCORE_RIVALS", "EXAMPLE_WEIGHTS_NAME", "UniformTrainer", "WeightedTrainer", "LossFilterTrainer",
            "ScoreFilterTrainer", "dataset_losses", "train_rival", "filter_ranking"]
 
-RIVALS = ("uniform", "uniform_train_val", "loss_filter", *SCORE_FILTERS)
+RIVALS = ("uniform", "uniform_train_val", "loss_filter", "reference_filter", *SCORE_FILTERS)
+FIXED_SCORE_RIVALS = ("reference_filter", *SCORE_FILTERS)  # drop by a score computed before training
 EXAMPLE_WEIGHTS_NAME = "example_weights.safetensors"  # in every checkpoint of a weighted rival
 
 
@@ -246,14 +250,15 @@ def train_rival(name: str, build_model: Callable[[], nn.Module], training_args: 
     """Train rival ``name`` (one of :data:`RIVALS`) in ``<output_dir>/baseline-<name>`` and return the trainer and its
     training wall time. ``train_dataset`` carries the example-id column; ``outer_dataset`` is the evaluation set (and,
     for ``uniform_train_val``, extra training data); ``filter_scores`` (by example id) are the dropping scores of a
-    score filter (``length_filter``, ``ifd_filter``)."""
+    filter by a fixed score (:data:`FIXED_SCORE_RIVALS`: ``length_filter``, ``ifd_filter``, ``reference_filter``)."""
     if name not in RIVALS:
         raise ValueError(f"unknown rival {name!r}; choose from {RIVALS}")
-    if (name in SCORE_FILTERS) != (filter_scores is not None):
-        raise ValueError(f"rival {name!r} {'needs' if name in SCORE_FILTERS else 'takes no'} filter_scores")
+    fixed = name in FIXED_SCORE_RIVALS
+    if fixed != (filter_scores is not None):
+        raise ValueError(f"rival {name!r} {'needs' if fixed else 'takes no'} filter_scores")
     args = dataclasses.replace(training_args, output_dir=os.path.join(training_args.output_dir, f"baseline-{name}"))
     common = dict(model=build_model(), args=args, eval_dataset=outer_dataset, **trainer_kwargs)
-    if name in SCORE_FILTERS:
+    if fixed:
         trainer: Trainer = ScoreFilterTrainer(train_dataset=train_dataset, fraction=filter_fraction,
                                               scores=filter_scores, id_column=id_column, **common)
     elif name == "loss_filter":

@@ -43,3 +43,29 @@ def test_every_script_a_page_or_docstring_names_exists():
     missing = {(text.relative_to(ROOT).as_posix(), name) for text in texts
                for name in SCRIPT.findall(text.read_text(encoding="utf-8")) if not (ROOT / name).is_file()}
     assert not missing, sorted(missing)
+
+
+RESULT_FILE = re.compile(r"benchmarks/(?:results|device_results)/[\w.{},*-]+")
+
+
+def _expand_braces(pattern: str) -> list[str]:
+    """``a{b,c}d`` -> ``abd``, ``acd`` (nested groups are not used in the pages)."""
+    group = re.search(r"\{([^{}]*)\}", pattern)
+    if group is None:
+        return [pattern]
+    return [name for alternative in group.group(1).split(",")
+            for name in _expand_braces(pattern[:group.start()] + alternative + pattern[group.end():])]
+
+
+def test_every_result_file_a_page_cites_is_in_the_repository():
+    """A figure a page attributes to a results file can be checked: the file is committed (results folders are
+    ignored by git, so a result that was never added with `git add -f` fails here on a fresh clone)."""
+    missing = set()
+    for page in PAGES:
+        for cited in RESULT_FILE.findall(page.read_text(encoding="utf-8")):
+            for name in _expand_braces(cited.rstrip(".,")):
+                name = name.rstrip(".,")
+                found = list(ROOT.glob(name)) if "*" in name else [ROOT / name]
+                if not any(path.exists() for path in found):
+                    missing.add((page.relative_to(ROOT).as_posix(), name))
+    assert not missing, sorted(missing)

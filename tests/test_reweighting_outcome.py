@@ -37,6 +37,25 @@ def test_summary_means_and_per_seed_values():
     assert row.endswith("| 2.00x | 1.25x |")
 
 
+def test_best_rival_is_any_rival_that_ran():
+    """The reference filter counts as a rival where it ran: here it has the best accuracy and the lowest loss."""
+    result = _result(0.9, 0.80, 0.70, 0.75, 0.72)
+    result["baselines"]["reference_filter"] = {"test_accuracy": 0.82, "test_loss": 0.1, "test_ece": 0.05,
+                                               "wall_time_s": 10.0}
+    result["holdout_reference"] = {"auc_high_reference_vs_corrupted": 0.85}
+    summary = reweighting_outcome.summarize([result])
+    assert summary["reference_auc"] == [0.85]
+    assert summary["time_ratio_to_uniform"] == [2.0]  # the probe fitted for the rival alone is not charged
+    result.update(loss_reference="holdout_probe", holdout_reference={"auc_high_reference_vs_corrupted": 0.85,
+                                                                     "time_s": 5.0})
+    again = reweighting_outcome.summarize([result])
+    assert again["time_ratio_to_uniform"] == [2.5] and again["time_ratio_within_run"] == [25.0 / 16.0]
+    row = reweighting_outcome.table({"debian_packages/confusable:0.3": summary}).splitlines()[-1]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[5] == "0.850" and cells[10] == "82.0" and cells[11] == "-2.0"  # 80.0 against the reference filter
+    assert cells[13] == "0.100"  # the best rival's test loss
+
+
 def test_missing_baselines_are_nan():
     result = _result(0.9, 0.8, 0.7, 0.75, 0.72)
     del result["baselines"]["loss_filter"]

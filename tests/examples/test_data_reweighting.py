@@ -39,7 +39,7 @@ def test_end_to_end_outputs(tiny_model_dir, tmp_path, capsys):
     assert metrics["inner_steps"] == 6 and metrics["outer_steps"] == 2  # after steps 2 and 4 (0-based)
     assert 0.0 <= metrics["auc_low_weight_vs_corrupted"] <= 1.0
     assert set(metrics["reweighted"]) == SPLIT_METRICS
-    assert set(metrics["baselines"]) == {"uniform", "uniform_train_val", "loss_filter"}
+    assert set(metrics["baselines"]) == {"uniform", "uniform_train_val", "loss_filter", "reference_filter"}
     for name, baseline in metrics["baselines"].items():
         assert SPLIT_METRICS <= set(baseline) and baseline["wall_time_s"] > 0
         assert metrics["wall_time_baselines_s"][name] == baseline["wall_time_s"]
@@ -53,6 +53,9 @@ def test_end_to_end_outputs(tiny_model_dir, tmp_path, capsys):
     assert weights.metadata["outer_steps"] == "2"
     assert weights.trusted_column == "trusted"  # the validation rows of the inner problem keep weight 1/2
     assert weights.trusted_share == metrics["trusted_share"] == "max_weight"  # this job's default
+    # this job's default with --weighting loss: each loss measured against the validation probe's
+    assert metrics["loss_reference"] == "holdout_probe" and weights.reference_column == "reference_loss"
+    assert set(metrics["outer_parameters"]) == {"loss_scale", "reference_scale"}
     assert (out / "adapter_model.safetensors").is_file()
 
     table = datasets.load_from_disk(str(out / "train_with_weights"))
@@ -66,14 +69,15 @@ def test_end_to_end_outputs(tiny_model_dir, tmp_path, capsys):
     assert png.startswith(b"\x89PNG") and len(png) > 1000
     printed = capsys.readouterr().out
     assert "| learned data weights (bilevel)" in printed and "| uniform weights |" in printed
-    assert "| uniform on train + validation |" in printed and "| loss filter |" in printed
+    assert "| uniform on train + validation |" in printed and "| loss filter |" in printed and "| reference filter |" in printed
     assert "AUC (low weight vs corrupted)" in printed and "AUC of the loss filter's ranking" in printed
     # the model is saved as its PEFT adapter (not the frozen-trunk wrapper's full state dict)
     assert not (out / "model.safetensors").exists()
 
 
 def test_per_example_weighting(tiny_model_dir, tmp_path):
-    """--weighting per_example learns one free weight per example (DataWeights), written in the table."""
+    """--weighting per_example learns one free weight per example (DataWeights), written in the table; the loss
+    reference, a loss weighting's, is off."""
     import datasets
 
     results = data_reweighting.main(tiny_run_args(tiny_model_dir, tmp_path, "--run_baseline", "False",
@@ -81,6 +85,7 @@ def test_per_example_weighting(tiny_model_dir, tmp_path):
     weights = DataWeights.from_pretrained(str(tmp_path), expected={"num_rows": 40, "id_column": "example_id"})
     assert weights.num_examples == 40 and results["outer_steps"] == 2
     assert results["train_on_validation"] is False  # free per-example weights never train on validation
+    assert results["loss_reference"] == "none" and "holdout_reference" not in results
     table = datasets.load_from_disk(str(tmp_path / "train_with_weights"))
     expected = weights.weights().detach().numpy()[np.asarray(table["example_id"])]
     np.testing.assert_allclose(table["weight"], expected, rtol=1e-6)
@@ -132,6 +137,42 @@ def test_push_to_hub_uploads_weights_with_card(tiny_model_dir, tmp_path, capsys)
 
 
 # ------------------------------------------------------------------------- bad input: clear errors, before training
+def test_holdout_probe_reference_and_its_rival(tiny_model_dir, tmp_path):
+    """--loss_reference holdout_probe: every row carries its label's loss under a linear probe fitted on the
+    validation rows, the outer problem learns reference_scale beside loss_scale, the saved module reads the column
+    back; --baselines reference_filter drops the rows that reference ranks highest, so its ranking AUC is the
+    reference's own."""
+    import datasets
+
+    results = data_reweighting.main(tiny_run_args(
+        tiny_model_dir, tmp_path, "--loss_reference", "holdout_probe", "--init_reference_scale", "0.5",
+        "--baselines", "reference_filter"))
+    assert results["loss_reference"] == "holdout_probe" and results["outer_steps"] == 2
+    module = LossWeights.from_pretrained(str(tmp_path))
+    assert module.reference_column == data_reweighting.REFERENCE_COLUMN == "reference_loss"
+    scale = results["outer_parameters"]["reference_scale"]
+    assert scale == pytest.approx(float(module.reference_scale.detach())) and scale != 0.5  # it learned
+    reference = results["holdout_reference"]
+    assert 0.0 <= reference["auc_high_reference_vs_corrupted"] <= 1.0 and reference["inverse_regularization"] > 0
+    assert 0.0 <= reference["probe_validation_accuracy"] <= 1.0 and reference["time_s"] > 0
+    rival = results["baselines"]["reference_filter"]
+    assert set(results["baselines"]) == {"reference_filter"} and rival["fraction_dropped"] == 0.3
+    assert rival["auc_ranking_vs_corrupted"] == pytest.approx(reference["auc_high_reference_vs_corrupted"])
+    assert SPLIT_METRICS <= set(rival)
+    table = datasets.load_from_disk(str(tmp_path / "train_with_weights"))
+    assert len(table) == 40 and data_reweighting.REFERENCE_COLUMN not in table.column_names  # the raw rows
+
+
+def test_reference_filter_alone_needs_no_reference_weights(tiny_model_dir, tmp_path):
+    """The reference_filter rival beside the default weighting: the probe is fitted for the rival only."""
+    results = data_reweighting.main(tiny_run_args(tiny_model_dir, tmp_path, "--baselines", "reference_filter",
+                                                  "--loss_reference", "none"))
+    assert results["loss_reference"] == "none" and "reference_scale" not in results["outer_parameters"]
+    assert LossWeights.from_pretrained(str(tmp_path)).reference_column is None
+    assert results["baselines"]["reference_filter"]["auc_ranking_vs_corrupted"] == pytest.approx(
+        results["holdout_reference"]["auc_high_reference_vs_corrupted"])
+
+
 @pytest.fixture
 def no_training():
     """Fail the test if any model is built: the errors below must come before training starts."""
@@ -201,6 +242,28 @@ def test_train_on_validation_needs_loss_weighting(tmp_path, no_training):
                                "--train_on_validation", "True"])
 
 
+def test_loss_reference_of_another_job_is_refused(tmp_path, no_training):
+    with pytest.raises(InputError, match=r"--loss_reference must be one of \['none', 'holdout_probe'\] here, got "
+                                         r"'prompt_free'"):
+        data_reweighting.main(["--output_dir", str(tmp_path / "out"), "--loss_reference", "prompt_free"])
+
+
+def test_loss_reference_needs_loss_weighting(tmp_path, no_training):
+    with pytest.raises(InputError, match=r"--loss_reference holdout_probe needs --weighting loss"):
+        data_reweighting.main(["--output_dir", str(tmp_path / "out"), "--loss_reference", "holdout_probe",
+                               "--weighting", "per_example"])
+
+
+@pytest.mark.parametrize("option", [["--loss_reference", "holdout_probe"], ["--baselines", "reference_filter"]])
+def test_holdout_probe_needs_validation_rows_of_every_class(option, tmp_path, no_training):
+    """A class without 2 validation rows cannot be judged by the probe: refused before any model is built."""
+    args = _files(tmp_path, TRAIN_ROWS, TRAIN_ROWS[:4] + TRAIN_ROWS[10:11])
+    with pytest.raises(InputError, match=r"holdout_probe / --baselines reference_filter: the holdout reference needs "
+                                         r"at least 2 validation rows of every class; classes \[0\] have \[1\]"):
+        data_reweighting.main(["--output_dir", str(tmp_path / "out"), *args, "--per_device_train_batch_size", "4",
+                               "--hypergrad_train_batch_size", "4", "--outer_batch_size", "2", *option])
+
+
 def test_push_needs_hub_model_id(tmp_path, no_training):
     with pytest.raises(InputError, match=r"--push_to_hub needs --hub_model_id"):
         data_reweighting.main(["--output_dir", str(tmp_path / "out"), "--push_to_hub", "True"])
@@ -234,5 +297,5 @@ def test_help_lists_the_options(capsys):
     printed = capsys.readouterr().out
     for option in ("--weighting", "--outer_patience_epochs", "--loss_filter_epochs", "--noise_rate", "--noise_type", "--text_column", "--lora_layers", "--outer_learning_rate",
                    "--run_baseline", "--baselines", "--loss_filter_fraction", "--cache_frozen_layers",
-                   "--train_split"):
+                   "--train_split", "--loss_reference", "--init_reference_scale"):
         assert option in printed

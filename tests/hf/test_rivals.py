@@ -9,10 +9,9 @@ import torch
 from torch import nn
 from transformers import TrainingArguments
 
-from hf_integration.filters import SCORE_FILTERS
 from hf_integration.recipe import TRUSTED_COLUMN, append_outer_rows
-from hf_integration.rivals import (RIVALS, LossFilterTrainer, ScoreFilterTrainer, WeightedTrainer, filter_ranking,
-                                   train_rival)
+from hf_integration.rivals import (FIXED_SCORE_RIVALS, RIVALS, LossFilterTrainer, ScoreFilterTrainer, WeightedTrainer,
+                                   filter_ranking, train_rival)
 
 
 class Linear(nn.Module):
@@ -76,7 +75,7 @@ def test_loss_filter_drops_the_highest_loss_fraction_at_its_step(tmp_path):
 def test_train_rival_runs_each_rival_in_its_own_folder(name, tmp_path):
     data = _data()
     validation = data.select(range(8, 16)).remove_columns("example_id")
-    scores = -np.arange(len(data), dtype=float) if name in SCORE_FILTERS else None
+    scores = -np.arange(len(data), dtype=float) if name in FIXED_SCORE_RIVALS else None
     trainer, seconds = train_rival(name, Linear, _args(tmp_path, 3), data, validation, filter_fraction=0.2,
                                    filter_step=2, filter_scores=scores)
     assert seconds > 0 and trainer.state.global_step == 3
@@ -91,11 +90,12 @@ def test_a_score_filter_drops_the_highest_scores_before_training_and_reports_its
     data = _data()
     scores = np.where(np.arange(40) < 8, 10.0 + np.arange(40), np.arange(40) / 100)  # the 8 mislabelled score high
     scores[3] = np.inf
-    with pytest.raises(ValueError, match="needs filter_scores"):
-        train_rival("length_filter", Linear, _args(tmp_path, 1), data, data, filter_fraction=0.2)
+    for name in FIXED_SCORE_RIVALS:
+        with pytest.raises(ValueError, match=rf"rival '{name}' needs filter_scores"):
+            train_rival(name, Linear, _args(tmp_path, 1), data, data, filter_fraction=0.2)
     with pytest.raises(ValueError, match="takes no filter_scores"):
         train_rival("uniform", Linear, _args(tmp_path, 1), data, data, filter_scores=scores)
-    trainer, _ = train_rival("ifd_filter", Linear, _args(tmp_path, 2), data, data, filter_fraction=0.2,
+    trainer, _ = train_rival("reference_filter", Linear, _args(tmp_path, 2), data, data, filter_fraction=0.2,
                              filter_scores=scores)
     assert isinstance(trainer, ScoreFilterTrainer) and trainer.state.global_step == 2
     assert set(trainer.dropped.tolist()) == set(range(8)) and trainer.weights.sum() == 32
