@@ -143,7 +143,8 @@ def _best(mean: dict[str, float], metric: str, pick=min) -> float:
 
 def table(summaries: dict[str, dict[str, Any]]) -> str:
     header = ["set", "noise", "AUC", "P@k", "loss-filter AUC", "reference AUC", "test acc bilevel", "uniform",
-              "uniform train+val", "loss filter", "reference filter", "bilevel - best rival", "test loss bilevel", "best rival's", "test ECE bilevel",
+              "uniform train+val", "loss filter", "reference filter", "bilevel - best rival", "test loss bilevel",
+              "best rival's", "test ECE bilevel",
               "best rival's", "val-test gap", "time / uniform", "time / its inner steps"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for key, s in summaries.items():

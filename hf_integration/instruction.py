@@ -35,7 +35,8 @@ from .losses import IGNORE_INDEX
 from .rivals import RIVALS
 from .runs import InputError, loading
 
-__all__ = ["EMBEDDED_NAME", "EMBEDDED_SIZES", "EMBEDDED_NOISE_RATE", "INSTRUCTION_RIVALS", "LMModelArguments", "InstructionDataArguments",
+__all__ = ["EMBEDDED_NAME", "EMBEDDED_SIZES", "EMBEDDED_NOISE_RATE", "INSTRUCTION_RIVALS", "LMModelArguments",
+           "InstructionDataArguments",
            "InstructionExperimentArguments", "InstructionSplits", "to_messages", "load_instruction_splits", "to_prompt_completion",
            "load_base_model", "build_lora_lm", "response_losses", "greedy_answers",
            "evaluate_lm"]

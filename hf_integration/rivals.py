@@ -47,7 +47,8 @@ from .reporting import auc_by_kind, weights_auc
 from .serialization import load_tensors
 from .sharding import ShardedModelTrainerMixin
 
-__all__ = ["RIVALS", "FIXED_SCORE_RIVALS", "EXAMPLE_WEIGHTS_NAME", "UniformTrainer", "WeightedTrainer", "LossFilterTrainer",
+__all__ = ["RIVALS", "FIXED_SCORE_RIVALS", "EXAMPLE_WEIGHTS_NAME", "UniformTrainer", "WeightedTrainer",
+           "LossFilterTrainer",
            "ScoreFilterTrainer", "dataset_losses", "train_rival", "filter_ranking"]
 
 RIVALS = ("uniform", "uniform_train_val", "loss_filter", "reference_filter", *SCORE_FILTERS)

@@ -85,7 +85,8 @@ def _rows(lengths):
     rng = np.random.default_rng(0)
     ids = [rng.integers(1, 50, size=n).tolist() for n in lengths]
     return datasets.Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * n for n in lengths],
-                                       "labels": [i % 2 for i in range(len(lengths))], "example_id": list(range(len(lengths)))})
+                                       "labels": [i % 2 for i in range(len(lengths))],
+                                       "example_id": list(range(len(lengths)))})
 
 
 def _pad(rows):
